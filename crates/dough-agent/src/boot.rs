@@ -1,0 +1,169 @@
+//! Early boot as PID 1: pseudo filesystems, modules, the read-only root with a
+//! tmpfs overlay, switching root, and the network.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+use crate::{log, sys};
+
+/// Settings the host passes on the kernel command line (`dough.KEY=VALUE`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BootArgs {
+    /// Block device holding the root filesystem.
+    pub root: String,
+    /// `ADDR/PREFIX` for eth0, when the VM has a NIC.
+    pub ip: Option<(std::net::Ipv4Addr, u8)>,
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl BootArgs {
+    pub fn parse(cmdline: &str) -> Self {
+        let mut a = BootArgs { root: "/dev/vda".into(), ..Default::default() };
+        for word in cmdline.split_whitespace() {
+            let Some((k, v)) = word.split_once('=') else { continue };
+            match k {
+                "dough.root" => a.root = v.to_string(),
+                "dough.ip" => {
+                    a.ip = v.split_once('/').and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?)))
+                }
+                "dough.gw" => a.gateway = v.parse().ok(),
+                _ => {}
+            }
+        }
+        a
+    }
+}
+
+fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} on {target}: {e}"))
+}
+
+fn move_mount(from: &str, to: &str) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(to);
+    mount(Some(from), to, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("move {from} to {to}: {e}"))
+}
+
+/// Everything before the agent can take work. Failures are reported on the
+/// console and boot continues as far as it can: a half-booted guest that
+/// says why is easier to debug than one that stops silently.
+pub fn boot() -> BootArgs {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for (src, target, fs, flags, data) in [
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+    ] {
+        if let Err(e) = mnt(src, target, fs, flags, data) {
+            log(&e);
+        }
+    }
+    let args = BootArgs::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    load_modules(Path::new("/lib/modules"));
+    match overlay_root(&args.root) {
+        Ok(()) => {}
+        Err(e) => log(&format!("root filesystem: {e}; staying in the initramfs")),
+    }
+    for (src, target, fs, flags, data) in [
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666")),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+    ] {
+        if let Err(e) = mnt(src, target, fs, flags, data) {
+            log(&e);
+        }
+    }
+    let _ = nix::unistd::sethostname("dough");
+    if let Err(e) = sys::link_up("lo") {
+        log(&format!("bringing up lo: {e}"));
+    }
+    if Path::new("/sys/class/net/eth0").exists() {
+        if let Err(e) = configure_eth0(&args) {
+            log(&format!("eth0: {e}"));
+        }
+    }
+    args
+}
+
+/// Load the modules listed in `dir/load-order`, in that order.
+fn load_modules(dir: &Path) {
+    let order = match std::fs::read_to_string(dir.join("load-order")) {
+        Ok(o) => o,
+        Err(e) => return log(&format!("no module list in {}: {e}", dir.display())),
+    };
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = dir.join(format!("{name}.ko"));
+        let r = std::fs::File::open(&path).and_then(|f| sys::finit_module(&f));
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => log(&format!("loading module {name}: {e}")),
+        }
+    }
+}
+
+/// Wait for `path` to exist, up to `limit`.
+pub fn wait_for(path: &Path, limit: Duration) -> bool {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Mount `dev` read-only under a tmpfs overlay and make that the root.
+fn overlay_root(dev: &str) -> Result<(), String> {
+    if !wait_for(Path::new(dev), Duration::from_secs(20)) {
+        return Err(format!("{dev} did not appear"));
+    }
+    let ro = MsFlags::MS_RDONLY;
+    mnt(dev, "/lower", "ext4", ro, Some("noload"))?;
+    mnt("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    for d in ["/rw/upper", "/rw/work"] {
+        std::fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    mnt("overlay", "/newroot", "overlay", MsFlags::empty(), Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"))?;
+    for d in ["/dev", "/proc", "/sys"] {
+        move_mount(d, &format!("/newroot{d}"))?;
+    }
+    std::env::set_current_dir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("move root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+fn configure_eth0(args: &BootArgs) -> Result<(), String> {
+    sys::link_up("eth0").map_err(|e| format!("link up: {e}"))?;
+    if let Some((addr, prefix)) = args.ip {
+        let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0));
+        sys::set_ipv4("eth0", addr, mask).map_err(|e| format!("address {addr}/{prefix}: {e}"))?;
+        if let Some(gw) = args.gateway {
+            sys::add_default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cmdline() {
+        let a = BootArgs::parse("console=ttyS0 quiet dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 rdinit=/init");
+        assert_eq!(a.root, "/dev/vda");
+        assert_eq!(a.ip, Some(("172.16.0.2".parse().unwrap(), 30)));
+        assert_eq!(a.gateway, Some("172.16.0.1".parse().unwrap()));
+        let b = BootArgs::parse("dough.root=/dev/vdb dough.ip=garbage dough.gw=1.2.3");
+        assert_eq!(b.root, "/dev/vdb");
+        assert_eq!((b.ip, b.gateway), (None, None));
+        assert_eq!(BootArgs::parse("dough.ip=10.0.0.1/33").ip, None);
+    }
+}

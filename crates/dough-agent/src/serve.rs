@@ -1,0 +1,374 @@
+//! The channel to the host: find the virtio-serial port, wait for the host
+//! to connect, handshake, then serve requests until the host goes away —
+//! and start over when it comes back.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dough_proto::{
+    decode_host, encode, Exec, ExitStatus, FrameDecoder, FrameError, GuestMsg, Hello, HostMsg, RequestId, Stream, Welcome,
+    OUTPUT_CHUNK, PORT_NAME, PROTO_VERSION, READY_LINE,
+};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::{log, reaper, sys};
+
+const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long a finished command's pipes may stay open (held by its
+/// background children) before the agent stops waiting for them.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+/// How long a write may wait for the host to drain the port.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// Find `/dev/<port>` whose sysfs name is [`PORT_NAME`].
+fn find_port() -> Option<PathBuf> {
+    let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    for e in dir.flatten() {
+        let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == PORT_NAME {
+            return Some(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    None
+}
+
+/// State shared by the session loop and the command threads.
+struct Shared {
+    port: Mutex<File>,
+    /// Connection generation; messages of an older connection are dropped.
+    generation: AtomicU64,
+    /// Running requests of the current connection: id → process group.
+    running: Mutex<HashMap<RequestId, i32>>,
+    vm_id: Mutex<String>,
+}
+
+impl Shared {
+    /// Send `msg` if connection `generation` is still the current one.
+    fn send(&self, generation: u64, msg: &GuestMsg) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let frame = match encode(msg) {
+            Ok(f) => f,
+            Err(e) => return log(&format!("encoding reply: {e}")),
+        };
+        let mut port = self.port.lock().unwrap_or_else(|p| p.into_inner());
+        let mut off = 0;
+        let start = Instant::now();
+        while off < frame.len() {
+            match port.write(&frame[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() > WRITE_STALL {
+                        return log("host stopped reading; dropping a reply");
+                    }
+                    let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(100u16));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return, // host went away; the session loop notices
+            }
+        }
+    }
+}
+
+/// Open the port and serve the host forever.
+pub fn serve_forever() {
+    let started = Instant::now();
+    let mut warned = false;
+    let path = loop {
+        if let Some(p) = find_port() {
+            break p;
+        }
+        if !warned && started.elapsed() > Duration::from_secs(10) {
+            log(&format!("no virtio-serial port named {PORT_NAME} yet; still looking"));
+            warned = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            log(&format!("opening {}: {e}", path.display()));
+            std::thread::sleep(Duration::from_secs(1));
+            return;
+        }
+    };
+    let reader = file.try_clone().expect("dup port fd");
+    let shared = Arc::new(Shared {
+        port: Mutex::new(file),
+        generation: AtomicU64::new(0),
+        running: Mutex::new(HashMap::new()),
+        vm_id: Mutex::new(String::new()),
+    });
+    println!("{READY_LINE}");
+    let _ = std::io::stdout().flush();
+    loop {
+        wait_for_host(&reader);
+        let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        session(&shared, &reader, generation);
+        // The host went away: its requests cannot be answered any more.
+        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, pgid) in running.drain() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Block until the host side of the port is connected. While it is not,
+/// poll reports POLLHUP at once, so back off between checks.
+fn wait_for_host(port: &File) {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) => {
+                let re = fds[0].revents().unwrap_or(PollFlags::empty());
+                if !re.contains(PollFlags::POLLHUP) {
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(20));
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
+}
+
+/// One connection: Hello, then requests until the host disconnects.
+fn session(shared: &Arc<Shared>, mut port: &File, generation: u64) {
+    shared.send(
+        generation,
+        &GuestMsg::Hello(Hello {
+            proto_version: PROTO_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_id: boot_id(),
+        }),
+    );
+    let mut dec = FrameDecoder::new();
+    let mut welcomed = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
+            continue;
+        }
+        let re = fds[0].revents().unwrap_or(PollFlags::empty());
+        let mut got_data = false;
+        if re.contains(PollFlags::POLLIN) {
+            loop {
+                match port.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        got_data = true;
+                        dec.push(&buf[..n]);
+                        loop {
+                            match dec.next_frame() {
+                                Ok(Some(payload)) => match decode_host(&payload) {
+                                    Ok(msg) => handle(shared, generation, msg, &mut welcomed),
+                                    Err(e) => log(&format!("bad message from host: {e}")),
+                                },
+                                Ok(None) => break,
+                                Err(e @ FrameError::TooLarge(_)) => {
+                                    log(&format!("{e}; dropping the stream"));
+                                    break;
+                                }
+                                Err(e) => {
+                                    log(&format!("channel: {e}"));
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        }
+        if re.contains(PollFlags::POLLHUP) && !got_data {
+            return;
+        }
+    }
+}
+
+fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bool) {
+    match msg {
+        HostMsg::Welcome(w) => {
+            apply_welcome(shared, &w);
+            *welcomed = true;
+        }
+        HostMsg::Exec(exec) if !*welcomed => shared.send(
+            generation,
+            &GuestMsg::Error { id: exec.id, message: "exec before Welcome: the host must send Welcome first".into() },
+        ),
+        HostMsg::Exec(exec) => {
+            let shared = shared.clone();
+            let id = exec.id;
+            let r = std::thread::Builder::new()
+                .name(format!("exec-{id}"))
+                .spawn(move || run_exec(&shared, generation, exec));
+            if let Err(e) = r {
+                log(&format!("cannot start a thread for request {id}: {e}"));
+            }
+        }
+        HostMsg::Signal { id, signal } => {
+            let pgid = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
+            let sig = Signal::try_from(signal);
+            match (pgid, sig) {
+                (Some(pgid), Ok(sig)) => {
+                    let _ = killpg(Pid::from_raw(pgid), sig);
+                }
+                (None, _) => shared.send(generation, &GuestMsg::Error { id, message: format!("no running request {id}") }),
+                (_, Err(_)) => shared.send(generation, &GuestMsg::Error { id, message: format!("bad signal {signal}") }),
+            }
+        }
+        HostMsg::Ping { seq } => shared.send(generation, &GuestMsg::Pong { seq }),
+    }
+}
+
+/// Set the clock and reseed the kernel's RNG from the host's Welcome.
+fn apply_welcome(shared: &Shared, w: &Welcome) {
+    if w.proto_version != PROTO_VERSION {
+        log(&format!("host speaks protocol {}, agent {PROTO_VERSION}", w.proto_version));
+    }
+    let ts = nix::sys::time::TimeSpec::new((w.host_time_ns / 1_000_000_000) as i64, (w.host_time_ns % 1_000_000_000) as i64);
+    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        log(&format!("setting the clock: {e}"));
+    }
+    match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
+        Ok(f) => {
+            if let Err(e) = sys::add_entropy(&f, &w.entropy.bytes()) {
+                log(&format!("seeding the RNG: {e}"));
+            }
+        }
+        Err(e) => log(&format!("opening /dev/urandom: {e}")),
+    }
+    *shared.vm_id.lock().unwrap_or_else(|p| p.into_inner()) = w.vm_id.clone();
+}
+
+fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
+    let id = exec.id;
+    let Some(program) = exec.argv.first() else {
+        return shared.send(generation, &GuestMsg::Exit { id, status: ExitStatus::SpawnFailed("empty argv".into()) });
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(&exec.argv[1..])
+        .env_clear()
+        .env("PATH", BASE_PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .env("IS_SANDBOX", "1")
+        .env("DOUGH_VM_ID", shared.vm_id.lock().unwrap_or_else(|p| p.into_inner()).as_str())
+        .envs(exec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if exec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let cwd = exec.cwd.clone().unwrap_or_else(|| if Path::new("/root").is_dir() { "/root".into() } else { "/".into() });
+    cmd.current_dir(&cwd);
+    let spawned = reaper::spawn(|| cmd.spawn().map(|c| {
+        let pid = c.id();
+        (c, pid)
+    }));
+    let (mut child, pid, status_rx) = match spawned {
+        Ok(x) => x,
+        Err(e) => {
+            let why = format!("{program}: {e}");
+            return shared.send(generation, &GuestMsg::Exit { id, status: ExitStatus::SpawnFailed(why) });
+        }
+    };
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, pid as i32);
+
+    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), exec.stdin) {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let finished = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let pipes: Vec<(Box<dyn Read + Send>, Stream)> = [
+        child.stdout.take().map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stdout)),
+        child.stderr.take().map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stderr)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let npipes = pipes.len();
+    for (mut pipe, stream) in pipes {
+        let shared = shared.clone();
+        let finished = finished.clone();
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; OUTPUT_CHUNK];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if !finished.load(Ordering::SeqCst) {
+                            shared.send(generation, &GuestMsg::Output { id, stream, data: buf[..n].to_vec() });
+                        }
+                    }
+                }
+            }
+            let _ = done_tx.send(());
+        });
+    }
+    drop(done_tx);
+
+    let timeout = exec.timeout_ms.map(Duration::from_millis);
+    let mut timed_out = false;
+    let status = match timeout {
+        Some(t) => match status_rx.recv_timeout(t) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                timed_out = true;
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                status_rx.recv().ok()
+            }
+        },
+        None => status_rx.recv().ok(),
+    };
+    if timed_out {
+        // Nothing the group left behind may keep the pipes open.
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + PIPE_GRACE;
+    for _ in 0..npipes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    finished.store(true, Ordering::SeqCst);
+    shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    let status = match (timed_out, status) {
+        (true, _) => ExitStatus::TimedOut,
+        (false, Some(WaitStatus::Exited(_, code))) => ExitStatus::Exited(code),
+        (false, Some(WaitStatus::Signaled(_, sig, _))) => ExitStatus::Signaled(sig as i32),
+        (false, other) => ExitStatus::SpawnFailed(format!("unexpected wait status {other:?}")),
+    };
+    shared.send(generation, &GuestMsg::Exit { id, status });
+}

@@ -1,0 +1,429 @@
+//! dough's guest image pipeline.
+//!
+//! An image is three artifacts, each cached under its own content key in the
+//! dough home directory:
+//!
+//! | artifact | key covers | made by |
+//! |---|---|---|
+//! | kernel (`vmlinux` + modules) | the kernel package's sha256 from apt's index, module list | `apt-get download`, `dpkg-deb -x`, LZ4 decompression in Rust |
+//! | rootfs (`rootfs.ext4`) | suite, mirror, package list | `mmdebstrap`, `mkfs.ext4 -d` |
+//! | initramfs (`initrd.cpio`) | agent binary sha256, kernel key | a newc writer in Rust |
+//!
+//! The image id hashes the three keys. Changing only the agent binary
+//! rebuilds only the initramfs.
+
+pub mod apt;
+pub mod cache;
+pub mod cpio;
+pub mod kernel;
+pub mod rootfs;
+pub mod tool;
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use cache::{Entry, KeyBuilder};
+
+/// Bumped when the recipe for an artifact changes, so old cache entries are not reused.
+const KERNEL_RECIPE: &str = "kernel-v1";
+const ROOTFS_RECIPE: &str = "rootfs-v1";
+const INITRD_RECIPE: &str = "initrd-v1";
+
+/// Where in the initramfs the agent finds its modules and their load order.
+pub const INITRD_MODULES_DIR: &str = "lib/modules";
+pub const INITRD_LOAD_ORDER: &str = "lib/modules/load-order";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Apt(#[from] apt::AptError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Tool(#[from] tool::ToolError),
+    #[error("agent binary {0} not found; build it with `scripts/build-agent` or pass --agent")]
+    NoAgent(PathBuf),
+    #[error("{path}: {what}")]
+    Layout { path: PathBuf, what: String },
+    #[error("image {0} not found; `dough image ls` lists the images")]
+    UnknownImage(String),
+    #[error("no image has been built yet; run `dough image build`")]
+    NoImage,
+    #[error("I/O")]
+    Io(#[from] std::io::Error),
+    #[error("image manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    /// Debian suite of the rootfs, e.g. `bookworm`.
+    pub suite: String,
+    /// apt mirror; `None` reads it from the machine's apt sources.
+    pub mirror: Option<String>,
+    /// Packages on top of minbase.
+    pub packages: Vec<String>,
+    /// Kernel metapackage, e.g. `linux-image-cloud-amd64`.
+    pub kernel_package: String,
+    /// The static guest agent binary (becomes `/init`).
+    pub agent: PathBuf,
+}
+
+impl ImageSpec {
+    pub fn new(agent: PathBuf) -> Self {
+        ImageSpec {
+            suite: "bookworm".into(),
+            mirror: None,
+            packages: rootfs::BASE_PACKAGES.iter().map(|s| s.to_string()).collect(),
+            kernel_package: "linux-image-cloud-amd64".into(),
+            agent,
+        }
+    }
+}
+
+/// A built image: paths to its artifacts and the keys that made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: String,
+    pub created_unix: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub kernel_release: String,
+    pub kernel_package: String,
+    pub suite: String,
+    pub packages: Vec<String>,
+    pub kernel_key: String,
+    pub rootfs_key: String,
+    pub initrd_key: String,
+    pub agent_sha256: String,
+}
+
+/// The pipeline's steps, for progress output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Kernel,
+    Rootfs,
+    Initramfs,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Kernel => "kernel",
+            Step::Rootfs => "rootfs",
+            Step::Initramfs => "initramfs",
+        })
+    }
+}
+
+/// Progress events from [`Store::build`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started { step: Step, detail: String },
+    Cached { step: Step, key: String },
+    Built { step: Step, key: String, secs: f64 },
+    /// The whole image was already built with these inputs.
+    UpToDate { id: String },
+}
+
+/// The dough home directory's image store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+struct KernelArtifacts {
+    key: String,
+    release: String,
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(home: &Path) -> Self {
+        Store { root: home.to_path_buf() }
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Build (or find in the cache) the image for `spec`.
+    pub fn build(&self, spec: &ImageSpec, progress: &mut dyn FnMut(Event)) -> Result<Image, ImageError> {
+        if !spec.agent.is_file() {
+            return Err(ImageError::NoAgent(spec.agent.clone()));
+        }
+        check_static(&spec.agent)?;
+        let agent_sha256 = cache::sha256_file(&spec.agent)?;
+        let mirror = match &spec.mirror {
+            Some(m) => m.clone(),
+            None => apt::find_mirror(Path::new("/"), &spec.suite)?,
+        };
+        let kernel_rec = apt::resolve_kernel_package(&spec.kernel_package)?;
+
+        let kernel_key = KeyBuilder::new(KERNEL_RECIPE)
+            .str("package", &kernel_rec.package)
+            .str("sha256", &kernel_rec.sha256)
+            .str("modules", &kernel::GUEST_MODULES.join(","))
+            .finish();
+        let mut pk = spec.packages.clone();
+        pk.sort();
+        pk.dedup();
+        let rootfs_key = KeyBuilder::new(ROOTFS_RECIPE)
+            .str("suite", &spec.suite)
+            .str("mirror", &mirror)
+            .str("packages", &pk.join(","))
+            .finish();
+        let initrd_key = KeyBuilder::new(INITRD_RECIPE).str("agent", &agent_sha256).str("kernel", &kernel_key).finish();
+        let id = KeyBuilder::new("image")
+            .str("kernel", &kernel_key)
+            .str("rootfs", &rootfs_key)
+            .str("initrd", &initrd_key)
+            .finish();
+
+        if let Ok(img) = self.get(&id) {
+            if img.kernel.exists() && img.initrd.exists() && img.rootfs.exists() {
+                self.set_current(&id)?;
+                progress(Event::UpToDate { id });
+                return Ok(img);
+            }
+        }
+
+        let k = self.kernel(&kernel_rec, &kernel_key, progress)?;
+        let rootfs = self.rootfs(&spec.suite, &mirror, &pk, &rootfs_key, progress)?;
+        let initrd = self.initramfs(&spec.agent, &k, &initrd_key, progress)?;
+
+        let img = Image {
+            id: id.clone(),
+            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            kernel: k.dir.join("vmlinux"),
+            initrd,
+            rootfs,
+            kernel_release: k.release,
+            kernel_package: kernel_rec.package,
+            suite: spec.suite.clone(),
+            packages: pk,
+            kernel_key,
+            rootfs_key,
+            initrd_key,
+            agent_sha256,
+        };
+        std::fs::create_dir_all(self.images_dir())?;
+        let path = self.images_dir().join(format!("{id}.json"));
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&img).map_err(|source| ImageError::Manifest { path: path.clone(), source })?)?;
+        std::fs::rename(&tmp, &path)?;
+        self.set_current(&id)?;
+        Ok(img)
+    }
+
+    fn set_current(&self, id: &str) -> Result<(), ImageError> {
+        let p = self.images_dir().join("current");
+        std::fs::write(p.with_extension("tmp"), id)?;
+        std::fs::rename(p.with_extension("tmp"), p)?;
+        Ok(())
+    }
+
+    /// The most recently built image.
+    pub fn current(&self) -> Result<Image, ImageError> {
+        let id = std::fs::read_to_string(self.images_dir().join("current")).map_err(|_| ImageError::NoImage)?;
+        self.get(id.trim())
+    }
+
+    /// Look up an image by id (or unique id prefix).
+    pub fn get(&self, id: &str) -> Result<Image, ImageError> {
+        let matches: Vec<Image> = self.list()?.into_iter().filter(|i| i.id.starts_with(id)).collect();
+        match <[Image; 1]>::try_from(matches) {
+            Ok([img]) => Ok(img),
+            Err(_) => Err(ImageError::UnknownImage(id.to_string())),
+        }
+    }
+
+    /// All images, newest first.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.images_dir()) else { return Ok(out) };
+        for e in rd {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let bytes = std::fs::read(&p)?;
+                let img: Image = serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest { path: p.clone(), source })?;
+                out.push(img);
+            }
+        }
+        out.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn kernel(&self, rec: &apt::PackageRecord, key: &str, progress: &mut dyn FnMut(Event)) -> Result<KernelArtifacts, ImageError> {
+        let entry = Entry::new(&self.cache_dir(), "kernel", key);
+        if entry.is_complete() {
+            progress(Event::Cached { step: Step::Kernel, key: key.into() });
+        } else {
+            progress(Event::Started { step: Step::Kernel, detail: format!("{} {}", rec.package, rec.version) });
+            let t = Instant::now();
+            entry.build(|dir| -> Result<(), ImageError> {
+                let work = dir.join("work");
+                std::fs::create_dir_all(&work)?;
+                let deb = apt::download(rec, &work)?;
+                let x = work.join("x");
+                tool::run_tool("dpkg-deb", vec!["-x".into(), deb.into_os_string(), x.clone().into_os_string()])?;
+                let (bz, release) = find_vmlinuz(&x.join("boot"))?;
+                let elf = kernel::vmlinux_from_bzimage(&std::fs::read(&bz)?, &bz.display().to_string())?;
+                std::fs::write(dir.join("vmlinux"), elf)?;
+                let mods = kernel::resolve_modules(&x.join("lib/modules").join(&release), kernel::GUEST_MODULES)?;
+                let mdir = dir.join("modules");
+                std::fs::create_dir_all(&mdir)?;
+                let mut order = String::new();
+                for (name, path) in &mods {
+                    std::fs::copy(path, mdir.join(format!("{name}.ko")))?;
+                    order.push_str(name);
+                    order.push('\n');
+                }
+                std::fs::write(mdir.join("load-order"), order)?;
+                std::fs::write(dir.join("release"), &release)?;
+                std::fs::remove_dir_all(&work)?;
+                Ok(())
+            })?;
+            progress(Event::Built { step: Step::Kernel, key: key.into(), secs: t.elapsed().as_secs_f64() });
+        }
+        let release = std::fs::read_to_string(entry.dir.join("release"))?.trim().to_string();
+        Ok(KernelArtifacts { key: key.to_string(), release, dir: entry.dir })
+    }
+
+    fn rootfs(&self, suite: &str, mirror: &str, packages: &[String], key: &str, progress: &mut dyn FnMut(Event)) -> Result<PathBuf, ImageError> {
+        let entry = Entry::new(&self.cache_dir(), "rootfs", key);
+        if entry.is_complete() {
+            progress(Event::Cached { step: Step::Rootfs, key: key.into() });
+        } else {
+            progress(Event::Started {
+                step: Step::Rootfs,
+                detail: format!("mmdebstrap {suite} minbase + {} (from {mirror})", packages.join(",")),
+            });
+            let t = Instant::now();
+            entry.build(|dir| -> Result<(), ImageError> {
+                let tree = dir.join("tree");
+                let argv = rootfs::Mmdebstrap { suite, mirror, packages, target: &tree }.argv();
+                tool::run_tool("mmdebstrap", argv)?;
+                let size_mib = rootfs::image_size_mib(rootfs::tree_size(&tree)?);
+                let image = dir.join("rootfs.ext4");
+                tool::run_tool("mkfs.ext4", rootfs::MkfsExt4 { source_dir: &tree, image: &image, size_mib }.argv())?;
+                std::fs::remove_dir_all(&tree)?;
+                Ok(())
+            })?;
+            progress(Event::Built { step: Step::Rootfs, key: key.into(), secs: t.elapsed().as_secs_f64() });
+        }
+        Ok(entry.dir.join("rootfs.ext4"))
+    }
+
+    fn initramfs(&self, agent: &Path, k: &KernelArtifacts, key: &str, progress: &mut dyn FnMut(Event)) -> Result<PathBuf, ImageError> {
+        let entry = Entry::new(&self.cache_dir(), "initramfs", key);
+        if entry.is_complete() {
+            progress(Event::Cached { step: Step::Initramfs, key: key.into() });
+        } else {
+            progress(Event::Started { step: Step::Initramfs, detail: format!("agent {} + kernel {}", agent.display(), k.key) });
+            let t = Instant::now();
+            entry.build(|dir| -> Result<(), ImageError> {
+                let f = std::fs::File::create(dir.join("initrd.cpio"))?;
+                write_initramfs(std::io::BufWriter::new(f), agent, &k.dir.join("modules"))?;
+                Ok(())
+            })?;
+            progress(Event::Built { step: Step::Initramfs, key: key.into(), secs: t.elapsed().as_secs_f64() });
+        }
+        Ok(entry.dir.join("initrd.cpio"))
+    }
+}
+
+/// The agent runs as PID 1 before any root filesystem exists: it must be a
+/// static executable (no ELF interpreter).
+pub fn check_static(agent: &Path) -> Result<(), ImageError> {
+    use object::Object;
+    let bytes = std::fs::read(agent)?;
+    let bad = |what: &str| ImageError::Layout { path: agent.to_path_buf(), what: what.to_string() };
+    let file = object::File::parse(&*bytes).map_err(|_| bad("the agent is not an ELF executable"))?;
+    if file.section_by_name(".interp").is_some() {
+        return Err(bad("the agent is dynamically linked; build it with scripts/build-agent (crt-static)"));
+    }
+    Ok(())
+}
+
+/// Find `vmlinuz-<release>` in an unpacked kernel package's `boot/`.
+fn find_vmlinuz(boot: &Path) -> Result<(PathBuf, String), ImageError> {
+    for e in std::fs::read_dir(boot)? {
+        let p = e?.path();
+        if let Some(rel) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")) {
+            return Ok((p.clone(), rel.to_string()));
+        }
+    }
+    Err(ImageError::Layout { path: boot.to_path_buf(), what: "no vmlinuz-* in the kernel package".into() })
+}
+
+/// Write the initramfs: the agent as `/init`, the directories it mounts on,
+/// `/dev/console` (the kernel opens it for PID 1 before devtmpfs exists),
+/// and the modules with their load order.
+pub fn write_initramfs<W: std::io::Write>(out: W, agent: &Path, modules: &Path) -> Result<W, ImageError> {
+    use cpio::Entry as E;
+    let mut w = cpio::CpioWriter::new(out);
+    for d in ["dev", "proc", "sys", "run", "tmp", "lib", INITRD_MODULES_DIR, "newroot", "lower", "rw"] {
+        w.add(d, 0o755, &E::Dir)?;
+    }
+    w.add("dev/console", 0o600, &E::CharDev(5, 1))?;
+    w.add("dev/null", 0o666, &E::CharDev(1, 3))?;
+    w.add("init", 0o755, &E::File(std::fs::read(agent)?))?;
+    let order = std::fs::read_to_string(modules.join("load-order"))?;
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let data = std::fs::read(modules.join(format!("{name}.ko")))?;
+        w.add(&format!("{INITRD_MODULES_DIR}/{name}.ko"), 0o644, &E::File(data))?;
+    }
+    w.add(INITRD_LOAD_ORDER, 0o644, &E::File(order.into_bytes()))?;
+    Ok(w.finish()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initramfs_has_init_console_and_modules_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = d.path().join("agent");
+        std::fs::write(&agent, b"\x7fELFagent").unwrap();
+        assert!(check_static(&agent).is_err(), "not a valid ELF");
+        let me = std::env::current_exe().unwrap();
+        assert!(matches!(check_static(&me), Err(ImageError::Layout { .. })), "test binaries are dynamic");
+        let m = d.path().join("modules");
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(m.join("virtio.ko"), b"v").unwrap();
+        std::fs::write(m.join("virtio_blk.ko"), b"b").unwrap();
+        std::fs::write(m.join("load-order"), "virtio\nvirtio_blk\n").unwrap();
+        let out = write_initramfs(Vec::new(), &agent, &m).unwrap();
+        let find = |needle: &[u8]| out.windows(needle.len()).position(|w| w == needle);
+        assert!(find(b"init\0").is_some());
+        assert!(find(b"\x7fELFagent").is_some());
+        assert!(find(b"dev/console\0").is_some());
+        let a = find(b"lib/modules/virtio.ko\0").unwrap();
+        let b = find(b"lib/modules/virtio_blk.ko\0").unwrap();
+        assert!(a < b);
+        assert!(find(b"lib/modules/load-order\0").is_some());
+    }
+
+    #[test]
+    fn missing_agent_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path());
+        let e = s.build(&ImageSpec::new(d.path().join("nope")), &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("agent binary"), "{e}");
+        assert!(matches!(s.current(), Err(ImageError::NoImage)));
+    }
+}
