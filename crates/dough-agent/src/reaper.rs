@@ -31,18 +31,21 @@ pub fn start() {
         .name("reaper".into())
         .spawn(move || loop {
             let _ = set.wait();
-            reap_all();
+            // Hold the lock while reaping: a spawn in progress holds it too,
+            // and std waits for a child whose exec failed itself; reaping
+            // that child here would make std's wait fail.
+            let mut w = waiters().lock().unwrap_or_else(|p| p.into_inner());
+            reap_all(&mut w);
         })
         .expect("spawn reaper thread");
 }
 
-fn reap_all() {
+fn reap_all(w: &mut HashMap<i32, Sender<WaitStatus>>) {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(status) => {
                 if let Some(pid) = status.pid() {
-                    let mut w = waiters().lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(tx) = w.remove(&pid.as_raw()) {
                         let _ = tx.send(status);
                     }

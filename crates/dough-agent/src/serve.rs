@@ -229,7 +229,13 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             let id = exec.id;
             let r = std::thread::Builder::new()
                 .name(format!("exec-{id}"))
-                .spawn(move || run_exec(&shared, generation, exec));
+                .spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_exec(&shared, generation, exec)));
+                    if r.is_err() {
+                        let status = ExitStatus::SpawnFailed("the agent failed while running this request (see the serial console)".into());
+                        shared.send(generation, &GuestMsg::Exit { id, status });
+                    }
+                });
             if let Err(e) = r {
                 log(&format!("cannot start a thread for request {id}: {e}"));
             }

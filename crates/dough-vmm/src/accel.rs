@@ -66,6 +66,9 @@ pub fn kvm_device_usable() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm: {e}"))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
     let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION) };
+    if v < 0 {
+        return Err(format!("/dev/kvm: KVM_GET_API_VERSION failed: {}", std::io::Error::last_os_error()));
+    }
     if v != 12 {
         return Err(format!("/dev/kvm reports API version {v}, expected 12"));
     }

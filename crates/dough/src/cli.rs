@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::image_cmd;
+use crate::{doctor, image_cmd, run_cmd};
 
 /// dough runs autonomous coding agents inside microVMs.
 ///
@@ -30,6 +30,13 @@ pub enum Command {
     /// Build or list guest images.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
+    /// Boot a fresh VM, run CMD in it, stream its output, exit with its exit
+    /// code and destroy the VM.
+    ///
+    /// Example: dough run -- python3 -c 'print(6*7)'
+    Run(run_cmd::RunArgs),
+    /// Check that this host has what dough needs, and say what to install.
+    Doctor(doctor::DoctorArgs),
 }
 
 pub fn init_tracing(verbose: u8) {
@@ -58,5 +65,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = home_dir(cli.home)?;
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&home, cmd),
+        Command::Run(args) => run_cmd::run(&home, args),
+        Command::Doctor(args) => doctor::run(&home, args),
     }
 }

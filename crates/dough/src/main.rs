@@ -1,7 +1,9 @@
 //! The `dough` command line.
 
 mod cli;
+mod doctor;
 mod image_cmd;
+mod run_cmd;
 
 use std::process::ExitCode;
 

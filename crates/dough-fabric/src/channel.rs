@@ -1,0 +1,274 @@
+//! The host end of a VM's channel: the VMM's Unix socket for that VM's
+//! virtio-serial port. A message's sender is known by which socket it came
+//! from, never by anything the guest says about itself.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dough_proto::{
+    decode_guest, read_frame, Entropy, Exec, ExitStatus, FrameError, GuestMsg, Hello, HostMsg, RequestId, Stream, Welcome,
+    PROTO_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel socket {path} did not accept a connection within {secs}s")]
+    Connect { path: String, secs: u64 },
+    #[error("the guest closed the channel (the VM stopped or its agent died)")]
+    Closed,
+    #[error("no message from the guest within {0:?}")]
+    Timeout(Duration),
+    #[error("guest agent speaks protocol {guest}, this dough speaks {PROTO_VERSION}; rebuild the image")]
+    Version { guest: u32 },
+    #[error("expected Hello from the guest, got {0}")]
+    Unexpected(String),
+    #[error("the guest refused request {id}: {message}")]
+    Refused { id: RequestId, message: String },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("channel I/O")]
+    Io(#[from] std::io::Error),
+}
+
+impl ChannelError {
+    fn from_frame(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                ChannelError::Timeout(Duration::ZERO)
+            }
+            e => ChannelError::Frame(e),
+        }
+    }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Option<Duration>,
+}
+
+/// How long past a request's own timeout the host waits for the guest to
+/// report it, before calling the guest unresponsive.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct HostChannel {
+    stream: UnixStream,
+    next_id: RequestId,
+    /// Guest messages ignored because they made no sense (rate-limits warnings).
+    ignored: u64,
+}
+
+impl HostChannel {
+    /// Connect to the VMM's socket for this VM's port, retrying until `deadline`.
+    pub fn connect(path: &Path, limit: Duration) -> Result<HostChannel, ChannelError> {
+        let start = Instant::now();
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => return Ok(HostChannel { stream, next_id: 1, ignored: 0 }),
+                Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) => return Err(ChannelError::Connect { path: path.display().to_string(), secs: limit.as_secs() }),
+            }
+        }
+    }
+
+    fn recv(&mut self, limit: Option<Duration>) -> Result<GuestMsg, ChannelError> {
+        self.stream.set_read_timeout(limit.map(|l| l.max(Duration::from_millis(1))))?;
+        match read_frame(&mut self.stream) {
+            Ok(Some(payload)) => Ok(decode_guest(&payload)?),
+            Ok(None) => Err(ChannelError::Closed),
+            Err(e) => Err(match ChannelError::from_frame(e) {
+                ChannelError::Timeout(_) => ChannelError::Timeout(limit.unwrap_or_default()),
+                e => e,
+            }),
+        }
+    }
+
+    fn send(&mut self, msg: &HostMsg) -> Result<(), ChannelError> {
+        let frame = dough_proto::encode(msg)?;
+        self.stream.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// Wait for the guest's Hello and answer with a Welcome carrying the
+    /// host clock, fresh entropy and the VM's id.
+    pub fn handshake(&mut self, vm_id: &str, limit: Duration) -> Result<Hello, ChannelError> {
+        let hello = match self.recv(Some(limit))? {
+            GuestMsg::Hello(h) => h,
+            other => return Err(ChannelError::Unexpected(format!("{other:?}").chars().take(100).collect())),
+        };
+        if hello.proto_version != PROTO_VERSION {
+            return Err(ChannelError::Version { guest: hello.proto_version });
+        }
+        let mut entropy = [0u8; 64];
+        crate::fill_random(&mut entropy);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.send(&HostMsg::Welcome(Welcome {
+            proto_version: PROTO_VERSION,
+            host_time_ns: now.as_nanos() as u64,
+            entropy: Entropy::new(entropy),
+            vm_id: vm_id.to_string(),
+        }))?;
+        Ok(hello)
+    }
+
+    /// Run a command; `sink` receives its output as it arrives.
+    pub fn exec(&mut self, req: &ExecRequest, sink: &mut dyn FnMut(Stream, &[u8])) -> Result<ExitStatus, ChannelError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&HostMsg::Exec(Exec {
+            id,
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            cwd: req.cwd.clone(),
+            stdin: req.stdin.clone(),
+            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+        }))?;
+        let limit = req.timeout.map(|t| t + TIMEOUT_GRACE);
+        loop {
+            match self.recv(limit)? {
+                GuestMsg::Output { id: got, stream, data } if got == id => sink(stream, &data),
+                GuestMsg::Exit { id: got, status } if got == id => return Ok(status),
+                GuestMsg::Error { id: got, message } if got == id => return Err(ChannelError::Refused { id, message }),
+                other => {
+                    self.ignored += 1;
+                    if self.ignored.is_power_of_two() {
+                        tracing::warn!(count = self.ignored, "ignoring unexpected guest message: {:.100}", format!("{other:?}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Close the connection (the VMM accepts one connection at a time).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Round trip a Ping.
+    pub fn ping(&mut self, seq: u64, limit: Duration) -> Result<(), ChannelError> {
+        self.send(&HostMsg::Ping { seq })?;
+        let start = Instant::now();
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            if let GuestMsg::Pong { seq: s } = self.recv(Some(left))? {
+                if s == seq {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dough_proto::{decode_host, write_frame};
+    use std::os::unix::net::UnixListener;
+
+    /// A fake guest on the other end of a socket pair, driven by `script`.
+    fn with_guest(script: impl FnOnce(UnixStream) + Send + 'static) -> HostChannel {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ch.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            script(s);
+            drop(d);
+        });
+        HostChannel::connect(&path, Duration::from_secs(5)).unwrap()
+    }
+
+    fn hello(v: u32) -> GuestMsg {
+        GuestMsg::Hello(Hello { proto_version: v, agent_version: "t".into(), boot_id: "b".into() })
+    }
+
+    fn next_host(s: &mut UnixStream) -> HostMsg {
+        decode_host(&read_frame(s).unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn handshake_then_exec_routes_output_by_id() {
+        let mut ch = with_guest(|mut s| {
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            let HostMsg::Welcome(w) = next_host(&mut s) else { panic!("want Welcome") };
+            assert_eq!(w.vm_id, "vm-test");
+            assert_ne!(w.entropy.bytes(), [0u8; 64]);
+            let HostMsg::Exec(e) = next_host(&mut s) else { panic!("want Exec") };
+            assert_eq!(e.argv, ["echo", "hi"]);
+            write_frame(&mut s, &GuestMsg::Output { id: e.id + 7, stream: Stream::Stdout, data: b"stray".to_vec() }).unwrap();
+            write_frame(&mut s, &GuestMsg::Pong { seq: 99 }).unwrap();
+            write_frame(&mut s, &GuestMsg::Output { id: e.id, stream: Stream::Stdout, data: b"hi\n".to_vec() }).unwrap();
+            write_frame(&mut s, &GuestMsg::Output { id: e.id, stream: Stream::Stderr, data: b"err".to_vec() }).unwrap();
+            write_frame(&mut s, &GuestMsg::Exit { id: e.id, status: ExitStatus::Exited(3) }).unwrap();
+        });
+        ch.handshake("vm-test", Duration::from_secs(5)).unwrap();
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let req = ExecRequest { argv: vec!["echo".into(), "hi".into()], ..Default::default() };
+        let st = ch
+            .exec(&req, &mut |s, d| match s {
+                Stream::Stdout => out.extend_from_slice(d),
+                Stream::Stderr => err.extend_from_slice(d),
+            })
+            .unwrap();
+        assert_eq!(st, ExitStatus::Exited(3));
+        assert_eq!(out, b"hi\n");
+        assert_eq!(err, b"err");
+    }
+
+    #[test]
+    fn version_mismatch_is_refused() {
+        let mut ch = with_guest(|mut s| {
+            write_frame(&mut s, &hello(PROTO_VERSION + 1)).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let e = ch.handshake("vm", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ChannelError::Version { .. }), "{e}");
+    }
+
+    #[test]
+    fn hostile_guest_gets_errors_not_panics() {
+        // Oversized length prefix.
+        let mut ch = with_guest(|mut s| {
+            s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::TooLarge(_)))));
+        // Garbage payload.
+        let mut ch = with_guest(|mut s| {
+            s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::Decode(_)))));
+        // Silence, then close mid-frame.
+        let mut ch = with_guest(|mut s| {
+            s.write_all(&[0, 0, 0, 50, 1, 2]).unwrap();
+        });
+        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::Truncated { .. }))));
+        // Nothing at all within the deadline.
+        let mut ch = with_guest(|_s| std::thread::sleep(Duration::from_secs(2)));
+        assert!(matches!(ch.handshake("vm", Duration::from_millis(100)), Err(ChannelError::Timeout(_))));
+    }
+
+    #[test]
+    fn refusal_and_closed_channel_are_errors() {
+        let mut ch = with_guest(|mut s| {
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            let _ = next_host(&mut s);
+            let HostMsg::Exec(e) = next_host(&mut s) else { panic!() };
+            write_frame(&mut s, &GuestMsg::Error { id: e.id, message: "no".into() }).unwrap();
+            let _ = next_host(&mut s);
+        });
+        ch.handshake("vm", Duration::from_secs(5)).unwrap();
+        let req = ExecRequest { argv: vec!["x".into()], ..Default::default() };
+        assert!(matches!(ch.exec(&req, &mut |_, _| {}), Err(ChannelError::Refused { .. })));
+        assert!(matches!(ch.exec(&req, &mut |_, _| {}), Err(ChannelError::Closed)));
+    }
+}

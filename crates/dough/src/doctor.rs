@@ -1,0 +1,126 @@
+//! `dough doctor`: what this host has, what it lacks, what to install.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub agent: crate::image_cmd::AgentArg,
+}
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    required: bool,
+    detail: String,
+    fix: &'static str,
+}
+
+fn version_of(program: &str, arg: &str) -> Result<String, String> {
+    match Command::new(program).arg(arg).stdin(Stdio::null()).output() {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            Ok(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        Ok(o) => Err(format!("{program} {arg} failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!("{program}: {e}")),
+    }
+}
+
+fn tool(name: &'static str, program: &str, arg: &str, required: bool, fix: &'static str) -> Check {
+    let r = version_of(program, arg);
+    Check { name, ok: r.is_ok(), required, detail: r.unwrap_or_else(|e| e), fix }
+}
+
+fn free_bytes(path: &Path) -> Option<u64> {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        p = p.parent()?.to_path_buf();
+    }
+    let st = nix::sys::statvfs::statvfs(&p).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let mut checks = vec![
+        tool("qemu", "qemu-system-x86_64", "--version", true, "apt-get install -y qemu-system-x86"),
+        tool("mmdebstrap", "mmdebstrap", "--version", true, "apt-get install -y mmdebstrap"),
+        tool("mkfs.ext4", "mkfs.ext4", "-V", true, "apt-get install -y e2fsprogs"),
+        tool("dpkg-deb", "dpkg-deb", "--version", true, "run on Debian (dpkg)"),
+        tool("nft", "nft", "--version", false, "apt-get install -y nftables (needed for per-clone networking)"),
+        tool("ip", "ip", "-V", false, "apt-get install -y iproute2 (needed for per-clone networking)"),
+    ];
+    let kvm = dough_vmm::accel::kvm_device_usable();
+    checks.push(Check {
+        name: "kvm",
+        ok: kvm.is_ok(),
+        required: false,
+        detail: match &kvm {
+            Ok(()) => "/dev/kvm opens (auto still checks that it boots a guest in time)".into(),
+            Err(e) => format!("{e}; guests will run under TCG, which is not a security boundary"),
+        },
+        fix: "use a host with hardware virtualisation and access to /dev/kvm",
+    });
+    let netns = Command::new("unshare").args(["--net", "true"]).stderr(Stdio::null()).status();
+    checks.push(Check {
+        name: "netns",
+        ok: matches!(netns, Ok(s) if s.success()),
+        required: false,
+        detail: match netns {
+            Ok(s) if s.success() => "can create network namespaces".into(),
+            Ok(s) => format!("unshare --net failed ({s}); run dough as root"),
+            Err(e) => format!("unshare: {e}"),
+        },
+        fix: "run as root (network namespaces, TAP devices and nftables need it)",
+    });
+    let free = free_bytes(home);
+    checks.push(Check {
+        name: "disk",
+        ok: free.is_some_and(|f| f >= 2 << 30),
+        required: true,
+        detail: match free {
+            Some(f) => format!("{} GiB free for {}", f >> 30, home.display()),
+            None => format!("cannot stat {}", home.display()),
+        },
+        fix: "free at least 2 GiB for the image cache (or set DOUGH_HOME elsewhere)",
+    });
+    let agent = crate::image_cmd::find_agent(&args.agent);
+    checks.push(Check {
+        name: "agent",
+        ok: agent.as_ref().is_ok_and(|p| dough_image::check_static(p).is_ok()),
+        required: true,
+        detail: match &agent {
+            Ok(p) => match dough_image::check_static(p) {
+                Ok(()) => format!("{}", p.display()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        },
+        fix: "scripts/build-agent",
+    });
+    let image = dough_image::Store::new(home).current();
+    checks.push(Check {
+        name: "image",
+        ok: image.is_ok(),
+        required: false,
+        detail: match &image {
+            Ok(i) => format!("{} (kernel {})", i.id, i.kernel_release),
+            Err(e) => e.to_string(),
+        },
+        fix: "dough image build",
+    });
+
+    let mut failed = false;
+    for c in &checks {
+        let mark = if c.ok { "ok  " } else if c.required { "FAIL" } else { "warn" };
+        println!("{mark} {:<11} {}", c.name, c.detail);
+        if !c.ok {
+            println!("     {:<11} fix: {}", "", c.fix);
+            failed |= c.required;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

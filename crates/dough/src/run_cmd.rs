@@ -1,0 +1,214 @@
+//! `dough run`: boot a fresh VM, run one command, stream its output, exit
+//! with its exit code, destroy the VM (like `docker run --rm`).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use dough_fabric::{gc, BootOptions, ExecRequest, Vm};
+use dough_image::{Image, Store};
+use dough_proto::{ExitStatus, Stream};
+use dough_vmm::{Accel, Resolved};
+
+use crate::image_cmd::{self, AgentArg, BuildArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when it is present and boots a guest in time, else TCG.
+    Auto,
+    /// Hardware virtualisation (the only real isolation boundary).
+    Kvm,
+    /// Software emulation: works everywhere, is not a security boundary.
+    Tcg,
+}
+
+impl From<AccelArg> for Accel {
+    fn from(a: AccelArg) -> Accel {
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+/// Options shared by every command that boots a VM.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Accelerator.
+    #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
+    pub accel: AccelArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Seconds one boot attempt may take before it counts as failed (one retry follows).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", env = "DOUGH_QEMU")]
+    pub qemu: PathBuf,
+    /// Image id to boot (default: the current image; built if there is none).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Extra kernel command-line argument (repeatable), e.g. `ignore_loglevel`
+    /// to see every kernel message in `serial.log`.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    pub kernel_args: Vec<String>,
+    #[command(flatten)]
+    pub agent: AgentArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Kill the command after SECS seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Set an environment variable in the command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the guest (default /root).
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// Send this process's stdin to the command (read to the end first).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Print boot timing and the VMM's peak RSS on stderr.
+    #[arg(long)]
+    pub stats: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// The image to boot: the one named, else the current one, else build it.
+pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
+    let store = Store::new(home);
+    if let Some(id) = &vm.image {
+        return Ok(store.get(id)?);
+    }
+    match store.current() {
+        Ok(img) => Ok(img),
+        Err(dough_image::ImageError::NoImage) => {
+            eprintln!("dough: no guest image yet; building one (first time only)");
+            image_cmd::build(home, &BuildArgs { agent: vm.agent.clone(), packages: vec![], mirror: None })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
+pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
+    let choice = dough_fabric::accel::choose(vm.accel.into(), home, image, &vm.qemu)?;
+    if let Some(why) = &choice.fallback_reason {
+        eprintln!("dough: KVM is not usable here ({why}); using TCG");
+    }
+    if choice.accel == Resolved::Tcg {
+        eprintln!("dough: warning: {}", dough_vmm::accel::TCG_WARNING);
+    }
+    Ok(BootOptions {
+        qemu: vm.qemu.clone(),
+        accel: choice.accel,
+        mem_mib: vm.mem,
+        cpus: vm.cpus,
+        deadline: Duration::from_secs(vm.boot_timeout),
+        extra_cmdline: vm.kernel_args.clone(),
+        ..BootOptions::default()
+    })
+}
+
+/// Reclaim what crashed dough processes left behind, saying what was cleaned.
+pub fn reclaim_orphans(home: &Path) {
+    for r in gc::reclaim_orphans(&home.join("vms")) {
+        match r.killed_vmm {
+            Some(pid) => eprintln!("dough: reclaimed orphaned VM {} (killed its VMM, pid {pid})", r.dir.display()),
+            None => eprintln!("dough: reclaimed stale VM directory {}", r.dir.display()),
+        }
+    }
+}
+
+/// On SIGINT/SIGTERM/SIGHUP, tear down this process's VMs and exit 130.
+/// Must be called before any other thread starts (it sets the signal mask).
+pub fn install_teardown_on_signal(home: &Path) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    let vms = home.join("vms");
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("dough: {sig}; tearing down");
+            gc::reclaim_mine(&vms);
+            std::process::exit(130);
+        }
+    });
+}
+
+/// Map a guest command's status to our exit code, explaining the unusual ones.
+pub fn exit_code(status: &ExitStatus) -> ExitCode {
+    match status {
+        ExitStatus::Exited(_) => {}
+        ExitStatus::Signaled(s) => eprintln!("dough: command killed by signal {s}"),
+        ExitStatus::TimedOut => eprintln!("dough: command timed out and was killed"),
+        ExitStatus::SpawnFailed(why) => eprintln!("dough: command could not be started: {why}"),
+    }
+    ExitCode::from(status.shell_code().clamp(0, 255) as u8)
+}
+
+/// Write guest output to our stdout/stderr as it arrives.
+pub fn stream_sink(stream: Stream, data: &[u8]) {
+    let _ = match stream {
+        Stream::Stdout => std::io::stdout().lock().write_all(data).and_then(|_| std::io::stdout().flush()),
+        Stream::Stderr => std::io::stderr().lock().write_all(data),
+    };
+}
+
+pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
+    install_teardown_on_signal(home);
+    reclaim_orphans(home);
+    let image = resolve_image(home, &args.vm)?;
+    let opts = boot_options(home, &image, &args.vm)?;
+    let stdin = if args.interactive {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+        Some(buf)
+    } else {
+        None
+    };
+    let timeout = match args.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+        None => None,
+    };
+    let mut vm = Vm::boot(&home.join("vms"), &image, &opts).context("booting the VM")?;
+    if args.stats {
+        eprintln!("dough: VM {} ready in {:.2}s ({})", vm.id, vm.boot_time.as_secs_f64(), vm.accel);
+    }
+    let req = ExecRequest { argv: args.command, env: args.env, cwd: args.workdir, stdin, timeout };
+    let result = vm.exec(&req, &mut stream_sink);
+    if args.stats {
+        if let Some(kib) = vm.vmm_peak_rss_kib() {
+            eprintln!("dough: VMM peak RSS {} MiB", kib / 1024);
+        }
+    }
+    vm.destroy()?;
+    Ok(exit_code(&result?))
+}
