@@ -18,9 +18,21 @@ pub fn me() -> ProcessId {
     ProcessId::of(pid).unwrap_or(ProcessId { pid, start_ticks: 0 })
 }
 
-/// Record a VM's VMM and owner in its directory.
-pub fn record(dir: &Path, vmm: &ProcessId) -> std::io::Result<()> {
-    write_json(&dir.join(OWNER_FILE), &me())?;
+/// Create a VM directory that already names its owner when it appears
+/// (made under a dot-name, then renamed), so a concurrent dough never sees
+/// it without an owner and mistakes it for an orphan.
+pub fn create_owned_dir(dir: &Path) -> std::io::Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm");
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(".new-{name}"));
+    std::fs::create_dir(&tmp)?;
+    write_json(&tmp.join(OWNER_FILE), &me())?;
+    std::fs::rename(&tmp, dir)
+}
+
+/// Record a VM's VMM process in its directory.
+pub fn record_vmm(dir: &Path, vmm: &ProcessId) -> std::io::Result<()> {
     write_json(&dir.join(VMM_FILE), vmm)
 }
 
@@ -53,6 +65,11 @@ fn reclaim(vms_dir: &Path, mut select: impl FnMut(Option<&ProcessId>) -> bool) -
             continue;
         }
         let owner = read_id(&dir.join(OWNER_FILE));
+        let in_creation = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        if owner.is_none() && in_creation {
+            // Another dough is between mkdir and writing the owner record.
+            continue;
+        }
         if !select(owner.as_ref()) {
             continue;
         }
@@ -102,6 +119,10 @@ mod tests {
         write_json(&mine.join(OWNER_FILE), &me()).unwrap();
         // Half-made directory without records.
         std::fs::create_dir(vms.path().join("vm-half")).unwrap();
+        // A directory another dough is creating right now: left alone.
+        std::fs::create_dir(vms.path().join(".new-vm-busy")).unwrap();
+        create_owned_dir(&vms.path().join("vm-fresh")).unwrap();
+        assert!(!vms.path().join(".new-vm-fresh").exists());
 
         let got = reclaim_orphans(vms.path());
         assert_eq!(got.len(), 2, "{got:?}");
@@ -110,9 +131,10 @@ mod tests {
         assert!(!st.success(), "the orphan's VMM was killed");
         assert!(!orphan.exists());
         assert!(mine.exists());
+        assert!(vms.path().join(".new-vm-busy").exists());
 
         let got = reclaim_mine(vms.path());
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 2, "vm-mine and vm-fresh: {got:?}");
         assert!(!mine.exists());
     }
 

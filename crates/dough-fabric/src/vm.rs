@@ -122,7 +122,7 @@ impl Vm {
         let id = crate::new_vm_id();
         let dir = vms_dir.join(&id);
         let state_err = |source| FabricError::StateDir { path: dir.clone(), source };
-        std::fs::create_dir_all(&dir).map_err(state_err)?;
+        crate::gc::create_owned_dir(&dir).map_err(state_err)?;
         let paths = VmPaths::new(&dir);
         let args = QemuArgs {
             accel: opts.accel,
@@ -153,7 +153,7 @@ impl Vm {
                 FabricError::Spawn { qemu: opts.qemu.display().to_string(), source }
             })?;
         let mut process = VmmProcess::from_child(child);
-        crate::gc::record(&dir, &process.id).map_err(state_err)?;
+        crate::gc::record_vmm(&dir, &process.id).map_err(state_err)?;
 
         let fail = |process: &mut VmmProcess, e: FabricError| {
             let _ = process.kill_and_wait(Duration::from_secs(10));

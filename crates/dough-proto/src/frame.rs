@@ -81,49 +81,69 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Incremental decoder for callers that read in arbitrary chunks (e.g. a
-/// non-blocking virtio-serial port). Holds at most one partial frame.
+/// non-blocking virtio-serial port). Holds at most one partial frame, plus
+/// whatever complete frames the caller has pushed but not yet taken: call
+/// [`FrameDecoder::next_frame`] until it returns `Ok(None)` after every
+/// [`FrameDecoder::push`], so memory stays bounded by about one read chunk
+/// plus [`MAX_FRAME`].
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Offset of the first byte in `buf` not yet handed out. Consumed bytes
+    /// are dropped lazily (on the next `push`) so that taking many small
+    /// frames out of one large chunk stays linear rather than quadratic.
+    start: usize,
 }
 
 impl FrameDecoder {
+    /// An empty decoder.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Append bytes read from the stream.
     pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            // Each byte is moved here at most a bounded number of times: only
+            // the partial tail left after taking frames is shifted.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes held that do not yet form a whole frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// Drop any partial frame (after the peer went away).
     pub fn reset(&mut self) {
         self.buf.clear();
+        self.start = 0;
     }
 
     /// Take the next complete frame's payload, if there is one. An oversized
     /// length is reported as soon as the header is seen; the decoder is then
     /// reset, since the stream cannot be resynchronised.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        if self.buf.len() < HEADER_LEN {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if len > MAX_FRAME {
-            self.buf.clear();
+            self.reset();
             return Err(FrameError::TooLarge(len));
         }
-        if self.buf.len() < HEADER_LEN + len {
+        if avail.len() - HEADER_LEN < len {
             return Ok(None);
         }
-        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
+        let payload = avail[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.start += HEADER_LEN + len;
+        if self.start == self.buf.len() {
+            self.reset();
+        }
         Ok(Some(payload))
     }
 }

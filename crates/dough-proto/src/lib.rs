@@ -146,7 +146,10 @@ impl ExitStatus {
     pub fn shell_code(&self) -> i32 {
         match self {
             ExitStatus::Exited(c) => *c,
-            ExitStatus::Signaled(s) => 128 + *s,
+            // Saturating: the value comes from the untrusted guest, and a
+            // plain `128 + s` would overflow (and panic in debug builds) for
+            // a bogus signal number near `i32::MAX`.
+            ExitStatus::Signaled(s) => 128i32.saturating_add(*s),
             ExitStatus::TimedOut => 124,
             ExitStatus::SpawnFailed(_) => 127,
         }
