@@ -20,13 +20,20 @@ pub struct BootArgs {
 
 impl BootArgs {
     pub fn parse(cmdline: &str) -> Self {
-        let mut a = BootArgs { root: "/dev/vda".into(), ..Default::default() };
+        let mut a = BootArgs {
+            root: "/dev/vda".into(),
+            ..Default::default()
+        };
         for word in cmdline.split_whitespace() {
-            let Some((k, v)) = word.split_once('=') else { continue };
+            let Some((k, v)) = word.split_once('=') else {
+                continue;
+            };
             match k {
                 "dough.root" => a.root = v.to_string(),
                 "dough.ip" => {
-                    a.ip = v.split_once('/').and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?)))
+                    a.ip = v.split_once('/').and_then(|(ip, p)| {
+                        Some((ip.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?))
+                    })
                 }
                 "dough.gw" => a.gateway = v.parse().ok(),
                 _ => {}
@@ -36,14 +43,22 @@ impl BootArgs {
     }
 }
 
-fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+fn mnt(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
     let _ = std::fs::create_dir_all(target);
-    mount(Some(src), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} on {target}: {e}"))
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} on {target}: {e}"))
 }
 
 fn move_mount(from: &str, to: &str) -> Result<(), String> {
     let _ = std::fs::create_dir_all(to);
-    mount(Some(from), to, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("move {from} to {to}: {e}"))
+    mount(Some(from), to, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move {from} to {to}: {e}"))
 }
 
 /// Everything before the agent can take work. Failures are reported on the
@@ -54,7 +69,13 @@ pub fn boot() -> BootArgs {
     for (src, target, fs, flags, data) in [
         ("proc", "/proc", "proc", nosuid, None),
         ("sysfs", "/sys", "sysfs", nosuid, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
     ] {
         if let Err(e) = mnt(src, target, fs, flags, data) {
             log(&e);
@@ -67,10 +88,34 @@ pub fn boot() -> BootArgs {
         Err(e) => log(&format!("root filesystem: {e}; staying in the initramfs")),
     }
     for (src, target, fs, flags, data) in [
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666")),
-        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
-        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0620,ptmxmode=0666"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
     ] {
         if let Err(e) = mnt(src, target, fs, flags, data) {
             log(&e);
@@ -128,12 +173,19 @@ fn overlay_root(dev: &str) -> Result<(), String> {
     for d in ["/rw/upper", "/rw/work"] {
         std::fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
-    mnt("overlay", "/newroot", "overlay", MsFlags::empty(), Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"))?;
+    mnt(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
+    )?;
     for d in ["/dev", "/proc", "/sys"] {
         move_mount(d, &format!("/newroot{d}"))?;
     }
     std::env::set_current_dir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("move root: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move root: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(())
@@ -157,7 +209,9 @@ mod tests {
 
     #[test]
     fn parses_cmdline() {
-        let a = BootArgs::parse("console=ttyS0 quiet dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 rdinit=/init");
+        let a = BootArgs::parse(
+            "console=ttyS0 quiet dough.ip=172.16.0.2/30 dough.gw=172.16.0.1 rdinit=/init",
+        );
         assert_eq!(a.root, "/dev/vda");
         assert_eq!(a.ip, Some(("172.16.0.2".parse().unwrap(), 30)));
         assert_eq!(a.gateway, Some("172.16.0.1".parse().unwrap()));

@@ -22,7 +22,10 @@ fn main() {
     let _ = sys::set_process_name("dough-agent");
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
-        log(&format!("panic in thread {}: {info}", thread.name().unwrap_or("?")));
+        log(&format!(
+            "panic in thread {}: {info}",
+            thread.name().unwrap_or("?")
+        ));
     }));
     if std::process::id() != 1 {
         eprintln!("dough-agent is the init process of a dough guest; it does not run on a host");

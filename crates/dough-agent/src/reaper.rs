@@ -56,7 +56,9 @@ fn reap_all(w: &mut HashMap<i32, Sender<WaitStatus>>) {
 }
 
 /// Spawn a child with `spawn` and get a receiver for its exit status.
-pub fn spawn<T, E>(spawn: impl FnOnce() -> Result<(T, u32), E>) -> Result<(T, u32, Receiver<WaitStatus>), E> {
+pub fn spawn<T, E>(
+    spawn: impl FnOnce() -> Result<(T, u32), E>,
+) -> Result<(T, u32, Receiver<WaitStatus>), E> {
     let mut w = waiters().lock().unwrap_or_else(|p| p.into_inner());
     let (child, pid) = spawn()?;
     let (tx, rx) = channel();

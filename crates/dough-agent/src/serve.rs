@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dough_proto::{
-    decode_host, encode, Exec, ExitStatus, FrameDecoder, FrameError, GuestMsg, Hello, HostMsg, RequestId, Stream, Welcome,
-    OUTPUT_CHUNK, PORT_NAME, PROTO_VERSION, READY_LINE,
+    decode_host, encode, Exec, ExitStatus, FrameDecoder, FrameError, GuestMsg, Hello, HostMsg,
+    RequestId, Stream, Welcome, OUTPUT_CHUNK, PORT_NAME, PROTO_VERSION, READY_LINE,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
@@ -92,7 +93,9 @@ pub fn serve_forever() {
             break p;
         }
         if !warned && started.elapsed() > Duration::from_secs(10) {
-            log(&format!("no virtio-serial port named {PORT_NAME} yet; still looking"));
+            log(&format!(
+                "no virtio-serial port named {PORT_NAME} yet; still looking"
+            ));
             warned = true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -131,22 +134,17 @@ pub fn serve_forever() {
     }
 }
 
-use std::os::unix::fs::OpenOptionsExt;
-
 /// Block until the host side of the port is connected. While it is not,
 /// poll reports POLLHUP at once, so back off between checks.
 fn wait_for_host(port: &File) {
     let mut backoff = Duration::from_millis(1);
     loop {
         let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
-            Ok(_) => {
-                let re = fds[0].revents().unwrap_or(PollFlags::empty());
-                if !re.contains(PollFlags::POLLHUP) {
-                    return;
-                }
+        if poll(&mut fds, PollTimeout::from(1000u16)).is_ok() {
+            let re = fds[0].revents().unwrap_or(PollFlags::empty());
+            if !re.contains(PollFlags::POLLHUP) {
+                return;
             }
-            Err(_) => {}
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_millis(20));
@@ -154,7 +152,10 @@ fn wait_for_host(port: &File) {
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// One connection: Hello, then requests until the host disconnects.
@@ -222,7 +223,10 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
         }
         HostMsg::Exec(exec) if !*welcomed => shared.send(
             generation,
-            &GuestMsg::Error { id: exec.id, message: "exec before Welcome: the host must send Welcome first".into() },
+            &GuestMsg::Error {
+                id: exec.id,
+                message: "exec before Welcome: the host must send Welcome first".into(),
+            },
         ),
         HostMsg::Exec(exec) => {
             let shared = shared.clone();
@@ -230,9 +234,14 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             let r = std::thread::Builder::new()
                 .name(format!("exec-{id}"))
                 .spawn(move || {
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_exec(&shared, generation, exec)));
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_exec(&shared, generation, exec)
+                    }));
                     if r.is_err() {
-                        let status = ExitStatus::SpawnFailed("the agent failed while running this request (see the serial console)".into());
+                        let status = ExitStatus::SpawnFailed(
+                            "the agent failed while running this request (see the serial console)"
+                                .into(),
+                        );
                         shared.send(generation, &GuestMsg::Exit { id, status });
                     }
                 });
@@ -241,14 +250,31 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             }
         }
         HostMsg::Signal { id, signal } => {
-            let pgid = shared.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
+            let pgid = shared
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .copied();
             let sig = Signal::try_from(signal);
             match (pgid, sig) {
                 (Some(pgid), Ok(sig)) => {
                     let _ = killpg(Pid::from_raw(pgid), sig);
                 }
-                (None, _) => shared.send(generation, &GuestMsg::Error { id, message: format!("no running request {id}") }),
-                (_, Err(_)) => shared.send(generation, &GuestMsg::Error { id, message: format!("bad signal {signal}") }),
+                (None, _) => shared.send(
+                    generation,
+                    &GuestMsg::Error {
+                        id,
+                        message: format!("no running request {id}"),
+                    },
+                ),
+                (_, Err(_)) => shared.send(
+                    generation,
+                    &GuestMsg::Error {
+                        id,
+                        message: format!("bad signal {signal}"),
+                    },
+                ),
             }
         }
         HostMsg::Ping { seq } => shared.send(generation, &GuestMsg::Pong { seq }),
@@ -258,9 +284,15 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
 /// Set the clock and reseed the kernel's RNG from the host's Welcome.
 fn apply_welcome(shared: &Shared, w: &Welcome) {
     if w.proto_version != PROTO_VERSION {
-        log(&format!("host speaks protocol {}, agent {PROTO_VERSION}", w.proto_version));
+        log(&format!(
+            "host speaks protocol {}, agent {PROTO_VERSION}",
+            w.proto_version
+        ));
     }
-    let ts = nix::sys::time::TimeSpec::new((w.host_time_ns / 1_000_000_000) as i64, (w.host_time_ns % 1_000_000_000) as i64);
+    let ts = nix::sys::time::TimeSpec::new(
+        (w.host_time_ns / 1_000_000_000) as i64,
+        (w.host_time_ns % 1_000_000_000) as i64,
+    );
     if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
         log(&format!("setting the clock: {e}"));
     }
@@ -278,7 +310,13 @@ fn apply_welcome(shared: &Shared, w: &Welcome) {
 fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
     let id = exec.id;
     let Some(program) = exec.argv.first() else {
-        return shared.send(generation, &GuestMsg::Exit { id, status: ExitStatus::SpawnFailed("empty argv".into()) });
+        return shared.send(
+            generation,
+            &GuestMsg::Exit {
+                id,
+                status: ExitStatus::SpawnFailed("empty argv".into()),
+            },
+        );
     };
     let mut cmd = Command::new(program);
     cmd.args(&exec.argv[1..])
@@ -287,26 +325,55 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
         .env("HOME", "/root")
         .env("LANG", "C.UTF-8")
         .env("IS_SANDBOX", "1")
-        .env("DOUGH_VM_ID", shared.vm_id.lock().unwrap_or_else(|p| p.into_inner()).as_str())
+        .env(
+            "DOUGH_VM_ID",
+            shared
+                .vm_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_str(),
+        )
         .envs(exec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if exec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if exec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let cwd = exec.cwd.clone().unwrap_or_else(|| if Path::new("/root").is_dir() { "/root".into() } else { "/".into() });
+    let cwd = exec.cwd.clone().unwrap_or_else(|| {
+        if Path::new("/root").is_dir() {
+            "/root".into()
+        } else {
+            "/".into()
+        }
+    });
     cmd.current_dir(&cwd);
-    let spawned = reaper::spawn(|| cmd.spawn().map(|c| {
-        let pid = c.id();
-        (c, pid)
-    }));
+    let spawned = reaper::spawn(|| {
+        cmd.spawn().map(|c| {
+            let pid = c.id();
+            (c, pid)
+        })
+    });
     let (mut child, pid, status_rx) = match spawned {
         Ok(x) => x,
         Err(e) => {
             let why = format!("{program}: {e}");
-            return shared.send(generation, &GuestMsg::Exit { id, status: ExitStatus::SpawnFailed(why) });
+            return shared.send(
+                generation,
+                &GuestMsg::Exit {
+                    id,
+                    status: ExitStatus::SpawnFailed(why),
+                },
+            );
         }
     };
-    shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, pid as i32);
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, pid as i32);
 
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), exec.stdin) {
         std::thread::spawn(move || {
@@ -316,8 +383,14 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
     let finished = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let pipes: Vec<(Box<dyn Read + Send>, Stream)> = [
-        child.stdout.take().map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stdout)),
-        child.stderr.take().map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stderr)),
+        child
+            .stdout
+            .take()
+            .map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stdout)),
+        child
+            .stderr
+            .take()
+            .map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stderr)),
     ]
     .into_iter()
     .flatten()
@@ -334,7 +407,14 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         if !finished.load(Ordering::SeqCst) {
-                            shared.send(generation, &GuestMsg::Output { id, stream, data: buf[..n].to_vec() });
+                            shared.send(
+                                generation,
+                                &GuestMsg::Output {
+                                    id,
+                                    stream,
+                                    data: buf[..n].to_vec(),
+                                },
+                            );
                         }
                     }
                 }
@@ -369,7 +449,11 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
         }
     }
     finished.store(true, Ordering::SeqCst);
-    shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
     let status = match (timed_out, status) {
         (true, _) => ExitStatus::TimedOut,
         (false, Some(WaitStatus::Exited(_, code))) => ExitStatus::Exited(code),

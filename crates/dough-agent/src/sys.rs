@@ -44,10 +44,20 @@ struct RandPoolInfo {
 /// Credit `bytes` to the kernel's entropy pool and force the CRNG to reseed,
 /// so that clones of one snapshot diverge immediately.
 pub fn add_entropy(random: &std::fs::File, bytes: &[u8; 64]) -> io::Result<()> {
-    let info = RandPoolInfo { entropy_count: 64 * 8, buf_size: 64, buf: *bytes };
+    let info = RandPoolInfo {
+        entropy_count: 64 * 8,
+        buf_size: 64,
+        buf: *bytes,
+    };
     // SAFETY: RNDADDENTROPY reads a rand_pool_info header followed by
     // `buf_size` bytes, all inside `info`, which lives across the call.
-    let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &info as *const RandPoolInfo) };
+    let r = unsafe {
+        libc::ioctl(
+            random.as_raw_fd(),
+            RNDADDENTROPY,
+            &info as *const RandPoolInfo,
+        )
+    };
     check(r.into())?;
     // SAFETY: RNDRESEEDCRNG takes no argument.
     let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
@@ -74,7 +84,10 @@ impl IfReq {
         }
         let mut name = [0u8; 16];
         name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-        Ok(IfReq { name, data: [0; 24] })
+        Ok(IfReq {
+            name,
+            data: [0; 24],
+        })
     }
 
     fn set_addr(&mut self, a: std::net::Ipv4Addr) {
@@ -118,7 +131,11 @@ pub fn link_up(ifname: &str) -> io::Result<()> {
 }
 
 /// Give an interface an IPv4 address and netmask.
-pub fn set_ipv4(ifname: &str, addr: std::net::Ipv4Addr, mask: std::net::Ipv4Addr) -> io::Result<()> {
+pub fn set_ipv4(
+    ifname: &str,
+    addr: std::net::Ipv4Addr,
+    mask: std::net::Ipv4Addr,
+) -> io::Result<()> {
     let s = inet_socket()?;
     let mut ifr = IfReq::new(ifname)?;
     ifr.set_addr(addr);

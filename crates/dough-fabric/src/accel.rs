@@ -36,25 +36,43 @@ pub struct Choice {
 pub struct KvmUnavailable(pub String);
 
 fn host_boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Resolve `requested` for booting `image`. `home` keeps the probe result.
-pub fn choose(requested: Accel, home: &Path, image: &Image, qemu: &Path) -> Result<Choice, KvmUnavailable> {
+pub fn choose(
+    requested: Accel,
+    home: &Path,
+    image: &Image,
+    qemu: &Path,
+) -> Result<Choice, KvmUnavailable> {
     match requested {
-        Accel::Tcg => Ok(Choice { accel: Resolved::Tcg, fallback_reason: None }),
+        Accel::Tcg => Ok(Choice {
+            accel: Resolved::Tcg,
+            fallback_reason: None,
+        }),
         Accel::Kvm => {
             dough_vmm::accel::kvm_device_usable().map_err(KvmUnavailable)?;
-            Ok(Choice { accel: Resolved::Kvm, fallback_reason: None })
+            Ok(Choice {
+                accel: Resolved::Kvm,
+                fallback_reason: None,
+            })
         }
         Accel::Auto => {
             if let Err(why) = dough_vmm::accel::kvm_device_usable() {
-                return Ok(Choice { accel: Resolved::Tcg, fallback_reason: Some(why) });
+                return Ok(Choice {
+                    accel: Resolved::Tcg,
+                    fallback_reason: Some(why),
+                });
             }
             let record_path = home.join("kvm-probe.json");
             let boot_id = host_boot_id();
-            let cached: Option<ProbeRecord> =
-                std::fs::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let cached: Option<ProbeRecord> = std::fs::read(&record_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             let rec = match cached {
                 Some(r) if r.host_boot_id == boot_id && r.kernel_key == image.kernel_key => r,
                 _ => {
@@ -70,9 +88,15 @@ pub fn choose(requested: Accel, home: &Path, image: &Image, qemu: &Path) -> Resu
                 }
             };
             Ok(if rec.usable {
-                Choice { accel: Resolved::Kvm, fallback_reason: None }
+                Choice {
+                    accel: Resolved::Kvm,
+                    fallback_reason: None,
+                }
             } else {
-                Choice { accel: Resolved::Tcg, fallback_reason: Some(rec.reason) }
+                Choice {
+                    accel: Resolved::Tcg,
+                    fallback_reason: Some(rec.reason),
+                }
             })
         }
     }
@@ -96,5 +120,10 @@ fn probe(home: &Path, image: &Image, qemu: &Path, host_boot_id: String) -> Probe
             (false, format!("a KVM guest did not become ready ({first})"))
         }
     };
-    ProbeRecord { host_boot_id, kernel_key: image.kernel_key.clone(), usable, reason }
+    ProbeRecord {
+        host_boot_id,
+        kernel_key: image.kernel_key.clone(),
+        usable,
+        reason,
+    }
 }

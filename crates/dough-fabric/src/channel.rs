@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dough_proto::{
-    decode_guest, read_frame, Entropy, Exec, ExitStatus, FrameError, GuestMsg, Hello, HostMsg, RequestId, Stream, Welcome,
-    PROTO_VERSION,
+    decode_guest, read_frame, Entropy, Exec, ExitStatus, FrameError, GuestMsg, Hello, HostMsg,
+    RequestId, Stream, Welcome, PROTO_VERSION,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,9 @@ pub enum ChannelError {
     Closed,
     #[error("no message from the guest within {0:?}")]
     Timeout(Duration),
-    #[error("guest agent speaks protocol {guest}, this dough speaks {PROTO_VERSION}; rebuild the image")]
+    #[error(
+        "guest agent speaks protocol {guest}, this dough speaks {PROTO_VERSION}; rebuild the image"
+    )]
     Version { guest: u32 },
     #[error("expected Hello from the guest, got {0}")]
     Unexpected(String),
@@ -35,7 +37,12 @@ pub enum ChannelError {
 impl ChannelError {
     fn from_frame(e: FrameError) -> Self {
         match e {
-            FrameError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 ChannelError::Timeout(Duration::ZERO)
             }
             e => ChannelError::Frame(e),
@@ -71,15 +78,27 @@ impl HostChannel {
         let start = Instant::now();
         loop {
             match UnixStream::connect(path) {
-                Ok(stream) => return Ok(HostChannel { stream, next_id: 1, ignored: 0 }),
+                Ok(stream) => {
+                    return Ok(HostChannel {
+                        stream,
+                        next_id: 1,
+                        ignored: 0,
+                    })
+                }
                 Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
-                Err(_) => return Err(ChannelError::Connect { path: path.display().to_string(), secs: limit.as_secs() }),
+                Err(_) => {
+                    return Err(ChannelError::Connect {
+                        path: path.display().to_string(),
+                        secs: limit.as_secs(),
+                    })
+                }
             }
         }
     }
 
     fn recv(&mut self, limit: Option<Duration>) -> Result<GuestMsg, ChannelError> {
-        self.stream.set_read_timeout(limit.map(|l| l.max(Duration::from_millis(1))))?;
+        self.stream
+            .set_read_timeout(limit.map(|l| l.max(Duration::from_millis(1))))?;
         match read_frame(&mut self.stream) {
             Ok(Some(payload)) => Ok(decode_guest(&payload)?),
             Ok(None) => Err(ChannelError::Closed),
@@ -101,14 +120,22 @@ impl HostChannel {
     pub fn handshake(&mut self, vm_id: &str, limit: Duration) -> Result<Hello, ChannelError> {
         let hello = match self.recv(Some(limit))? {
             GuestMsg::Hello(h) => h,
-            other => return Err(ChannelError::Unexpected(format!("{other:?}").chars().take(100).collect())),
+            other => {
+                return Err(ChannelError::Unexpected(
+                    format!("{other:?}").chars().take(100).collect(),
+                ))
+            }
         };
         if hello.proto_version != PROTO_VERSION {
-            return Err(ChannelError::Version { guest: hello.proto_version });
+            return Err(ChannelError::Version {
+                guest: hello.proto_version,
+            });
         }
         let mut entropy = [0u8; 64];
         crate::fill_random(&mut entropy);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         self.send(&HostMsg::Welcome(Welcome {
             proto_version: PROTO_VERSION,
             host_time_ns: now.as_nanos() as u64,
@@ -119,7 +146,11 @@ impl HostChannel {
     }
 
     /// Run a command; `sink` receives its output as it arrives.
-    pub fn exec(&mut self, req: &ExecRequest, sink: &mut dyn FnMut(Stream, &[u8])) -> Result<ExitStatus, ChannelError> {
+    pub fn exec(
+        &mut self,
+        req: &ExecRequest,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, ChannelError> {
         let id = self.next_id;
         self.next_id += 1;
         self.send(&HostMsg::Exec(Exec {
@@ -133,13 +164,23 @@ impl HostChannel {
         let limit = req.timeout.map(|t| t + TIMEOUT_GRACE);
         loop {
             match self.recv(limit)? {
-                GuestMsg::Output { id: got, stream, data } if got == id => sink(stream, &data),
+                GuestMsg::Output {
+                    id: got,
+                    stream,
+                    data,
+                } if got == id => sink(stream, &data),
                 GuestMsg::Exit { id: got, status } if got == id => return Ok(status),
-                GuestMsg::Error { id: got, message } if got == id => return Err(ChannelError::Refused { id, message }),
+                GuestMsg::Error { id: got, message } if got == id => {
+                    return Err(ChannelError::Refused { id, message })
+                }
                 other => {
                     self.ignored += 1;
                     if self.ignored.is_power_of_two() {
-                        tracing::warn!(count = self.ignored, "ignoring unexpected guest message: {:.100}", format!("{other:?}"));
+                        tracing::warn!(
+                            count = self.ignored,
+                            "ignoring unexpected guest message: {:.100}",
+                            format!("{other:?}")
+                        );
                     }
                 }
             }
@@ -186,7 +227,11 @@ mod tests {
     }
 
     fn hello(v: u32) -> GuestMsg {
-        GuestMsg::Hello(Hello { proto_version: v, agent_version: "t".into(), boot_id: "b".into() })
+        GuestMsg::Hello(Hello {
+            proto_version: v,
+            agent_version: "t".into(),
+            boot_id: "b".into(),
+        })
     }
 
     fn next_host(s: &mut UnixStream) -> HostMsg {
@@ -197,21 +242,59 @@ mod tests {
     fn handshake_then_exec_routes_output_by_id() {
         let mut ch = with_guest(|mut s| {
             write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
-            let HostMsg::Welcome(w) = next_host(&mut s) else { panic!("want Welcome") };
+            let HostMsg::Welcome(w) = next_host(&mut s) else {
+                panic!("want Welcome")
+            };
             assert_eq!(w.vm_id, "vm-test");
             assert_ne!(w.entropy.bytes(), [0u8; 64]);
-            let HostMsg::Exec(e) = next_host(&mut s) else { panic!("want Exec") };
+            let HostMsg::Exec(e) = next_host(&mut s) else {
+                panic!("want Exec")
+            };
             assert_eq!(e.argv, ["echo", "hi"]);
-            write_frame(&mut s, &GuestMsg::Output { id: e.id + 7, stream: Stream::Stdout, data: b"stray".to_vec() }).unwrap();
+            write_frame(
+                &mut s,
+                &GuestMsg::Output {
+                    id: e.id + 7,
+                    stream: Stream::Stdout,
+                    data: b"stray".to_vec(),
+                },
+            )
+            .unwrap();
             write_frame(&mut s, &GuestMsg::Pong { seq: 99 }).unwrap();
-            write_frame(&mut s, &GuestMsg::Output { id: e.id, stream: Stream::Stdout, data: b"hi\n".to_vec() }).unwrap();
-            write_frame(&mut s, &GuestMsg::Output { id: e.id, stream: Stream::Stderr, data: b"err".to_vec() }).unwrap();
-            write_frame(&mut s, &GuestMsg::Exit { id: e.id, status: ExitStatus::Exited(3) }).unwrap();
+            write_frame(
+                &mut s,
+                &GuestMsg::Output {
+                    id: e.id,
+                    stream: Stream::Stdout,
+                    data: b"hi\n".to_vec(),
+                },
+            )
+            .unwrap();
+            write_frame(
+                &mut s,
+                &GuestMsg::Output {
+                    id: e.id,
+                    stream: Stream::Stderr,
+                    data: b"err".to_vec(),
+                },
+            )
+            .unwrap();
+            write_frame(
+                &mut s,
+                &GuestMsg::Exit {
+                    id: e.id,
+                    status: ExitStatus::Exited(3),
+                },
+            )
+            .unwrap();
         });
         ch.handshake("vm-test", Duration::from_secs(5)).unwrap();
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let req = ExecRequest { argv: vec!["echo".into(), "hi".into()], ..Default::default() };
+        let req = ExecRequest {
+            argv: vec!["echo".into(), "hi".into()],
+            ..Default::default()
+        };
         let st = ch
             .exec(&req, &mut |s, d| match s {
                 Stream::Stdout => out.extend_from_slice(d),
@@ -240,21 +323,33 @@ mod tests {
             s.write_all(&u32::MAX.to_be_bytes()).unwrap();
             std::thread::sleep(Duration::from_millis(200));
         });
-        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::TooLarge(_)))));
+        assert!(matches!(
+            ch.handshake("vm", Duration::from_secs(5)),
+            Err(ChannelError::Frame(FrameError::TooLarge(_)))
+        ));
         // Garbage payload.
         let mut ch = with_guest(|mut s| {
             s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
             std::thread::sleep(Duration::from_millis(200));
         });
-        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::Decode(_)))));
+        assert!(matches!(
+            ch.handshake("vm", Duration::from_secs(5)),
+            Err(ChannelError::Frame(FrameError::Decode(_)))
+        ));
         // Silence, then close mid-frame.
         let mut ch = with_guest(|mut s| {
             s.write_all(&[0, 0, 0, 50, 1, 2]).unwrap();
         });
-        assert!(matches!(ch.handshake("vm", Duration::from_secs(5)), Err(ChannelError::Frame(FrameError::Truncated { .. }))));
+        assert!(matches!(
+            ch.handshake("vm", Duration::from_secs(5)),
+            Err(ChannelError::Frame(FrameError::Truncated { .. }))
+        ));
         // Nothing at all within the deadline.
         let mut ch = with_guest(|_s| std::thread::sleep(Duration::from_secs(2)));
-        assert!(matches!(ch.handshake("vm", Duration::from_millis(100)), Err(ChannelError::Timeout(_))));
+        assert!(matches!(
+            ch.handshake("vm", Duration::from_millis(100)),
+            Err(ChannelError::Timeout(_))
+        ));
     }
 
     #[test]
@@ -262,13 +357,31 @@ mod tests {
         let mut ch = with_guest(|mut s| {
             write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
             let _ = next_host(&mut s);
-            let HostMsg::Exec(e) = next_host(&mut s) else { panic!() };
-            write_frame(&mut s, &GuestMsg::Error { id: e.id, message: "no".into() }).unwrap();
+            let HostMsg::Exec(e) = next_host(&mut s) else {
+                panic!()
+            };
+            write_frame(
+                &mut s,
+                &GuestMsg::Error {
+                    id: e.id,
+                    message: "no".into(),
+                },
+            )
+            .unwrap();
             let _ = next_host(&mut s);
         });
         ch.handshake("vm", Duration::from_secs(5)).unwrap();
-        let req = ExecRequest { argv: vec!["x".into()], ..Default::default() };
-        assert!(matches!(ch.exec(&req, &mut |_, _| {}), Err(ChannelError::Refused { .. })));
-        assert!(matches!(ch.exec(&req, &mut |_, _| {}), Err(ChannelError::Closed)));
+        let req = ExecRequest {
+            argv: vec!["x".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            ch.exec(&req, &mut |_, _| {}),
+            Err(ChannelError::Refused { .. })
+        ));
+        assert!(matches!(
+            ch.exec(&req, &mut |_, _| {}),
+            Err(ChannelError::Closed)
+        ));
     }
 }

@@ -15,7 +15,10 @@ const OWNER_FILE: &str = "owner.json";
 /// Identity of this dough process.
 pub fn me() -> ProcessId {
     let pid = std::process::id() as i32;
-    ProcessId::of(pid).unwrap_or(ProcessId { pid, start_ticks: 0 })
+    ProcessId::of(pid).unwrap_or(ProcessId {
+        pid,
+        start_ticks: 0,
+    })
 }
 
 /// Create a VM directory that already names its owner when it appears
@@ -58,14 +61,19 @@ pub struct Reclaimed {
 /// VM's owner (None when the record is missing or unreadable).
 fn reclaim(vms_dir: &Path, mut select: impl FnMut(Option<&ProcessId>) -> bool) -> Vec<Reclaimed> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(vms_dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(vms_dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let dir = e.path();
         if !dir.is_dir() {
             continue;
         }
         let owner = read_id(&dir.join(OWNER_FILE));
-        let in_creation = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let in_creation = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
         if owner.is_none() && in_creation {
             // Another dough is between mkdir and writing the owner record.
             continue;
@@ -77,7 +85,9 @@ fn reclaim(vms_dir: &Path, mut select: impl FnMut(Option<&ProcessId>) -> bool) -
         if let Some(vmm) = read_id(&dir.join(VMM_FILE)) {
             if vmm.kill().is_ok() {
                 killed_vmm = Some(vmm.pid);
-                dough_vmm::process::wait_until(std::time::Duration::from_secs(5), || !vmm.is_alive());
+                dough_vmm::process::wait_until(std::time::Duration::from_secs(5), || {
+                    !vmm.is_alive()
+                });
             }
         }
         if std::fs::remove_dir_all(&dir).is_ok() {
@@ -107,12 +117,22 @@ mod tests {
     fn orphans_are_killed_by_identity_and_removed_and_live_ones_kept() {
         let vms = tempfile::tempdir().unwrap();
         // An orphan: its VMM (a sleep) runs, its owner is a dead process.
-        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         let vmm = ProcessId::of(child.id() as i32).unwrap();
         let orphan = vms.path().join("vm-orphan");
         std::fs::create_dir(&orphan).unwrap();
         write_json(&orphan.join(VMM_FILE), &vmm).unwrap();
-        write_json(&orphan.join(OWNER_FILE), &ProcessId { pid: me().pid, start_ticks: me().start_ticks + 1 }).unwrap();
+        write_json(
+            &orphan.join(OWNER_FILE),
+            &ProcessId {
+                pid: me().pid,
+                start_ticks: me().start_ticks + 1,
+            },
+        )
+        .unwrap();
         // A VM of ours: must survive orphan collection.
         let mine = vms.path().join("vm-mine");
         std::fs::create_dir(&mine).unwrap();
@@ -141,14 +161,30 @@ mod tests {
     #[test]
     fn a_reused_pid_is_not_killed() {
         let vms = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         let real = ProcessId::of(child.id() as i32).unwrap();
         let dir = vms.path().join("vm-x");
         std::fs::create_dir(&dir).unwrap();
         // Same pid, different start time: a different process.
-        write_json(&dir.join(VMM_FILE), &ProcessId { start_ticks: real.start_ticks + 5, ..real }).unwrap();
+        write_json(
+            &dir.join(VMM_FILE),
+            &ProcessId {
+                start_ticks: real.start_ticks + 5,
+                ..real
+            },
+        )
+        .unwrap();
         let got = reclaim_orphans(vms.path());
-        assert_eq!(got, vec![Reclaimed { dir: dir.clone(), killed_vmm: None }]);
+        assert_eq!(
+            got,
+            vec![Reclaimed {
+                dir: dir.clone(),
+                killed_vmm: None
+            }]
+        );
         assert!(real.is_alive(), "the unrelated process must survive");
         child.kill().unwrap();
         child.wait().unwrap();

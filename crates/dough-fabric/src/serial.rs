@@ -14,13 +14,19 @@ pub struct SerialWatch {
 
 impl SerialWatch {
     pub fn new(path: &Path) -> Self {
-        SerialWatch { path: path.to_path_buf(), offset: 0, carry: Vec::new() }
+        SerialWatch {
+            path: path.to_path_buf(),
+            offset: 0,
+            carry: Vec::new(),
+        }
     }
 
     /// Read what was appended since the last call; true once `marker` has
     /// appeared (it may straddle two reads).
     pub fn saw(&mut self, marker: &str) -> bool {
-        let Ok(mut f) = std::fs::File::open(&self.path) else { return false };
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return false;
+        };
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return false;
         }
@@ -44,14 +50,22 @@ impl SerialWatch {
 /// The last `lines` lines (from at most the last 8 KiB) of a log file,
 /// with control characters other than newline and tab made visible.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else { return format!("(no log at {})", path.display()) };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     let text: String = String::from_utf8_lossy(&buf)
         .chars()
-        .map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{fffd}' } else { c })
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
         .collect();
     let all: Vec<&str> = text.lines().collect();
     let t = all[all.len().saturating_sub(lines)..].join("\n");

@@ -22,9 +22,19 @@ pub enum FabricError {
     #[error(
         "VM {vm} did not print its ready line within {secs}s (accel {accel}); last serial console lines:\n{serial_tail}"
     )]
-    BootTimeout { vm: String, secs: u64, accel: Resolved, serial_tail: String },
+    BootTimeout {
+        vm: String,
+        secs: u64,
+        accel: Resolved,
+        serial_tail: String,
+    },
     #[error("QEMU for VM {vm} exited during boot ({status}); QEMU said:\n{vmm_tail}\nlast serial console lines:\n{serial_tail}")]
-    VmmExited { vm: String, status: String, vmm_tail: String, serial_tail: String },
+    VmmExited {
+        vm: String,
+        status: String,
+        vmm_tail: String,
+        serial_tail: String,
+    },
     #[error("cannot start {qemu}; is qemu-system-x86 installed? (`dough doctor`)")]
     Spawn {
         qemu: String,
@@ -107,7 +117,9 @@ impl Vm {
         loop {
             match Self::boot_once(vms_dir, image, opts) {
                 Ok(vm) => return Ok(vm),
-                Err(e @ (FabricError::Spawn { .. } | FabricError::StateDir { .. })) => return Err(e),
+                Err(e @ (FabricError::Spawn { .. } | FabricError::StateDir { .. })) => {
+                    return Err(e)
+                }
                 Err(e) if attempt < opts.retries => {
                     attempt += 1;
                     tracing::warn!("boot failed, retrying ({attempt}/{}): {e}", opts.retries);
@@ -121,7 +133,10 @@ impl Vm {
     fn boot_once(vms_dir: &Path, image: &Image, opts: &BootOptions) -> Result<Vm, FabricError> {
         let id = crate::new_vm_id();
         let dir = vms_dir.join(&id);
-        let state_err = |source| FabricError::StateDir { path: dir.clone(), source };
+        let state_err = |source| FabricError::StateDir {
+            path: dir.clone(),
+            source,
+        };
         crate::gc::create_owned_dir(&dir).map_err(state_err)?;
         let paths = VmPaths::new(&dir);
         let args = QemuArgs {
@@ -150,7 +165,10 @@ impl Vm {
             .spawn()
             .map_err(|source| {
                 let _ = std::fs::remove_dir_all(&dir);
-                FabricError::Spawn { qemu: opts.qemu.display().to_string(), source }
+                FabricError::Spawn {
+                    qemu: opts.qemu.display().to_string(),
+                    source,
+                }
             })?;
         let mut process = VmmProcess::from_child(child);
         crate::gc::record_vmm(&dir, &process.id).map_err(state_err)?;
@@ -187,27 +205,53 @@ impl Vm {
             };
             return Err(fail(&mut process, e));
         }
-        let left = opts.deadline.saturating_sub(start.elapsed()).max(Duration::from_secs(5));
+        let left = opts
+            .deadline
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(5));
         let handshake = HostChannel::connect(&paths.channel, left).and_then(|mut ch| {
             let hello = ch.handshake(&id, left)?;
             Ok((ch, hello))
         });
         let (channel, hello) = match handshake {
             Ok(x) => x,
-            Err(source) => return Err(fail(&mut process, FabricError::Handshake { vm: id.clone(), source })),
+            Err(source) => {
+                return Err(fail(
+                    &mut process,
+                    FabricError::Handshake {
+                        vm: id.clone(),
+                        source,
+                    },
+                ))
+            }
         };
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");
-        Ok(Vm { id, paths, accel: opts.accel, hello, boot_time, process, channel, torn_down: false })
+        Ok(Vm {
+            id,
+            paths,
+            accel: opts.accel,
+            hello,
+            boot_time,
+            process,
+            channel,
+            torn_down: false,
+        })
     }
 
     /// Run a command in the VM, streaming its output to `sink`.
-    pub fn exec(&mut self, req: &ExecRequest, sink: &mut dyn FnMut(Stream, &[u8])) -> Result<ExitStatus, FabricError> {
-        self.channel.exec(req, sink).map_err(|source| FabricError::Channel {
-            vm: self.id.clone(),
-            source,
-            serial_tail: tail(&self.paths.serial, TAIL_LINES),
-        })
+    pub fn exec(
+        &mut self,
+        req: &ExecRequest,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, FabricError> {
+        self.channel
+            .exec(req, sink)
+            .map_err(|source| FabricError::Channel {
+                vm: self.id.clone(),
+                source,
+                serial_tail: tail(&self.paths.serial, TAIL_LINES),
+            })
     }
 
     /// Close the channel and open a new connection with a fresh handshake.
@@ -224,14 +268,21 @@ impl Vm {
                 self.hello = hello.clone();
                 Ok(hello)
             }
-            Err(source) => Err(FabricError::Handshake { vm: self.id.clone(), source }),
+            Err(source) => Err(FabricError::Handshake {
+                vm: self.id.clone(),
+                source,
+            }),
         }
     }
 
     /// Peak resident set of the VMM process so far (`VmHWM`), in KiB.
     pub fn vmm_peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id.pid)).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.process.id.pid)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     pub fn pid(&self) -> i32 {
@@ -256,7 +307,10 @@ impl Vm {
         let r = self
             .process
             .kill_and_wait(Duration::from_secs(10))
-            .map_err(|source| FabricError::Teardown { vm: self.id.clone(), source });
+            .map_err(|source| FabricError::Teardown {
+                vm: self.id.clone(),
+                source,
+            });
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         r
     }

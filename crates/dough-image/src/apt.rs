@@ -13,9 +13,16 @@ pub enum AptError {
     #[error("apt knows no package {0}; run `apt-get update` first")]
     UnknownPackage(String),
     #[error("apt's record for {package} lacks {field}")]
-    MissingField { package: String, field: &'static str },
+    MissingField {
+        package: String,
+        field: &'static str,
+    },
     #[error("downloaded {path} has sha256 {got}, apt's index says {want}")]
-    Checksum { path: PathBuf, got: String, want: String },
+    Checksum {
+        path: PathBuf,
+        got: String,
+        want: String,
+    },
     #[error(transparent)]
     Tool(#[from] ToolError),
     #[error("reading {path}")]
@@ -47,7 +54,9 @@ pub fn find_mirror(root: &Path, suite: &str) -> Result<String, AptError> {
         files.extend(more);
     }
     for f in &files {
-        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
         let found = if f.extension().is_some_and(|e| e == "sources") {
             mirror_from_deb822(&text, suite)
         } else {
@@ -57,7 +66,10 @@ pub fn find_mirror(root: &Path, suite: &str) -> Result<String, AptError> {
             return Ok(m);
         }
     }
-    Err(AptError::NoMirror { suite: suite.to_string(), searched: etc.display().to_string() })
+    Err(AptError::NoMirror {
+        suite: suite.to_string(),
+        searched: etc.display().to_string(),
+    })
 }
 
 /// `deb [options] URI SUITE COMPONENTS...`
@@ -75,7 +87,9 @@ pub fn mirror_from_one_line(text: &str, suite: &str) -> Option<String> {
                 }
             }
         }
-        let (Some(uri), Some(s)) = (words.next(), words.next()) else { continue };
+        let (Some(uri), Some(s)) = (words.next(), words.next()) else {
+            continue;
+        };
         if s == suite {
             return Some(uri.to_string());
         }
@@ -104,7 +118,10 @@ pub fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
                 }
             }
         }
-        if enabled && types.split_whitespace().any(|t| t == "deb") && suites.split_whitespace().any(|s| s == suite) {
+        if enabled
+            && types.split_whitespace().any(|t| t == "deb")
+            && suites.split_whitespace().any(|s| s == suite)
+        {
             if let Some(u) = uris.split_whitespace().next() {
                 return Some(u.to_string());
             }
@@ -121,7 +138,10 @@ pub fn parse_record(text: &str, package: &str) -> Result<PackageRecord, AptError
             .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
             .map(|v| v.trim().to_string())
-            .ok_or(AptError::MissingField { package: package.to_string(), field: name })
+            .ok_or(AptError::MissingField {
+                package: package.to_string(),
+                field: name,
+            })
     };
     Ok(PackageRecord {
         package: field("Package")?,
@@ -133,11 +153,16 @@ pub fn parse_record(text: &str, package: &str) -> Result<PackageRecord, AptError
 
 /// apt's candidate record for `package`.
 pub fn show(package: &str) -> Result<PackageRecord, AptError> {
-    let out = run_tool("apt-cache", ["show", "--no-all-versions", package].map(Into::into).to_vec())
-        .map_err(|e| match e {
-            ToolError::Failed { .. } => AptError::UnknownPackage(package.to_string()),
-            e => AptError::Tool(e),
-        })?;
+    let out = run_tool(
+        "apt-cache",
+        ["show", "--no-all-versions", package]
+            .map(Into::into)
+            .to_vec(),
+    )
+    .map_err(|e| match e {
+        ToolError::Failed { .. } => AptError::UnknownPackage(package.to_string()),
+        e => AptError::Tool(e),
+    })?;
     if out.trim().is_empty() {
         return Err(AptError::UnknownPackage(package.to_string()));
     }
@@ -153,7 +178,10 @@ pub fn resolve_kernel_package(meta: &str) -> Result<PackageRecord, AptError> {
         .split(',')
         .map(|d| d.split_whitespace().next().unwrap_or(""))
         .find(|d| d.starts_with("linux-image-"))
-        .ok_or(AptError::MissingField { package: meta.to_string(), field: "Depends (linux-image-*)" })?;
+        .ok_or(AptError::MissingField {
+            package: meta.to_string(),
+            field: "Depends (linux-image-*)",
+        })?;
     show(dep)
 }
 
@@ -162,11 +190,20 @@ pub fn download(rec: &PackageRecord, dir: &Path) -> Result<PathBuf, AptError> {
     let spec = format!("{}={}", rec.package, rec.version);
     crate::tool::run_tool_in(
         "apt-get",
-        vec!["-q".into(), "-o".into(), "APT::Sandbox::User=root".into(), "download".into(), spec.into()],
+        vec![
+            "-q".into(),
+            "-o".into(),
+            "APT::Sandbox::User=root".into(),
+            "download".into(),
+            spec.into(),
+        ],
         dir,
     )?;
     let found = std::fs::read_dir(dir)
-        .map_err(|source| AptError::Io { path: dir.to_path_buf(), source })?
+        .map_err(|source| AptError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()
@@ -174,9 +211,16 @@ pub fn download(rec: &PackageRecord, dir: &Path) -> Result<PathBuf, AptError> {
                 .is_some_and(|n| n.starts_with(&format!("{}_", rec.package)) && n.ends_with(".deb"))
         })
         .ok_or(AptError::UnknownPackage(rec.package.clone()))?;
-    let got = crate::cache::sha256_file(&found).map_err(|source| AptError::Io { path: found.clone(), source })?;
+    let got = crate::cache::sha256_file(&found).map_err(|source| AptError::Io {
+        path: found.clone(),
+        source,
+    })?;
     if got != rec.sha256 {
-        return Err(AptError::Checksum { path: found, got, want: rec.sha256.clone() });
+        return Err(AptError::Checksum {
+            path: found,
+            got,
+            want: rec.sha256.clone(),
+        });
     }
     Ok(found)
 }
@@ -189,8 +233,14 @@ mod tests {
     fn deb822_mirror() {
         let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
                     Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n";
-        assert_eq!(mirror_from_deb822(text, "bookworm").as_deref(), Some("http://mirror.example/debian"));
-        assert_eq!(mirror_from_deb822(text, "bookworm-security").as_deref(), Some("http://mirror.example/debian-security"));
+        assert_eq!(
+            mirror_from_deb822(text, "bookworm").as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        assert_eq!(
+            mirror_from_deb822(text, "bookworm-security").as_deref(),
+            Some("http://mirror.example/debian-security")
+        );
         assert_eq!(mirror_from_deb822(text, "trixie"), None);
         let disabled = "Enabled: no\nTypes: deb\nURIs: http://x/\nSuites: bookworm\n";
         assert_eq!(mirror_from_deb822(disabled, "bookworm"), None);
@@ -200,8 +250,14 @@ mod tests {
     fn one_line_mirror() {
         let text = "# comment\ndeb-src http://src.example/ bookworm main\n\
                     deb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main\n";
-        assert_eq!(mirror_from_one_line(text, "bookworm").as_deref(), Some("http://a.example/debian"));
-        assert_eq!(mirror_from_one_line("deb http://b.example/ sid main", "bookworm"), None);
+        assert_eq!(
+            mirror_from_one_line(text, "bookworm").as_deref(),
+            Some("http://a.example/debian")
+        );
+        assert_eq!(
+            mirror_from_one_line("deb http://b.example/ sid main", "bookworm"),
+            None
+        );
     }
 
     #[test]
@@ -210,9 +266,19 @@ mod tests {
         let etc = root.path().join("etc/apt/sources.list.d");
         std::fs::create_dir_all(&etc).unwrap();
         let err = find_mirror(root.path(), "bookworm").unwrap_err();
-        assert!(err.to_string().contains("no apt source for suite bookworm"), "{err}");
-        std::fs::write(etc.join("debian.sources"), "Types: deb\nURIs: http://m.example/d\nSuites: bookworm\n").unwrap();
-        assert_eq!(find_mirror(root.path(), "bookworm").unwrap(), "http://m.example/d");
+        assert!(
+            err.to_string().contains("no apt source for suite bookworm"),
+            "{err}"
+        );
+        std::fs::write(
+            etc.join("debian.sources"),
+            "Types: deb\nURIs: http://m.example/d\nSuites: bookworm\n",
+        )
+        .unwrap();
+        assert_eq!(
+            find_mirror(root.path(), "bookworm").unwrap(),
+            "http://m.example/d"
+        );
     }
 
     #[test]
@@ -223,6 +289,12 @@ mod tests {
         assert_eq!(r.version, "6.1.192-2");
         assert_eq!(r.sha256, "abc123");
         assert!(r.depends.starts_with("linux-image-6.1.0-56"));
-        assert!(matches!(parse_record("Package: x\n", "x"), Err(AptError::MissingField { field: "Version", .. })));
+        assert!(matches!(
+            parse_record("Package: x\n", "x"),
+            Err(AptError::MissingField {
+                field: "Version",
+                ..
+            })
+        ));
     }
 }

@@ -64,7 +64,9 @@ const DONE: &str = ".complete";
 
 impl Entry {
     pub fn new(root: &Path, kind: &str, key: &str) -> Self {
-        Entry { dir: root.join(kind).join(key) }
+        Entry {
+            dir: root.join(kind).join(key),
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -127,7 +129,12 @@ mod tests {
         assert!(r.is_err());
         assert!(!e.is_complete());
         assert!(!e.dir.exists());
-        assert_eq!(std::fs::read_dir(root.path().join("thing")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(root.path().join("thing"))
+                .unwrap()
+                .count(),
+            0
+        );
         e.build(|d| std::fs::write(d.join("f"), b"ok")).unwrap();
         assert!(e.is_complete());
         assert_eq!(std::fs::read(e.dir.join("f")).unwrap(), b"ok");

@@ -26,7 +26,11 @@ pub struct CpioWriter<W: Write> {
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        CpioWriter { out, ino: 1, written: 0 }
+        CpioWriter {
+            out,
+            ino: 1,
+            written: 0,
+        }
     }
 
     /// Add one entry. `name` is relative (no leading `/`); `perm` the permission bits.
@@ -51,8 +55,17 @@ impl<W: Write> CpioWriter<W> {
         Ok(self.out)
     }
 
-    fn header(&mut self, name: &str, ino: u32, mode: u32, nlink: u32, size: usize, rdev: (u32, u32)) -> io::Result<()> {
-        let size = u32::try_from(size).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio"))?;
+    fn header(
+        &mut self,
+        name: &str,
+        ino: u32,
+        mode: u32,
+        nlink: u32,
+        size: usize,
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
+        let size = u32::try_from(size)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large for cpio"))?;
         let namesize = name.len() as u32 + 1;
         let hdr = format!(
             "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{dmaj:08x}{dmin:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
@@ -95,7 +108,8 @@ mod tests {
     #[test]
     fn newc_layout() {
         let mut w = CpioWriter::new(Vec::new());
-        w.add("init", 0o755, &Entry::File(b"abcde".to_vec())).unwrap();
+        w.add("init", 0o755, &Entry::File(b"abcde".to_vec()))
+            .unwrap();
         w.add("dev", 0o755, &Entry::Dir).unwrap();
         w.add("dev/console", 0o600, &Entry::CharDev(5, 1)).unwrap();
         let out = w.finish().unwrap();
@@ -111,7 +125,10 @@ mod tests {
         assert_eq!(field(dev, 1), S_IFDIR | 0o755);
         let con_at = out.windows(11).position(|w| w == b"dev/console").unwrap() - 110;
         assert_eq!(field(&out[con_at..], 1), S_IFCHR | 0o600);
-        assert_eq!((field(&out[con_at..], 9), field(&out[con_at..], 10)), (5, 1));
+        assert_eq!(
+            (field(&out[con_at..], 9), field(&out[con_at..], 10)),
+            (5, 1)
+        );
         assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 
@@ -120,7 +137,8 @@ mod tests {
     fn readable_by_gnu_cpio() {
         let mut w = CpioWriter::new(Vec::new());
         w.add("a", 0o755, &Entry::Dir).unwrap();
-        w.add("a/b.txt", 0o644, &Entry::File(b"hi\n".to_vec())).unwrap();
+        w.add("a/b.txt", 0o644, &Entry::File(b"hi\n".to_vec()))
+            .unwrap();
         let data = w.finish().unwrap();
         let mut child = std::process::Command::new("cpio")
             .args(["-t", "--quiet"])

@@ -30,8 +30,14 @@ pub enum KernelError {
     #[error("{0}: not a bzImage (no HdrS setup header)")]
     NotBzImage(String),
     #[error("bzImage payload lies outside the file (offset {offset}, length {len}, file {file})")]
-    PayloadBounds { offset: usize, len: usize, file: usize },
-    #[error("bzImage payload is not LZ4 legacy (magic {0:02x?}); this kernel is compressed differently")]
+    PayloadBounds {
+        offset: usize,
+        len: usize,
+        file: usize,
+    },
+    #[error(
+        "bzImage payload is not LZ4 legacy (magic {0:02x?}); this kernel is compressed differently"
+    )]
     NotLz4([u8; 4]),
     #[error("LZ4 block at payload offset {offset} is corrupt")]
     Lz4Block {
@@ -66,11 +72,15 @@ pub enum KernelError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io { path: path.to_path_buf(), source }
+    move |source| KernelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn le32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// Extract the compressed payload from a bzImage, using the boot protocol's
@@ -90,7 +100,11 @@ pub fn bzimage_payload<'a>(bz: &'a [u8], name: &str) -> Result<&'a [u8], KernelE
     let start = (setup_sects + 1) * 512 + off;
     match start.checked_add(len) {
         Some(end) if end <= bz.len() => Ok(&bz[start..end]),
-        _ => Err(KernelError::PayloadBounds { offset: start, len, file: bz.len() }),
+        _ => Err(KernelError::PayloadBounds {
+            offset: start,
+            len,
+            file: bz.len(),
+        }),
     }
 }
 
@@ -121,8 +135,12 @@ pub fn lz4_legacy_decompress(data: &[u8]) -> Result<Vec<u8>, KernelError> {
             trailer = Some(size);
             break;
         }
-        let n = lz4_flex::block::decompress_into(&data[body..body + size], &mut block)
-            .map_err(|source| KernelError::Lz4Block { offset: pos, source })?;
+        let n = lz4_flex::block::decompress_into(&data[body..body + size], &mut block).map_err(
+            |source| KernelError::Lz4Block {
+                offset: pos,
+                source,
+            },
+        )?;
         if out.len() + n > MAX_VMLINUX {
             return Err(KernelError::TooLarge);
         }
@@ -131,7 +149,10 @@ pub fn lz4_legacy_decompress(data: &[u8]) -> Result<Vec<u8>, KernelError> {
     }
     if let Some(want) = trailer {
         if want != out.len() {
-            return Err(KernelError::SizeMismatch { got: out.len(), want });
+            return Err(KernelError::SizeMismatch {
+                got: out.len(),
+                want,
+            });
         }
     }
     Ok(out)
@@ -151,14 +172,17 @@ pub fn vmlinux_from_bzimage(bz: &[u8], name: &str) -> Result<Vec<u8>, KernelErro
 pub fn module_depends(path: &Path) -> Result<Vec<String>, KernelError> {
     use object::{Object, ObjectSection};
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let file = object::File::parse(&*bytes)
-        .map_err(|source| KernelError::ModInfo { path: path.to_path_buf(), source })?;
+    let file = object::File::parse(&*bytes).map_err(|source| KernelError::ModInfo {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let section = file
         .section_by_name(".modinfo")
         .ok_or_else(|| KernelError::NoModInfo(path.to_path_buf()))?;
-    let data = section
-        .data()
-        .map_err(|source| KernelError::ModInfo { path: path.to_path_buf(), source })?;
+    let data = section.data().map_err(|source| KernelError::ModInfo {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(parse_modinfo_depends(data))
 }
 
@@ -166,7 +190,12 @@ pub fn module_depends(path: &Path) -> Result<Vec<String>, KernelError> {
 pub fn parse_modinfo_depends(data: &[u8]) -> Vec<String> {
     data.split(|b| *b == 0)
         .filter_map(|kv| kv.strip_prefix(b"depends="))
-        .flat_map(|v| String::from_utf8_lossy(v).split(',').map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .filter(|s| !s.is_empty())
         .collect()
 }
@@ -181,7 +210,11 @@ pub fn index_modules(dir: &Path) -> Result<BTreeMap<String, PathBuf>, KernelErro
             let p = entry.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(stem) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+            } else if let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
                 out.insert(stem.replace('-', "_"), p);
             }
         }
@@ -235,16 +268,25 @@ where
 }
 
 /// Resolve the guest's modules in `modules_dir` to `(name, path)` in load order.
-pub fn resolve_modules(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, KernelError> {
+pub fn resolve_modules(
+    modules_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<(String, PathBuf)>, KernelError> {
     let index = index_modules(modules_dir)?;
     let find = |name: &str| -> Result<PathBuf, KernelError> {
-        index.get(name).cloned().ok_or_else(|| KernelError::MissingModule {
-            name: name.to_string(),
-            dir: modules_dir.to_path_buf(),
-        })
+        index
+            .get(name)
+            .cloned()
+            .ok_or_else(|| KernelError::MissingModule {
+                name: name.to_string(),
+                dir: modules_dir.to_path_buf(),
+            })
     };
     let order = load_order(wanted, |name| module_depends(&find(name)?))?;
-    order.into_iter().map(|n| find(&n).map(|p| (n, p))).collect()
+    order
+        .into_iter()
+        .map(|n| find(&n).map(|p| (n, p)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -279,8 +321,14 @@ mod tests {
         let mut data = legacy(&[b"hello hello hello"]);
         let n = data.len();
         data[n - 4..].copy_from_slice(&999u32.to_le_bytes());
-        assert!(matches!(lz4_legacy_decompress(&data), Err(KernelError::SizeMismatch { want: 999, .. })));
-        assert!(matches!(lz4_legacy_decompress(b"\x1f\x8b\x08\x00xx"), Err(KernelError::NotLz4(_))));
+        assert!(matches!(
+            lz4_legacy_decompress(&data),
+            Err(KernelError::SizeMismatch { want: 999, .. })
+        ));
+        assert!(matches!(
+            lz4_legacy_decompress(b"\x1f\x8b\x08\x00xx"),
+            Err(KernelError::NotLz4(_))
+        ));
         assert!(lz4_legacy_decompress(b"\x02").is_err());
     }
 
@@ -290,7 +338,10 @@ mod tests {
         data.extend_from_slice(&8u32.to_le_bytes());
         data.extend_from_slice(&[0xff; 8]);
         data.extend_from_slice(&[0, 0, 0, 0]);
-        assert!(matches!(lz4_legacy_decompress(&data), Err(KernelError::Lz4Block { .. })));
+        assert!(matches!(
+            lz4_legacy_decompress(&data),
+            Err(KernelError::Lz4Block { .. })
+        ));
     }
 
     #[test]
@@ -303,8 +354,14 @@ mod tests {
         bz[4 * 512 + 16..4 * 512 + 21].copy_from_slice(b"LZ4!!");
         assert_eq!(bzimage_payload(&bz, "t").unwrap(), b"LZ4!!");
         bz[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(bzimage_payload(&bz, "t"), Err(KernelError::PayloadBounds { .. })));
-        assert!(matches!(bzimage_payload(&[0u8; 1024], "t"), Err(KernelError::NotBzImage(_))));
+        assert!(matches!(
+            bzimage_payload(&bz, "t"),
+            Err(KernelError::PayloadBounds { .. })
+        ));
+        assert!(matches!(
+            bzimage_payload(&[0u8; 1024], "t"),
+            Err(KernelError::NotBzImage(_))
+        ));
     }
 
     #[test]
@@ -341,7 +398,9 @@ mod tests {
 
     #[test]
     fn load_order_detects_cycles() {
-        let r = load_order(&["a"], |n| Ok(vec![if n == "a" { "b" } else { "a" }.to_string()]));
+        let r = load_order(&["a"], |n| {
+            Ok(vec![if n == "a" { "b" } else { "a" }.to_string()])
+        });
         assert!(matches!(r, Err(KernelError::Cycle(_))));
     }
 }

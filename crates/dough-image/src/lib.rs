@@ -81,7 +81,10 @@ impl ImageSpec {
         ImageSpec {
             suite: "bookworm".into(),
             mirror: None,
-            packages: rootfs::BASE_PACKAGES.iter().map(|s| s.to_string()).collect(),
+            packages: rootfs::BASE_PACKAGES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             kernel_package: "linux-image-cloud-amd64".into(),
             agent,
         }
@@ -127,11 +130,23 @@ impl std::fmt::Display for Step {
 /// Progress events from [`Store::build`].
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started { step: Step, detail: String },
-    Cached { step: Step, key: String },
-    Built { step: Step, key: String, secs: f64 },
+    Started {
+        step: Step,
+        detail: String,
+    },
+    Cached {
+        step: Step,
+        key: String,
+    },
+    Built {
+        step: Step,
+        key: String,
+        secs: f64,
+    },
     /// The whole image was already built with these inputs.
-    UpToDate { id: String },
+    UpToDate {
+        id: String,
+    },
 }
 
 /// The dough home directory's image store.
@@ -148,7 +163,9 @@ struct KernelArtifacts {
 
 impl Store {
     pub fn new(home: &Path) -> Self {
-        Store { root: home.to_path_buf() }
+        Store {
+            root: home.to_path_buf(),
+        }
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -160,7 +177,11 @@ impl Store {
     }
 
     /// Build (or find in the cache) the image for `spec`.
-    pub fn build(&self, spec: &ImageSpec, progress: &mut dyn FnMut(Event)) -> Result<Image, ImageError> {
+    pub fn build(
+        &self,
+        spec: &ImageSpec,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<Image, ImageError> {
         if !spec.agent.is_file() {
             return Err(ImageError::NoAgent(spec.agent.clone()));
         }
@@ -185,7 +206,10 @@ impl Store {
             .str("mirror", &mirror)
             .str("packages", &pk.join(","))
             .finish();
-        let initrd_key = KeyBuilder::new(INITRD_RECIPE).str("agent", &agent_sha256).str("kernel", &kernel_key).finish();
+        let initrd_key = KeyBuilder::new(INITRD_RECIPE)
+            .str("agent", &agent_sha256)
+            .str("kernel", &kernel_key)
+            .finish();
         let id = KeyBuilder::new("image")
             .str("kernel", &kernel_key)
             .str("rootfs", &rootfs_key)
@@ -206,7 +230,10 @@ impl Store {
 
         let img = Image {
             id: id.clone(),
-            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             kernel: k.dir.join("vmlinux"),
             initrd,
             rootfs,
@@ -222,7 +249,13 @@ impl Store {
         std::fs::create_dir_all(self.images_dir())?;
         let path = self.images_dir().join(format!("{id}.json"));
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&img).map_err(|source| ImageError::Manifest { path: path.clone(), source })?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&img).map_err(|source| ImageError::Manifest {
+                path: path.clone(),
+                source,
+            })?,
+        )?;
         std::fs::rename(&tmp, &path)?;
         self.set_current(&id)?;
         Ok(img)
@@ -237,13 +270,18 @@ impl Store {
 
     /// The most recently built image.
     pub fn current(&self) -> Result<Image, ImageError> {
-        let id = std::fs::read_to_string(self.images_dir().join("current")).map_err(|_| ImageError::NoImage)?;
+        let id = std::fs::read_to_string(self.images_dir().join("current"))
+            .map_err(|_| ImageError::NoImage)?;
         self.get(id.trim())
     }
 
     /// Look up an image by id (or unique id prefix).
     pub fn get(&self, id: &str) -> Result<Image, ImageError> {
-        let matches: Vec<Image> = self.list()?.into_iter().filter(|i| i.id.starts_with(id)).collect();
+        let matches: Vec<Image> = self
+            .list()?
+            .into_iter()
+            .filter(|i| i.id.starts_with(id))
+            .collect();
         match <[Image; 1]>::try_from(matches) {
             Ok([img]) => Ok(img),
             Err(_) => Err(ImageError::UnknownImage(id.to_string())),
@@ -253,12 +291,18 @@ impl Store {
     /// All images, newest first.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(self.images_dir()) else { return Ok(out) };
+        let Ok(rd) = std::fs::read_dir(self.images_dir()) else {
+            return Ok(out);
+        };
         for e in rd {
             let p = e?.path();
             if p.extension().is_some_and(|x| x == "json") {
                 let bytes = std::fs::read(&p)?;
-                let img: Image = serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest { path: p.clone(), source })?;
+                let img: Image =
+                    serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest {
+                        path: p.clone(),
+                        source,
+                    })?;
                 out.push(img);
             }
         }
@@ -266,23 +310,45 @@ impl Store {
         Ok(out)
     }
 
-    fn kernel(&self, rec: &apt::PackageRecord, key: &str, progress: &mut dyn FnMut(Event)) -> Result<KernelArtifacts, ImageError> {
+    fn kernel(
+        &self,
+        rec: &apt::PackageRecord,
+        key: &str,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<KernelArtifacts, ImageError> {
         let entry = Entry::new(&self.cache_dir(), "kernel", key);
         if entry.is_complete() {
-            progress(Event::Cached { step: Step::Kernel, key: key.into() });
+            progress(Event::Cached {
+                step: Step::Kernel,
+                key: key.into(),
+            });
         } else {
-            progress(Event::Started { step: Step::Kernel, detail: format!("{} {}", rec.package, rec.version) });
+            progress(Event::Started {
+                step: Step::Kernel,
+                detail: format!("{} {}", rec.package, rec.version),
+            });
             let t = Instant::now();
             entry.build(|dir| -> Result<(), ImageError> {
                 let work = dir.join("work");
                 std::fs::create_dir_all(&work)?;
                 let deb = apt::download(rec, &work)?;
                 let x = work.join("x");
-                tool::run_tool("dpkg-deb", vec!["-x".into(), deb.into_os_string(), x.clone().into_os_string()])?;
+                tool::run_tool(
+                    "dpkg-deb",
+                    vec![
+                        "-x".into(),
+                        deb.into_os_string(),
+                        x.clone().into_os_string(),
+                    ],
+                )?;
                 let (bz, release) = find_vmlinuz(&x.join("boot"))?;
-                let elf = kernel::vmlinux_from_bzimage(&std::fs::read(&bz)?, &bz.display().to_string())?;
+                let elf =
+                    kernel::vmlinux_from_bzimage(&std::fs::read(&bz)?, &bz.display().to_string())?;
                 std::fs::write(dir.join("vmlinux"), elf)?;
-                let mods = kernel::resolve_modules(&x.join("lib/modules").join(&release), kernel::GUEST_MODULES)?;
+                let mods = kernel::resolve_modules(
+                    &x.join("lib/modules").join(&release),
+                    kernel::GUEST_MODULES,
+                )?;
                 let mdir = dir.join("modules");
                 std::fs::create_dir_all(&mdir)?;
                 let mut order = String::new();
@@ -296,50 +362,107 @@ impl Store {
                 std::fs::remove_dir_all(&work)?;
                 Ok(())
             })?;
-            progress(Event::Built { step: Step::Kernel, key: key.into(), secs: t.elapsed().as_secs_f64() });
+            progress(Event::Built {
+                step: Step::Kernel,
+                key: key.into(),
+                secs: t.elapsed().as_secs_f64(),
+            });
         }
-        let release = std::fs::read_to_string(entry.dir.join("release"))?.trim().to_string();
-        Ok(KernelArtifacts { key: key.to_string(), release, dir: entry.dir })
+        let release = std::fs::read_to_string(entry.dir.join("release"))?
+            .trim()
+            .to_string();
+        Ok(KernelArtifacts {
+            key: key.to_string(),
+            release,
+            dir: entry.dir,
+        })
     }
 
-    fn rootfs(&self, suite: &str, mirror: &str, packages: &[String], key: &str, progress: &mut dyn FnMut(Event)) -> Result<PathBuf, ImageError> {
+    fn rootfs(
+        &self,
+        suite: &str,
+        mirror: &str,
+        packages: &[String],
+        key: &str,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<PathBuf, ImageError> {
         let entry = Entry::new(&self.cache_dir(), "rootfs", key);
         if entry.is_complete() {
-            progress(Event::Cached { step: Step::Rootfs, key: key.into() });
+            progress(Event::Cached {
+                step: Step::Rootfs,
+                key: key.into(),
+            });
         } else {
             progress(Event::Started {
                 step: Step::Rootfs,
-                detail: format!("mmdebstrap {suite} minbase + {} (from {mirror})", packages.join(",")),
+                detail: format!(
+                    "mmdebstrap {suite} minbase + {} (from {mirror})",
+                    packages.join(",")
+                ),
             });
             let t = Instant::now();
             entry.build(|dir| -> Result<(), ImageError> {
                 let tree = dir.join("tree");
-                let argv = rootfs::Mmdebstrap { suite, mirror, packages, target: &tree }.argv();
+                let argv = rootfs::Mmdebstrap {
+                    suite,
+                    mirror,
+                    packages,
+                    target: &tree,
+                }
+                .argv();
                 tool::run_tool("mmdebstrap", argv)?;
                 let size_mib = rootfs::image_size_mib(rootfs::tree_size(&tree)?);
                 let image = dir.join("rootfs.ext4");
-                tool::run_tool("mkfs.ext4", rootfs::MkfsExt4 { source_dir: &tree, image: &image, size_mib }.argv())?;
+                tool::run_tool(
+                    "mkfs.ext4",
+                    rootfs::MkfsExt4 {
+                        source_dir: &tree,
+                        image: &image,
+                        size_mib,
+                    }
+                    .argv(),
+                )?;
                 std::fs::remove_dir_all(&tree)?;
                 Ok(())
             })?;
-            progress(Event::Built { step: Step::Rootfs, key: key.into(), secs: t.elapsed().as_secs_f64() });
+            progress(Event::Built {
+                step: Step::Rootfs,
+                key: key.into(),
+                secs: t.elapsed().as_secs_f64(),
+            });
         }
         Ok(entry.dir.join("rootfs.ext4"))
     }
 
-    fn initramfs(&self, agent: &Path, k: &KernelArtifacts, key: &str, progress: &mut dyn FnMut(Event)) -> Result<PathBuf, ImageError> {
+    fn initramfs(
+        &self,
+        agent: &Path,
+        k: &KernelArtifacts,
+        key: &str,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<PathBuf, ImageError> {
         let entry = Entry::new(&self.cache_dir(), "initramfs", key);
         if entry.is_complete() {
-            progress(Event::Cached { step: Step::Initramfs, key: key.into() });
+            progress(Event::Cached {
+                step: Step::Initramfs,
+                key: key.into(),
+            });
         } else {
-            progress(Event::Started { step: Step::Initramfs, detail: format!("agent {} + kernel {}", agent.display(), k.key) });
+            progress(Event::Started {
+                step: Step::Initramfs,
+                detail: format!("agent {} + kernel {}", agent.display(), k.key),
+            });
             let t = Instant::now();
             entry.build(|dir| -> Result<(), ImageError> {
                 let f = std::fs::File::create(dir.join("initrd.cpio"))?;
                 write_initramfs(std::io::BufWriter::new(f), agent, &k.dir.join("modules"))?;
                 Ok(())
             })?;
-            progress(Event::Built { step: Step::Initramfs, key: key.into(), secs: t.elapsed().as_secs_f64() });
+            progress(Event::Built {
+                step: Step::Initramfs,
+                key: key.into(),
+                secs: t.elapsed().as_secs_f64(),
+            });
         }
         Ok(entry.dir.join("initrd.cpio"))
     }
@@ -350,10 +473,16 @@ impl Store {
 pub fn check_static(agent: &Path) -> Result<(), ImageError> {
     use object::Object;
     let bytes = std::fs::read(agent)?;
-    let bad = |what: &str| ImageError::Layout { path: agent.to_path_buf(), what: what.to_string() };
-    let file = object::File::parse(&*bytes).map_err(|_| bad("the agent is not an ELF executable"))?;
+    let bad = |what: &str| ImageError::Layout {
+        path: agent.to_path_buf(),
+        what: what.to_string(),
+    };
+    let file =
+        object::File::parse(&*bytes).map_err(|_| bad("the agent is not an ELF executable"))?;
     if file.section_by_name(".interp").is_some() {
-        return Err(bad("the agent is dynamically linked; build it with scripts/build-agent (crt-static)"));
+        return Err(bad(
+            "the agent is dynamically linked; build it with scripts/build-agent (crt-static)",
+        ));
     }
     Ok(())
 }
@@ -362,20 +491,42 @@ pub fn check_static(agent: &Path) -> Result<(), ImageError> {
 fn find_vmlinuz(boot: &Path) -> Result<(PathBuf, String), ImageError> {
     for e in std::fs::read_dir(boot)? {
         let p = e?.path();
-        if let Some(rel) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")) {
+        if let Some(rel) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+        {
             return Ok((p.clone(), rel.to_string()));
         }
     }
-    Err(ImageError::Layout { path: boot.to_path_buf(), what: "no vmlinuz-* in the kernel package".into() })
+    Err(ImageError::Layout {
+        path: boot.to_path_buf(),
+        what: "no vmlinuz-* in the kernel package".into(),
+    })
 }
 
 /// Write the initramfs: the agent as `/init`, the directories it mounts on,
 /// `/dev/console` (the kernel opens it for PID 1 before devtmpfs exists),
 /// and the modules with their load order.
-pub fn write_initramfs<W: std::io::Write>(out: W, agent: &Path, modules: &Path) -> Result<W, ImageError> {
+pub fn write_initramfs<W: std::io::Write>(
+    out: W,
+    agent: &Path,
+    modules: &Path,
+) -> Result<W, ImageError> {
     use cpio::Entry as E;
     let mut w = cpio::CpioWriter::new(out);
-    for d in ["dev", "proc", "sys", "run", "tmp", "lib", INITRD_MODULES_DIR, "newroot", "lower", "rw"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "lib",
+        INITRD_MODULES_DIR,
+        "newroot",
+        "lower",
+        "rw",
+    ] {
         w.add(d, 0o755, &E::Dir)?;
     }
     w.add("dev/console", 0o600, &E::CharDev(5, 1))?;
@@ -384,7 +535,11 @@ pub fn write_initramfs<W: std::io::Write>(out: W, agent: &Path, modules: &Path) 
     let order = std::fs::read_to_string(modules.join("load-order"))?;
     for name in order.lines().filter(|l| !l.is_empty()) {
         let data = std::fs::read(modules.join(format!("{name}.ko")))?;
-        w.add(&format!("{INITRD_MODULES_DIR}/{name}.ko"), 0o644, &E::File(data))?;
+        w.add(
+            &format!("{INITRD_MODULES_DIR}/{name}.ko"),
+            0o644,
+            &E::File(data),
+        )?;
     }
     w.add(INITRD_LOAD_ORDER, 0o644, &E::File(order.into_bytes()))?;
     Ok(w.finish()?)
@@ -401,7 +556,10 @@ mod tests {
         std::fs::write(&agent, b"\x7fELFagent").unwrap();
         assert!(check_static(&agent).is_err(), "not a valid ELF");
         let me = std::env::current_exe().unwrap();
-        assert!(matches!(check_static(&me), Err(ImageError::Layout { .. })), "test binaries are dynamic");
+        assert!(
+            matches!(check_static(&me), Err(ImageError::Layout { .. })),
+            "test binaries are dynamic"
+        );
         let m = d.path().join("modules");
         std::fs::create_dir(&m).unwrap();
         std::fs::write(m.join("virtio.ko"), b"v").unwrap();
@@ -422,7 +580,9 @@ mod tests {
     fn missing_agent_is_a_clear_error() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::new(d.path());
-        let e = s.build(&ImageSpec::new(d.path().join("nope")), &mut |_| {}).unwrap_err();
+        let e = s
+            .build(&ImageSpec::new(d.path().join("nope")), &mut |_| {})
+            .unwrap_err();
         assert!(e.to_string().contains("agent binary"), "{e}");
         assert!(matches!(s.current(), Err(ImageError::NoImage)));
     }

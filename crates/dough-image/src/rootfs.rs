@@ -112,8 +112,25 @@ mod tests {
     #[test]
     fn mmdebstrap_argv() {
         let pk = vec!["git".to_string(), "python3-minimal".to_string()];
-        let a = strs(Mmdebstrap { suite: "bookworm", mirror: "http://m/d", packages: &pk, target: Path::new("/t") }.argv());
-        assert_eq!(&a[..5], ["--variant=minbase", "--mode=root", "--format=directory", "--components=main", "--quiet"]);
+        let a = strs(
+            Mmdebstrap {
+                suite: "bookworm",
+                mirror: "http://m/d",
+                packages: &pk,
+                target: Path::new("/t"),
+            }
+            .argv(),
+        );
+        assert_eq!(
+            &a[..5],
+            [
+                "--variant=minbase",
+                "--mode=root",
+                "--format=directory",
+                "--components=main",
+                "--quiet"
+            ]
+        );
         assert!(a.contains(&"--include=git,python3-minimal".to_string()));
         assert!(a.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_string()));
         assert_eq!(&a[a.len() - 3..], ["bookworm", "/t", "http://m/d"]);
@@ -121,10 +138,32 @@ mod tests {
 
     #[test]
     fn mkfs_argv() {
-        let a = strs(MkfsExt4 { source_dir: Path::new("/src"), image: Path::new("/o.ext4"), size_mib: 300 }.argv());
+        let a = strs(
+            MkfsExt4 {
+                source_dir: Path::new("/src"),
+                image: Path::new("/o.ext4"),
+                size_mib: 300,
+            }
+            .argv(),
+        );
         assert_eq!(
             a,
-            ["-q", "-F", "-t", "ext4", "-L", "dough-root", "-O", "^has_journal", "-E", "root_owner=0:0", "-d", "/src", "/o.ext4", "300M"]
+            [
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "dough-root",
+                "-O",
+                "^has_journal",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+                "/src",
+                "/o.ext4",
+                "300M"
+            ]
         );
     }
 

@@ -16,7 +16,11 @@ pub enum ToolError {
         source: std::io::Error,
     },
     #[error("{program} failed ({status}): {stderr_tail}")]
-    Failed { program: String, status: String, stderr_tail: String },
+    Failed {
+        program: String,
+        status: String,
+        stderr_tail: String,
+    },
 }
 
 /// Last `n` lines of `text`, for error messages.
@@ -38,15 +42,24 @@ pub fn run_tool_in(program: &str, args: Vec<OsString>, dir: &Path) -> Result<Str
 fn run(cmd: &mut Command, program: &str) -> Result<String, ToolError> {
     let out = cmd.stdin(Stdio::null()).output().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            ToolError::Missing { program: program.to_string() }
+            ToolError::Missing {
+                program: program.to_string(),
+            }
         } else {
-            ToolError::Spawn { program: program.to_string(), source }
+            ToolError::Spawn {
+                program: program.to_string(),
+                source,
+            }
         }
     })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let text = if stderr.trim().is_empty() { stdout } else { stderr };
+        let text = if stderr.trim().is_empty() {
+            stdout
+        } else {
+            stderr
+        };
         return Err(ToolError::Failed {
             program: program.to_string(),
             status: out.status.to_string(),
@@ -68,8 +81,15 @@ mod tests {
 
     #[test]
     fn failure_carries_stderr_tail() {
-        let e = run_tool("sh", vec!["-c".into(), "echo one >&2; echo two >&2; exit 3".into()]).unwrap_err();
+        let e = run_tool(
+            "sh",
+            vec!["-c".into(), "echo one >&2; echo two >&2; exit 3".into()],
+        )
+        .unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("two") && msg.contains("exit status: 3"), "{msg}");
+        assert!(
+            msg.contains("two") && msg.contains("exit status: 3"),
+            "{msg}"
+        );
     }
 }

@@ -52,7 +52,10 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
         return Ok(None);
     }
     if got < HEADER_LEN {
-        return Err(FrameError::Truncated { got, want: HEADER_LEN });
+        return Err(FrameError::Truncated {
+            got,
+            want: HEADER_LEN,
+        });
     }
     let len = u32::from_be_bytes(hdr) as usize;
     if len > MAX_FRAME {

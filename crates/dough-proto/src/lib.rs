@@ -40,7 +40,11 @@ pub enum GuestMsg {
     /// First message on every (re)connection.
     Hello(Hello),
     /// A chunk of a child's output.
-    Output { id: RequestId, stream: Stream, data: Vec<u8> },
+    Output {
+        id: RequestId,
+        stream: Stream,
+        data: Vec<u8>,
+    },
     /// The request finished; no more messages for this id follow.
     Exit { id: RequestId, status: ExitStatus },
     /// The request could not be served at all (bad cwd, unknown id, ...).

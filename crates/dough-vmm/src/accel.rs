@@ -21,7 +21,9 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(format!("unknown accelerator {other:?}; expected auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}; expected auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -49,7 +51,8 @@ impl std::fmt::Display for Resolved {
 }
 
 /// The warning shown whenever a guest runs under TCG.
-pub const TCG_WARNING: &str = "guests run under TCG (software emulation): this is NOT a security boundary; \
+pub const TCG_WARNING: &str =
+    "guests run under TCG (software emulation): this is NOT a security boundary; \
      use a host with working KVM to run untrusted agents";
 
 const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
@@ -67,7 +70,10 @@ pub fn kvm_device_usable() -> Result<(), String> {
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
     let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION) };
     if v < 0 {
-        return Err(format!("/dev/kvm: KVM_GET_API_VERSION failed: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "/dev/kvm: KVM_GET_API_VERSION failed: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if v != 12 {
         return Err(format!("/dev/kvm reports API version {v}, expected 12"));
@@ -100,7 +106,10 @@ mod tests {
 
     #[test]
     fn cpu_mhz() {
-        assert_eq!(parse_cpu_mhz("processor\t: 0\ncpu MHz\t\t: 2599.998\n"), Some(2_599_998));
+        assert_eq!(
+            parse_cpu_mhz("processor\t: 0\ncpu MHz\t\t: 2599.998\n"),
+            Some(2_599_998)
+        );
         assert_eq!(parse_cpu_mhz("cpu MHz : 2100.000"), Some(2_100_000));
         assert_eq!(parse_cpu_mhz("model name : x\n"), None);
         assert_eq!(parse_cpu_mhz("cpu MHz : fast\n"), None);

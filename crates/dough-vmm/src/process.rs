@@ -33,12 +33,17 @@ impl ProcessId {
     /// Identity of the live process `pid`, if it exists.
     pub fn of(pid: i32) -> Option<ProcessId> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Some(ProcessId { pid, start_ticks: parse_start_ticks(&stat)? })
+        Some(ProcessId {
+            pid,
+            start_ticks: parse_start_ticks(&stat)?,
+        })
     }
 
     /// Whether this exact process still exists (and is not a zombie).
     pub fn is_alive(&self) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else { return false };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
         parse_start_ticks(&stat) == Some(self.start_ticks) && parse_state(&stat) != Some('Z')
     }
 
@@ -47,7 +52,10 @@ impl ProcessId {
         if !self.is_alive() {
             return Err(ProcessError::NotOurs(self.pid));
         }
-        kill(Pid::from_raw(self.pid), Signal::SIGKILL).map_err(|source| ProcessError::Signal { pid: self.pid, source })
+        kill(Pid::from_raw(self.pid), Signal::SIGKILL).map_err(|source| ProcessError::Signal {
+            pid: self.pid,
+            source,
+        })
     }
 }
 
@@ -77,13 +85,21 @@ pub struct VmmProcess {
 impl VmmProcess {
     pub fn from_child(child: Child) -> Self {
         let pid = child.id() as i32;
-        let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_ticks: 0 });
-        VmmProcess { id, child: Some(child) }
+        let id = ProcessId::of(pid).unwrap_or(ProcessId {
+            pid,
+            start_ticks: 0,
+        });
+        VmmProcess {
+            id,
+            child: Some(child),
+        }
     }
 
     /// Exit status if the process has exited (reaping it).
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Kill and reap, waiting at most `limit`.
@@ -136,7 +152,10 @@ mod tests {
 
     #[test]
     fn identity_detects_exit_and_kill_is_checked() {
-        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let mut p = VmmProcess::from_child(child);
         assert!(p.id.is_alive());
         p.kill_and_wait(Duration::from_secs(10)).unwrap();
@@ -144,7 +163,10 @@ mod tests {
         assert!(matches!(p.id.kill(), Err(ProcessError::NotOurs(_))));
         // A recorded identity with the wrong start time is not ours.
         let me = ProcessId::of(std::process::id() as i32).unwrap();
-        let imposter = ProcessId { start_ticks: me.start_ticks + 1, ..me };
+        let imposter = ProcessId {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
         assert!(!imposter.is_alive());
         assert!(matches!(imposter.kill(), Err(ProcessError::NotOurs(_))));
     }

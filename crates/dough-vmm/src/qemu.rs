@@ -47,7 +47,13 @@ pub struct QemuArgs {
 
 /// Fixed kernel command line: serial console, quiet, reboot = exit (QEMU is
 /// started with `-no-reboot`), panic reboots at once, the agent is init.
-pub const BASE_CMDLINE: &[&str] = &["console=ttyS0", "quiet", "reboot=t", "panic=-1", "rdinit=/init"];
+pub const BASE_CMDLINE: &[&str] = &[
+    "console=ttyS0",
+    "quiet",
+    "reboot=t",
+    "panic=-1",
+    "rdinit=/init",
+];
 
 impl QemuArgs {
     pub fn cmdline(&self) -> String {
@@ -70,7 +76,15 @@ impl QemuArgs {
         };
         push("-M", "microvm".into());
         push("-accel", self.accel.qemu_name().into());
-        push("-cpu", if self.accel == Resolved::Kvm { "host" } else { "max" }.into());
+        push(
+            "-cpu",
+            if self.accel == Resolved::Kvm {
+                "host"
+            } else {
+                "max"
+            }
+            .into(),
+        );
         push("-m", self.mem_mib.to_string().into());
         push("-smp", self.cpus.to_string().into());
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
@@ -84,11 +98,20 @@ impl QemuArgs {
         // agent finds its port by name, not by device order.
         push("-object", "rng-random,id=rng0,filename=/dev/urandom".into());
         push("-device", "virtio-rng-device,rng=rng0".into());
-        push("-drive", opt_path("id=root,format=raw,if=none,readonly=on,file=", &self.rootfs));
+        push(
+            "-drive",
+            opt_path("id=root,format=raw,if=none,readonly=on,file=", &self.rootfs),
+        );
         push("-device", "virtio-blk-device,drive=root".into());
         push("-device", "virtio-serial-device".into());
-        push("-chardev", opt_path("socket,id=ch0,server=on,wait=off,path=", &p.channel));
-        push("-device", format!("virtserialport,chardev=ch0,name={}", dough_port_name()).into());
+        push(
+            "-chardev",
+            opt_path("socket,id=ch0,server=on,wait=off,path=", &p.channel),
+        );
+        push(
+            "-device",
+            format!("virtserialport,chardev=ch0,name={}", dough_port_name()).into(),
+        );
         push("-serial", opt_path("file:", &p.serial));
         let mut qmp = opt_path("unix:", &p.qmp);
         qmp.push(",server=on,wait=off");
@@ -128,7 +151,11 @@ mod tests {
 
     #[test]
     fn tcg_argv() {
-        let argv: Vec<String> = args(Resolved::Tcg).argv().into_iter().map(|s| s.into_string().unwrap()).collect();
+        let argv: Vec<String> = args(Resolved::Tcg)
+            .argv()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
         let expect = [
             "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
@@ -149,7 +176,11 @@ mod tests {
     #[test]
     fn kvm_uses_host_cpu_and_no_tsc_hint() {
         let a = args(Resolved::Kvm);
-        let argv: Vec<String> = a.argv().into_iter().map(|s| s.into_string().unwrap()).collect();
+        let argv: Vec<String> = a
+            .argv()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
         assert!(argv.windows(2).any(|w| w == ["-accel", "kvm"]));
         assert!(argv.windows(2).any(|w| w == ["-cpu", "host"]));
         assert!(!a.cmdline().contains("tsc_early_khz"));
@@ -158,7 +189,12 @@ mod tests {
     #[test]
     fn rootfs_is_read_only() {
         let argv = args(Resolved::Tcg).argv();
-        let drive = argv.iter().map(|s| s.to_string_lossy()).find(|s| s.starts_with("id=root")).unwrap().to_string();
+        let drive = argv
+            .iter()
+            .map(|s| s.to_string_lossy())
+            .find(|s| s.starts_with("id=root"))
+            .unwrap()
+            .to_string();
         assert!(drive.contains("readonly=on"));
     }
 }

@@ -26,7 +26,11 @@ pub enum QmpError {
     #[error("QMP sent something that is not JSON: {0}")]
     BadJson(String),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
 }
 
 /// Longest line accepted from QEMU (a reply to the commands we use is small).
@@ -41,13 +45,21 @@ pub struct Qmp {
 impl Qmp {
     /// Connect, read the greeting and leave negotiation mode.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        let mut q = Qmp { reader: BufReader::new(s.try_clone()?), writer: s };
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        };
         let greeting = q.read_msg()?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::BadJson(format!("expected a greeting, got {greeting}")));
+            return Err(QmpError::BadJson(format!(
+                "expected a greeting, got {greeting}"
+            )));
         }
         q.execute("qmp_capabilities", None)?;
         Ok(q)
@@ -59,7 +71,8 @@ impl Qmp {
         if n == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(&line).map_err(|_| QmpError::BadJson(line.trim().chars().take(200).collect()))
+        serde_json::from_str(&line)
+            .map_err(|_| QmpError::BadJson(line.trim().chars().take(200).collect()))
     }
 
     /// Run one command and return its `return` value.
@@ -81,7 +94,11 @@ impl Qmp {
             }
             if let Some(e) = msg.get("error") {
                 let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-                return Err(QmpError::Command { command: command.to_string(), class: s("class"), desc: s("desc") });
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
             }
             return Err(QmpError::BadJson(msg.to_string()));
         }
@@ -90,7 +107,10 @@ impl Qmp {
     /// `query-status`'s `status` field (`running`, `paused`, ...).
     pub fn status(&mut self) -> Result<String, QmpError> {
         let r = self.execute("query-status", None)?;
-        Ok(r.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+        Ok(r.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
     }
 
     /// Ask QEMU to exit. The connection closes as it does.
@@ -115,7 +135,8 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
             for reply in replies {
                 let mut line = String::new();
                 if r.read_line(&mut line).unwrap() == 0 {
@@ -142,8 +163,14 @@ mod tests {
         let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
         assert_eq!(q.status().unwrap(), "running");
         let e = q.execute("bogus", None).unwrap_err();
-        assert_eq!(e.to_string(), "QMP command bogus failed: GenericError: no such thing");
+        assert_eq!(
+            e.to_string(),
+            "QMP command bogus failed: GenericError: no such thing"
+        );
         assert!(matches!(q.execute("x", None), Err(QmpError::BadJson(_))));
-        assert!(matches!(q.execute("y", None), Err(QmpError::Closed | QmpError::Io(_))));
+        assert!(matches!(
+            q.execute("y", None),
+            Err(QmpError::Closed | QmpError::Io(_))
+        ));
     }
 }

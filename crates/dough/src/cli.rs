@@ -45,8 +45,13 @@ pub fn init_tracing(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// `$DOUGH_HOME`, else `$XDG_DATA_HOME/dough`, else `~/.local/share/dough`.
@@ -57,7 +62,8 @@ pub fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("dough"));
     }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("neither DOUGH_HOME nor HOME is set"))?;
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow::anyhow!("neither DOUGH_HOME nor HOME is set"))?;
     Ok(PathBuf::from(home).join(".local/share/dough"))
 }
 

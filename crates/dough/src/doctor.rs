@@ -25,14 +25,23 @@ fn version_of(program: &str, arg: &str) -> Result<String, String> {
             let text = String::from_utf8_lossy(&o.stdout);
             Ok(text.lines().next().unwrap_or("").trim().to_string())
         }
-        Ok(o) => Err(format!("{program} {arg} failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Ok(o) => Err(format!(
+            "{program} {arg} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
         Err(e) => Err(format!("{program}: {e}")),
     }
 }
 
 fn tool(name: &'static str, program: &str, arg: &str, required: bool, fix: &'static str) -> Check {
     let r = version_of(program, arg);
-    Check { name, ok: r.is_ok(), required, detail: r.unwrap_or_else(|e| e), fix }
+    Check {
+        name,
+        ok: r.is_ok(),
+        required,
+        detail: r.unwrap_or_else(|e| e),
+        fix,
+    }
 }
 
 fn free_bytes(path: &Path) -> Option<u64> {
@@ -46,12 +55,48 @@ fn free_bytes(path: &Path) -> Option<u64> {
 
 pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut checks = vec![
-        tool("qemu", "qemu-system-x86_64", "--version", true, "apt-get install -y qemu-system-x86"),
-        tool("mmdebstrap", "mmdebstrap", "--version", true, "apt-get install -y mmdebstrap"),
-        tool("mkfs.ext4", "mkfs.ext4", "-V", true, "apt-get install -y e2fsprogs"),
-        tool("dpkg-deb", "dpkg-deb", "--version", true, "run on Debian (dpkg)"),
-        tool("nft", "nft", "--version", false, "apt-get install -y nftables (needed for per-clone networking)"),
-        tool("ip", "ip", "-V", false, "apt-get install -y iproute2 (needed for per-clone networking)"),
+        tool(
+            "qemu",
+            "qemu-system-x86_64",
+            "--version",
+            true,
+            "apt-get install -y qemu-system-x86",
+        ),
+        tool(
+            "mmdebstrap",
+            "mmdebstrap",
+            "--version",
+            true,
+            "apt-get install -y mmdebstrap",
+        ),
+        tool(
+            "mkfs.ext4",
+            "mkfs.ext4",
+            "-V",
+            true,
+            "apt-get install -y e2fsprogs",
+        ),
+        tool(
+            "dpkg-deb",
+            "dpkg-deb",
+            "--version",
+            true,
+            "run on Debian (dpkg)",
+        ),
+        tool(
+            "nft",
+            "nft",
+            "--version",
+            false,
+            "apt-get install -y nftables (needed for per-clone networking)",
+        ),
+        tool(
+            "ip",
+            "ip",
+            "-V",
+            false,
+            "apt-get install -y iproute2 (needed for per-clone networking)",
+        ),
     ];
     let kvm = dough_vmm::accel::kvm_device_usable();
     checks.push(Check {
@@ -64,7 +109,10 @@ pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
         },
         fix: "use a host with hardware virtualisation and access to /dev/kvm",
     });
-    let netns = Command::new("unshare").args(["--net", "true"]).stderr(Stdio::null()).status();
+    let netns = Command::new("unshare")
+        .args(["--net", "true"])
+        .stderr(Stdio::null())
+        .status();
     checks.push(Check {
         name: "netns",
         ok: matches!(netns, Ok(s) if s.success()),
@@ -90,7 +138,9 @@ pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let agent = crate::image_cmd::find_agent(&args.agent);
     checks.push(Check {
         name: "agent",
-        ok: agent.as_ref().is_ok_and(|p| dough_image::check_static(p).is_ok()),
+        ok: agent
+            .as_ref()
+            .is_ok_and(|p| dough_image::check_static(p).is_ok()),
         required: true,
         detail: match &agent {
             Ok(p) => match dough_image::check_static(p) {
@@ -115,12 +165,22 @@ pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
 
     let mut failed = false;
     for c in &checks {
-        let mark = if c.ok { "ok  " } else if c.required { "FAIL" } else { "warn" };
+        let mark = if c.ok {
+            "ok  "
+        } else if c.required {
+            "FAIL"
+        } else {
+            "warn"
+        };
         println!("{mark} {:<11} {}", c.name, c.detail);
         if !c.ok {
             println!("     {:<11} fix: {}", "", c.fix);
             failed |= c.required;
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

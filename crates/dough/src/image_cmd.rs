@@ -72,8 +72,14 @@ pub fn build(home: &Path, args: &BuildArgs) -> anyhow::Result<Image> {
     spec.packages.extend(args.packages.iter().cloned());
     spec.mirror = args.mirror.clone();
     let t = std::time::Instant::now();
-    let img = Store::new(home).build(&spec, &mut print_event).context("building the guest image")?;
-    eprintln!("dough: image {} ready ({:.1}s)", img.id, t.elapsed().as_secs_f64());
+    let img = Store::new(home)
+        .build(&spec, &mut print_event)
+        .context("building the guest image")?;
+    eprintln!(
+        "dough: image {} ready ({:.1}s)",
+        img.id,
+        t.elapsed().as_secs_f64()
+    );
     Ok(img)
 }
 
@@ -90,13 +96,24 @@ pub fn run(home: &Path, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             if images.is_empty() {
                 eprintln!("dough: no images yet; run `dough image build`");
             }
-            println!("{:<18} {:<8} {:<28} {:>9} {:>9}  PACKAGES", "ID", "CURRENT", "KERNEL", "ROOTFS", "INITRD");
+            println!(
+                "{:<18} {:<8} {:<28} {:>9} {:>9}  PACKAGES",
+                "ID", "CURRENT", "KERNEL", "ROOTFS", "INITRD"
+            );
             for i in images {
-                let mib = |p: &Path| std::fs::metadata(p).map(|m| format!("{}M", m.len() >> 20)).unwrap_or_else(|_| "missing".into());
+                let mib = |p: &Path| {
+                    std::fs::metadata(p)
+                        .map(|m| format!("{}M", m.len() >> 20))
+                        .unwrap_or_else(|_| "missing".into())
+                };
                 println!(
                     "{:<18} {:<8} {:<28} {:>9} {:>9}  {}",
                     i.id,
-                    if current.as_deref() == Some(i.id.as_str()) { "*" } else { "" },
+                    if current.as_deref() == Some(i.id.as_str()) {
+                        "*"
+                    } else {
+                        ""
+                    },
                     i.kernel_release,
                     mib(&i.rootfs),
                     mib(&i.initrd),

@@ -105,7 +105,14 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
         Ok(img) => Ok(img),
         Err(dough_image::ImageError::NoImage) => {
             eprintln!("dough: no guest image yet; building one (first time only)");
-            image_cmd::build(home, &BuildArgs { agent: vm.agent.clone(), packages: vec![], mirror: None })
+            image_cmd::build(
+                home,
+                &BuildArgs {
+                    agent: vm.agent.clone(),
+                    packages: vec![],
+                    mirror: None,
+                },
+            )
         }
         Err(e) => Err(e.into()),
     }
@@ -135,7 +142,10 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
 pub fn reclaim_orphans(home: &Path) {
     for r in gc::reclaim_orphans(&home.join("vms")) {
         match r.killed_vmm {
-            Some(pid) => eprintln!("dough: reclaimed orphaned VM {} (killed its VMM, pid {pid})", r.dir.display()),
+            Some(pid) => eprintln!(
+                "dough: reclaimed orphaned VM {} (killed its VMM, pid {pid})",
+                r.dir.display()
+            ),
             None => eprintln!("dough: reclaimed stale VM directory {}", r.dir.display()),
         }
     }
@@ -176,7 +186,10 @@ pub fn exit_code(status: &ExitStatus) -> ExitCode {
 /// Write guest output to our stdout/stderr as it arrives.
 pub fn stream_sink(stream: Stream, data: &[u8]) {
     let _ = match stream {
-        Stream::Stdout => std::io::stdout().lock().write_all(data).and_then(|_| std::io::stdout().flush()),
+        Stream::Stdout => std::io::stdout()
+            .lock()
+            .write_all(data)
+            .and_then(|_| std::io::stdout().flush()),
         Stream::Stderr => std::io::stderr().lock().write_all(data),
     };
 }
@@ -188,7 +201,9 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = boot_options(home, &image, &args.vm)?;
     let stdin = if args.interactive {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
         Some(buf)
     } else {
         None
@@ -200,9 +215,20 @@ pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut vm = Vm::boot(&home.join("vms"), &image, &opts).context("booting the VM")?;
     if args.stats {
-        eprintln!("dough: VM {} ready in {:.2}s ({})", vm.id, vm.boot_time.as_secs_f64(), vm.accel);
+        eprintln!(
+            "dough: VM {} ready in {:.2}s ({})",
+            vm.id,
+            vm.boot_time.as_secs_f64(),
+            vm.accel
+        );
     }
-    let req = ExecRequest { argv: args.command, env: args.env, cwd: args.workdir, stdin, timeout };
+    let req = ExecRequest {
+        argv: args.command,
+        env: args.env,
+        cwd: args.workdir,
+        stdin,
+        timeout,
+    };
     let result = vm.exec(&req, &mut stream_sink);
     if args.stats {
         if let Some(kib) = vm.vmm_peak_rss_kib() {

@@ -17,12 +17,18 @@ fn image_cache_hits_and_agent_change_rebuilds_only_initramfs() {
         std::os::unix::fs::symlink(shared.join("cache").join(kind), cache.join(kind)).unwrap();
     }
     let build = |agent: &str| {
-        let out = dough(home.path()).args(["image", "build", "--agent", agent]).output().unwrap();
+        let out = dough(home.path())
+            .args(["image", "build", "--agent", agent])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         (text(&out.stdout).trim().to_string(), text(&out.stderr))
     };
     let (id1, log) = build(&agent);
-    assert!(log.contains("[kernel] cached") && log.contains("[rootfs] cached"), "{log}");
+    assert!(
+        log.contains("[kernel] cached") && log.contains("[rootfs] cached"),
+        "{log}"
+    );
     assert!(log.contains("[initramfs] built"), "{log}");
     let (id2, log) = build(&agent);
     assert_eq!(id1, id2);
@@ -36,19 +42,32 @@ fn image_cache_hits_and_agent_change_rebuilds_only_initramfs() {
     std::fs::write(&changed, bytes).unwrap();
     let (id3, log) = build(changed.to_str().unwrap());
     assert_ne!(id3, id1);
-    assert!(log.contains("[kernel] cached") && log.contains("[rootfs] cached"), "{log}");
+    assert!(
+        log.contains("[kernel] cached") && log.contains("[rootfs] cached"),
+        "{log}"
+    );
     assert!(log.contains("[initramfs] built"), "{log}");
 
     let ls = dough(home.path()).args(["image", "ls"]).output().unwrap();
     let ls = text(&ls.stdout);
     assert!(ls.contains(&id1) && ls.contains(&id3), "{ls}");
-    assert!(ls.lines().any(|l| l.starts_with(&id3) && l.contains('*')), "newest is current: {ls}");
+    assert!(
+        ls.lines().any(|l| l.starts_with(&id3) && l.contains('*')),
+        "newest is current: {ls}"
+    );
 }
 
 #[test]
 fn image_build_refuses_a_dynamic_agent() {
     let home = tempfile::tempdir().unwrap();
-    let out = dough(home.path()).args(["image", "build", "--agent", env!("CARGO_BIN_EXE_dough")]).output().unwrap();
+    let out = dough(home.path())
+        .args(["image", "build", "--agent", env!("CARGO_BIN_EXE_dough")])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("dynamically linked"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("dynamically linked"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -10,9 +10,20 @@ use common::*;
 fn vm_run_prints_the_agent_name_as_pid_1() {
     let home = shared_home();
     let out = run(&home, &["run", "--", "cat", "/proc/1/comm"]);
-    assert_eq!(text(&out.stdout), "dough-agent\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "dough-agent\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
     assert!(out.status.success());
-    assert!(text(&out.stderr).to_lowercase().contains("not a security boundary"), "TCG warning: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .to_lowercase()
+            .contains("not a security boundary"),
+        "TCG warning: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -21,7 +32,12 @@ fn vm_run_propagates_exit_codes_and_signals() {
     let out = run(&home, &["run", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     let out = run(&home, &["run", "--", "sh", "-c", "kill -TERM $$"]);
-    assert_eq!(out.status.code(), Some(128 + 15), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 15),
+        "stderr: {}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stderr).contains("killed by signal 15"));
 }
 
@@ -29,12 +45,29 @@ fn vm_run_propagates_exit_codes_and_signals() {
 fn vm_run_keeps_stdout_and_stderr_apart_and_passes_stdin_env_cwd() {
     let home = shared_home();
     let mut c = dough(&home);
-    c.args(["run", "-i", "-e", "GREETING=hej", "-w", "/tmp", "--", "sh", "-c"]);
+    c.args([
+        "run",
+        "-i",
+        "-e",
+        "GREETING=hej",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+    ]);
     c.arg("echo out:$GREETING:$IS_SANDBOX:$(pwd); echo err >&2; tr a-z A-Z");
-    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out:hej:1:/tmp\nFROM STDIN\n");
@@ -46,10 +79,30 @@ fn vm_run_keeps_stdout_and_stderr_apart_and_passes_stdin_env_cwd() {
 #[test]
 fn vm_run_timeout_kills_the_command_and_says_so() {
     let home = shared_home();
-    let out = run(&home, &["run", "--timeout", "2", "--", "sh", "-c", "echo started; sleep 120; echo never"]);
-    assert_eq!(out.status.code(), Some(124), "stderr: {}", text(&out.stderr));
+    let out = run(
+        &home,
+        &[
+            "run",
+            "--timeout",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 120; echo never",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "stderr: {}",
+        text(&out.stderr)
+    );
     assert_eq!(text(&out.stdout), "started\n");
-    assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -57,15 +110,32 @@ fn vm_run_reports_a_command_that_cannot_start() {
     let home = shared_home();
     let out = run(&home, &["run", "--", "/no/such/program"]);
     assert_eq!(out.status.code(), Some(127));
-    assert!(text(&out.stderr).contains("could not be started"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("could not be started"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn vm_guest_filesystem_is_a_throwaway_overlay() {
     let home = shared_home();
-    let out = run(&home, &["run", "--", "sh", "-c", "test ! -e /root/marker && touch /root/marker && grep ' / ' /proc/mounts"]);
+    let out = run(
+        &home,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "test ! -e /root/marker && touch /root/marker && grep ' / ' /proc/mounts",
+        ],
+    );
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("overlay / overlay"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("overlay / overlay"),
+        "{}",
+        text(&out.stdout)
+    );
     // A second VM starts clean again.
     let out = run(&home, &["run", "--", "test", "!", "-e", "/root/marker"]);
     assert!(out.status.success());
@@ -79,17 +149,44 @@ fn vm_boot_without_ready_line_fails_with_the_serial_tail() {
     let start = Instant::now();
     let out = run(
         home.path(),
-        &["run", "--boot-timeout", "4", "--kernel-arg", "dough.root=/dev/nope", "--kernel-arg", "ignore_loglevel", "--", "true"],
+        &[
+            "run",
+            "--boot-timeout",
+            "4",
+            "--kernel-arg",
+            "dough.root=/dev/nope",
+            "--kernel-arg",
+            "ignore_loglevel",
+            "--",
+            "true",
+        ],
     );
     let elapsed = start.elapsed();
-    assert_eq!(out.status.code(), Some(125), "stdout: {}", text(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stdout: {}",
+        text(&out.stdout)
+    );
     let err = text(&out.stderr);
-    assert!(err.contains("did not print its ready line within 4s"), "{err}");
+    assert!(
+        err.contains("did not print its ready line within 4s"),
+        "{err}"
+    );
     assert!(err.contains("retrying"), "one retry: {err}");
     let tail = err.split("last serial console lines:").nth(1).unwrap_or("");
-    assert!(tail.contains("Linux version") || tail.contains("virtio"), "kernel output in the tail: {err}");
-    assert!(elapsed < Duration::from_secs(60), "failed within the deadlines, took {elapsed:?}");
-    assert!(vm_dirs(home.path()).is_empty(), "failed boots leave nothing behind");
+    assert!(
+        tail.contains("Linux version") || tail.contains("virtio"),
+        "kernel output in the tail: {err}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "failed within the deadlines, took {elapsed:?}"
+    );
+    assert!(
+        vm_dirs(home.path()).is_empty(),
+        "failed boots leave nothing behind"
+    );
 }
 
 #[test]
@@ -104,36 +201,63 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed() {
     // Wait (with a deadline) for the VM to be up and recorded.
     let deadline = Instant::now() + Duration::from_secs(120);
     let vmm_file = loop {
-        let found = vm_dirs(home.path()).into_iter().map(|d| d.join("vmm.json")).find(|f| f.exists());
-        let ready = vm_dirs(home.path())
-            .iter()
-            .any(|d| std::fs::read_to_string(d.join("serial.log")).unwrap_or_default().contains("worker ready"));
+        let found = vm_dirs(home.path())
+            .into_iter()
+            .map(|d| d.join("vmm.json"))
+            .find(|f| f.exists());
+        let ready = vm_dirs(home.path()).iter().any(|d| {
+            std::fs::read_to_string(d.join("serial.log"))
+                .unwrap_or_default()
+                .contains("worker ready")
+        });
         if let (Some(f), true) = (found, ready) {
             break f;
         }
         assert!(Instant::now() < deadline, "VM never came up");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let vmm: serde_json::Value = serde_json::from_slice(&std::fs::read(&vmm_file).unwrap()).unwrap();
+    let vmm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&vmm_file).unwrap()).unwrap();
     let qemu_pid = vmm["pid"].as_i64().unwrap();
     victim.kill().unwrap();
     victim.wait().unwrap();
-    assert!(std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(), "QEMU outlives a SIGKILLed dough");
+    assert!(
+        std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(),
+        "QEMU outlives a SIGKILLed dough"
+    );
 
     let out = run(home.path(), &["run", "--", "true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains(&format!("reclaimed orphaned VM")), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains(&format!("pid {qemu_pid}")), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("reclaimed orphaned VM"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains(&format!("pid {qemu_pid}")),
+        "{}",
+        text(&out.stderr)
+    );
     let gone = (0..100).any(|_| {
         let st = std::fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default();
-        let dead = st.is_empty() || st.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z');
+        let dead = st.is_empty()
+            || st
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z');
         if !dead {
             std::thread::sleep(Duration::from_millis(50));
         }
         dead
     });
     assert!(gone, "orphaned QEMU {qemu_pid} was killed");
-    assert!(vm_dirs(home.path()).is_empty(), "{:?}", vm_dirs(home.path()));
+    assert!(
+        vm_dirs(home.path()).is_empty(),
+        "{:?}",
+        vm_dirs(home.path())
+    );
 }
 
 #[test]
@@ -146,15 +270,24 @@ fn vm_sigint_tears_the_vm_down() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !vm_dirs(home.path())
-        .iter()
-        .any(|d| std::fs::read_to_string(d.join("serial.log")).unwrap_or_default().contains("worker ready"))
-    {
+    while !vm_dirs(home.path()).iter().any(|d| {
+        std::fs::read_to_string(d.join("serial.log"))
+            .unwrap_or_default()
+            .contains("worker ready")
+    }) {
         assert!(Instant::now() < deadline, "VM never came up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
-    assert!(vm_dirs(home.path()).is_empty(), "{:?}", vm_dirs(home.path()));
+    assert!(
+        vm_dirs(home.path()).is_empty(),
+        "{:?}",
+        vm_dirs(home.path())
+    );
 }
