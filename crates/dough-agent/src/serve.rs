@@ -124,10 +124,31 @@ pub fn serve_forever() {
     let _ = std::io::stdout().flush();
     loop {
         wait_for_host(&reader);
-        let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        session(&shared, &reader, generation);
+        session(&shared, &reader);
         // The host went away: its requests cannot be answered any more.
-        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        shared.kill_running();
+    }
+}
+
+impl Shared {
+    /// Start a new session: a new generation, so replies of the old one are
+    /// dropped, and a Hello for the new host.
+    fn new_session(&self) -> u64 {
+        self.kill_running();
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(
+            generation,
+            &GuestMsg::Hello(Hello {
+                proto_version: PROTO_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                boot_id: boot_id(),
+            }),
+        );
+        generation
+    }
+
+    fn kill_running(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         for (_, pgid) in running.drain() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
@@ -159,15 +180,8 @@ fn boot_id() -> String {
 }
 
 /// One connection: Hello, then requests until the host disconnects.
-fn session(shared: &Arc<Shared>, mut port: &File, generation: u64) {
-    shared.send(
-        generation,
-        &GuestMsg::Hello(Hello {
-            proto_version: PROTO_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            boot_id: boot_id(),
-        }),
-    );
+fn session(shared: &Arc<Shared>, mut port: &File) {
+    let mut generation = shared.new_session();
     let mut dec = FrameDecoder::new();
     let mut welcomed = false;
     let mut buf = vec![0u8; 64 * 1024];
@@ -188,6 +202,10 @@ fn session(shared: &Arc<Shared>, mut port: &File, generation: u64) {
                         loop {
                             match dec.next_frame() {
                                 Ok(Some(payload)) => match decode_host(&payload) {
+                                    Ok(HostMsg::Attach) => {
+                                        generation = shared.new_session();
+                                        welcomed = false;
+                                    }
                                     Ok(msg) => handle(shared, generation, msg, &mut welcomed),
                                     Err(e) => log(&format!("bad message from host: {e}")),
                                 },
@@ -278,6 +296,7 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             }
         }
         HostMsg::Ping { seq } => shared.send(generation, &GuestMsg::Pong { seq }),
+        HostMsg::Attach => {} // handled by the session loop
     }
 }
 

@@ -118,12 +118,23 @@ impl HostChannel {
     /// Wait for the guest's Hello and answer with a Welcome carrying the
     /// host clock, fresh entropy and the VM's id.
     pub fn handshake(&mut self, vm_id: &str, limit: Duration) -> Result<Hello, ChannelError> {
-        let hello = match self.recv(Some(limit))? {
-            GuestMsg::Hello(h) => h,
-            other => {
-                return Err(ChannelError::Unexpected(
-                    format!("{other:?}").chars().take(100).collect(),
-                ))
+        // Ask for a Hello: the guest may not have noticed that a previous
+        // host left, and then would not greet this one on its own. It may
+        // also greet us unasked first; any Hello will do, because our
+        // Welcome follows the Attach in the stream, so the guest applies it
+        // to the session the Attach started.
+        self.send(&HostMsg::Attach)?;
+        let start = Instant::now();
+        let hello = loop {
+            match self.recv(Some(limit.saturating_sub(start.elapsed())))? {
+                GuestMsg::Hello(h) => break h,
+                // Late replies of an earlier session.
+                GuestMsg::Output { .. } | GuestMsg::Exit { .. } | GuestMsg::Pong { .. } => {}
+                other => {
+                    return Err(ChannelError::Unexpected(
+                        format!("{other:?}").chars().take(100).collect(),
+                    ))
+                }
             }
         };
         if hello.proto_version != PROTO_VERSION {
@@ -234,8 +245,32 @@ mod tests {
         })
     }
 
+    /// The next host message other than `Attach`.
     fn next_host(s: &mut UnixStream) -> HostMsg {
-        decode_host(&read_frame(s).unwrap().unwrap()).unwrap()
+        loop {
+            match decode_host(&read_frame(s).unwrap().unwrap()).unwrap() {
+                HostMsg::Attach => continue,
+                m => return m,
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_asks_for_hello_and_skips_stale_replies() {
+        let mut ch = with_guest(|mut s| {
+            let first = decode_host(&read_frame(&mut s).unwrap().unwrap()).unwrap();
+            assert_eq!(first, HostMsg::Attach);
+            // Leftovers of an earlier session, then the greeting.
+            let stale = GuestMsg::Exit {
+                id: 4,
+                status: ExitStatus::Exited(0),
+            };
+            write_frame(&mut s, &stale).unwrap();
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            assert!(matches!(next_host(&mut s), HostMsg::Welcome(_)));
+        });
+        let h = ch.handshake("vm", Duration::from_secs(5)).unwrap();
+        assert_eq!(h.boot_id, "b");
     }
 
     #[test]
@@ -338,6 +373,7 @@ mod tests {
         ));
         // Silence, then close mid-frame.
         let mut ch = with_guest(|mut s| {
+            let _ = read_frame(&mut s); // the Attach
             s.write_all(&[0, 0, 0, 50, 1, 2]).unwrap();
         });
         assert!(matches!(

@@ -10,6 +10,7 @@ pub const MAX_FRAME: usize = 1024 * 1024 + 1024;
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
+/// Everything that can go wrong encoding, framing or decoding a message.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME}")]
@@ -25,6 +26,7 @@ pub enum FrameError {
 }
 
 /// Encode `msg` as one frame: length prefix followed by the payload.
+/// [`FrameError::TooLarge`] if the payload would exceed [`MAX_FRAME`].
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = postcard::to_extend(msg, vec![0u8; HEADER_LEN]).map_err(FrameError::Encode)?;
     let len = out.len() - HEADER_LEN;
@@ -45,6 +47,8 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Fra
 
 /// Read one frame's payload. `Ok(None)` on a clean end of stream at a frame
 /// boundary; [`FrameError::Truncated`] if the stream ends inside a frame.
+/// An oversized length prefix gives [`FrameError::TooLarge`] before any
+/// payload buffer is allocated or any payload byte is read.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut hdr = [0u8; HEADER_LEN];
     let got = read_full(r, &mut hdr)?;

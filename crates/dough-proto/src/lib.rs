@@ -56,6 +56,11 @@ pub enum GuestMsg {
 /// Messages sent by the host to the guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMsg {
+    /// The host has just connected: the agent starts a new session (running
+    /// requests of the previous one are killed) and answers with [`Hello`].
+    /// Sent first on every connection, because a guest may not notice a
+    /// short disconnect and so would not greet a new host by itself.
+    Attach,
     /// Answer to [`Hello`]: clock, entropy and identity for this VM.
     Welcome(Welcome),
     /// Run a command.
@@ -66,6 +71,7 @@ pub enum HostMsg {
     Ping { seq: u64 },
 }
 
+/// The guest agent's greeting, sent first on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub proto_version: u32,
@@ -74,6 +80,7 @@ pub struct Hello {
     pub boot_id: String,
 }
 
+/// The host's answer to [`Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub proto_version: u32,
@@ -90,6 +97,7 @@ pub struct Welcome {
 pub struct Entropy([u8; 32], [u8; 32]);
 
 impl Entropy {
+    /// Wrap 64 random bytes.
     pub fn new(bytes: [u8; 64]) -> Self {
         let mut a = [0u8; 32];
         let mut b = [0u8; 32];
@@ -98,6 +106,7 @@ impl Entropy {
         Entropy(a, b)
     }
 
+    /// The 64 bytes, in the order given to [`Entropy::new`].
     pub fn bytes(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
         out[..32].copy_from_slice(&self.0);
@@ -113,6 +122,7 @@ impl std::fmt::Debug for Entropy {
     }
 }
 
+/// A command for the guest agent to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
     pub id: RequestId,
@@ -126,12 +136,14 @@ pub struct Exec {
     pub timeout_ms: Option<u64>,
 }
 
+/// Which output stream of the child a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Stream {
     Stdout,
     Stderr,
 }
 
+/// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitStatus {
     /// The child exited with this code.
@@ -147,6 +159,7 @@ pub enum ExitStatus {
 impl ExitStatus {
     /// Shell-style exit code for this status: the code, 128+signal, 124 for a
     /// timeout (as `timeout(1)`), 127 when the command could not be started.
+    /// The signal arithmetic saturates, so hostile values never overflow.
     pub fn shell_code(&self) -> i32 {
         match self {
             ExitStatus::Exited(c) => *c,
@@ -161,11 +174,18 @@ impl ExitStatus {
 }
 
 /// Decode a host message from one frame payload.
+///
+/// Never panics, whatever the bytes, and memory use is bounded by a small
+/// multiple of `payload.len()` (never by a length claimed inside the
+/// payload). Bytes after the end of the message are ignored, so a newer
+/// peer's message with extra trailing fields still decodes far enough for the
+/// version check in [`Hello`] / [`Welcome`] to reject it cleanly.
 pub fn decode_host(payload: &[u8]) -> Result<HostMsg, FrameError> {
     postcard::from_bytes(payload).map_err(FrameError::Decode)
 }
 
-/// Decode a guest message from one frame payload.
+/// Decode a guest message from one frame payload. Same guarantees as
+/// [`decode_host`].
 pub fn decode_guest(payload: &[u8]) -> Result<GuestMsg, FrameError> {
     postcard::from_bytes(payload).map_err(FrameError::Decode)
 }
