@@ -116,7 +116,7 @@ pub fn serve_forever() {
     let reader = file.try_clone().expect("dup port fd");
     let shared = Arc::new(Shared {
         port: Mutex::new(file),
-        generation: AtomicU64::new(0),
+        generation: AtomicU64::new(1),
         running: Mutex::new(HashMap::new()),
         vm_id: Mutex::new(String::new()),
     });
@@ -131,8 +131,8 @@ pub fn serve_forever() {
 }
 
 impl Shared {
-    /// Start a new session: a new generation, so replies of the old one are
-    /// dropped, and a Hello for the new host.
+    /// Start a new session: a new generation, so replies of the old one
+    /// are dropped, and a Hello for the host that asked with `Attach`.
     fn new_session(&self) -> u64 {
         self.kill_running();
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -179,9 +179,12 @@ fn boot_id() -> String {
         .to_string()
 }
 
-/// One connection: Hello, then requests until the host disconnects.
+/// One connection: requests until the host disconnects. Nothing is
+/// answered until the host's `Attach` (which gets our Hello) and `Welcome`.
 fn session(shared: &Arc<Shared>, mut port: &File) {
-    let mut generation = shared.new_session();
+    shared.kill_running();
+    // Generation 0 never matches: nothing is sent before the Attach.
+    let mut generation = 0;
     let mut dec = FrameDecoder::new();
     let mut welcomed = false;
     let mut buf = vec![0u8; 64 * 1024];

@@ -118,11 +118,8 @@ impl HostChannel {
     /// Wait for the guest's Hello and answer with a Welcome carrying the
     /// host clock, fresh entropy and the VM's id.
     pub fn handshake(&mut self, vm_id: &str, limit: Duration) -> Result<Hello, ChannelError> {
-        // Ask for a Hello: the guest may not have noticed that a previous
-        // host left, and then would not greet this one on its own. It may
-        // also greet us unasked first; any Hello will do, because our
-        // Welcome follows the Attach in the stream, so the guest applies it
-        // to the session the Attach started.
+        // Ask for a Hello. The guest greets only when asked: it may not
+        // even have noticed that a previous host left.
         self.send(&HostMsg::Attach)?;
         let start = Instant::now();
         let hello = loop {

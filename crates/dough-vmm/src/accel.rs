@@ -67,8 +67,9 @@ pub fn kvm_device_usable() -> Result<(), String> {
         .write(true)
         .open("/dev/kvm")
         .map_err(|e| format!("/dev/kvm: {e}"))?;
-    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
-    let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION) };
+    // SAFETY: KVM_GET_API_VERSION reads no memory; the kernel requires its
+    // argument to be 0 (an omitted variadic argument would be garbage).
+    let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION, 0 as libc::c_ulong) };
     if v < 0 {
         return Err(format!(
             "/dev/kvm: KVM_GET_API_VERSION failed: {}",
