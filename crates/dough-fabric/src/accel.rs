@@ -10,7 +10,7 @@ use dough_image::Image;
 use dough_vmm::{Accel, Resolved};
 use serde::{Deserialize, Serialize};
 
-use crate::vm::{BootOptions, Vm};
+use crate::vm::{BootOptions, FabricError, Vm};
 
 /// How long a KVM guest may take to become ready before KVM counts as unusable.
 pub const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(10);
@@ -115,10 +115,18 @@ fn probe(home: &Path, image: &Image, qemu: &Path, host_boot_id: String) -> Probe
             let _ = vm.destroy();
             (true, String::new())
         }
-        Err(e) => {
-            let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            (false, format!("a KVM guest did not become ready ({first})"))
-        }
+        Err(FabricError::BootTimeout { secs, .. }) => (
+            false,
+            format!("a guest under KVM did not become ready within {secs}s"),
+        ),
+        Err(FabricError::VmmExited { vmm_tail, .. }) => (
+            false,
+            format!(
+                "QEMU exited under KVM: {}",
+                vmm_tail.lines().last().unwrap_or("")
+            ),
+        ),
+        Err(e) => (false, format!("a guest under KVM failed to boot: {e}")),
     };
     ProbeRecord {
         host_boot_id,
