@@ -310,71 +310,83 @@ impl Store {
         Ok(out)
     }
 
+    /// One cached step: report a hit, or build the entry with `build` and
+    /// report how long it took. Returns the entry's directory.
+    fn step(
+        &self,
+        step: Step,
+        key: &str,
+        detail: impl FnOnce() -> String,
+        progress: &mut dyn FnMut(Event),
+        build: impl FnOnce(&Path) -> Result<(), ImageError>,
+    ) -> Result<PathBuf, ImageError> {
+        let entry = Entry::new(&self.cache_dir(), &step.to_string(), key);
+        if entry.is_complete() {
+            progress(Event::Cached {
+                step,
+                key: key.into(),
+            });
+        } else {
+            progress(Event::Started {
+                step,
+                detail: detail(),
+            });
+            let t = Instant::now();
+            entry.build(build)?;
+            let secs = t.elapsed().as_secs_f64();
+            progress(Event::Built {
+                step,
+                key: key.into(),
+                secs,
+            });
+        }
+        Ok(entry.dir)
+    }
+
     fn kernel(
         &self,
         rec: &apt::PackageRecord,
         key: &str,
         progress: &mut dyn FnMut(Event),
     ) -> Result<KernelArtifacts, ImageError> {
-        let entry = Entry::new(&self.cache_dir(), "kernel", key);
-        if entry.is_complete() {
-            progress(Event::Cached {
-                step: Step::Kernel,
-                key: key.into(),
-            });
-        } else {
-            progress(Event::Started {
-                step: Step::Kernel,
-                detail: format!("{} {}", rec.package, rec.version),
-            });
-            let t = Instant::now();
-            entry.build(|dir| -> Result<(), ImageError> {
-                let work = dir.join("work");
-                std::fs::create_dir_all(&work)?;
-                let deb = apt::download(rec, &work)?;
-                let x = work.join("x");
-                tool::run_tool(
-                    "dpkg-deb",
-                    vec![
-                        "-x".into(),
-                        deb.into_os_string(),
-                        x.clone().into_os_string(),
-                    ],
-                )?;
-                let (bz, release) = find_vmlinuz(&x.join("boot"))?;
-                let elf =
-                    kernel::vmlinux_from_bzimage(&std::fs::read(&bz)?, &bz.display().to_string())?;
-                std::fs::write(dir.join("vmlinux"), elf)?;
-                let mods = kernel::resolve_modules(
-                    &x.join("lib/modules").join(&release),
-                    kernel::GUEST_MODULES,
-                )?;
-                let mdir = dir.join("modules");
-                std::fs::create_dir_all(&mdir)?;
-                let mut order = String::new();
-                for (name, path) in &mods {
-                    std::fs::copy(path, mdir.join(format!("{name}.ko")))?;
-                    order.push_str(name);
-                    order.push('\n');
-                }
-                std::fs::write(mdir.join("load-order"), order)?;
-                std::fs::write(dir.join("release"), &release)?;
-                std::fs::remove_dir_all(&work)?;
-                Ok(())
-            })?;
-            progress(Event::Built {
-                step: Step::Kernel,
-                key: key.into(),
-                secs: t.elapsed().as_secs_f64(),
-            });
-        }
-        let release = std::fs::read_to_string(entry.dir.join("release"))?
+        let detail = || format!("{} {}", rec.package, rec.version);
+        let dir = self.step(Step::Kernel, key, detail, progress, |dir| {
+            let work = dir.join("work");
+            std::fs::create_dir_all(&work)?;
+            let deb = apt::download(rec, &work)?;
+            let x = work.join("x");
+            let argv = vec![
+                "-x".into(),
+                deb.into_os_string(),
+                x.clone().into_os_string(),
+            ];
+            tool::run_tool("dpkg-deb", argv)?;
+            let (bz, release) = find_vmlinuz(&x.join("boot"))?;
+            let bz_bytes = std::fs::read(&bz)?;
+            let elf = kernel::vmlinux_from_bzimage(&bz_bytes, &bz.display().to_string())?;
+            std::fs::write(dir.join("vmlinux"), elf)?;
+            let modules_dir = x.join("lib/modules").join(&release);
+            let mods = kernel::resolve_modules(&modules_dir, kernel::GUEST_MODULES)?;
+            let mdir = dir.join("modules");
+            std::fs::create_dir_all(&mdir)?;
+            let mut order = String::new();
+            for (name, path) in &mods {
+                std::fs::copy(path, mdir.join(format!("{name}.ko")))?;
+                order.push_str(name);
+                order.push('\n');
+            }
+            std::fs::write(mdir.join("load-order"), order)?;
+            std::fs::write(dir.join("release"), &release)?;
+            std::fs::remove_dir_all(&work)?;
+            Ok(())
+        })?;
+        let release = std::fs::read_to_string(dir.join("release"))?
             .trim()
             .to_string();
         Ok(KernelArtifacts {
             key: key.to_string(),
             release,
-            dir: entry.dir,
+            dir,
         })
     }
 
@@ -386,52 +398,34 @@ impl Store {
         key: &str,
         progress: &mut dyn FnMut(Event),
     ) -> Result<PathBuf, ImageError> {
-        let entry = Entry::new(&self.cache_dir(), "rootfs", key);
-        if entry.is_complete() {
-            progress(Event::Cached {
-                step: Step::Rootfs,
-                key: key.into(),
-            });
-        } else {
-            progress(Event::Started {
-                step: Step::Rootfs,
-                detail: format!(
-                    "mmdebstrap {suite} minbase + {} (from {mirror})",
-                    packages.join(",")
-                ),
-            });
-            let t = Instant::now();
-            entry.build(|dir| -> Result<(), ImageError> {
-                let tree = dir.join("tree");
-                let argv = rootfs::Mmdebstrap {
-                    suite,
-                    mirror,
-                    packages,
-                    target: &tree,
-                }
-                .argv();
-                tool::run_tool("mmdebstrap", argv)?;
-                let size_mib = rootfs::image_size_mib(rootfs::tree_size(&tree)?);
-                let image = dir.join("rootfs.ext4");
-                tool::run_tool(
-                    "mkfs.ext4",
-                    rootfs::MkfsExt4 {
-                        source_dir: &tree,
-                        image: &image,
-                        size_mib,
-                    }
-                    .argv(),
-                )?;
-                std::fs::remove_dir_all(&tree)?;
-                Ok(())
-            })?;
-            progress(Event::Built {
-                step: Step::Rootfs,
-                key: key.into(),
-                secs: t.elapsed().as_secs_f64(),
-            });
-        }
-        Ok(entry.dir.join("rootfs.ext4"))
+        let detail = || {
+            format!(
+                "mmdebstrap {suite} minbase + {} (from {mirror})",
+                packages.join(",")
+            )
+        };
+        let dir = self.step(Step::Rootfs, key, detail, progress, |dir| {
+            let tree = dir.join("tree");
+            let argv = rootfs::Mmdebstrap {
+                suite,
+                mirror,
+                packages,
+                target: &tree,
+            }
+            .argv();
+            tool::run_tool("mmdebstrap", argv)?;
+            let size_mib = rootfs::image_size_mib(rootfs::tree_size(&tree)?);
+            let image = dir.join("rootfs.ext4");
+            let mkfs = rootfs::MkfsExt4 {
+                source_dir: &tree,
+                image: &image,
+                size_mib,
+            };
+            tool::run_tool("mkfs.ext4", mkfs.argv())?;
+            std::fs::remove_dir_all(&tree)?;
+            Ok(())
+        })?;
+        Ok(dir.join("rootfs.ext4"))
     }
 
     fn initramfs(
@@ -441,30 +435,13 @@ impl Store {
         key: &str,
         progress: &mut dyn FnMut(Event),
     ) -> Result<PathBuf, ImageError> {
-        let entry = Entry::new(&self.cache_dir(), "initramfs", key);
-        if entry.is_complete() {
-            progress(Event::Cached {
-                step: Step::Initramfs,
-                key: key.into(),
-            });
-        } else {
-            progress(Event::Started {
-                step: Step::Initramfs,
-                detail: format!("agent {} + kernel {}", agent.display(), k.key),
-            });
-            let t = Instant::now();
-            entry.build(|dir| -> Result<(), ImageError> {
-                let f = std::fs::File::create(dir.join("initrd.cpio"))?;
-                write_initramfs(std::io::BufWriter::new(f), agent, &k.dir.join("modules"))?;
-                Ok(())
-            })?;
-            progress(Event::Built {
-                step: Step::Initramfs,
-                key: key.into(),
-                secs: t.elapsed().as_secs_f64(),
-            });
-        }
-        Ok(entry.dir.join("initrd.cpio"))
+        let detail = || format!("agent {} + kernel {}", agent.display(), k.key);
+        let dir = self.step(Step::Initramfs, key, detail, progress, |dir| {
+            let f = std::fs::File::create(dir.join("initrd.cpio"))?;
+            write_initramfs(std::io::BufWriter::new(f), agent, &k.dir.join("modules"))?;
+            Ok(())
+        })?;
+        Ok(dir.join("initrd.cpio"))
     }
 }
 
