@@ -1,8 +1,6 @@
 //! Property-based tests: arbitrary messages round-trip exactly, and arbitrary
 //! bytes never make any decoder panic.
 
-use std::io::Read;
-
 use dough_proto::{
     decode_guest, decode_host, encode, read_frame, Entropy, Exec, ExitStatus, FrameDecoder,
     FrameError, GuestMsg, Hello, HostMsg, Stream, Welcome, HEADER_LEN, MAX_FRAME,
@@ -176,7 +174,18 @@ fn frameish() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Failures print a minimal input to paste into a unit test; there is no
+    // lib.rs beside this file for proptest's regression files to sit next to.
+    // This suite is the decoder fuzzer: `PROPTEST_CASES=200000 cargo test
+    // -p dough-proto --release --test prop` runs it for longer.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     // -----------------------------------------------------------------------
     // Round trips.
@@ -247,7 +256,8 @@ proptest! {
             s.extend(encode(m).unwrap());
         }
         let last_len = encode(msgs.last().unwrap()).unwrap().len();
-        let cut = s.len() - cut_back.min(last_len);
+        // Cut inside the last frame (at least one byte of it kept back).
+        let cut = s.len() - cut_back.min(last_len - 1).max(1);
         let (payloads, too_large, dec) = run_decoder(&[&s[..cut]]);
         prop_assert!(!too_large);
         prop_assert_eq!(payloads.len(), msgs.len() - 1);
@@ -267,12 +277,11 @@ proptest! {
     #[test]
     fn arbitrary_payloads_never_panic(p in bytes(512)) {
         // If something decodes, it must re-encode to something that decodes
-        // to the same message (the prefix actually consumed may differ from
-        // `p` only by ignored trailing bytes).
+        // to the same message (the bytes may differ: trailing bytes are
+        // ignored and varints need not be minimal).
         if let Ok(m) = decode_host(&p) {
             let again = encode(&m).unwrap();
             prop_assert_eq!(decode_host(&again[HEADER_LEN..]).unwrap(), m);
-            prop_assert!(p.starts_with(&again[HEADER_LEN..]) || again.len() - HEADER_LEN <= p.len());
         }
         if let Ok(m) = decode_guest(&p) {
             let again = encode(&m).unwrap();
@@ -348,8 +357,6 @@ proptest! {
         // Nothing beyond the header of an oversized frame was read.
         if want_too_large {
             prop_assert_eq!(r.len(), data.len() - consumed - HEADER_LEN);
-            let mut rest = Vec::new();
-            r.read_to_end(&mut rest).unwrap();
         }
     }
 }
