@@ -1,16 +1,23 @@
-//! Exact ownership records and reclaiming what a dead dough left behind.
+//! Exact teardown and reclaiming what a crashed or killed dough left behind.
 //!
-//! Each VM directory holds `vmm.json` (the VMM's pid and start time) and
-//! `owner.json` (the dough process that started it). A VM whose owner is
-//! gone is an orphan: its VMM is killed by its verified identity — never by
-//! name — and its directory removed.
+//! Every VM directory's record names the VM's VMM (pid + start time) and,
+//! while some dough process is responsible for it, that owner. On every
+//! start dough sweeps:
+//! - a VM whose owner is gone is an orphan (a `dough run` or a `dough up`
+//!   that died before handing its clones over): its VMM is killed by its
+//!   verified identity — never by name — and its directory removed;
+//! - a handed-over clone whose VMM has exited is marked `dead`, with the
+//!   reason, and kept until `dough down`;
+//! - a teardown that was interrupted (`stopping`) is finished;
+//! - directories left half-created are removed.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use dough_vmm::ProcessId;
+use dough_vmm::process::wait_until;
+use dough_vmm::{ProcessId, Qmp};
 
-const VMM_FILE: &str = "vmm.json";
-const OWNER_FILE: &str = "owner.json";
+use crate::state::{read_record, StateError, VmDir, VmRecord, VmState};
 
 /// Identity of this dough process.
 pub fn me() -> ProcessId {
@@ -21,167 +28,306 @@ pub fn me() -> ProcessId {
     })
 }
 
-/// Create a VM directory that already names its owner when it appears
-/// (made under a dot-name, then renamed), so a concurrent dough never sees
-/// it without an owner and mistakes it for an orphan.
-pub fn create_owned_dir(dir: &Path) -> std::io::Result<()> {
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm");
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(".new-{name}"));
-    std::fs::create_dir(&tmp)?;
-    write_json(&tmp.join(OWNER_FILE), &me())?;
-    std::fs::rename(&tmp, dir)
-}
-
-/// Record a VM's VMM process in its directory.
-pub fn record_vmm(dir: &Path, vmm: &ProcessId) -> std::io::Result<()> {
-    write_json(&dir.join(VMM_FILE), vmm)
-}
-
-fn write_json(path: &Path, id: &ProcessId) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(id).map_err(std::io::Error::other)?)?;
-    std::fs::rename(tmp, path)
-}
-
-fn read_id(path: &Path) -> Option<ProcessId> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-/// What [`reclaim`] did to one VM directory.
+/// Something the sweep did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reclaimed {
-    pub dir: PathBuf,
-    /// The VMM was still running and was killed.
-    pub killed_vmm: Option<i32>,
+pub enum Swept {
+    /// An orphaned or half-torn-down VM was removed; its VMM was killed
+    /// when it was still running.
+    Reclaimed { id: String, killed_vmm: Option<i32> },
+    /// A directory without a usable record was removed.
+    StaleDir(PathBuf),
+    /// A clone's VMM had exited; the clone is now marked dead.
+    MarkedDead { id: String, reason: String },
 }
 
-/// Kill and remove every VM under `vms_dir` that `select` picks, given the
-/// VM's owner (None when the record is missing or unreadable).
-fn reclaim(vms_dir: &Path, mut select: impl FnMut(Option<&ProcessId>) -> bool) -> Vec<Reclaimed> {
+impl std::fmt::Display for Swept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Swept::Reclaimed {
+                id,
+                killed_vmm: Some(pid),
+            } => write!(f, "reclaimed orphaned VM {id} (killed its VMM, pid {pid})"),
+            Swept::Reclaimed {
+                id,
+                killed_vmm: None,
+            } => write!(f, "reclaimed orphaned VM {id} (its VMM had already exited)"),
+            Swept::StaleDir(p) => write!(f, "removed stale VM directory {}", p.display()),
+            Swept::MarkedDead { id, reason } => write!(
+                f,
+                "VM {id} is dead: {reason} (`dough down {id}` removes it, `dough logs {id}` shows its console)"
+            ),
+        }
+    }
+}
+
+/// Kill a VM's VMM by its verified identity and wait for it to go.
+/// Returns the pid when something was killed.
+pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
+    let vmm = vmm?;
+    if vmm.kill().is_err() {
+        return None;
+    }
+    wait_until(Duration::from_secs(5), || !vmm.is_alive());
+    Some(vmm.pid)
+}
+
+/// Stop a VM exactly: ask its VMM to quit over QMP, then SIGKILL the
+/// recorded pid if it is still our process, then remove its directory.
+/// The caller has moved the record to `stopping`.
+pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, StateError> {
+    let mut killed = None;
+    if let Some(vmm) = rec.vmm.filter(|v| v.is_alive()) {
+        if let Ok(mut q) = Qmp::connect(&dir.paths.qmp, Duration::from_secs(2)) {
+            let _ = q.quit();
+            wait_until(Duration::from_secs(3), || !vmm.is_alive());
+        }
+        killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
+    }
+    std::fs::remove_dir_all(dir.dir()).map_err(|source| StateError::Io {
+        path: dir.dir().to_path_buf(),
+        source,
+    })?;
+    Ok(killed)
+}
+
+/// Look at every VM under `vms` and clean up as described in the module
+/// documentation. VMs owned by live dough processes are left alone.
+pub fn sweep(vms: &Path) -> Vec<Swept> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(vms_dir) else {
+    let Ok(rd) = std::fs::read_dir(vms) else {
         return out;
     };
     for e in rd.flatten() {
-        let dir = e.path();
-        if !dir.is_dir() {
+        let path = e.path();
+        if !path.is_dir() {
             continue;
         }
-        let owner = read_id(&dir.join(OWNER_FILE));
-        let in_creation = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if owner.is_none() && in_creation {
-            // Another dough is between mkdir and writing the owner record.
-            continue;
-        }
-        if !select(owner.as_ref()) {
-            continue;
-        }
-        let mut killed_vmm = None;
-        if let Some(vmm) = read_id(&dir.join(VMM_FILE)) {
-            if vmm.kill().is_ok() {
-                killed_vmm = Some(vmm.pid);
-                dough_vmm::process::wait_until(std::time::Duration::from_secs(5), || {
-                    !vmm.is_alive()
-                });
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_prefix(".new-") {
+            // Half-created: the record is written before the rename, so
+            // only a crash leaves one behind; skip those a live dough is
+            // making right now.
+            let owner_alive = read_record(&path)
+                .ok()
+                .and_then(|r| r.owner)
+                .is_some_and(|o| o.is_alive());
+            if !owner_alive && old_enough(&path) && std::fs::remove_dir_all(&path).is_ok() {
+                tracing::info!(vm = id, "removed half-created VM directory");
+                out.push(Swept::StaleDir(path));
             }
+            continue;
         }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            out.push(Reclaimed { dir, killed_vmm });
+        let dir = match VmDir::open(vms, &name) {
+            Ok(d) => d,
+            Err(_) => {
+                if old_enough(&path) && std::fs::remove_dir_all(&path).is_ok() {
+                    out.push(Swept::StaleDir(path));
+                }
+                continue;
+            }
+        };
+        if let Some(s) = sweep_one(&dir) {
+            out.push(s);
         }
     }
     out
 }
 
-/// Reclaim VMs whose owning dough process no longer exists (or that have
-/// no owner record, e.g. a crash before it was written).
-pub fn reclaim_orphans(vms_dir: &Path) -> Vec<Reclaimed> {
-    reclaim(vms_dir, |owner| !owner.is_some_and(|o| o.is_alive()))
+/// A directory with no usable record is only stale once it is not
+/// brand new (another dough may be between mkdir and its first write).
+fn old_enough(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age > Duration::from_secs(30))
 }
 
-/// Reclaim every VM this process owns (used on Ctrl-C).
-pub fn reclaim_mine(vms_dir: &Path) -> Vec<Reclaimed> {
+fn sweep_one(dir: &VmDir) -> Option<Swept> {
+    let Ok(_lock) = dir.lock() else {
+        return None;
+    };
+    let rec = match dir.read() {
+        Ok(r) => r,
+        Err(StateError::Corrupt { .. }) => {
+            let p = dir.dir().to_path_buf();
+            return std::fs::remove_dir_all(&p).ok().map(|_| Swept::StaleDir(p));
+        }
+        Err(_) => return None,
+    };
+    let orphan = rec.owner.is_some_and(|o| !o.is_alive());
+    let interrupted_stop = rec.state == VmState::Stopping && rec.owner.is_none();
+    if orphan || interrupted_stop {
+        let killed_vmm = kill_vmm(rec.vmm.as_ref());
+        return std::fs::remove_dir_all(dir.dir())
+            .ok()
+            .map(|_| Swept::Reclaimed {
+                id: rec.id.clone(),
+                killed_vmm,
+            });
+    }
+    if rec.owner.is_none() && rec.state.has_vmm() && !rec.vmm.is_some_and(|v| v.is_alive()) {
+        let reason = match rec.vmm {
+            Some(v) => format!("its VMM (pid {}) exited", v.pid),
+            None => "it has no VMM".to_string(),
+        };
+        let mut rec = rec;
+        rec.transition(VmState::Dead).ok()?;
+        rec.dead_reason = Some(reason.clone());
+        crate::state::write_record(dir.dir(), &rec).ok()?;
+        return Some(Swept::MarkedDead { id: rec.id, reason });
+    }
+    None
+}
+
+/// Tear down every VM this process owns (on Ctrl-C).
+pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
     let me = me();
-    reclaim(vms_dir, |owner| owner == Some(&me))
+    let mut out = Vec::new();
+    for id in crate::state::list_ids(vms) {
+        let Ok(dir) = VmDir::open(vms, &id) else {
+            continue;
+        };
+        let Ok(rec) = dir.read() else { continue };
+        if rec.owner == Some(me) {
+            let killed_vmm = kill_vmm(rec.vmm.as_ref());
+            if std::fs::remove_dir_all(dir.dir()).is_ok() {
+                out.push(Swept::Reclaimed { id, killed_vmm });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{VmKind, VmRecord};
+    use dough_vmm::Resolved;
 
-    #[test]
-    fn orphans_are_killed_by_identity_and_removed_and_live_ones_kept() {
-        let vms = tempfile::tempdir().unwrap();
-        // An orphan: its VMM (a sleep) runs, its owner is a dead process.
-        let mut child = std::process::Command::new("sleep")
+    fn sleeper() -> (std::process::Child, ProcessId) {
+        let child = std::process::Command::new("sleep")
             .arg("60")
             .spawn()
             .unwrap();
-        let vmm = ProcessId::of(child.id() as i32).unwrap();
-        let orphan = vms.path().join("vm-orphan");
-        std::fs::create_dir(&orphan).unwrap();
-        write_json(&orphan.join(VMM_FILE), &vmm).unwrap();
-        write_json(
-            &orphan.join(OWNER_FILE),
-            &ProcessId {
-                pid: me().pid,
-                start_ticks: me().start_ticks + 1,
-            },
-        )
-        .unwrap();
-        // A VM of ours: must survive orphan collection.
-        let mine = vms.path().join("vm-mine");
-        std::fs::create_dir(&mine).unwrap();
-        write_json(&mine.join(OWNER_FILE), &me()).unwrap();
-        // Half-made directory without records.
-        std::fs::create_dir(vms.path().join("vm-half")).unwrap();
-        // A directory another dough is creating right now: left alone.
-        std::fs::create_dir(vms.path().join(".new-vm-busy")).unwrap();
-        create_owned_dir(&vms.path().join("vm-fresh")).unwrap();
-        assert!(!vms.path().join(".new-vm-fresh").exists());
+        let id = ProcessId::of(child.id() as i32).unwrap();
+        (child, id)
+    }
 
-        let got = reclaim_orphans(vms.path());
-        assert_eq!(got.len(), 2, "{got:?}");
-        assert!(got.iter().any(|r| r.killed_vmm == Some(vmm.pid)));
-        let st = child.wait().unwrap();
-        assert!(!st.success(), "the orphan's VMM was killed");
-        assert!(!orphan.exists());
-        assert!(mine.exists());
-        assert!(vms.path().join(".new-vm-busy").exists());
+    fn vm(vms: &Path, id: &str, f: impl FnOnce(&mut VmRecord)) -> VmDir {
+        let mut rec = VmRecord::new(id, VmKind::Clone, Resolved::Tcg, 256, 1);
+        f(&mut rec);
+        VmDir::create(vms, &rec).unwrap()
+    }
 
-        let got = reclaim_mine(vms.path());
-        assert_eq!(got.len(), 2, "vm-mine and vm-fresh: {got:?}");
-        assert!(!mine.exists());
+    fn dead_owner() -> ProcessId {
+        ProcessId {
+            pid: me().pid,
+            start_ticks: me().start_ticks + 1,
+        }
+    }
+
+    #[test]
+    fn sweep_reclaims_orphans_marks_dead_clones_and_keeps_live_ones() {
+        let vms = tempfile::tempdir().unwrap();
+        let v = vms.path();
+        // An orphan of a crashed `up`: its VMM (a sleep) runs, its owner is gone.
+        let (mut orphan_child, orphan_vmm) = sleeper();
+        vm(v, "vm-orphan", |r| {
+            r.state = VmState::Starting;
+            r.owner = Some(dead_owner());
+            r.vmm = Some(orphan_vmm);
+        });
+        // A handed-over clone whose VMM died.
+        let (mut dead_child, dead_vmm) = sleeper();
+        dead_child.kill().unwrap();
+        dead_child.wait().unwrap();
+        vm(v, "vm-dead", |r| {
+            r.state = VmState::Ready;
+            r.owner = None;
+            r.vmm = Some(dead_vmm);
+        });
+        // A handed-over clone that is fine.
+        let (mut live_child, live_vmm) = sleeper();
+        vm(v, "vm-live", |r| {
+            r.state = VmState::Ready;
+            r.owner = None;
+            r.vmm = Some(live_vmm);
+        });
+        // A VM of ours (a live owner) that is still creating.
+        vm(v, "vm-mine", |_| {});
+        // An interrupted `down`.
+        vm(v, "vm-stopping", |r| {
+            r.state = VmState::Stopping;
+            r.owner = None;
+        });
+        // Another dough is creating this one right now: left alone.
+        std::fs::create_dir(v.join(".new-vm-busy")).unwrap();
+
+        let mut got = sweep(v);
+        got.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(
+            got,
+            vec![
+                Swept::MarkedDead {
+                    id: "vm-dead".into(),
+                    reason: format!("its VMM (pid {}) exited", dead_vmm.pid)
+                },
+                Swept::Reclaimed {
+                    id: "vm-orphan".into(),
+                    killed_vmm: Some(orphan_vmm.pid)
+                },
+                Swept::Reclaimed {
+                    id: "vm-stopping".into(),
+                    killed_vmm: None
+                },
+            ]
+        );
+        assert!(
+            !orphan_child.wait().unwrap().success(),
+            "orphan's VMM killed"
+        );
+        let dead = VmDir::open(v, "vm-dead").unwrap().read().unwrap();
+        assert_eq!(dead.state, VmState::Dead);
+        assert!(dead.dead_reason.unwrap().contains("exited"));
+        assert!(live_vmm.is_alive());
+        assert_eq!(
+            crate::state::list_ids(v),
+            vec!["vm-dead", "vm-live", "vm-mine"]
+        );
+        assert!(v.join(".new-vm-busy").exists());
+        // A second sweep has nothing left to do.
+        assert_eq!(sweep(v), vec![]);
+
+        let mine = reclaim_mine(v);
+        assert_eq!(
+            mine,
+            vec![Swept::Reclaimed {
+                id: "vm-mine".into(),
+                killed_vmm: None
+            }]
+        );
+        live_child.kill().unwrap();
+        live_child.wait().unwrap();
     }
 
     #[test]
     fn a_reused_pid_is_not_killed() {
         let vms = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let real = ProcessId::of(child.id() as i32).unwrap();
-        let dir = vms.path().join("vm-x");
-        std::fs::create_dir(&dir).unwrap();
+        let (mut child, real) = sleeper();
         // Same pid, different start time: a different process.
-        write_json(
-            &dir.join(VMM_FILE),
-            &ProcessId {
+        vm(vms.path(), "vm-x", |r| {
+            r.state = VmState::Ready;
+            r.owner = Some(dead_owner());
+            r.vmm = Some(ProcessId {
                 start_ticks: real.start_ticks + 5,
                 ..real
-            },
-        )
-        .unwrap();
-        let got = reclaim_orphans(vms.path());
+            });
+        });
         assert_eq!(
-            got,
-            vec![Reclaimed {
-                dir: dir.clone(),
+            sweep(vms.path()),
+            vec![Swept::Reclaimed {
+                id: "vm-x".into(),
                 killed_vmm: None
             }]
         );

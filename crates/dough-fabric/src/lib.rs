@@ -2,15 +2,21 @@
 //! channel, running commands in them, and tearing them down exactly.
 //!
 //! Everything a VM owns on the host lives in `$DOUGH_HOME/vms/<id>/` and
-//! is named from its id; its VMM is tracked by pid and start time.
+//! is named from its id; its VMM is tracked by pid and start time, its
+//! lifecycle by the state machine in [`state`].
 
 pub mod accel;
 pub mod channel;
 pub mod gc;
+pub mod pool;
 pub mod serial;
+pub mod snapshot;
+pub mod state;
 pub mod vm;
 
 pub use channel::{ChannelError, ExecRequest, HostChannel};
+pub use snapshot::{Snapshot, SnapshotSpec, SnapshotStore};
+pub use state::{VmKind, VmRecord, VmState};
 pub use vm::{BootOptions, FabricError, Vm};
 
 /// A fresh VM id: `vm-` and 8 random hex digits.

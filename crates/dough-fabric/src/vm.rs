@@ -5,14 +5,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::unix::process::CommandExt;
+
 use dough_image::Image;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
 use dough_vmm::process::wait_until;
-use dough_vmm::{QemuArgs, Qmp, Resolved, VmPaths, VmmProcess};
-use std::os::unix::process::CommandExt;
+use dough_vmm::{Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess};
 
 use crate::channel::{ChannelError, ExecRequest, HostChannel};
 use crate::serial::{tail, SerialWatch};
+use crate::snapshot::Snapshot;
+use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
 
 /// Lines of serial console shown in boot errors.
 const TAIL_LINES: usize = 25;
@@ -41,12 +44,33 @@ pub enum FabricError {
         #[source]
         source: std::io::Error,
     },
-    #[error("VM {vm}: channel handshake failed")]
+    #[error("VM {vm}: channel handshake failed; last serial console lines:\n{serial_tail}")]
     Handshake {
         vm: String,
         #[source]
         source: ChannelError,
+        serial_tail: String,
     },
+    #[error("VM {vm}: restoring the snapshot failed; QEMU said:\n{vmm_tail}")]
+    Restore {
+        vm: String,
+        #[source]
+        source: QmpError,
+        vmm_tail: String,
+    },
+    #[error("VM {vm}: {what}")]
+    Qmp {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("VM {id} is dead: {reason} (`dough logs {id}` shows its console, `dough down {id}` removes it)")]
+    Dead { id: String, reason: String },
+    #[error("VM {id} is {state}, not ready")]
+    NotReady { id: String, state: VmState },
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("VM {vm}: {source}; last serial console lines:\n{serial_tail}")]
     Channel {
         vm: String,
@@ -66,6 +90,16 @@ pub enum FabricError {
         #[source]
         source: dough_vmm::ProcessError,
     },
+}
+
+impl FabricError {
+    /// Errors a retry cannot fix (QEMU missing, state directory unusable).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            FabricError::Spawn { .. } | FabricError::State(_) | FabricError::StateDir { .. }
+        )
+    }
 }
 
 /// How to boot.
@@ -96,49 +130,123 @@ impl Default for BootOptions {
     }
 }
 
+/// How a VM comes up.
+#[derive(Debug, Clone)]
+pub(crate) enum Launch<'a> {
+    /// Boot the image; RAM is anonymous.
+    Cold,
+    /// Boot the image with RAM in the shared file `mem`, to be snapshotted
+    /// (the TSC rate is recorded with the snapshot).
+    Bake { mem: PathBuf, tsc_khz: Option<u64> },
+    /// Restore a snapshot: RAM mapped privately from its memory file.
+    Restore(&'a Snapshot),
+}
+
 /// A running VM whose agent has said hello.
 #[derive(Debug)]
 pub struct Vm {
     pub id: String,
+    pub kind: VmKind,
     pub paths: VmPaths,
     pub accel: Resolved,
     pub hello: Hello,
     /// Time from spawning QEMU to the finished handshake.
     pub boot_time: Duration,
+    dir: VmDir,
     process: VmmProcess,
     channel: HostChannel,
     torn_down: bool,
 }
 
 impl Vm {
-    /// Boot a VM from `image`, retrying a failed boot `opts.retries` times.
+    /// Boot a VM from `image` (no snapshot), retrying a failed boot
+    /// `opts.retries` times. It lives as long as this process.
     pub fn boot(vms_dir: &Path, image: &Image, opts: &BootOptions) -> Result<Vm, FabricError> {
+        Self::with_retries(opts, || {
+            Self::launch(vms_dir, image, opts, VmKind::Run, Launch::Cold)
+        })
+    }
+
+    /// Restore a clone of `snap`. The snapshot fixes the image, memory,
+    /// vCPUs, accelerator and kernel command line; `opts` gives the QEMU
+    /// binary, deadline and retries. A `Clone` outlives this process once
+    /// [`Vm::detach`]ed; a `Run` does not.
+    pub fn restore(
+        vms_dir: &Path,
+        snap: &Snapshot,
+        kind: VmKind,
+        opts: &BootOptions,
+    ) -> Result<Vm, FabricError> {
+        let opts = BootOptions {
+            accel: snap.meta.accel,
+            mem_mib: snap.meta.mem_mib,
+            cpus: snap.meta.cpus,
+            extra_cmdline: snap.meta.extra_cmdline.clone(),
+            ..opts.clone()
+        };
+        Self::with_retries(&opts, || {
+            Self::launch(
+                vms_dir,
+                &snap.meta.image,
+                &opts,
+                kind,
+                Launch::Restore(snap),
+            )
+        })
+    }
+
+    fn with_retries(
+        opts: &BootOptions,
+        mut once: impl FnMut() -> Result<Vm, FabricError>,
+    ) -> Result<Vm, FabricError> {
         let mut attempt = 0;
         loop {
-            match Self::boot_once(vms_dir, image, opts) {
+            match once() {
                 Ok(vm) => return Ok(vm),
-                Err(e @ (FabricError::Spawn { .. } | FabricError::StateDir { .. })) => {
-                    return Err(e)
-                }
-                Err(e) if attempt < opts.retries => {
+                Err(e) if attempt < opts.retries && !e.is_permanent() => {
                     attempt += 1;
-                    tracing::warn!("boot failed, retrying ({attempt}/{}): {e}", opts.retries);
-                    eprintln!("dough: boot attempt {attempt} failed; retrying once more");
+                    tracing::warn!("start failed, retrying ({attempt}/{}): {e}", opts.retries);
+                    eprintln!("dough: VM start attempt {attempt} failed; retrying once more");
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn boot_once(vms_dir: &Path, image: &Image, opts: &BootOptions) -> Result<Vm, FabricError> {
+    pub(crate) fn launch(
+        vms_dir: &Path,
+        image: &Image,
+        opts: &BootOptions,
+        kind: VmKind,
+        launch: Launch<'_>,
+    ) -> Result<Vm, FabricError> {
         let id = crate::new_vm_id();
-        let dir = vms_dir.join(&id);
-        let state_err = |source| FabricError::StateDir {
-            path: dir.clone(),
-            source,
+        let mut rec = VmRecord::new(&id, kind, opts.accel, opts.mem_mib, opts.cpus);
+        rec.image = image.id.clone();
+        if let Launch::Restore(snap) = &launch {
+            rec.snapshot = Some(snap.key.clone());
+        }
+        let dir = VmDir::create(vms_dir, &rec)?;
+        let paths = dir.paths.clone();
+        let (memory, incoming, start_paused) = match &launch {
+            Launch::Cold => (Memory::Anonymous, None, false),
+            Launch::Bake { mem, .. } => (
+                Memory::File {
+                    path: mem.clone(),
+                    shared: true,
+                },
+                None,
+                false,
+            ),
+            Launch::Restore(snap) => (
+                Memory::File {
+                    path: snap.mem.clone(),
+                    shared: false,
+                },
+                Some(Incoming::Defer),
+                true,
+            ),
         };
-        crate::gc::create_owned_dir(&dir).map_err(state_err)?;
-        let paths = VmPaths::new(&dir);
         let args = QemuArgs {
             accel: opts.accel,
             mem_mib: opts.mem_mib,
@@ -147,8 +255,18 @@ impl Vm {
             initrd: image.initrd.clone(),
             rootfs: image.rootfs.clone(),
             extra_cmdline: opts.extra_cmdline.clone(),
-            tsc_khz: dough_vmm::accel::host_tsc_khz(),
+            tsc_khz: tsc_khz(opts.accel, &launch),
             paths: paths.clone(),
+            memory,
+            incoming,
+            start_paused,
+        };
+        let state_err = |source| FabricError::StateDir {
+            path: paths.dir.clone(),
+            source,
+        };
+        let remove = || {
+            let _ = std::fs::remove_dir_all(&paths.dir);
         };
         let log = std::fs::File::create(&paths.vmm_log).map_err(state_err)?;
         let log2 = log.try_clone().map_err(state_err)?;
@@ -164,46 +282,73 @@ impl Vm {
             .process_group(0)
             .spawn()
             .map_err(|source| {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove();
                 FabricError::Spawn {
                     qemu: opts.qemu.display().to_string(),
                     source,
                 }
             })?;
         let mut process = VmmProcess::from_child(child);
-        crate::gc::record_vmm(&dir, &process.id).map_err(state_err)?;
+        let vmm = process.id;
+        if let Err(e) = dir.update(|r| {
+            r.vmm = Some(vmm);
+            r.transition(VmState::Starting)
+        }) {
+            let _ = process.kill_and_wait(Duration::from_secs(10));
+            remove();
+            return Err(e.into());
+        }
 
         let fail = |process: &mut VmmProcess, e: FabricError| {
             let _ = process.kill_and_wait(Duration::from_secs(10));
-            let _ = std::fs::remove_dir_all(&dir);
+            remove();
             e
         };
-        let mut watch = SerialWatch::new(&paths.serial);
-        let mut exited = None;
-        let ready = wait_until(opts.deadline, || {
-            if let Some(st) = process.try_wait() {
-                exited = Some(st);
-                return true;
+        let exited = |st: std::process::ExitStatus| FabricError::VmmExited {
+            vm: id.clone(),
+            status: st.to_string(),
+            vmm_tail: tail(&paths.vmm_log, 10),
+            serial_tail: tail(&paths.serial, TAIL_LINES),
+        };
+
+        match &launch {
+            Launch::Cold | Launch::Bake { .. } => {
+                let mut watch = SerialWatch::new(&paths.serial);
+                let mut status = None;
+                let ready = wait_until(opts.deadline, || {
+                    if let Some(st) = process.try_wait() {
+                        status = Some(st);
+                        return true;
+                    }
+                    watch.saw(READY_LINE)
+                });
+                if let Some(st) = status {
+                    let e = exited(st);
+                    return Err(fail(&mut process, e));
+                }
+                if !ready {
+                    let e = FabricError::BootTimeout {
+                        vm: id.clone(),
+                        secs: opts.deadline.as_secs(),
+                        accel: opts.accel,
+                        serial_tail: tail(&paths.serial, TAIL_LINES),
+                    };
+                    return Err(fail(&mut process, e));
+                }
             }
-            watch.saw(READY_LINE)
-        });
-        if let Some(st) = exited {
-            let e = FabricError::VmmExited {
-                vm: id.clone(),
-                status: st.to_string(),
-                vmm_tail: tail(&paths.vmm_log, 10),
-                serial_tail: tail(&paths.serial, TAIL_LINES),
-            };
-            return Err(fail(&mut process, e));
-        }
-        if !ready {
-            let e = FabricError::BootTimeout {
-                vm: id.clone(),
-                secs: opts.deadline.as_secs(),
-                accel: opts.accel,
-                serial_tail: tail(&paths.serial, TAIL_LINES),
-            };
-            return Err(fail(&mut process, e));
+            Launch::Restore(snap) => {
+                if let Err(source) = restore_from(&paths.qmp, &snap.state, opts.deadline) {
+                    let e = match process.try_wait() {
+                        Some(st) => exited(st),
+                        None => FabricError::Restore {
+                            vm: id.clone(),
+                            source,
+                            vmm_tail: tail(&paths.vmm_log, 10),
+                        },
+                    };
+                    return Err(fail(&mut process, e));
+                }
+            }
         }
         let left = opts
             .deadline
@@ -216,23 +361,27 @@ impl Vm {
         let (channel, hello) = match handshake {
             Ok(x) => x,
             Err(source) => {
-                return Err(fail(
-                    &mut process,
-                    FabricError::Handshake {
-                        vm: id.clone(),
-                        source,
-                    },
-                ))
+                let e = FabricError::Handshake {
+                    vm: id.clone(),
+                    source,
+                    serial_tail: tail(&paths.serial, TAIL_LINES),
+                };
+                return Err(fail(&mut process, e));
             }
         };
+        if let Err(e) = dir.set_state(VmState::Ready) {
+            return Err(fail(&mut process, e.into()));
+        }
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");
         Ok(Vm {
             id,
+            kind,
             paths,
             accel: opts.accel,
             hello,
             boot_time,
+            dir,
             process,
             channel,
             torn_down: false,
@@ -271,22 +420,49 @@ impl Vm {
             Err(source) => Err(FabricError::Handshake {
                 vm: self.id.clone(),
                 source,
+                serial_tail: tail(&self.paths.serial, TAIL_LINES),
             }),
         }
     }
 
     /// Peak resident set of the VMM process so far (`VmHWM`), in KiB.
     pub fn vmm_peak_rss_kib(&self) -> Option<u64> {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.process.id.pid)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        dough_vmm::process::peak_rss_kib(self.process.id.pid)
     }
 
     pub fn pid(&self) -> i32 {
         self.process.id.pid
+    }
+
+    /// A QMP connection to this VM's VMM.
+    pub(crate) fn qmp(&self) -> Result<Qmp, FabricError> {
+        Qmp::connect(&self.paths.qmp, Duration::from_secs(10)).map_err(|source| FabricError::Qmp {
+            vm: self.id.clone(),
+            what: "connecting to QMP",
+            source,
+        })
+    }
+
+    pub(crate) fn set_state(&self, to: VmState) -> Result<(), FabricError> {
+        Ok(self.dir.set_state(to)?)
+    }
+
+    /// Close the channel (the agent goes back to waiting for a host).
+    pub(crate) fn close_channel(&self) {
+        self.channel.shutdown();
+    }
+
+    /// Hand the VM over to `$DOUGH_HOME`: it keeps running after this
+    /// process exits, until `dough down`. The channel is closed first.
+    pub fn detach(mut self) -> Result<String, FabricError> {
+        self.channel.shutdown();
+        self.dir.update(|r| {
+            r.owner = None;
+            r.kind = VmKind::Clone;
+            Ok(())
+        })?;
+        self.torn_down = true;
+        Ok(self.id.clone())
     }
 
     /// Stop the VMM (QMP `quit`, then SIGKILL by verified pid) and remove
@@ -300,9 +476,14 @@ impl Vm {
             return Ok(());
         }
         self.torn_down = true;
-        if let Ok(mut q) = Qmp::connect(&self.paths.qmp, Duration::from_secs(2)) {
-            let _ = q.quit();
-            wait_until(Duration::from_secs(2), || self.process.try_wait().is_some());
+        self.channel.shutdown();
+        // Someone may have run `dough down` on it already; that is fine.
+        let _ = self.dir.set_state(VmState::Stopping);
+        if self.process.try_wait().is_none() {
+            if let Ok(mut q) = Qmp::connect(&self.paths.qmp, Duration::from_secs(2)) {
+                let _ = q.quit();
+                wait_until(Duration::from_secs(2), || self.process.try_wait().is_some());
+            }
         }
         let r = self
             .process
@@ -322,4 +503,34 @@ impl Drop for Vm {
             tracing::error!("{e}");
         }
     }
+}
+
+/// TSC rate to give a TCG guest: the host's for a boot; a restore keeps
+/// the rate its snapshot's guest calibrated with.
+fn tsc_khz(accel: Resolved, launch: &Launch<'_>) -> Option<u64> {
+    match launch {
+        Launch::Restore(snap) => snap.meta.tsc_khz,
+        Launch::Bake { tsc_khz, .. } => *tsc_khz,
+        Launch::Cold if accel == Resolved::Tcg => dough_vmm::accel::host_tsc_khz(),
+        Launch::Cold => None,
+    }
+}
+
+/// Drive a `-incoming defer -S` QEMU through restoring `state`: skip the
+/// shared RAM (it is the snapshot's memory file), load the device state,
+/// then run the vCPUs.
+fn restore_from(qmp_path: &Path, state: &Path, limit: Duration) -> Result<(), QmpError> {
+    let start = Instant::now();
+    let mut q = loop {
+        match Qmp::connect(qmp_path, Duration::from_secs(5)) {
+            Ok(q) => break q,
+            Err(e @ QmpError::Connect { .. }) if start.elapsed() >= limit => return Err(e),
+            Err(QmpError::Connect { .. }) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => return Err(e),
+        }
+    };
+    q.ignore_shared_ram()?;
+    q.migrate_incoming(&dough_vmm::qemu::exec_uri(state, false))?;
+    q.wait_migration(limit.saturating_sub(start.elapsed()))?;
+    q.cont()
 }

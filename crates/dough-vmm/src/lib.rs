@@ -12,5 +12,5 @@ pub mod qmp;
 
 pub use accel::{Accel, Resolved};
 pub use process::{ProcessError, ProcessId, VmmProcess};
-pub use qemu::{QemuArgs, VmPaths};
+pub use qemu::{Incoming, Memory, QemuArgs, VmPaths, DEVICE_SET};
 pub use qmp::{Qmp, QmpError};

@@ -122,6 +122,26 @@ impl VmmProcess {
     }
 }
 
+/// A `/proc/PID/...` figure given in kB: the first number after `key`.
+fn proc_kib(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Peak resident set (`VmHWM`) of `pid`, in KiB.
+pub fn peak_rss_kib(pid: i32) -> Option<u64> {
+    proc_kib(&format!("/proc/{pid}/status"), "VmHWM:")
+}
+
+/// Proportional set size of `pid` (pages shared with other processes, such
+/// as a snapshot's memory file in the page cache, count in part), in KiB.
+pub fn pss_kib(pid: i32) -> Option<u64> {
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+}
+
 /// Poll `cond` every few milliseconds until it is true or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -141,6 +161,14 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_figures_of_this_process() {
+        let me = std::process::id() as i32;
+        assert!(peak_rss_kib(me).unwrap() > 0);
+        assert!(pss_kib(me).unwrap() > 0);
+        assert_eq!(pss_kib(-1), None);
+    }
 
     #[test]
     fn stat_parsing_survives_odd_names() {

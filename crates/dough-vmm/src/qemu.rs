@@ -43,6 +43,46 @@ pub struct QemuArgs {
     /// Host TSC rate, passed to TCG guests (see [`crate::accel::host_tsc_khz`]).
     pub tsc_khz: Option<u64>,
     pub paths: VmPaths,
+    /// Where guest RAM lives.
+    pub memory: Memory,
+    /// Wait for an incoming migration instead of booting.
+    pub incoming: Option<Incoming>,
+    /// Start with vCPUs stopped (`-S`); QMP `cont` runs them.
+    pub start_paused: bool,
+}
+
+/// Guest RAM backing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// Ordinary anonymous memory (a cold boot that is never snapshotted).
+    Anonymous,
+    /// RAM is the file at `path`. `shared`: writes go to the file (bake);
+    /// otherwise the file is mapped privately, copy-on-write (clones).
+    File { path: PathBuf, shared: bool },
+}
+
+/// Where an incoming migration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// `-incoming defer`: QMP `migrate-incoming` names the source later.
+    Defer,
+    /// Read the migration stream from `file` at start (`exec:cat FILE`).
+    File(PathBuf),
+}
+
+/// The device set dough's argv gives a guest, versioned: a snapshot can
+/// only be restored into the same set, so snapshot keys include this.
+pub const DEVICE_SET: &str = "microvm/rng,blk-ro:root,virtio-serial:dough.0,serial:ttyS0/v1";
+
+/// A migration URI that streams to (`save`) or from a file through `cat`.
+/// QEMU runs `exec:` URIs with `/bin/sh -c`, so the path is shell-quoted.
+pub fn exec_uri(path: &Path, save: bool) -> String {
+    let quoted = format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"));
+    if save {
+        format!("exec:cat > {quoted}")
+    } else {
+        format!("exec:cat {quoted}")
+    }
 }
 
 /// Fixed kernel command line: serial console, quiet, reboot = exit (QEMU is
@@ -74,7 +114,21 @@ impl QemuArgs {
                 v.push(b);
             }
         };
-        push("-M", "microvm".into());
+        match &self.memory {
+            Memory::Anonymous => push("-M", "microvm".into()),
+            Memory::File { path, shared } => {
+                push("-M", "microvm,memory-backend=mem".into());
+                let mut o = opt_path(
+                    &format!(
+                        "memory-backend-file,id=mem,size={}M,mem-path=",
+                        self.mem_mib
+                    ),
+                    path,
+                );
+                o.push(if *shared { ",share=on" } else { ",share=off" });
+                push("-object", o);
+            }
+        }
         push("-accel", self.accel.qemu_name().into());
         push(
             "-cpu",
@@ -116,6 +170,14 @@ impl QemuArgs {
         let mut qmp = opt_path("unix:", &p.qmp);
         qmp.push(",server=on,wait=off");
         push("-qmp", qmp);
+        if self.start_paused {
+            push("-S", OsString::new());
+        }
+        match &self.incoming {
+            None => {}
+            Some(Incoming::Defer) => push("-incoming", "defer".into()),
+            Some(Incoming::File(f)) => push("-incoming", exec_uri(f, false).into()),
+        }
         v
     }
 }
@@ -146,7 +208,77 @@ mod tests {
             extra_cmdline: vec!["dough.root=/dev/vda".into()],
             tsc_khz: Some(2_100_000),
             paths: VmPaths::new(Path::new("/h/vms/vm-1")),
+            memory: Memory::Anonymous,
+            incoming: None,
+            start_paused: false,
         }
+    }
+
+    fn strings(a: &QemuArgs) -> Vec<String> {
+        a.argv()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn bake_maps_ram_from_a_shared_file() {
+        let mut a = args(Resolved::Tcg);
+        a.memory = Memory::File {
+            path: "/snap/mem".into(),
+            shared: true,
+        };
+        let argv = strings(&a);
+        assert_eq!(argv[..2], ["-M", "microvm,memory-backend=mem"]);
+        assert!(argv.windows(2).any(|w| w
+            == [
+                "-object",
+                "memory-backend-file,id=mem,size=256M,mem-path=/snap/mem,share=on"
+            ]));
+        assert!(!argv.iter().any(|s| s == "-incoming" || s == "-S"));
+    }
+
+    #[test]
+    fn clone_maps_ram_privately_and_waits_for_incoming() {
+        let mut a = args(Resolved::Tcg);
+        a.memory = Memory::File {
+            path: "/snap/mem".into(),
+            shared: false,
+        };
+        a.incoming = Some(Incoming::Defer);
+        a.start_paused = true;
+        let argv = strings(&a);
+        assert!(argv
+            .iter()
+            .any(|s| s.ends_with("mem-path=/snap/mem,share=off")));
+        assert_eq!(argv[argv.len() - 3..], ["-S", "-incoming", "defer"]);
+        // Same device set as the bake: only memory sharing and incoming differ.
+        let mut bake = a.clone();
+        bake.memory = Memory::File {
+            path: "/snap/mem".into(),
+            shared: true,
+        };
+        bake.incoming = None;
+        bake.start_paused = false;
+        let b = strings(&bake);
+        let strip = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .filter(|s| {
+                    !s.contains("share=") && *s != "-S" && *s != "-incoming" && *s != "defer"
+                })
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&argv), strip(&b));
+    }
+
+    #[test]
+    fn incoming_from_file_is_shell_quoted() {
+        let mut a = args(Resolved::Tcg);
+        a.incoming = Some(Incoming::File("/x/it's here".into()));
+        let argv = strings(&a);
+        assert_eq!(argv.last().unwrap(), "exec:cat '/x/it'\\''s here'");
+        assert_eq!(exec_uri(Path::new("/a b"), true), "exec:cat > '/a b'");
     }
 
     #[test]

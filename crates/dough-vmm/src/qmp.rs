@@ -25,6 +25,8 @@ pub enum QmpError {
     Closed,
     #[error("QMP sent something that is not JSON: {0}")]
     BadJson(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
     #[error("QMP command {command} failed: {class}: {desc}")]
     Command {
         command: String,
@@ -113,6 +115,69 @@ impl Qmp {
             .to_string())
     }
 
+    /// Pause the vCPUs.
+    pub fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute("stop", None).map(drop)
+    }
+
+    /// Run the vCPUs.
+    pub fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute("cont", None).map(drop)
+    }
+
+    /// Leave RAM that lives in a shared file out of the migration stream
+    /// (`x-ignore-shared`); needed on both the saving and restoring side.
+    pub fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        )
+        .map(drop)
+    }
+
+    /// Start an outgoing migration to `uri`.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
+    /// Start the incoming migration of a `-incoming defer` QEMU.
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
+    /// Poll `query-migrate` until the migration (either direction) has
+    /// completed, failing on `failed`/`cancelled` or after `limit`.
+    pub fn wait_migration(&mut self, limit: Duration) -> Result<(), QmpError> {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let r = self.execute("query-migrate", None)?;
+            let status = r.get("status").and_then(Value::as_str).unwrap_or("none");
+            match status {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(QmpError::Migration(
+                        r.get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or(status)
+                            .to_string(),
+                    ))
+                }
+                _ if start.elapsed() >= limit => {
+                    return Err(QmpError::Migration(format!(
+                        "still {status} after {limit:?}"
+                    )))
+                }
+                _ => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
     /// Ask QEMU to exit. The connection closes as it does.
     pub fn quit(&mut self) -> Result<(), QmpError> {
         match self.execute("quit", None) {
@@ -172,5 +237,26 @@ mod tests {
             q.execute("y", None),
             Err(QmpError::Closed | QmpError::Io(_))
         ));
+    }
+
+    #[test]
+    fn migration_waits_for_completion_and_reports_failure() {
+        let d = tempfile::tempdir().unwrap();
+        let path = fake(
+            d.path(),
+            vec![
+                "{\"return\": {}}\n",
+                "{\"return\": {}}\n",
+                "{\"return\": {\"status\": \"setup\"}}\n",
+                "{\"return\": {\"status\": \"active\"}}\n",
+                "{\"return\": {\"status\": \"completed\"}}\n",
+                "{\"return\": {\"status\": \"failed\", \"error-desc\": \"disk full\"}}\n",
+            ],
+        );
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        q.migrate("exec:cat > /x").unwrap();
+        q.wait_migration(Duration::from_secs(5)).unwrap();
+        let e = q.wait_migration(Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.to_string(), "migration failed: disk full");
     }
 }

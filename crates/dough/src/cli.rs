@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{doctor, image_cmd, run_cmd};
+use crate::{bench_cmd, doctor, image_cmd, run_cmd, vm_cmds};
 
 /// dough runs autonomous coding agents inside microVMs.
 ///
@@ -18,6 +18,10 @@ pub struct Cli {
     /// dough's state and cache directory.
     #[arg(long, global = true, env = "DOUGH_HOME")]
     pub home: Option<PathBuf>,
+    /// Where running VMs are recorded (default: <home>/vms). Separate
+    /// dough invocations with the same directory see the same VMs.
+    #[arg(long, global = true, env = "DOUGH_VMS_DIR", value_name = "DIR")]
+    pub vms_dir: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -30,11 +34,33 @@ pub enum Command {
     /// Build or list guest images.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
-    /// Boot a fresh VM, run CMD in it, stream its output, exit with its exit
-    /// code and destroy the VM.
+    /// Start a fresh VM (a clone of the baked snapshot, baked first if
+    /// needed), run CMD in it, stream its output, exit with its exit code
+    /// and destroy the VM.
     ///
     /// Example: dough run -- python3 -c 'print(6*7)'
     Run(run_cmd::RunArgs),
+    /// Boot a guest, wait for its agent, and freeze it into the warm
+    /// snapshot clones are restored from. `up` and `run` bake on their own
+    /// when the inputs (image, agent, memory, vCPUs, accelerator, kernel
+    /// command line, QEMU) changed; this forces it or does it ahead of time.
+    Bake(vm_cmds::BakeArgs),
+    /// Restore N clones of the baked snapshot; they keep running after
+    /// this command exits, until `dough down`. Prints their ids.
+    Up(vm_cmds::UpArgs),
+    /// List VMs: id, state, age, VMM pid, memory (PSS), accelerator.
+    Ps(vm_cmds::PsArgs),
+    /// Run CMD in a running clone (same output and exit code as `run`).
+    ///
+    /// Example: dough exec vm-1a2b3c4d -- uname -a
+    Exec(vm_cmds::ExecCmdArgs),
+    /// Print a VM's serial console (the bake's boot log, then the clone's).
+    Logs(vm_cmds::LogsArgs),
+    /// Stop VMs exactly (by their recorded pid) and remove their state.
+    Down(vm_cmds::DownArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
     /// Check that this host has what dough needs, and say what to install.
     Doctor(doctor::DoctorArgs),
 }
@@ -67,11 +93,34 @@ pub fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/dough"))
 }
 
+/// Where this invocation keeps things.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Images, snapshots, caches.
+    pub home: PathBuf,
+    /// Records and host-side files of running VMs.
+    pub vms: PathBuf,
+}
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = home_dir(cli.home)?;
+    let vms = cli.vms_dir.unwrap_or_else(|| home.join("vms"));
+    let ctx = Ctx { home, vms };
+    // Every command that deals with VMs first cleans up after crashed
+    // doughs and notices dead clones.
+    if !matches!(cli.command, Command::Image(_)) {
+        run_cmd::sweep(&ctx.vms);
+    }
     match cli.command {
-        Command::Image(cmd) => image_cmd::run(&home, cmd),
-        Command::Run(args) => run_cmd::run(&home, args),
-        Command::Doctor(args) => doctor::run(&home, args),
+        Command::Image(cmd) => image_cmd::run(&ctx.home, cmd),
+        Command::Run(args) => run_cmd::run(&ctx, args),
+        Command::Bake(args) => vm_cmds::bake(&ctx, args),
+        Command::Up(args) => vm_cmds::up(&ctx, args),
+        Command::Ps(args) => vm_cmds::ps(&ctx, args),
+        Command::Exec(args) => vm_cmds::exec(&ctx, args),
+        Command::Logs(args) => vm_cmds::logs(&ctx, args),
+        Command::Down(args) => vm_cmds::down(&ctx, args),
+        Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
+        Command::Doctor(args) => doctor::run(&ctx.home, args),
     }
 }

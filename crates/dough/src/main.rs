@@ -1,9 +1,11 @@
 //! The `dough` command line.
 
+mod bench_cmd;
 mod cli;
 mod doctor;
 mod image_cmd;
 mod run_cmd;
+mod vm_cmds;
 
 use std::process::ExitCode;
 
@@ -12,6 +14,10 @@ fn main() -> ExitCode {
     cli::init_tracing(args.verbose);
     match cli::dispatch(args) {
         Ok(code) => code,
+        Err(_) if run_cmd::tearing_down() => loop {
+            // The signal thread finishes the teardown and exits.
+            std::thread::park();
+        },
         Err(e) => {
             eprintln!("dough: error: {e}");
             for cause in e.chain().skip(1) {

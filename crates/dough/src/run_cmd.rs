@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use dough_fabric::{gc, BootOptions, ExecRequest, Vm};
+use dough_fabric::snapshot::Ensured;
+use dough_fabric::{gc, BootOptions, ExecRequest, SnapshotSpec, SnapshotStore, Vm, VmKind};
 use dough_image::{Image, Store};
 use dough_proto::{ExitStatus, Stream};
 use dough_vmm::{Accel, Resolved};
 
+use crate::cli::Ctx;
 use crate::image_cmd::{self, AgentArg, BuildArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,6 +70,20 @@ pub struct VmArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
+    /// Boot the image instead of restoring a clone of its baked snapshot
+    /// (slower; nothing is baked).
+    #[arg(long)]
+    pub cold: bool,
+    /// Print boot timing and the VMM's peak RSS on stderr.
+    #[arg(long)]
+    pub stats: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+/// What to run in a VM and how.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
     /// Kill the command after SECS seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -80,9 +96,6 @@ pub struct RunArgs {
     /// Send this process's stdin to the command (read to the end first).
     #[arg(short, long)]
     pub interactive: bool,
-    /// Print boot timing and the VMM's peak RSS on stderr.
-    #[arg(long)]
-    pub stats: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -138,22 +151,26 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
     })
 }
 
-/// Reclaim what crashed dough processes left behind, saying what was cleaned.
-pub fn reclaim_orphans(home: &Path) {
-    for r in gc::reclaim_orphans(&home.join("vms")) {
-        match r.killed_vmm {
-            Some(pid) => eprintln!(
-                "dough: reclaimed orphaned VM {} (killed its VMM, pid {pid})",
-                r.dir.display()
-            ),
-            None => eprintln!("dough: reclaimed stale VM directory {}", r.dir.display()),
-        }
+/// Reclaim what crashed dough processes left behind and mark clones whose
+/// VMM died, saying what was done.
+pub fn sweep(vms: &Path) {
+    for s in gc::sweep(vms) {
+        eprintln!("dough: {s}");
     }
+}
+
+static TEARING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a signal is tearing this process's VMs down (errors the main
+/// thread sees meanwhile are a consequence, not news: the signal thread
+/// reports and exits).
+pub fn tearing_down() -> bool {
+    TEARING_DOWN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// On SIGINT/SIGTERM/SIGHUP, tear down this process's VMs and exit 130.
 /// Must be called before any other thread starts (it sets the signal mask).
-pub fn install_teardown_on_signal(home: &Path) {
+pub fn install_teardown_on_signal(vms: &Path) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -162,9 +179,10 @@ pub fn install_teardown_on_signal(home: &Path) {
     if set.thread_block().is_err() {
         return;
     }
-    let vms = home.join("vms");
+    let vms = vms.to_path_buf();
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
+            TEARING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("dough: {sig}; tearing down");
             gc::reclaim_mine(&vms);
             std::process::exit(130);
@@ -194,41 +212,80 @@ pub fn stream_sink(stream: Stream, data: &[u8]) {
     };
 }
 
-pub fn run(home: &Path, args: RunArgs) -> anyhow::Result<ExitCode> {
-    install_teardown_on_signal(home);
-    reclaim_orphans(home);
-    let image = resolve_image(home, &args.vm)?;
-    let opts = boot_options(home, &image, &args.vm)?;
-    let stdin = if args.interactive {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .context("reading stdin")?;
-        Some(buf)
+impl ExecArgs {
+    /// The request to send, reading stdin first when asked to.
+    pub fn request(&self) -> anyhow::Result<ExecRequest> {
+        let stdin = if self.interactive {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+            Some(buf)
+        } else {
+            None
+        };
+        let timeout = match self.timeout {
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+            None => None,
+        };
+        Ok(ExecRequest {
+            argv: self.command.clone(),
+            env: self.env.clone(),
+            cwd: self.workdir.clone(),
+            stdin,
+            timeout,
+        })
+    }
+}
+
+/// Everything that shapes the snapshot `vm` would be restored from.
+pub fn snapshot_spec(image: &Image, opts: &BootOptions) -> anyhow::Result<SnapshotSpec> {
+    Ok(SnapshotSpec {
+        image: image.clone(),
+        accel: opts.accel,
+        mem_mib: opts.mem_mib,
+        cpus: opts.cpus,
+        extra_cmdline: opts.extra_cmdline.clone(),
+        qemu_version: dough_fabric::snapshot::qemu_version(&opts.qemu)?,
+    })
+}
+
+/// The snapshot for these VM options, baked first if there is none (or
+/// if `force`), saying why.
+pub fn ensure_snapshot(
+    ctx: &Ctx,
+    image: &Image,
+    opts: &BootOptions,
+    force: bool,
+) -> anyhow::Result<Ensured> {
+    let spec = snapshot_spec(image, opts)?;
+    let store = SnapshotStore::new(&ctx.home);
+    Ok(store.ensure(&spec, opts, &ctx.vms, force, &mut |m| {
+        eprintln!("dough: {m}")
+    })?)
+}
+
+pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
+    install_teardown_on_signal(&ctx.vms);
+    let image = resolve_image(&ctx.home, &args.vm)?;
+    let opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let req = args.exec.request()?;
+    let mut vm = if args.cold {
+        Vm::boot(&ctx.vms, &image, &opts).context("booting the VM")?
     } else {
-        None
+        let snap = ensure_snapshot(ctx, &image, &opts, false)?;
+        Vm::restore(&ctx.vms, snap.snapshot(), VmKind::Run, &opts).context("restoring a clone")?
     };
-    let timeout = match args.timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
-        None => None,
-    };
-    let mut vm = Vm::boot(&home.join("vms"), &image, &opts).context("booting the VM")?;
     if args.stats {
         eprintln!(
-            "dough: VM {} ready in {:.2}s ({})",
+            "dough: VM {} ready in {:.2}s ({}, {})",
             vm.id,
             vm.boot_time.as_secs_f64(),
-            vm.accel
+            vm.accel,
+            if args.cold { "cold boot" } else { "restored" }
         );
     }
-    let req = ExecRequest {
-        argv: args.command,
-        env: args.env,
-        cwd: args.workdir,
-        stdin,
-        timeout,
-    };
     let result = vm.exec(&req, &mut stream_sink);
     if args.stats {
         if let Some(kib) = vm.vmm_peak_rss_kib() {

@@ -9,6 +9,9 @@ use common::*;
 #[test]
 fn vm_run_prints_the_agent_name_as_pid_1() {
     let home = shared_home();
+    // Both paths: a clone of the baked snapshot, and a cold boot.
+    let out = run(&home, &["run", "--cold", "--", "cat", "/proc/1/comm"]);
+    assert_eq!(text(&out.stdout), "dough-agent\n", "{}", text(&out.stderr));
     let out = run(&home, &["run", "--", "cat", "/proc/1/comm"]);
     assert_eq!(
         text(&out.stdout),
@@ -145,12 +148,20 @@ fn vm_guest_filesystem_is_a_throwaway_overlay() {
 fn vm_boot_without_ready_line_fails_with_the_serial_tail() {
     let home = private_home();
     // The agent waits 20 s for a root device that never appears; the boot
-    // deadline is 4 s, so both attempts must fail with the console tail.
+    // deadline is 4 s, so both attempts must fail with the console tail:
+    // booting cold, and baking the snapshot a clone would come from.
+    for cold in [true, false] {
+        no_ready_line(home.path(), cold);
+    }
+}
+
+fn no_ready_line(home: &std::path::Path, cold: bool) {
     let start = Instant::now();
     let out = run(
-        home.path(),
+        home,
         &[
             "run",
+            if cold { "--cold" } else { "--stats" },
             "--boot-timeout",
             "4",
             "--kernel-arg",
@@ -174,6 +185,9 @@ fn vm_boot_without_ready_line_fails_with_the_serial_tail() {
         "{err}"
     );
     assert!(err.contains("retrying"), "one retry: {err}");
+    if !cold {
+        assert!(err.contains("baking the snapshot"), "{err}");
+    }
     let tail = err.split("last serial console lines:").nth(1).unwrap_or("");
     assert!(
         tail.contains("Linux version") || tail.contains("virtio"),
@@ -184,7 +198,7 @@ fn vm_boot_without_ready_line_fails_with_the_serial_tail() {
         "failed within the deadlines, took {elapsed:?}"
     );
     assert!(
-        vm_dirs(home.path()).is_empty(),
+        vm_dirs(home).is_empty(),
         "failed boots leave nothing behind"
     );
 }
@@ -198,27 +212,7 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait (with a deadline) for the VM to be up and recorded.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let vmm_file = loop {
-        let found = vm_dirs(home.path())
-            .into_iter()
-            .map(|d| d.join("vmm.json"))
-            .find(|f| f.exists());
-        let ready = vm_dirs(home.path()).iter().any(|d| {
-            std::fs::read_to_string(d.join("serial.log"))
-                .unwrap_or_default()
-                .contains("worker ready")
-        });
-        if let (Some(f), true) = (found, ready) {
-            break f;
-        }
-        assert!(Instant::now() < deadline, "VM never came up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let vmm: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&vmm_file).unwrap()).unwrap();
-    let qemu_pid = vmm["pid"].as_i64().unwrap();
+    let qemu_pid = wait_for_ready_vm(home.path());
     victim.kill().unwrap();
     victim.wait().unwrap();
     assert!(
@@ -239,18 +233,11 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed() {
         text(&out.stderr)
     );
     let gone = (0..100).any(|_| {
-        let st = std::fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default();
-        let dead = st.is_empty()
-            || st
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z');
-        if !dead {
+        let gone = process_gone(qemu_pid);
+        if !gone {
             std::thread::sleep(Duration::from_millis(50));
         }
-        dead
+        gone
     });
     assert!(gone, "orphaned QEMU {qemu_pid} was killed");
     assert!(
@@ -269,15 +256,7 @@ fn vm_sigint_tears_the_vm_down() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !vm_dirs(home.path()).iter().any(|d| {
-        std::fs::read_to_string(d.join("serial.log"))
-            .unwrap_or_default()
-            .contains("worker ready")
-    }) {
-        assert!(Instant::now() < deadline, "VM never came up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_ready_vm(home.path());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,

@@ -20,8 +20,17 @@ pub fn shared_home() -> PathBuf {
 }
 
 /// A private dough home that shares the built image's artifacts (manifests
-/// point at absolute paths in the shared cache) but has its own VM state.
+/// point at absolute paths in the shared cache) and the baked snapshots,
+/// but has its own VM state.
 pub fn private_home() -> tempfile::TempDir {
+    let d = private_home_own_snapshots();
+    std::os::unix::fs::symlink(shared_home().join("snapshots"), d.path().join("snapshots"))
+        .unwrap();
+    d
+}
+
+/// Like [`private_home`], with an empty snapshot store of its own.
+pub fn private_home_own_snapshots() -> tempfile::TempDir {
     let shared = shared_home();
     let d = tempfile::tempdir().unwrap();
     let images = d.path().join("images");
@@ -30,7 +39,56 @@ pub fn private_home() -> tempfile::TempDir {
         let e = e.unwrap();
         std::fs::copy(e.path(), images.join(e.file_name())).unwrap();
     }
+    // The KVM probe's answer for this host boot, so `auto` does not probe again.
+    let _ = std::fs::copy(
+        shared.join("kvm-probe.json"),
+        d.path().join("kvm-probe.json"),
+    );
     d
+}
+
+/// A VM record (`state.json`) as JSON.
+pub fn records(home: &Path) -> Vec<serde_json::Value> {
+    vm_dirs(home)
+        .iter()
+        .filter_map(|d| std::fs::read(d.join("state.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect()
+}
+
+/// `dough ps --json`.
+pub fn ps(home: &Path) -> Vec<serde_json::Value> {
+    let out = run(home, &["ps", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Wait (with a deadline) until some VM under `home` is ready; its VMM pid.
+pub fn wait_for_ready_vm(home: &Path) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(pid) = records(home)
+            .iter()
+            .find(|r| r["state"] == "ready")
+            .and_then(|r| r["vmm"]["pid"].as_i64())
+        {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no VM became ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+pub fn process_gone(pid: i64) -> bool {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    st.is_empty()
+        || st
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
 }
 
 pub fn dough(home: &Path) -> Command {

@@ -1,0 +1,128 @@
+//! VMs that outlive the dough that started them: listing, running commands
+//! in them, and tearing them down, from any dough process.
+
+use std::path::Path;
+use std::time::Duration;
+
+use dough_proto::{ExitStatus, Stream};
+
+use crate::channel::{ExecRequest, HostChannel};
+use crate::serial::tail;
+use crate::state::{VmDir, VmRecord, VmState};
+use crate::vm::FabricError;
+
+/// What `dough ps` shows for one VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmStatus {
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// Seconds since it was created.
+    pub age_secs: u64,
+    /// Its VMM's proportional set size, when it runs.
+    pub pss_kib: Option<u64>,
+}
+
+/// Every VM under `vms`, oldest first.
+pub fn status(vms: &Path) -> Vec<VmStatus> {
+    let now = crate::state::now_unix();
+    crate::state::list(vms)
+        .into_iter()
+        .map(|record| VmStatus {
+            age_secs: now.saturating_sub(record.created_unix),
+            pss_kib: record
+                .vmm
+                .filter(|v| v.is_alive())
+                .and_then(|v| dough_vmm::process::pss_kib(v.pid)),
+            record,
+        })
+        .collect()
+}
+
+/// The ready VM `id` (or unique prefix); a VM whose VMM has gone is marked
+/// dead on the spot.
+fn ready(vms: &Path, id: &str) -> Result<(VmDir, VmRecord), FabricError> {
+    let dir = VmDir::open(vms, id)?;
+    let rec = dir.read()?;
+    let dead = |rec: &VmRecord| FabricError::Dead {
+        id: rec.id.clone(),
+        reason: rec
+            .dead_reason
+            .clone()
+            .unwrap_or_else(|| "its VMM exited".into()),
+    };
+    match rec.state {
+        VmState::Ready => {}
+        VmState::Dead => return Err(dead(&rec)),
+        state => {
+            return Err(FabricError::NotReady {
+                id: rec.id.clone(),
+                state,
+            })
+        }
+    }
+    if !rec.vmm.is_some_and(|v| v.is_alive()) {
+        let rec = dir.update(|r| {
+            r.transition(VmState::Dead)?;
+            r.dead_reason = Some(format!(
+                "its VMM (pid {}) exited",
+                r.vmm.map(|v| v.pid).unwrap_or(0)
+            ));
+            Ok(r.clone())
+        })?;
+        return Err(dead(&rec));
+    }
+    Ok((dir, rec))
+}
+
+/// Run a command in the ready VM `id`, as `dough run` would: connect to
+/// its channel, welcome the agent afresh (clock, entropy, id), stream the
+/// output to `sink`. One command at a time per VM: a second caller waits
+/// (`waiting` is told when it has to).
+pub fn exec(
+    vms: &Path,
+    id: &str,
+    req: &ExecRequest,
+    sink: &mut dyn FnMut(Stream, &[u8]),
+    waiting: &mut dyn FnMut(&str),
+) -> Result<ExitStatus, FabricError> {
+    let (dir, rec) = ready(vms, id)?;
+    let _channel = match dir.lock_channel()? {
+        (g, false) => g,
+        (g, true) => {
+            waiting(&rec.id);
+            g
+        }
+    };
+    let limit = Duration::from_secs(10);
+    let chan_err = |source| FabricError::Channel {
+        vm: rec.id.clone(),
+        source,
+        serial_tail: tail(&dir.paths.serial, 25),
+    };
+    let mut ch = HostChannel::connect(&dir.paths.channel, limit).map_err(chan_err)?;
+    ch.handshake(&rec.id, limit).map_err(chan_err)?;
+    let r = ch.exec(req, sink).map_err(chan_err);
+    ch.shutdown();
+    r
+}
+
+/// Tear down VM `id` exactly (see [`crate::gc::stop_and_remove`]). Works
+/// in any state, dead included. Returns the VMM pid that was stopped.
+pub fn down(vms: &Path, id: &str) -> Result<Option<i32>, FabricError> {
+    let dir = VmDir::open(vms, id)?;
+    let rec = dir.update(|r| {
+        if r.state != VmState::Stopping {
+            r.transition(VmState::Stopping)?;
+        }
+        // Whoever started it no longer answers for it: if this dough dies
+        // half-way, the next sweep finishes the job.
+        r.owner = None;
+        Ok(r.clone())
+    })?;
+    Ok(crate::gc::stop_and_remove(&dir, &rec)?)
+}
+
+/// Ids of every VM under `vms`.
+pub fn ids(vms: &Path) -> Vec<String> {
+    crate::state::list_ids(vms)
+}

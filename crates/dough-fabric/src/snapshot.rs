@@ -1,0 +1,393 @@
+//! Warm snapshots: bake once, restore many clones.
+//!
+//! A bake boots the image with guest RAM in a shared file, waits for the
+//! agent's ready line, lets the agent greet the host once (so the host
+//! knows it is alive), closes the channel, pauses the vCPUs and saves only
+//! the device state (`x-ignore-shared`: the RAM *is* the file). Clones map
+//! that file privately (copy-on-write), so they share its pages in the page
+//! cache until they write them. Nothing but the handshake has reached the
+//! guest when it is frozen: no task, no secret.
+//!
+//! Snapshots live in `$DOUGH_HOME/snapshots/<key>/` and are keyed by every
+//! input that shapes them; the files never change after the bake.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dough_image::cache::{Entry, KeyBuilder};
+use dough_image::Image;
+use dough_vmm::{Resolved, DEVICE_SET};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{now_unix, VmKind, VmState};
+use crate::vm::{BootOptions, FabricError, Launch, Vm};
+
+const META: &str = "meta.json";
+/// How long saving the device state may take.
+const SAVE_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("baking the snapshot")]
+    Bake(#[from] FabricError),
+    #[error("cannot run {qemu} --version")]
+    QemuVersion {
+        qemu: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot metadata {path}")]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("snapshot store")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything that shapes a snapshot. Change any of it and the key changes.
+#[derive(Debug, Clone)]
+pub struct SnapshotSpec {
+    pub image: Image,
+    pub accel: Resolved,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    pub extra_cmdline: Vec<String>,
+    /// `qemu --version`: migration streams are only promised to load into
+    /// the same QEMU.
+    pub qemu_version: String,
+}
+
+impl SnapshotSpec {
+    /// The labelled inputs, as shown when explaining a re-bake.
+    pub fn inputs(&self) -> BTreeMap<String, String> {
+        let i = &self.image;
+        [
+            ("kernel", i.kernel_key.clone()),
+            ("rootfs", i.rootfs_key.clone()),
+            ("initramfs", i.initrd_key.clone()),
+            ("agent", i.agent_sha256.chars().take(16).collect()),
+            ("accel", self.accel.to_string()),
+            ("memory MiB", self.mem_mib.to_string()),
+            ("vCPUs", self.cpus.to_string()),
+            ("kernel command line", self.extra_cmdline.join(" ")),
+            ("device set", DEVICE_SET.to_string()),
+            ("qemu", self.qemu_version.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn key(&self) -> String {
+        let mut k = KeyBuilder::new("snapshot-v1");
+        for (label, v) in self.inputs() {
+            k.str(&label, &v);
+        }
+        k.finish()
+    }
+}
+
+/// `meta.json` of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub key: String,
+    pub created_unix: u64,
+    /// Boot + handshake + save.
+    pub bake_secs: f64,
+    pub inputs: BTreeMap<String, String>,
+    pub image: Image,
+    pub accel: Resolved,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    pub extra_cmdline: Vec<String>,
+    pub tsc_khz: Option<u64>,
+    /// Size of the saved device state.
+    pub state_bytes: u64,
+}
+
+/// A baked snapshot on disk.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub key: String,
+    pub dir: PathBuf,
+    /// Guest RAM; mapped privately by every clone. Never modified.
+    pub mem: PathBuf,
+    /// Device state (the migration stream without RAM).
+    pub state: PathBuf,
+    /// The baked guest's serial console up to the snapshot.
+    pub boot_log: PathBuf,
+    pub meta: SnapshotMeta,
+}
+
+/// `qemu --version`'s first line.
+pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .map_err(|source| SnapshotError::QemuVersion {
+            qemu: qemu.display().to_string(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+/// Why a bake is happening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BakeReason {
+    Forced,
+    /// No snapshot was ever baked in this store.
+    First,
+    /// Inputs differ from the newest snapshot's: (input, old, new).
+    Changed(Vec<(String, String, String)>),
+}
+
+impl std::fmt::Display for BakeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BakeReason::Forced => f.write_str("--force"),
+            BakeReason::First => f.write_str("no snapshot yet"),
+            BakeReason::Changed(d) => {
+                f.write_str("inputs changed since the last bake: ")?;
+                let parts: Vec<String> = d
+                    .iter()
+                    .map(|(k, old, new)| format!("{k} {old:?} → {new:?}"))
+                    .collect();
+                f.write_str(&parts.join(", "))
+            }
+        }
+    }
+}
+
+/// What [`SnapshotStore::ensure`] did.
+#[derive(Debug)]
+pub enum Ensured {
+    Existing(Snapshot),
+    Baked(Snapshot, BakeReason),
+}
+
+impl Ensured {
+    pub fn snapshot(&self) -> &Snapshot {
+        match self {
+            Ensured::Existing(s) | Ensured::Baked(s, _) => s,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    root: PathBuf,
+}
+
+impl SnapshotStore {
+    pub fn new(home: &Path) -> Self {
+        SnapshotStore {
+            root: home.join("snapshots"),
+        }
+    }
+
+    fn entry(&self, key: &str) -> Entry {
+        Entry {
+            dir: self.root.join(key),
+        }
+    }
+
+    /// The complete snapshot `key`, if there is one.
+    pub fn get(&self, key: &str) -> Option<Snapshot> {
+        let e = self.entry(key);
+        if !e.is_complete() {
+            return None;
+        }
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&std::fs::read(e.dir.join(META)).ok()?).ok()?;
+        let s = Snapshot {
+            key: key.to_string(),
+            mem: e.dir.join("mem"),
+            state: e.dir.join("state"),
+            boot_log: e.dir.join("boot-serial.log"),
+            dir: e.dir,
+            meta,
+        };
+        (s.mem.is_file() && s.state.is_file()).then_some(s)
+    }
+
+    /// All complete snapshots, newest first.
+    pub fn list(&self) -> Vec<Snapshot> {
+        let mut out: Vec<Snapshot> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| self.get(&n))
+            .collect();
+        out.sort_by(|a, b| {
+            b.meta
+                .created_unix
+                .cmp(&a.meta.created_unix)
+                .then(a.key.cmp(&b.key))
+        });
+        out
+    }
+
+    /// Why `spec` has no snapshot: compared with the newest one.
+    pub fn why_bake(&self, spec: &SnapshotSpec) -> BakeReason {
+        let Some(last) = self.list().into_iter().next() else {
+            return BakeReason::First;
+        };
+        let new = spec.inputs();
+        let mut diff: Vec<(String, String, String)> = new
+            .iter()
+            .filter(|(k, v)| last.meta.inputs.get(*k) != Some(v))
+            .map(|(k, v)| {
+                let old = last.meta.inputs.get(k).cloned().unwrap_or_default();
+                (k.clone(), old, v.clone())
+            })
+            .collect();
+        if diff.is_empty() {
+            // Same inputs under another key: the key recipe changed.
+            diff.push(("snapshot format".into(), last.key, spec.key()));
+        }
+        BakeReason::Changed(diff)
+    }
+
+    /// The snapshot for `spec`, baking it first when there is none (or when
+    /// `force`). Concurrent callers bake once: the others wait and use it.
+    pub fn ensure(
+        &self,
+        spec: &SnapshotSpec,
+        opts: &BootOptions,
+        vms_dir: &Path,
+        force: bool,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Ensured, SnapshotError> {
+        let key = spec.key();
+        if !force {
+            if let Some(s) = self.get(&key) {
+                return Ok(Ensured::Existing(s));
+            }
+        }
+        std::fs::create_dir_all(&self.root)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".bake.lock"))?;
+        let _guard = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+            Ok(g) => g,
+            Err((f, _)) => {
+                say("waiting for another dough that is baking");
+                Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?
+            }
+        };
+        if !force {
+            if let Some(s) = self.get(&key) {
+                return Ok(Ensured::Existing(s));
+            }
+        }
+        let reason = if force {
+            BakeReason::Forced
+        } else {
+            self.why_bake(spec)
+        };
+        say(&format!("baking snapshot {key} ({reason})"));
+        let snap = self.bake(spec, opts, vms_dir)?;
+        say(&format!(
+            "baked snapshot {key} in {:.2}s (device state {} KiB)",
+            snap.meta.bake_secs,
+            snap.meta.state_bytes / 1024
+        ));
+        Ok(Ensured::Baked(snap, reason))
+    }
+
+    fn bake(
+        &self,
+        spec: &SnapshotSpec,
+        opts: &BootOptions,
+        vms_dir: &Path,
+    ) -> Result<Snapshot, SnapshotError> {
+        let key = spec.key();
+        let opts = BootOptions {
+            accel: spec.accel,
+            mem_mib: spec.mem_mib,
+            cpus: spec.cpus,
+            extra_cmdline: spec.extra_cmdline.clone(),
+            ..opts.clone()
+        };
+        let tsc_khz = match spec.accel {
+            Resolved::Tcg => dough_vmm::accel::host_tsc_khz(),
+            Resolved::Kvm => None,
+        };
+        let started = Instant::now();
+        self.entry(&key).build(|tmp| -> Result<(), SnapshotError> {
+            let mem = tmp.join("mem");
+            let state = tmp.join("state");
+            let mut attempt = 0;
+            let vm = loop {
+                let launch = Launch::Bake {
+                    mem: mem.clone(),
+                    tsc_khz,
+                };
+                match Vm::launch(vms_dir, &spec.image, &opts, VmKind::Bake, launch) {
+                    Ok(vm) => break vm,
+                    Err(e) if attempt < opts.retries && !e.is_permanent() => {
+                        attempt += 1;
+                        tracing::warn!("bake boot failed, retrying: {e}");
+                        eprintln!("dough: bake boot attempt {attempt} failed; retrying once more");
+                        let _ = std::fs::remove_file(&mem);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            // The host has seen the agent alive; now leave it idle and freeze it.
+            vm.close_channel();
+            let qmp_err = |what, source| FabricError::Qmp {
+                vm: vm.id.clone(),
+                what,
+                source,
+            };
+            let mut q = vm.qmp()?;
+            q.stop().map_err(|e| qmp_err("pausing", e))?;
+            vm.set_state(VmState::Paused)?;
+            q.ignore_shared_ram()
+                .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
+            q.migrate(&dough_vmm::qemu::exec_uri(&state, true))
+                .map_err(|e| qmp_err("saving the device state", e))?;
+            q.wait_migration(SAVE_LIMIT)
+                .map_err(|e| qmp_err("saving the device state", e))?;
+            std::fs::copy(&vm.paths.serial, tmp.join("boot-serial.log"))?;
+            vm.destroy()?;
+            let meta = SnapshotMeta {
+                key: key.clone(),
+                created_unix: now_unix(),
+                bake_secs: started.elapsed().as_secs_f64(),
+                inputs: spec.inputs(),
+                image: spec.image.clone(),
+                accel: spec.accel,
+                mem_mib: spec.mem_mib,
+                cpus: spec.cpus,
+                extra_cmdline: spec.extra_cmdline.clone(),
+                tsc_khz,
+                state_bytes: std::fs::metadata(&state)?.len(),
+            };
+            let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
+                path: tmp.join(META),
+                source,
+            })?;
+            std::fs::write(tmp.join(META), bytes)?;
+            Ok(())
+        })?;
+        self.get(&key)
+            .ok_or_else(|| std::io::Error::other(format!("snapshot {key} vanished after baking")))
+            .map_err(SnapshotError::Io)
+    }
+}

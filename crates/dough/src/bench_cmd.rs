@@ -1,0 +1,342 @@
+//! `dough bench clones`: dough's restore path against a raw QEMU restore
+//! of the same snapshot, measured side by side in one run, printed as JSON.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use dough_fabric::state::{VmDir, VmRecord, VmState};
+use dough_fabric::{ExecRequest, Snapshot, Vm, VmKind};
+use dough_proto::{GuestMsg, HostMsg};
+use dough_vmm::{Incoming, Memory, ProcessId, QemuArgs, Qmp};
+use serde_json::{json, Value};
+
+use crate::cli::Ctx;
+use crate::run_cmd::{
+    boot_options, ensure_snapshot, install_teardown_on_signal, resolve_image, VmArgs,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Restore N clones at once for each N and time restore → first exec,
+    /// clones per second and idle memory, next to a raw QEMU restore
+    /// (`-incoming` of the same snapshot, time to the agent's first
+    /// message). Prints JSON on stdout; progress on stderr.
+    Clones(ClonesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClonesArgs {
+    /// Clone counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub sizes: Vec<usize>,
+    /// Seconds to let clones go idle before reading their memory.
+    #[arg(long, default_value_t = 2)]
+    pub settle: u64,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Clones(a) => clones(ctx, a),
+    }
+}
+
+/// Latency figures in milliseconds (nearest-rank percentiles).
+fn summary(mut ms: Vec<f64>, wall: Duration) -> Value {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        let i = ((p / 100.0) * ms.len() as f64).ceil() as usize;
+        ms[i.clamp(1, ms.len()) - 1]
+    };
+    json!({
+        "p50_ms": round(pct(50.0)),
+        "p90_ms": round(pct(90.0)),
+        "max_ms": round(*ms.last().unwrap_or(&0.0)),
+        "wall_ms": round(wall.as_secs_f64() * 1e3),
+        "clones_per_sec": round(ms.len() as f64 / wall.as_secs_f64()),
+    })
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn mean_pss_kib(pids: &[i32]) -> Option<u64> {
+    let v: Vec<u64> = pids
+        .iter()
+        .filter_map(|&p| dough_vmm::process::pss_kib(p))
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum::<u64>() / v.len() as u64)
+}
+
+fn mem_available_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !a.sizes.is_empty() && a.sizes.iter().all(|&n| (1..=64).contains(&n)),
+        "--sizes must be numbers from 1 to 64"
+    );
+    install_teardown_on_signal(&ctx.vms);
+    let image = resolve_image(&ctx.home, &a.vm)?;
+    let opts = boot_options(&ctx.home, &image, &a.vm)?;
+    let got = ensure_snapshot(ctx, &image, &opts, false)?;
+    let snap = got.snapshot().clone();
+    let settle = Duration::from_secs(a.settle);
+    let mut rows = Vec::new();
+    let mut last_pss = None;
+    for &n in &a.sizes {
+        eprintln!("dough: bench: {n} dough clone(s)");
+        let (dough, dough_pss) = dough_round(ctx, &snap, &opts, n, settle)?;
+        eprintln!("dough: bench: {n} raw QEMU restore(s)");
+        let (raw, raw_pss) = raw_round(ctx, &snap, &opts.qemu, n, settle)?;
+        let ratio = |k: &str| {
+            let d = dough["restore_to_ready"][k].as_f64().unwrap_or(0.0);
+            let r = raw[k].as_f64().unwrap_or(0.0);
+            if r > 0.0 {
+                json!((d / r * 100.0).round() / 100.0)
+            } else {
+                Value::Null
+            }
+        };
+        last_pss = dough_pss;
+        rows.push(json!({
+            "n": n,
+            "dough": dough,
+            "raw_qemu": { "restore_to_first_message": raw, "pss_kib_per_idle_clone": raw_pss },
+            // dough's restore → ready (Welcome sent) against the raw
+            // restore → the agent's first message.
+            "ratio_dough_over_raw": {
+                "p50": ratio("p50_ms"),
+                "p90": ratio("p90_ms"),
+                "clones_per_sec": ratio("clones_per_sec"),
+            },
+        }));
+    }
+    let avail = mem_available_kib();
+    let out = json!({
+        "bench": "clones",
+        "host": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "mem_available_kib": avail,
+        },
+        "accel": opts.accel.to_string(),
+        "snapshot": {
+            "key": snap.key,
+            "mem_mib": snap.meta.mem_mib,
+            "vcpus": snap.meta.cpus,
+            "bake_secs": round(snap.meta.bake_secs * 10.0) / 10.0,
+            "device_state_bytes": snap.meta.state_bytes,
+        },
+        "results": rows,
+        "clones_that_fit_in_available_memory": match (avail, last_pss) {
+            (Some(m), Some(p)) if p > 0 => json!(m / p),
+            _ => Value::Null,
+        },
+    });
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// N clones through dough's own path: restore, Welcome, exec `true`.
+fn dough_round(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    opts: &dough_fabric::BootOptions,
+    n: usize,
+    settle: Duration,
+) -> anyhow::Result<(Value, Option<u64>)> {
+    let req = ExecRequest {
+        argv: vec!["true".into()],
+        ..ExecRequest::default()
+    };
+    let start = Instant::now();
+    type Timed = (Vm, f64, f64, Duration);
+    let results: Vec<anyhow::Result<Timed>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let t = Instant::now();
+                    let mut vm = Vm::restore(&ctx.vms, snap, VmKind::Run, opts)?;
+                    let ready = t.elapsed().as_secs_f64() * 1e3;
+                    let ready_at = start.elapsed();
+                    vm.exec(&req, &mut |_, _| {})?;
+                    Ok((vm, ready, t.elapsed().as_secs_f64() * 1e3, ready_at))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let wall = start.elapsed();
+    let mut vms = Vec::new();
+    let (mut ready_ms, mut exec_ms) = (Vec::new(), Vec::new());
+    let mut ready_wall = Duration::ZERO;
+    for r in results {
+        let (vm, ready, exec, at) = r.context("a dough clone failed")?;
+        vms.push(vm);
+        ready_ms.push(ready);
+        exec_ms.push(exec);
+        ready_wall = ready_wall.max(at);
+    }
+    std::thread::sleep(settle);
+    let pids: Vec<i32> = vms.iter().map(|v| v.pid()).collect();
+    let pss = mean_pss_kib(&pids);
+    for vm in vms {
+        vm.destroy()?;
+    }
+    let v = json!({
+        "restore_to_ready": summary(ready_ms, ready_wall),
+        "restore_to_first_exec": summary(exec_ms, wall),
+        "pss_kib_per_idle_clone": pss,
+    });
+    Ok((v, pss))
+}
+
+/// A QEMU restored by hand: the same argv dough uses for a clone, and only
+/// the QMP steps a restore cannot do without; no state records, no
+/// Welcome, no exec.
+struct RawClone {
+    dir: VmDir,
+    child: std::process::Child,
+}
+
+impl Drop for RawClone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(self.dir.dir());
+    }
+}
+
+fn raw_one(ctx: &Ctx, snap: &Snapshot, qemu: &std::path::Path) -> anyhow::Result<(RawClone, f64)> {
+    let m = &snap.meta;
+    let id = format!("raw-{}", &dough_fabric::new_vm_id()[3..]);
+    // Recorded like any VM (owned by this process), so a crash mid-bench
+    // leaves nothing the next dough would not reclaim.
+    let mut rec = VmRecord::new(&id, VmKind::Run, m.accel, m.mem_mib, m.cpus);
+    rec.snapshot = Some(snap.key.clone());
+    let dir = VmDir::create(&ctx.vms, &rec)?;
+    let args = QemuArgs {
+        accel: m.accel,
+        mem_mib: m.mem_mib,
+        cpus: m.cpus,
+        kernel: m.image.kernel.clone(),
+        initrd: m.image.initrd.clone(),
+        rootfs: m.image.rootfs.clone(),
+        extra_cmdline: m.extra_cmdline.clone(),
+        tsc_khz: m.tsc_khz,
+        paths: dir.paths.clone(),
+        memory: Memory::File {
+            path: snap.mem.clone(),
+            shared: false,
+        },
+        // QEMU 7.2 cannot set x-ignore-shared from the command line, so
+        // even by hand it takes `-incoming defer` and two QMP commands.
+        incoming: Some(Incoming::Defer),
+        start_paused: false,
+    };
+    let t = Instant::now();
+    let child = Command::new(qemu)
+        .args(args.argv())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+    let vmm = ProcessId::of(child.id() as i32);
+    let raw = RawClone { dir, child };
+    raw.dir.update(|r| {
+        r.vmm = vmm;
+        r.transition(VmState::Starting)
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut q = loop {
+        match Qmp::connect(&raw.dir.paths.qmp, Duration::from_secs(10)) {
+            Ok(q) => break q,
+            Err(e) if Instant::now() >= deadline => return Err(e).context("raw clone's QMP"),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    q.ignore_shared_ram()?;
+    q.migrate_incoming(&dough_vmm::qemu::exec_uri(&snap.state, false))?;
+    // The snapshot was saved paused, and QEMU keeps a migrated VM's run
+    // state: it needs a `cont` even by hand.
+    q.wait_migration(Duration::from_secs(30))?;
+    q.cont()?;
+    // Ask the agent to greet and wait for its first message.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match greet(&raw.dir.paths.channel) {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).context("the raw clone's agent never greeted")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    Ok((raw, t.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Connect to a channel socket, send Attach, read until the agent's Hello.
+fn greet(path: &std::path::Path) -> anyhow::Result<()> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(&dough_proto::encode(&HostMsg::Attach)?)?;
+    loop {
+        let frame =
+            dough_proto::read_frame(&mut s)?.ok_or_else(|| anyhow::anyhow!("channel closed"))?;
+        if let GuestMsg::Hello(_) = dough_proto::decode_guest(&frame)? {
+            return Ok(());
+        }
+    }
+}
+
+fn raw_round(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    qemu: &std::path::Path,
+    n: usize,
+    settle: Duration,
+) -> anyhow::Result<(Value, Option<u64>)> {
+    let start = Instant::now();
+    let results: Vec<anyhow::Result<(RawClone, f64)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|_| s.spawn(|| raw_one(ctx, snap, qemu)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let wall = start.elapsed();
+    let mut raws = Vec::new();
+    let mut ms = Vec::new();
+    for r in results {
+        let (raw, t) = r.context("a raw QEMU restore failed")?;
+        raws.push(raw);
+        ms.push(t);
+    }
+    std::thread::sleep(settle);
+    let pids: Vec<i32> = raws.iter().map(|r| r.child.id() as i32).collect();
+    let pss = mean_pss_kib(&pids);
+    drop(raws);
+    Ok((summary(ms, wall), pss))
+}

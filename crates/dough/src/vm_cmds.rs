@@ -1,0 +1,249 @@
+//! `dough bake|up|ps|exec|logs|down`: warm snapshots and the clones that
+//! outlive a single dough invocation.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use dough_fabric::pool;
+use dough_fabric::snapshot::Ensured;
+use dough_fabric::{Vm, VmKind};
+
+use crate::cli::Ctx;
+use crate::run_cmd::{
+    boot_options, ensure_snapshot, exit_code, install_teardown_on_signal, resolve_image,
+    stream_sink, ExecArgs, VmArgs,
+};
+
+#[derive(Debug, Args)]
+pub struct BakeArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Bake again even if a snapshot for these inputs exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// How many clones to restore.
+    #[arg(default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub count: u32,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print JSON (one array of records) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecCmdArgs {
+    /// The VM's id (or a unique prefix of it).
+    pub id: String,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The VM's id (or a unique prefix of it).
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// VM ids (or unique prefixes).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub ids: Vec<String>,
+    /// Every VM in the VM directory.
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub fn bake(ctx: &Ctx, args: BakeArgs) -> anyhow::Result<ExitCode> {
+    install_teardown_on_signal(&ctx.vms);
+    let image = resolve_image(&ctx.home, &args.vm)?;
+    let opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let got = ensure_snapshot(ctx, &image, &opts, args.force)?;
+    if let Ensured::Existing(s) = &got {
+        eprintln!("dough: snapshot {} is up to date; nothing to bake", s.key);
+    }
+    println!("{}", got.snapshot().key);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Until every clone is handed over at the end, they belong to this
+    // process: Ctrl-C, or a crash followed by any dough command, removes
+    // them all.
+    install_teardown_on_signal(&ctx.vms);
+    let image = resolve_image(&ctx.home, &args.vm)?;
+    let opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let got = ensure_snapshot(ctx, &image, &opts, false)?;
+    let snap = got.snapshot();
+    let n = args.count as usize;
+    eprintln!("dough: restoring {n} clone(s) of snapshot {}", snap.key);
+    let start = Instant::now();
+    let results: Vec<Result<Vm, dough_fabric::FabricError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = Vm::restore(&ctx.vms, snap, VmKind::Clone, &opts);
+                    if let Ok(vm) = &r {
+                        eprintln!(
+                            "dough: {} ready in {:.2}s",
+                            vm.id,
+                            vm.boot_time.as_secs_f64()
+                        );
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("restore thread panicked"))
+            .collect()
+    });
+    if std::env::var_os("DOUGH_TEST_HOLD_BEFORE_HANDOVER").is_some() {
+        // For the crash test: stop where a SIGKILL must leave nothing behind.
+        eprintln!("dough: test hook: holding the clones before handover");
+        loop {
+            std::thread::park();
+        }
+    }
+    let mut ids = Vec::new();
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok(vm) => ids.push(vm.detach()?),
+            Err(e) => {
+                failed += 1;
+                eprintln!("dough: error: a clone failed to start: {e}");
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    eprintln!("  caused by: {c}");
+                    src = c.source();
+                }
+            }
+        }
+    }
+    eprintln!(
+        "dough: {} of {n} clone(s) up in {:.2}s",
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let mut out = std::io::stdout().lock();
+    for id in &ids {
+        writeln!(out, "{id}")?;
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
+    let vms = pool::status(&ctx.vms);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &vms)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5}",
+        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "ACCEL"
+    )?;
+    for v in &vms {
+        let r = &v.record;
+        writeln!(
+            out,
+            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5}",
+            r.id,
+            r.kind.to_string(),
+            r.state.to_string(),
+            age(v.age_secs),
+            r.vmm.map(|p| p.pid.to_string()).unwrap_or("-".into()),
+            v.pss_kib
+                .map(|k| format!("{}M", k / 1024))
+                .unwrap_or("-".into()),
+            r.accel.to_string(),
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(ctx: &Ctx, args: ExecCmdArgs) -> anyhow::Result<ExitCode> {
+    let req = args.exec.request()?;
+    let status = pool::exec(&ctx.vms, &args.id, &req, &mut stream_sink, &mut |id| {
+        eprintln!("dough: waiting for another command on {id} to finish")
+    })?;
+    Ok(exit_code(&status))
+}
+
+pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let dir = dough_fabric::state::VmDir::open(&ctx.vms, &args.id)?;
+    let rec = dir.read()?;
+    let mut out = std::io::stdout().lock();
+    if let Some(key) = &rec.snapshot {
+        let snap = dough_fabric::SnapshotStore::new(&ctx.home).get(key);
+        match snap {
+            Some(s) => {
+                eprintln!("dough: -- boot console of snapshot {key} --");
+                out.write_all(&std::fs::read(&s.boot_log).unwrap_or_default())?;
+                out.flush()?;
+                eprintln!("dough: -- {} since restore --", rec.id);
+            }
+            None => eprintln!("dough: (snapshot {key} is gone; its boot log with it)"),
+        }
+    }
+    let serial = std::fs::read(&dir.paths.serial)
+        .with_context(|| format!("reading {}", dir.paths.serial.display()))?;
+    out.write_all(&serial)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
+    let ids = if args.all {
+        pool::ids(&ctx.vms)
+    } else {
+        args.ids
+    };
+    if ids.is_empty() {
+        eprintln!("dough: no VMs");
+    }
+    let mut failed = false;
+    for id in ids {
+        match pool::down(&ctx.vms, &id) {
+            Ok(Some(pid)) => eprintln!("dough: {id} stopped (VMM pid {pid}) and removed"),
+            Ok(None) => eprintln!("dough: {id} removed (its VMM had already exited)"),
+            Err(e) => {
+                failed = true;
+                eprintln!("dough: error: {id}: {e}");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

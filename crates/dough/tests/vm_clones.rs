@@ -1,0 +1,287 @@
+//! VM tier: warm snapshots and clones — `bake`, `up`, `ps`, `exec`,
+//! `logs`, `down`, per-clone identity, exact teardown and crash GC.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+fn up(home: &Path, n: u32, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["up".to_string(), n.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = run(home, &args);
+    assert!(out.status.success(), "up: {}", text(&out.stderr));
+    let ids: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(ids.len(), n as usize, "{}", text(&out.stderr));
+    ids
+}
+
+fn exec(home: &Path, id: &str, cmd: &str) -> (String, String, Option<i32>) {
+    let out = run(home, &["exec", id, "--", "sh", "-c", cmd]);
+    (text(&out.stdout), text(&out.stderr), out.status.code())
+}
+
+fn down_all(home: &Path) {
+    let out = run(home, &["down", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(vm_dirs(home).is_empty(), "{:?}", vm_dirs(home));
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn vm_clones_have_their_own_entropy_clock_and_id() {
+    let home = private_home();
+    let ids = up(home.path(), 8, &[]);
+    let mut randoms = std::collections::HashSet::new();
+    for id in &ids {
+        let before = now();
+        let (out, err, code) = exec(
+            home.path(),
+            id,
+            "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; echo $DOUGH_VM_ID",
+        );
+        let after = now();
+        assert_eq!(code, Some(0), "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert_eq!(lines[0].len(), 64, "32 random bytes in hex: {out}");
+        randoms.insert(lines[0].to_string());
+        let t: i64 = lines[1].parse().unwrap();
+        assert!(
+            t >= before - 2 && t <= after + 2,
+            "clone clock {t} vs host {before}..{after}"
+        );
+        assert_eq!(lines[2], id, "the clone knows its own id");
+    }
+    assert_eq!(randoms.len(), 8, "8 clones, 8 distinct random values");
+    let listed: Vec<String> = ps(home.path())
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    assert_eq!(listed_sorted, sorted);
+    // Serial console: the bake's boot log, with the ready line.
+    let out = run(home.path(), &["logs", &ids[0]]);
+    assert!(text(&out.stdout).contains("worker ready; polling for tasks"));
+    down_all(home.path());
+}
+
+#[test]
+fn vm_concurrent_execs_get_their_own_output() {
+    let home = private_home();
+    let ids = up(home.path(), 8, &[]);
+    let h = home.path();
+    std::thread::scope(|s| {
+        for (i, id) in ids.iter().enumerate() {
+            s.spawn(move || {
+                for round in 0..4 {
+                    let tag = format!("{id}-{i}-{round}");
+                    let cmd = format!(
+                        "for k in 1 2 3; do echo {tag}-$k; echo err-{tag}-$k >&2; done; exit {}",
+                        (i + round) % 5
+                    );
+                    let (out, err, code) = exec(h, id, &cmd);
+                    assert_eq!(out, format!("{tag}-1\n{tag}-2\n{tag}-3\n"), "{err}");
+                    for k in 1..=3 {
+                        assert!(err.contains(&format!("err-{tag}-{k}")), "{err}");
+                    }
+                    assert_eq!(code, Some(((i + round) % 5) as i32));
+                }
+            });
+        }
+        // Two commands at once on the same clone: serialised, both correct.
+        let id = &ids[0];
+        let a = s.spawn(move || exec(h, id, "sleep 1; echo first"));
+        let b = s.spawn(move || exec(h, id, "echo second"));
+        assert_eq!(a.join().unwrap().0, "first\n");
+        assert_eq!(b.join().unwrap().0, "second\n");
+    });
+    down_all(home.path());
+}
+
+#[test]
+fn vm_changed_inputs_rebake() {
+    let home = private_home_own_snapshots();
+    let h = home.path();
+    let out = run(h, &["bake"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no snapshot yet"),
+        "{}",
+        text(&out.stderr)
+    );
+    let first = text(&out.stdout);
+    let out = run(h, &["bake"]);
+    assert!(
+        text(&out.stderr).contains("up to date"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), first);
+
+    // A different memory size: the next `up` bakes again and says why.
+    let out = run(h, &["up", "1", "--mem", "288"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("inputs changed since the last bake: memory MiB \"256\" → \"288\""),
+        "{err}"
+    );
+    let id = text(&out.stdout).trim().to_string();
+    let (mem, _, _) = exec(h, &id, "grep MemTotal /proc/meminfo");
+    assert!(mem.contains("MemTotal"), "{mem}");
+    // Same inputs again: no bake.
+    let out = run(h, &["up", "1", "--mem", "288"]);
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stderr).contains("baking"),
+        "{}",
+        text(&out.stderr)
+    );
+    // --force bakes regardless.
+    let out = run(h, &["bake", "--force"]);
+    assert!(
+        text(&out.stderr).contains("(--force)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), first);
+    down_all(h);
+}
+
+#[test]
+fn vm_dead_clone_is_marked_and_down_all_leaves_nothing() {
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 2, &[]);
+    let victims: Vec<(String, i64)> = ps(h)
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["vmm"]["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(victims.len(), 2);
+    let (dead_id, dead_pid) = &victims[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(*dead_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !process_gone(*dead_pid) {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run(h, &["ps"]);
+    let table = text(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(dead_id.as_str()))
+        .unwrap();
+    assert!(row.contains("dead"), "{table}");
+    assert!(
+        text(&out.stderr).contains("is dead"),
+        "{}",
+        text(&out.stderr)
+    );
+    let other = ids.iter().find(|i| *i != dead_id).unwrap();
+    assert!(table
+        .lines()
+        .any(|l| l.starts_with(other.as_str()) && l.contains("ready")));
+    // A command on the dead clone fails clearly.
+    let (_, err, code) = exec(h, dead_id, "true");
+    assert_eq!(code, Some(125));
+    assert!(err.contains("is dead"), "{err}");
+    // The dead one is kept (not silently removed) until `down`.
+    assert_eq!(ps(h).len(), 2);
+
+    let out = run(h, &["down", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (_, pid) in &victims {
+        let gone = (0..200).any(|_| {
+            let g = process_gone(*pid);
+            if !g {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            g
+        });
+        assert!(gone, "VMM {pid} still running");
+    }
+    assert!(
+        vm_dirs(h).is_empty(),
+        "no sockets or directories left: {:?}",
+        vm_dirs(h)
+    );
+}
+
+#[test]
+fn vm_sigkill_of_dough_during_up_is_reclaimed_by_the_next_command() {
+    let home = private_home();
+    let h = home.path();
+    let mut child = dough(h)
+        .args(["up", "4"])
+        .env("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("holding the clones before handover") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("holding"),
+        "up never reached the hook: {seen}"
+    );
+    let pids: Vec<i64> = records(h)
+        .iter()
+        .filter_map(|r| r["vmm"]["pid"].as_i64())
+        .collect();
+    assert_eq!(pids.len(), 4, "{seen}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        pids.iter().all(|p| !process_gone(*p)),
+        "QEMUs outlive dough"
+    );
+
+    let out = run(h, &["ps"]);
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("reclaimed orphaned VM").count(), 4, "{err}");
+    for p in &pids {
+        assert!(err.contains(&format!("pid {p}")), "{err}");
+        let gone = (0..200).any(|_| {
+            let g = process_gone(*p);
+            if !g {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            g
+        });
+        assert!(gone, "VMM {p} reclaimed");
+    }
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+    assert_eq!(text(&out.stdout).lines().count(), 1, "only the header");
+}
