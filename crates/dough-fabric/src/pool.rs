@@ -107,8 +107,9 @@ pub fn exec(
 }
 
 /// Tear down VM `id` exactly (see [`crate::gc::stop_and_remove`]). Works
-/// in any state, dead included. Returns the VMM pid that was stopped.
-pub fn down(vms: &Path, id: &str) -> Result<Option<i32>, FabricError> {
+/// in any state, dead included. Returns the VM's full id and the VMM pid
+/// that was stopped.
+pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> {
     let dir = VmDir::open(vms, id)?;
     let rec = dir.update(|r| {
         if r.state != VmState::Stopping {
@@ -119,7 +120,7 @@ pub fn down(vms: &Path, id: &str) -> Result<Option<i32>, FabricError> {
         r.owner = None;
         Ok(r.clone())
     })?;
-    Ok(crate::gc::stop_and_remove(&dir, &rec)?)
+    Ok((rec.id.clone(), crate::gc::stop_and_remove(&dir, &rec)?))
 }
 
 /// Ids of every VM under `vms`.

@@ -384,6 +384,13 @@ impl SnapshotStore {
                 source,
             })?;
             std::fs::write(tmp.join(META), bytes)?;
+            // Clones see the memory file's pages until they write their own
+            // copies: it must never change. (QEMU opens it read-write even
+            // for a private mapping, which root may do despite the mode.)
+            use std::os::unix::fs::PermissionsExt;
+            for f in [&mem, &state] {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444))?;
+            }
             Ok(())
         })?;
         self.get(&key)

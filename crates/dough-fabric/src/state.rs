@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 const RECORD: &str = "state.json";
 const LOCK: &str = "lock";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,6 +140,8 @@ pub enum StateError {
     Unknown(String),
     #[error("{0:?} matches several VMs: {1}")]
     Ambiguous(String, String),
+    #[error("VM socket path {0} is longer than a Unix socket address allows (107 bytes); use a shorter --vms-dir or DOUGH_HOME")]
+    PathTooLong(PathBuf),
     #[error("VM record {path} is unreadable")]
     Corrupt {
         path: PathBuf,
@@ -203,6 +207,10 @@ impl VmDir {
     /// never sees the directory without its record (and owner).
     pub fn create(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
         let dir = vms.join(&record.id);
+        let longest = VmPaths::new(&dir).channel;
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(StateError::PathTooLong(longest));
+        }
         let tmp = vms.join(format!(".new-{}", record.id));
         let io = |source| StateError::Io {
             path: dir.clone(),
@@ -409,6 +417,16 @@ mod tests {
         // A second VM with the same id cannot be created over it.
         assert!(VmDir::create(vms.path(), &rec).is_err());
         assert_eq!(d.read().unwrap().state, Ready);
+    }
+
+    #[test]
+    fn socket_paths_that_do_not_fit_are_refused_up_front() {
+        let vms = tempfile::tempdir().unwrap();
+        let deep = vms.path().join("x".repeat(100));
+        let rec = VmRecord::new("vm-00000001", VmKind::Clone, Resolved::Tcg, 256, 1);
+        let e = VmDir::create(&deep, &rec).unwrap_err();
+        assert!(matches!(e, StateError::PathTooLong(_)), "{e}");
+        assert!(!deep.exists(), "nothing created");
     }
 
     #[test]

@@ -97,6 +97,11 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot().clone();
     let settle = Duration::from_secs(a.settle);
+    // One unmeasured round of each first, so neither side pays for cold
+    // caches (QEMU's binary and libraries, the memory file's pages).
+    eprintln!("dough: bench: warming up");
+    dough_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
+    raw_round(ctx, &snap, &opts.qemu, 1, Duration::ZERO)?;
     let mut rows = Vec::new();
     let mut last_pss = None;
     for &n in &a.sizes {

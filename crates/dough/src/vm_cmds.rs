@@ -233,8 +233,8 @@ pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for id in ids {
         match pool::down(&ctx.vms, &id) {
-            Ok(Some(pid)) => eprintln!("dough: {id} stopped (VMM pid {pid}) and removed"),
-            Ok(None) => eprintln!("dough: {id} removed (its VMM had already exited)"),
+            Ok((id, Some(pid))) => eprintln!("dough: {id} stopped (VMM pid {pid}) and removed"),
+            Ok((id, None)) => eprintln!("dough: {id} removed (its VMM had already exited)"),
             Err(e) => {
                 failed = true;
                 eprintln!("dough: error: {id}: {e}");
