@@ -83,11 +83,14 @@ pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, State
         }
         killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
     }
-    std::fs::remove_dir_all(dir.dir()).map_err(|source| StateError::Io {
-        path: dir.dir().to_path_buf(),
-        source,
-    })?;
-    Ok(killed)
+    match std::fs::remove_dir_all(dir.dir()) {
+        Ok(()) => Ok(killed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
+        Err(source) => Err(StateError::Io {
+            path: dir.dir().to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Look at every VM under `vms` and clean up as described in the module
@@ -117,15 +120,15 @@ pub fn sweep(vms: &Path) -> Vec<Swept> {
             }
             continue;
         }
-        let dir = match VmDir::open(vms, &name) {
-            Ok(d) => d,
-            Err(_) => {
-                if old_enough(&path) && std::fs::remove_dir_all(&path).is_ok() {
-                    out.push(Swept::StaleDir(path));
-                }
-                continue;
+        let dir = VmDir::at(vms, &name);
+        if !path.join("state.json").is_file() || !path.join("lock").is_file() {
+            // No record (or no lock to take): a crash between creation
+            // steps, or a directory half-removed.
+            if old_enough(&path) && std::fs::remove_dir_all(&path).is_ok() {
+                out.push(Swept::StaleDir(path));
             }
-        };
+            continue;
+        }
         if let Some(s) = sweep_one(&dir) {
             out.push(s);
         }
@@ -155,9 +158,10 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
         }
         Err(_) => return None,
     };
+    // A `down` in progress owns the VM it is stopping, so an interrupted
+    // one shows up here as an orphan too.
     let orphan = rec.owner.is_some_and(|o| !o.is_alive());
-    let interrupted_stop = rec.state == VmState::Stopping && rec.owner.is_none();
-    if orphan || interrupted_stop {
+    if orphan {
         let killed_vmm = kill_vmm(rec.vmm.as_ref());
         return std::fs::remove_dir_all(dir.dir())
             .ok()
@@ -180,12 +184,20 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
     None
 }
 
-/// Tear down every VM this process owns (on Ctrl-C).
+/// Held (shared) by a thread from spawning a VMM until its identity is
+/// recorded; [`reclaim_mine`] takes it exclusively, so it never reads a
+/// record whose VMM is running but not yet written down.
+pub(crate) static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Tear down every VM this process owns (on Ctrl-C). Threads still
+/// starting VMs are blocked from spawning more while it runs.
 pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
+    let _no_spawns = SPAWNING.write();
     let me = me();
     let mut out = Vec::new();
     for id in crate::state::list_ids(vms) {
-        let Ok(dir) = VmDir::open(vms, &id) else {
+        let dir = VmDir::at(vms, &id);
+        let Ok(_lock) = dir.lock() else {
             continue;
         };
         let Ok(rec) = dir.read() else { continue };
@@ -256,10 +268,10 @@ mod tests {
         });
         // A VM of ours (a live owner) that is still creating.
         vm(v, "vm-mine", |_| {});
-        // An interrupted `down`.
+        // An interrupted `down` (it owns what it stops).
         vm(v, "vm-stopping", |r| {
             r.state = VmState::Stopping;
-            r.owner = None;
+            r.owner = Some(dead_owner());
         });
         // Another dough is creating this one right now: left alone.
         std::fs::create_dir(v.join(".new-vm-busy")).unwrap();

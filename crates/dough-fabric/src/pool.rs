@@ -50,6 +50,14 @@ fn ready(vms: &Path, id: &str) -> Result<(VmDir, VmRecord), FabricError> {
             .clone()
             .unwrap_or_else(|| "its VMM exited".into()),
     };
+    if rec.kind != crate::state::VmKind::Clone || rec.owner.is_some() {
+        // A bake must receive nothing but the handshake; a `run` VM or a
+        // clone not yet handed over belongs to the dough running it.
+        return Err(FabricError::NotReady {
+            id: rec.id.clone(),
+            state: rec.state,
+        });
+    }
     match rec.state {
         VmState::Ready => {}
         VmState::Dead => return Err(dead(&rec)),
@@ -62,11 +70,14 @@ fn ready(vms: &Path, id: &str) -> Result<(VmDir, VmRecord), FabricError> {
     }
     if !rec.vmm.is_some_and(|v| v.is_alive()) {
         let rec = dir.update(|r| {
-            r.transition(VmState::Dead)?;
-            r.dead_reason = Some(format!(
-                "its VMM (pid {}) exited",
-                r.vmm.map(|v| v.pid).unwrap_or(0)
-            ));
+            // Another dough may have got here first.
+            if r.state == VmState::Ready {
+                r.transition(VmState::Dead)?;
+                r.dead_reason = Some(format!(
+                    "its VMM (pid {}) exited",
+                    r.vmm.map(|v| v.pid).unwrap_or(0)
+                ));
+            }
             Ok(r.clone())
         })?;
         return Err(dead(&rec));
@@ -93,7 +104,8 @@ pub fn exec(
             g
         }
     };
-    let limit = Duration::from_secs(10);
+    // Generous: many doughs may be talking to busy TCG guests at once.
+    let limit = Duration::from_secs(30);
     let chan_err = |source| FabricError::Channel {
         vm: rec.id.clone(),
         source,
@@ -115,15 +127,26 @@ pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> 
         if r.state != VmState::Stopping {
             r.transition(VmState::Stopping)?;
         }
-        // Whoever started it no longer answers for it: if this dough dies
-        // half-way, the next sweep finishes the job.
-        r.owner = None;
+        // This dough now answers for it: if it dies half-way, the next
+        // sweep sees an orphan and finishes the job; a live one is left be.
+        r.owner = Some(crate::gc::me());
         Ok(r.clone())
     })?;
     Ok((rec.id.clone(), crate::gc::stop_and_remove(&dir, &rec)?))
 }
 
-/// Ids of every VM under `vms`.
-pub fn ids(vms: &Path) -> Vec<String> {
-    crate::state::list_ids(vms)
+/// Ids of every VM under `vms` that no other live dough is responsible
+/// for (a running `dough run`, an `up` still restoring, a bake), and those
+/// it skipped with the owner's pid.
+pub fn unowned_ids(vms: &Path) -> (Vec<String>, Vec<(String, i32)>) {
+    let me = crate::gc::me();
+    let mut free = Vec::new();
+    let mut busy = Vec::new();
+    for r in crate::state::list(vms) {
+        match r.owner {
+            Some(o) if o != me && o.is_alive() => busy.push((r.id, o.pid)),
+            _ => free.push(r.id),
+        }
+    }
+    (free, busy)
 }

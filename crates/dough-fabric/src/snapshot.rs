@@ -294,6 +294,18 @@ impl SnapshotStore {
                 return Ok(Ensured::Existing(s));
             }
         }
+        // Holding the bake lock, no bake is in progress: temporary
+        // directories left here are from a bake that crashed or was killed
+        // (each holds a RAM-sized file).
+        for e in std::fs::read_dir(&self.root)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+                say(&format!(
+                    "removed the remains of an interrupted bake ({})",
+                    e.path().display()
+                ));
+            }
+        }
         let reason = if force {
             BakeReason::Forced
         } else {

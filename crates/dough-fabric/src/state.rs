@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 const RECORD: &str = "state.json";
 const LOCK: &str = "lock";
+const CHANNEL_LOCK: &str = "channel.lock";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -220,6 +221,7 @@ impl VmDir {
         std::fs::create_dir(&tmp).map_err(io)?;
         let r = write_record(&tmp, record)
             .and_then(|_| File::create(tmp.join(LOCK)).map(drop))
+            .and_then(|_| File::create(tmp.join(CHANNEL_LOCK)).map(drop))
             .and_then(|_| std::fs::rename(&tmp, &dir));
         if let Err(e) = r {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -228,7 +230,8 @@ impl VmDir {
         Ok(VmDir::at(vms, &record.id))
     }
 
-    fn at(vms: &Path, id: &str) -> VmDir {
+    /// The directory named exactly `id` (which may lack a record).
+    pub(crate) fn at(vms: &Path, id: &str) -> VmDir {
         VmDir {
             id: id.to_string(),
             paths: VmPaths::new(&vms.join(id)),
@@ -285,28 +288,29 @@ impl VmDir {
 
     /// The VM's record lock, held until the guard drops.
     pub fn lock(&self) -> Result<Flock<File>, StateError> {
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir().join(LOCK))
-            .map_err(|e| self.io(e))?;
+        let f = self.open_lock_file(LOCK)?;
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| self.io(e.into()))
+    }
+
+    /// Lock files are made with the directory and never recreated: opening
+    /// one in a directory being removed must not resurrect the directory.
+    fn open_lock_file(&self, name: &str) -> Result<File, StateError> {
+        File::options()
+            .write(true)
+            .open(self.dir().join(name))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => StateError::Unknown(self.id.clone()),
+                _ => self.io(e),
+            })
     }
 
     /// Serialise use of the VM's channel (its VMM accepts one connection at
     /// a time). Returns the guard, and whether we had to wait for it.
     pub fn lock_channel(&self) -> Result<(Flock<File>, bool), StateError> {
-        let path = self.dir().join("channel.lock");
-        let open = || {
-            File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| self.io(e))
-        };
-        match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+        match Flock::lock(
+            self.open_lock_file(CHANNEL_LOCK)?,
+            FlockArg::LockExclusiveNonblock,
+        ) {
             Ok(g) => Ok((g, false)),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => Flock::lock(f, FlockArg::LockExclusive)
                 .map(|g| (g, true))

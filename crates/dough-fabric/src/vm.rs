@@ -272,6 +272,8 @@ impl Vm {
         let log2 = log.try_clone().map_err(state_err)?;
         let start = Instant::now();
         tracing::info!(vm = %id, accel = %opts.accel, "spawning {}", opts.qemu.display());
+        // No teardown on a signal may run between the spawn and the record.
+        let spawning = crate::gc::SPAWNING.read();
         let child = Command::new(&opts.qemu)
             .args(args.argv())
             .stdin(Stdio::null())
@@ -290,10 +292,12 @@ impl Vm {
             })?;
         let mut process = VmmProcess::from_child(child);
         let vmm = process.id;
-        if let Err(e) = dir.update(|r| {
+        let recorded = dir.update(|r| {
             r.vmm = Some(vmm);
             r.transition(VmState::Starting)
-        }) {
+        });
+        drop(spawning);
+        if let Err(e) = recorded {
             let _ = process.kill_and_wait(Duration::from_secs(10));
             remove();
             return Err(e.into());
@@ -337,7 +341,9 @@ impl Vm {
                 }
             }
             Launch::Restore(snap) => {
-                if let Err(source) = restore_from(&paths.qmp, &snap.state, opts.deadline) {
+                let mut gone = || process.try_wait().is_some();
+                if let Err(source) = restore_from(&paths.qmp, &snap.state, opts.deadline, &mut gone)
+                {
                     let e = match process.try_wait() {
                         Some(st) => exited(st),
                         None => FabricError::Restore {
@@ -519,12 +525,19 @@ fn tsc_khz(accel: Resolved, launch: &Launch<'_>) -> Option<u64> {
 /// Drive a `-incoming defer -S` QEMU through restoring `state`: skip the
 /// shared RAM (it is the snapshot's memory file), load the device state,
 /// then run the vCPUs.
-fn restore_from(qmp_path: &Path, state: &Path, limit: Duration) -> Result<(), QmpError> {
+fn restore_from(
+    qmp_path: &Path,
+    state: &Path,
+    limit: Duration,
+    vmm_exited: &mut dyn FnMut() -> bool,
+) -> Result<(), QmpError> {
     let start = Instant::now();
     let mut q = loop {
         match Qmp::connect(qmp_path, Duration::from_secs(5)) {
             Ok(q) => break q,
-            Err(e @ QmpError::Connect { .. }) if start.elapsed() >= limit => return Err(e),
+            Err(e @ QmpError::Connect { .. }) if start.elapsed() >= limit || vmm_exited() => {
+                return Err(e)
+            }
             Err(QmpError::Connect { .. }) => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => return Err(e),
         }

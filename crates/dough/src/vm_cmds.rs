@@ -120,9 +120,16 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut ids = Vec::new();
     let mut failed = 0;
+    let mut out = std::io::stdout().lock();
     for r in results {
-        match r {
-            Ok(vm) => ids.push(vm.detach()?),
+        match r.and_then(|vm| vm.detach()) {
+            Ok(id) => {
+                // Printed as soon as it is handed over, so a caller always
+                // learns the id of every clone left running.
+                writeln!(out, "{id}")?;
+                out.flush()?;
+                ids.push(id);
+            }
             Err(e) => {
                 failed += 1;
                 eprintln!("dough: error: a clone failed to start: {e}");
@@ -139,10 +146,6 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
         ids.len(),
         start.elapsed().as_secs_f64()
     );
-    let mut out = std::io::stdout().lock();
-    for id in &ids {
-        writeln!(out, "{id}")?;
-    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -215,15 +218,22 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
             None => eprintln!("dough: (snapshot {key} is gone; its boot log with it)"),
         }
     }
-    let serial = std::fs::read(&dir.paths.serial)
+    // Streamed: a guest decides how big its console log is.
+    let mut serial = std::fs::File::open(&dir.paths.serial)
         .with_context(|| format!("reading {}", dir.paths.serial.display()))?;
-    out.write_all(&serial)?;
+    std::io::copy(&mut serial, &mut out)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
     let ids = if args.all {
-        pool::ids(&ctx.vms)
+        let (free, busy) = pool::unowned_ids(&ctx.vms);
+        for (id, pid) in busy {
+            eprintln!(
+                "dough: skipping {id}: dough pid {pid} is using it (name it to stop it anyway)"
+            );
+        }
+        free
     } else {
         args.ids
     };

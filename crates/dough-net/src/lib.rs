@@ -1,0 +1,138 @@
+//! Per-clone network isolation.
+//!
+//! [`plan`] derives everything about a clone's network as plain data;
+//! [`ops::NetOps`] is the narrow set of privileged effects it needs, with a
+//! recording fake ([`ops::FakeNet`]) for unit tests; [`setup`] and
+//! [`teardown`] apply a plan through any `NetOps`, rolling back a failed
+//! setup so nothing is left half-created.
+
+pub mod ops;
+pub mod plan;
+
+pub use ops::{NetError, NetOps};
+pub use plan::{Egress, InUse, Ipv4Net, NetPlan, PlanError};
+
+use plan::{Chain, GUEST_GW, GUEST_PREFIX, NS_VETH};
+
+/// Build everything `plan` describes. On failure, whatever was created is
+/// removed again before the error is returned.
+pub fn setup(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
+    let r = setup_steps(ops, plan, pool);
+    if let Err(e) = r {
+        if let Err(undo) = teardown(ops, plan) {
+            tracing::error!(netns = %plan.netns, "rolling back a failed network setup: {undo}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
+    let ns = Some(plan.netns.as_str());
+    ops.create_netns(&plan.netns)?;
+    ops.link_up(ns, "lo")?;
+    ops.create_tap(&plan.netns, &plan.tap, plan.tap_owner)?;
+    ops.add_addr(ns, &plan.tap, GUEST_GW, GUEST_PREFIX)?;
+    ops.link_up(ns, &plan.tap)?;
+    let Some(t) = &plan.transfer else {
+        return Ok(());
+    };
+    ops.create_veth(&t.host_veth, &plan.netns, NS_VETH)?;
+    ops.add_addr(None, &t.host_veth, t.host_addr, 30)?;
+    ops.link_up(None, &t.host_veth)?;
+    ops.add_addr(ns, NS_VETH, t.ns_addr, 30)?;
+    ops.link_up(ns, NS_VETH)?;
+    ops.add_default_route(&plan.netns, t.host_addr)?;
+    ops.enable_forwarding(ns)?;
+    ops.enable_forwarding(None)?;
+    ops.add_rules(ns, &plan.ns_rules())?;
+    ops.add_rules(None, &plan.host_rules(pool))?;
+    Ok(())
+}
+
+/// Remove everything `plan` describes: the netns (taking the TAP and the
+/// veth pair with it), the host veth if it outlived it, then every host
+/// rule carrying the clone's tag. Missing pieces are not errors.
+pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
+    let mut first_err = None;
+    if let Err(e) = ops.delete_netns(&plan.netns) {
+        first_err.get_or_insert(e);
+    }
+    if let Some(t) = &plan.transfer {
+        if let Err(e) = ops.delete_link(&t.host_veth) {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Err(e) = ops.flush_tag(&plan.tag) {
+        first_err.get_or_insert(e);
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What a sweep of leftovers found and removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Leftovers {
+    pub netns: Vec<String>,
+    pub veths: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+impl Leftovers {
+    pub fn is_empty(&self) -> bool {
+        self.netns.is_empty() && self.veths.is_empty() && self.tags.is_empty()
+    }
+}
+
+/// dough's network objects that belong to no clone in `live` (clone ids).
+pub fn find_leftovers(ops: &mut dyn NetOps, live: &[String]) -> Result<Leftovers, NetError> {
+    let live_ns: Vec<String> = live
+        .iter()
+        .filter_map(|id| plan::netns_name(id).ok())
+        .collect();
+    let live_tags: Vec<String> = live.iter().map(|id| plan::tag(id)).collect();
+    let netns = ops
+        .list_netns()?
+        .into_iter()
+        .filter(|n| n.starts_with(plan::NETNS_PREFIX) && !live_ns.contains(n))
+        .collect();
+    // A live clone's veth is named from its netns (with a salt on a
+    // collision), so check every salt the planner may have used.
+    let veths = ops
+        .list_links()?
+        .into_iter()
+        .filter(|l| l.starts_with(plan::VETH_PREFIX) && l.len() == plan::IFNAME_MAX)
+        .filter(|l| {
+            !live_ns
+                .iter()
+                .any(|ns| (0..64).any(|salt| &plan::veth_name(ns, salt) == l))
+        })
+        .collect();
+    let tags = ops
+        .list_tags()?
+        .into_iter()
+        .filter(|t| t.starts_with("dough:") && !live_tags.contains(t))
+        .collect();
+    Ok(Leftovers { netns, veths, tags })
+}
+
+/// Remove what [`find_leftovers`] found.
+pub fn remove_leftovers(ops: &mut dyn NetOps, l: &Leftovers) -> Result<(), NetError> {
+    for n in &l.netns {
+        ops.delete_netns(n)?;
+    }
+    for v in &l.veths {
+        ops.delete_link(v)?;
+    }
+    for t in &l.tags {
+        ops.flush_tag(t)?;
+    }
+    Ok(())
+}
+
+/// The chains of dough's table, for implementations that create it.
+pub fn chains() -> [Chain; 3] {
+    Chain::ALL
+}

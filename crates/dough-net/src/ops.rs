@@ -1,0 +1,333 @@
+//! The privileged effects a network plan needs, behind a narrow trait, and
+//! a recording fake that models the resulting system state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use crate::plan::Rule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{op}: {message}")]
+    Op { op: String, message: String },
+    #[error("{op}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NetError {
+    pub fn op(op: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        NetError::Op {
+            op: op.into(),
+            message: message.to_string(),
+        }
+    }
+
+    pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
+        NetError::Io {
+            op: op.into(),
+            source,
+        }
+    }
+}
+
+/// Privileged network operations. `netns: None` means the host's.
+pub trait NetOps {
+    fn create_netns(&mut self, name: &str) -> Result<(), NetError>;
+    /// Delete a netns (its interfaces go with it). Missing is fine.
+    fn delete_netns(&mut self, name: &str) -> Result<(), NetError>;
+    /// A persistent TAP owned by `owner` inside `netns`.
+    fn create_tap(&mut self, netns: &str, name: &str, owner: u32) -> Result<(), NetError>;
+    /// A veth pair: `host` stays on the host, `peer` moves into `netns`.
+    fn create_veth(&mut self, host: &str, netns: &str, peer: &str) -> Result<(), NetError>;
+    /// Delete a host interface. Missing is fine.
+    fn delete_link(&mut self, name: &str) -> Result<(), NetError>;
+    fn add_addr(
+        &mut self,
+        netns: Option<&str>,
+        ifname: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError>;
+    fn link_up(&mut self, netns: Option<&str>, ifname: &str) -> Result<(), NetError>;
+    fn add_default_route(&mut self, netns: &str, via: Ipv4Addr) -> Result<(), NetError>;
+    fn enable_forwarding(&mut self, netns: Option<&str>) -> Result<(), NetError>;
+    /// Add rules to dough's table (created with its chains when missing).
+    fn add_rules(&mut self, netns: Option<&str>, rules: &[Rule]) -> Result<(), NetError>;
+    /// Delete every host rule whose comment is `tag`; how many went.
+    fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError>;
+    fn list_netns(&mut self) -> Result<Vec<String>, NetError>;
+    /// Host interface names.
+    fn list_links(&mut self) -> Result<Vec<String>, NetError>;
+    /// Distinct comments of the rules in the host's dough table.
+    fn list_tags(&mut self) -> Result<Vec<String>, NetError>;
+}
+
+/// A fake that records every call and models the state it would produce:
+/// which netns exist, where each interface lives, which rules are loaded.
+/// `fail_at` makes the n-th mutating call (0-based) fail.
+#[derive(Debug, Default)]
+pub struct FakeNet {
+    pub calls: Vec<String>,
+    pub netns: BTreeSet<String>,
+    /// Interface → netns ("" for the host).
+    pub links: BTreeMap<String, String>,
+    pub addrs: Vec<(String, String, Ipv4Addr)>,
+    /// (netns or "", rule)
+    pub rules: Vec<(String, Rule)>,
+    pub fail_at: Option<usize>,
+    mutations: usize,
+}
+
+impl FakeNet {
+    fn mutate(&mut self, call: String) -> Result<(), NetError> {
+        self.calls.push(call.clone());
+        let n = self.mutations;
+        self.mutations += 1;
+        if self.fail_at == Some(n) {
+            return Err(NetError::op(call, "injected failure"));
+        }
+        Ok(())
+    }
+
+    fn key(netns: Option<&str>) -> String {
+        netns.unwrap_or("").to_string()
+    }
+
+    fn need_link(&self, netns: Option<&str>, ifname: &str) -> Result<(), NetError> {
+        let here = Self::key(netns);
+        if ifname == "lo" && netns.is_none_or(|n| self.netns.contains(n)) {
+            return Ok(());
+        }
+        match self.links.get(ifname) {
+            Some(ns) if *ns == here => Ok(()),
+            _ => Err(NetError::op(
+                format!("{ifname} in {here:?}"),
+                "no such interface",
+            )),
+        }
+    }
+
+    /// Nothing dough made is left (interfaces, namespaces, rules).
+    pub fn is_clean(&self) -> bool {
+        self.netns.is_empty() && self.links.is_empty() && self.rules.is_empty()
+    }
+}
+
+impl NetOps for FakeNet {
+    fn create_netns(&mut self, name: &str) -> Result<(), NetError> {
+        self.mutate(format!("create_netns {name}"))?;
+        if !self.netns.insert(name.to_string()) {
+            return Err(NetError::op(format!("create netns {name}"), "exists"));
+        }
+        Ok(())
+    }
+
+    fn delete_netns(&mut self, name: &str) -> Result<(), NetError> {
+        self.mutate(format!("delete_netns {name}"))?;
+        self.netns.remove(name);
+        // Interfaces inside go; a veth's host end goes with its peer.
+        let inside: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, ns)| *ns == name)
+            .map(|(l, _)| l.clone())
+            .collect();
+        for l in inside {
+            self.links.remove(&l);
+        }
+        self.links
+            .retain(|l, _| !l.starts_with(&format!("peer-of:{name}")));
+        self.rules.retain(|(ns, _)| ns != name);
+        self.addrs.retain(|(ns, _, _)| ns != name);
+        Ok(())
+    }
+
+    fn create_tap(&mut self, netns: &str, name: &str, owner: u32) -> Result<(), NetError> {
+        self.mutate(format!("create_tap {netns} {name} uid={owner}"))?;
+        if !self.netns.contains(netns) {
+            return Err(NetError::op("create tap", "no such netns"));
+        }
+        self.links.insert(name.to_string(), netns.to_string());
+        Ok(())
+    }
+
+    fn create_veth(&mut self, host: &str, netns: &str, peer: &str) -> Result<(), NetError> {
+        self.mutate(format!("create_veth {host} {netns}:{peer}"))?;
+        if !self.netns.contains(netns) || self.links.contains_key(host) {
+            return Err(NetError::op("create veth", "exists or no netns"));
+        }
+        self.links.insert(host.to_string(), String::new());
+        self.links.insert(peer.to_string(), netns.to_string());
+        Ok(())
+    }
+
+    fn delete_link(&mut self, name: &str) -> Result<(), NetError> {
+        self.mutate(format!("delete_link {name}"))?;
+        if self.links.get(name).is_some_and(|ns| ns.is_empty()) {
+            self.links.remove(name);
+            self.addrs
+                .retain(|(ns, l, _)| !(ns.is_empty() && l == name));
+        }
+        Ok(())
+    }
+
+    fn add_addr(
+        &mut self,
+        netns: Option<&str>,
+        ifname: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        self.mutate(format!("add_addr {netns:?} {ifname} {addr}/{prefix}"))?;
+        self.need_link(netns, ifname)?;
+        self.addrs
+            .push((Self::key(netns), ifname.to_string(), addr));
+        Ok(())
+    }
+
+    fn link_up(&mut self, netns: Option<&str>, ifname: &str) -> Result<(), NetError> {
+        self.mutate(format!("link_up {netns:?} {ifname}"))?;
+        self.need_link(netns, ifname)
+    }
+
+    fn add_default_route(&mut self, netns: &str, via: Ipv4Addr) -> Result<(), NetError> {
+        self.mutate(format!("add_default_route {netns} via {via}"))
+    }
+
+    fn enable_forwarding(&mut self, netns: Option<&str>) -> Result<(), NetError> {
+        self.mutate(format!("enable_forwarding {netns:?}"))
+    }
+
+    fn add_rules(&mut self, netns: Option<&str>, rules: &[Rule]) -> Result<(), NetError> {
+        self.mutate(format!("add_rules {netns:?} x{}", rules.len()))?;
+        for r in rules {
+            self.rules.push((Self::key(netns), r.clone()));
+        }
+        Ok(())
+    }
+
+    fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError> {
+        self.mutate(format!("flush_tag {tag}"))?;
+        let before = self.rules.len();
+        self.rules
+            .retain(|(ns, r)| !(ns.is_empty() && r.comment == tag));
+        Ok(before - self.rules.len())
+    }
+
+    fn list_netns(&mut self) -> Result<Vec<String>, NetError> {
+        Ok(self.netns.iter().cloned().collect())
+    }
+
+    fn list_links(&mut self) -> Result<Vec<String>, NetError> {
+        Ok(self
+            .links
+            .iter()
+            .filter(|(_, ns)| ns.is_empty())
+            .map(|(l, _)| l.clone())
+            .collect())
+    }
+
+    fn list_tags(&mut self) -> Result<Vec<String>, NetError> {
+        let tags: BTreeSet<String> = self
+            .rules
+            .iter()
+            .filter(|(ns, _)| ns.is_empty())
+            .map(|(_, r)| r.comment.clone())
+            .collect();
+        Ok(tags.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Egress, InUse, Ipv4Net, NetPlan, DEFAULT_POOL};
+
+    fn pool() -> Ipv4Net {
+        DEFAULT_POOL.parse().unwrap()
+    }
+
+    #[test]
+    fn setup_builds_the_plan_and_teardown_removes_it() {
+        let mut f = FakeNet::default();
+        let p = NetPlan::new("vm-1", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        crate::setup(&mut f, &p, pool()).unwrap();
+        let v = p.transfer.as_ref().unwrap().host_veth.clone();
+        assert_eq!(f.links.get("tap0").unwrap(), "dough-vm-1");
+        assert_eq!(f.links.get("veth0").unwrap(), "dough-vm-1");
+        assert_eq!(f.links.get(&v).unwrap(), "");
+        assert_eq!(f.list_tags().unwrap(), vec!["dough:vm-1".to_string()]);
+        assert!(f.rules.iter().any(|(ns, _)| ns == "dough-vm-1"));
+        crate::teardown(&mut f, &p).unwrap();
+        assert!(f.is_clean(), "{f:?}");
+        // Idempotent.
+        crate::teardown(&mut f, &p).unwrap();
+    }
+
+    #[test]
+    fn none_has_a_tap_and_nothing_else() {
+        let mut f = FakeNet::default();
+        let p = NetPlan::new("vm-2", Egress::None, pool(), 1000, &InUse::default()).unwrap();
+        crate::setup(&mut f, &p, pool()).unwrap();
+        assert_eq!(f.links.len(), 1);
+        assert!(f
+            .calls
+            .iter()
+            .any(|c| c == "create_tap dough-vm-2 tap0 uid=1000"));
+        assert!(f.rules.is_empty());
+        assert!(!f.calls.iter().any(|c| c.contains("forwarding")));
+    }
+
+    #[test]
+    fn a_failure_at_any_step_rolls_everything_back() {
+        let p = NetPlan::new("vm-3", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        let mut ok = FakeNet::default();
+        crate::setup(&mut ok, &p, pool()).unwrap();
+        let steps = ok.calls.len();
+        assert!(steps > 10);
+        for k in 0..steps {
+            let mut f = FakeNet {
+                fail_at: Some(k),
+                ..FakeNet::default()
+            };
+            let e = crate::setup(&mut f, &p, pool()).unwrap_err();
+            assert!(e.to_string().contains("injected failure"), "{e}");
+            assert!(
+                f.is_clean(),
+                "failing step {k} ({}) left {f:?}",
+                ok.calls[k]
+            );
+        }
+    }
+
+    #[test]
+    fn leftovers_of_dead_clones_are_found_and_removed() {
+        let mut f = FakeNet::default();
+        let mut used = InUse::default();
+        let live = NetPlan::new("vm-live", Egress::Nat, pool(), 0, &used).unwrap();
+        used.add(&live);
+        let dead = NetPlan::new("vm-dead", Egress::Nat, pool(), 0, &used).unwrap();
+        crate::setup(&mut f, &live, pool()).unwrap();
+        crate::setup(&mut f, &dead, pool()).unwrap();
+        // Something that is not dough's is never touched.
+        f.netns.insert("other".into());
+        f.links.insert("eth0".into(), String::new());
+        let l = crate::find_leftovers(&mut f, &["vm-live".to_string()]).unwrap();
+        assert_eq!(l.netns, vec!["dough-vm-dead".to_string()]);
+        assert_eq!(
+            l.veths,
+            vec![dead.transfer.as_ref().unwrap().host_veth.clone()]
+        );
+        assert_eq!(l.tags, vec!["dough:vm-dead".to_string()]);
+        crate::remove_leftovers(&mut f, &l).unwrap();
+        assert!(crate::find_leftovers(&mut f, &["vm-live".to_string()])
+            .unwrap()
+            .is_empty());
+        assert!(f.netns.contains("other") && f.links.contains_key("eth0"));
+        assert!(f.netns.contains("dough-vm-live"));
+    }
+}
