@@ -6,6 +6,7 @@
 //! [`teardown`] apply a plan through any `NetOps`, rolling back a failed
 //! setup so nothing is left half-created.
 
+pub mod linux;
 pub mod ops;
 pub mod plan;
 

@@ -1,0 +1,412 @@
+//! The real [`NetOps`]: rtnetlink for namespaces' links, addresses and
+//! routes; the TUN ioctls for TAPs (netlink cannot create one); nftables'
+//! JSON API (`nft -j`) for rules.
+//!
+//! Work inside a clone's namespace runs on a short-lived thread that has
+//! joined it (`setns`): a netlink socket belongs to the namespace it was
+//! opened in, and so does a process that thread spawns.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use futures::TryStreamExt;
+use nix::sched::CloneFlags;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use serde_json::{json, Value};
+
+use crate::ops::{NetError, NetOps};
+use crate::plan::{Chain, Rule, TABLE};
+
+/// Where named network namespaces live (as `ip netns` keeps them).
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// Network operations on this host.
+#[derive(Debug, Clone)]
+pub struct LinuxNet {
+    /// The `nft` binary.
+    pub nft: PathBuf,
+}
+
+impl Default for LinuxNet {
+    fn default() -> Self {
+        LinuxNet { nft: "nft".into() }
+    }
+}
+
+fn ns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Run `f` on a fresh thread inside network namespace `netns` (or on this
+/// thread for the host's).
+pub fn in_netns<T: Send>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> Result<T, NetError> + Send,
+) -> Result<T, NetError> {
+    let Some(name) = netns else { return f() };
+    let path = ns_path(name);
+    let fd = File::open(&path).map_err(|e| NetError::io(format!("opening netns {name}"), e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::op(format!("entering netns {name}"), e))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::op("netns thread", "panicked")))
+    })
+}
+
+/// Run an rtnetlink conversation on this thread (in its namespace).
+fn netlink<T, F, Fut>(op: &str, f: F) -> Result<T, NetError>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, rtnetlink::Error>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| NetError::io("starting the netlink runtime", e))?;
+    rt.block_on(async {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::io("opening netlink", e))?;
+        tokio::spawn(conn);
+        f(handle).await.map_err(|e| NetError::op(op, e))
+    })
+}
+
+async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, rtnetlink::Error> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(None) => Ok(None),
+        // ENODEV: no such interface.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn need_index(h: &Handle, name: &str) -> Result<u32, rtnetlink::Error> {
+    index_of(h, name)
+        .await?
+        .ok_or_else(|| rtnetlink::Error::NamespaceError(format!("no interface {name}")))
+}
+
+// TUN ioctls (linux/if_tun.h).
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, libc::ifreq);
+nix::ioctl_write_int_bad!(tun_set_persist, 0x4004_54cb);
+nix::ioctl_write_int_bad!(tun_set_owner, 0x4004_54cc);
+
+fn make_tap(name: &str, owner: u32) -> Result<(), NetError> {
+    let op = format!("creating TAP {name}");
+    let tun = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| NetError::io(op.clone(), e))?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(NetError::op(op, "name too long"));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    let fd = tun.as_raw_fd();
+    // SAFETY: fd is an open /dev/net/tun; req is a valid ifreq that outlives the call.
+    unsafe { tun_set_iff(fd, &req) }.map_err(|e| NetError::op(op.clone(), e))?;
+    // SAFETY: fd is the TUN fd just attached to the device; the argument is a plain integer.
+    unsafe { tun_set_owner(fd, owner as libc::c_int) }.map_err(|e| NetError::op(op.clone(), e))?;
+    // SAFETY: as above.
+    unsafe { tun_set_persist(fd, 1) }.map_err(|e| NetError::op(op, e))?;
+    Ok(())
+}
+
+impl LinuxNet {
+    /// Run `nft -j -f -` with `cmds` (in this thread's namespace).
+    fn nft_apply(&self, cmds: Vec<Value>) -> Result<(), NetError> {
+        let body = json!({ "nftables": cmds }).to_string();
+        let mut child = Command::new(&self.nft)
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NetError::io(format!("running {}", self.nft.display()), e))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(body.as_bytes())
+            .map_err(|e| NetError::io("writing to nft", e))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| NetError::io("waiting for nft", e))?;
+        if !out.status.success() {
+            return Err(NetError::op(
+                "nft",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// dough's host table as nft JSON, or None when it does not exist.
+    fn nft_list(&self) -> Result<Option<Value>, NetError> {
+        let out = Command::new(&self.nft)
+            .args(["-j", "list", "table", "ip", TABLE])
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| NetError::io(format!("running {}", self.nft.display()), e))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("No such file or directory") {
+                return Ok(None);
+            }
+            return Err(NetError::op("nft list", err.trim().to_string()));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map(Some)
+            .map_err(|e| NetError::op("nft list", format!("unreadable JSON: {e}")))
+    }
+
+    /// (chain, handle, comment) of every rule in the host table.
+    fn host_rules(&self) -> Result<Vec<(String, u64, String)>, NetError> {
+        let Some(v) = self.nft_list()? else {
+            return Ok(Vec::new());
+        };
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("rule"))
+            .filter_map(|r| {
+                Some((
+                    r["chain"].as_str()?.to_string(),
+                    r["handle"].as_u64()?,
+                    r["comment"].as_str().unwrap_or("").to_string(),
+                ))
+            })
+            .collect())
+    }
+}
+
+/// JSON commands that create dough's table and base chains if missing.
+pub fn table_cmds() -> Vec<Value> {
+    let mut v = vec![json!({"add": {"table": {"family": "ip", "name": TABLE}}})];
+    for c in Chain::ALL {
+        let (kind, hook, prio) = c.base();
+        v.push(json!({"add": {"chain": {
+            "family": "ip", "table": TABLE, "name": c.name(),
+            "type": kind, "hook": hook, "prio": prio, "policy": "accept",
+        }}}));
+    }
+    v
+}
+
+impl NetOps for LinuxNet {
+    fn create_netns(&mut self, name: &str) -> Result<(), NetError> {
+        let op = format!("creating netns {name}");
+        std::fs::create_dir_all(NETNS_DIR).map_err(|e| NetError::io(op.clone(), e))?;
+        let path = ns_path(name);
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| NetError::io(op.clone(), e))?;
+        // A thread of its own unshares (so this one stays on the host) and
+        // pins its new namespace by bind-mounting it onto the file.
+        let r = std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), NetError> {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetError::op(op.clone(), e))?;
+                nix::mount::mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &path,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| NetError::op(op.clone(), e))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(NetError::op(op.clone(), "thread panicked")))
+        });
+        if r.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        r
+    }
+
+    fn delete_netns(&mut self, name: &str) -> Result<(), NetError> {
+        let path = ns_path(name);
+        if !path.exists() {
+            return Ok(());
+        }
+        let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+        std::fs::remove_file(&path).map_err(|e| NetError::io(format!("deleting netns {name}"), e))
+    }
+
+    fn create_tap(&mut self, netns: &str, name: &str, owner: u32) -> Result<(), NetError> {
+        in_netns(Some(netns), || make_tap(name, owner))
+    }
+
+    fn create_veth(&mut self, host: &str, netns: &str, peer: &str) -> Result<(), NetError> {
+        let ns = File::open(ns_path(netns))
+            .map_err(|e| NetError::io(format!("opening netns {netns}"), e))?;
+        let fd = ns.as_raw_fd();
+        netlink(&format!("creating veth {host}/{peer}"), |h| async move {
+            // The peer is made under a temporary name on the host (where
+            // `peer` may well exist already) and renamed as it moves.
+            let tmp = format!("{host}p");
+            let tmp = &tmp[tmp.len().saturating_sub(15)..];
+            h.link()
+                .add(LinkVeth::new(host, tmp).build())
+                .execute()
+                .await?;
+            let idx = need_index(&h, tmp).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .setns_by_fd(fd)
+                        .name(peer.to_string())
+                        .build(),
+                )
+                .execute()
+                .await
+        })
+    }
+
+    fn delete_link(&mut self, name: &str) -> Result<(), NetError> {
+        netlink(&format!("deleting {name}"), |h| async move {
+            match index_of(&h, name).await? {
+                Some(i) => h.link().del(i).execute().await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn add_addr(
+        &mut self,
+        netns: Option<&str>,
+        ifname: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        in_netns(netns, || {
+            netlink(
+                &format!("adding {addr}/{prefix} to {ifname}"),
+                |h| async move {
+                    let i = need_index(&h, ifname).await?;
+                    h.address().add(i, IpAddr::V4(addr), prefix).execute().await
+                },
+            )
+        })
+    }
+
+    fn link_up(&mut self, netns: Option<&str>, ifname: &str) -> Result<(), NetError> {
+        in_netns(netns, || {
+            netlink(&format!("bringing {ifname} up"), |h| async move {
+                let i = need_index(&h, ifname).await?;
+                h.link()
+                    .set(LinkUnspec::new_with_index(i).up().build())
+                    .execute()
+                    .await
+            })
+        })
+    }
+
+    fn add_default_route(&mut self, netns: &str, via: Ipv4Addr) -> Result<(), NetError> {
+        in_netns(Some(netns), || {
+            netlink(&format!("default route via {via}"), |h| async move {
+                h.route()
+                    .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(via).build())
+                    .execute()
+                    .await
+            })
+        })
+    }
+
+    fn enable_forwarding(&mut self, netns: Option<&str>) -> Result<(), NetError> {
+        in_netns(netns, || {
+            // /proc/sys/net is the namespace of whoever opens it.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+                .map_err(|e| NetError::io("enabling IPv4 forwarding", e))
+        })
+    }
+
+    fn add_rules(&mut self, netns: Option<&str>, rules: &[Rule]) -> Result<(), NetError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let mut cmds = table_cmds();
+        cmds.extend(rules.iter().map(|r| json!({"add": r.to_json(TABLE)})));
+        let this = self.clone();
+        in_netns(netns, move || this.nft_apply(cmds))
+    }
+
+    fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError> {
+        let doomed: Vec<Value> = self
+            .host_rules()?
+            .into_iter()
+            .filter(|(_, _, c)| c == tag)
+            .map(|(chain, handle, _)| {
+                json!({"delete": {"rule": {
+                    "family": "ip", "table": TABLE, "chain": chain, "handle": handle,
+                }}})
+            })
+            .collect();
+        let n = doomed.len();
+        if n > 0 {
+            self.nft_apply(doomed)?;
+        }
+        Ok(n)
+    }
+
+    fn list_netns(&mut self) -> Result<Vec<String>, NetError> {
+        let mut v: Vec<String> = match std::fs::read_dir(NETNS_DIR) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(NetError::io("listing network namespaces", e)),
+        };
+        v.sort();
+        Ok(v)
+    }
+
+    fn list_links(&mut self) -> Result<Vec<String>, NetError> {
+        netlink("listing interfaces", |h| async move {
+            let mut names = Vec::new();
+            let mut links = h.link().get().execute();
+            while let Some(l) = links.try_next().await? {
+                for a in l.attributes {
+                    if let rtnetlink::packet_route::link::LinkAttribute::IfName(n) = a {
+                        names.push(n);
+                    }
+                }
+            }
+            Ok(names)
+        })
+    }
+
+    fn list_tags(&mut self) -> Result<Vec<String>, NetError> {
+        let mut tags: Vec<String> = self
+            .host_rules()?
+            .into_iter()
+            .map(|(_, _, c)| c)
+            .filter(|c| !c.is_empty())
+            .collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+}
