@@ -108,6 +108,7 @@ fn probe(home: &Path, image: &Image, qemu: &Path, host_boot_id: String) -> Probe
         accel: Resolved::Kvm,
         deadline: KVM_PROBE_DEADLINE,
         retries: 0,
+        egress: dough_net::Egress::None,
         ..BootOptions::default()
     };
     let (usable, reason) = match Vm::boot(&home.join("vms"), image, &opts) {

@@ -38,6 +38,8 @@ pub enum Swept {
     StaleDir(PathBuf),
     /// A clone's VMM had exited; the clone is now marked dead.
     MarkedDead { id: String, reason: String },
+    /// Network objects that belonged to no VM were removed.
+    Network(dough_net::Leftovers),
 }
 
 impl std::fmt::Display for Swept {
@@ -52,6 +54,11 @@ impl std::fmt::Display for Swept {
                 killed_vmm: None,
             } => write!(f, "reclaimed orphaned VM {id} (its VMM had already exited)"),
             Swept::StaleDir(p) => write!(f, "removed stale VM directory {}", p.display()),
+            Swept::Network(l) => write!(
+                f,
+                "removed leftover network objects: netns {:?}, veths {:?}, rules tagged {:?}",
+                l.netns, l.veths, l.tags
+            ),
             Swept::MarkedDead { id, reason } => write!(
                 f,
                 "VM {id} is dead: {reason} (`dough down {id}` removes it, `dough logs {id}` shows its console)"
@@ -71,6 +78,16 @@ pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
     Some(vmm.pid)
 }
 
+/// Remove a VM's network (netns, veth, tagged rules), logging failures:
+/// the leftover sweep retries what this could not do.
+pub fn teardown_net(rec: &VmRecord) {
+    if let Some(plan) = &rec.net {
+        if let Err(e) = dough_net::teardown(&mut dough_net::linux::LinuxNet::default(), plan) {
+            tracing::warn!(vm = %rec.id, "network teardown: {e}");
+        }
+    }
+}
+
 /// Stop a VM exactly: ask its VMM to quit over QMP, then SIGKILL the
 /// recorded pid if it is still our process, then remove its directory.
 /// The caller has moved the record to `stopping`.
@@ -83,6 +100,7 @@ pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, State
         }
         killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
     }
+    teardown_net(rec);
     match std::fs::remove_dir_all(dir.dir()) {
         Ok(()) => Ok(killed),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
@@ -133,7 +151,32 @@ pub fn sweep(vms: &Path) -> Vec<Swept> {
             out.push(s);
         }
     }
+    if let Some(l) = sweep_network(vms) {
+        out.push(Swept::Network(l));
+    }
     out
+}
+
+/// Remove this VM directory's network objects that no VM record names
+/// (and veths any dough abandoned half-made). Skipped, with a log line,
+/// where networking is not available (not root).
+fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
+    let _net = crate::vm::net_lock()
+        .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
+        .ok()?;
+    let live = crate::state::list_ids(vms);
+    let mut ops = dough_net::linux::LinuxNet::default();
+    let scope = crate::vm::net_scope(vms);
+    let found = dough_net::find_leftovers(&mut ops, &scope, &live)
+        .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
+        .ok()?;
+    if found.is_empty() {
+        return None;
+    }
+    if let Err(e) = dough_net::remove_leftovers(&mut ops, &found) {
+        tracing::warn!("removing leftover network objects: {e}");
+    }
+    Some(found)
 }
 
 /// A directory with no usable record is only stale once it is not
@@ -163,6 +206,7 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
     let orphan = rec.owner.is_some_and(|o| !o.is_alive());
     if orphan {
         let killed_vmm = kill_vmm(rec.vmm.as_ref());
+        teardown_net(&rec);
         return std::fs::remove_dir_all(dir.dir())
             .ok()
             .map(|_| Swept::Reclaimed {
@@ -203,6 +247,7 @@ pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
         let Ok(rec) = dir.read() else { continue };
         if rec.owner == Some(me) {
             let killed_vmm = kill_vmm(rec.vmm.as_ref());
+            teardown_net(&rec);
             if std::fs::remove_dir_all(dir.dir()).is_ok() {
                 out.push(Swept::Reclaimed { id, killed_vmm });
             }

@@ -74,7 +74,14 @@ impl SnapshotSpec {
             ("accel", self.accel.to_string()),
             ("memory MiB", self.mem_mib.to_string()),
             ("vCPUs", self.cpus.to_string()),
-            ("kernel command line", self.extra_cmdline.join(" ")),
+            (
+                "kernel command line",
+                dough_net::NetPlan::guest_cmdline()
+                    .into_iter()
+                    .chain(self.extra_cmdline.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             ("device set", DEVICE_SET.to_string()),
             ("qemu", self.qemu_version.clone()),
         ]

@@ -127,6 +127,10 @@ pub struct VmRecord {
     pub vmm: Option<ProcessId>,
     /// Why it is dead, when it is.
     pub dead_reason: Option<String>,
+    /// Its network (netns, TAP, veth, rules), recorded before any of it is
+    /// created so that teardown and crash GC know exactly what to remove.
+    #[serde(default)]
+    pub net: Option<dough_net::NetPlan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +176,7 @@ impl VmRecord {
             owner: Some(crate::gc::me()),
             vmm: None,
             dead_reason: None,
+            net: None,
         }
     }
 

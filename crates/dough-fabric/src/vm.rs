@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use std::os::unix::process::CommandExt;
 
 use dough_image::Image;
+use dough_net::linux::LinuxNet;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
 use dough_vmm::process::wait_until;
 use dough_vmm::{Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess};
@@ -16,6 +17,7 @@ use crate::channel::{ChannelError, ExecRequest, HostChannel};
 use crate::serial::{tail, SerialWatch};
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
+use dough_net::{Egress, Ipv4Net, NetPlan};
 
 /// Lines of serial console shown in boot errors.
 const TAIL_LINES: usize = 25;
@@ -71,6 +73,12 @@ pub enum FabricError {
     NotReady { id: String, state: VmState },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("VM {vm}: network")]
+    Net {
+        vm: String,
+        #[source]
+        source: NetSetupError,
+    },
     #[error("VM {vm}: {source}; last serial console lines:\n{serial_tail}")]
     Channel {
         vm: String,
@@ -92,12 +100,24 @@ pub enum FabricError {
     },
 }
 
+/// Why a VM's network could not be planned or built.
+#[derive(Debug, thiserror::Error)]
+pub enum NetSetupError {
+    #[error(transparent)]
+    Plan(#[from] dough_net::PlanError),
+    #[error("{0} (network namespaces, TAPs and nftables need root; see `dough doctor`)")]
+    Ops(#[from] dough_net::NetError),
+}
+
 impl FabricError {
     /// Errors a retry cannot fix (QEMU missing, state directory unusable).
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            FabricError::Spawn { .. } | FabricError::State(_) | FabricError::StateDir { .. }
+            FabricError::Spawn { .. }
+                | FabricError::State(_)
+                | FabricError::StateDir { .. }
+                | FabricError::Net { .. }
         )
     }
 }
@@ -114,6 +134,10 @@ pub struct BootOptions {
     /// Attempts after the first one failed.
     pub retries: u32,
     pub extra_cmdline: Vec<String>,
+    /// What the VM's network may reach (bakes always get `none`).
+    pub egress: Egress,
+    /// Transfer subnets for clones' veths are taken from here.
+    pub net_pool: Ipv4Net,
 }
 
 impl Default for BootOptions {
@@ -126,6 +150,8 @@ impl Default for BootOptions {
             deadline: Duration::from_secs(60),
             retries: 1,
             extra_cmdline: Vec::new(),
+            egress: Egress::Nat,
+            net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
         }
     }
 }
@@ -226,8 +252,38 @@ impl Vm {
         if let Launch::Restore(snap) = &launch {
             rec.snapshot = Some(snap.key.clone());
         }
-        let dir = VmDir::create(vms_dir, &rec)?;
+        // A bake must reach nothing; its NIC exists only so that clones
+        // restored from it have one.
+        let egress = match launch {
+            Launch::Bake { .. } => Egress::None,
+            _ => opts.egress.clone(),
+        };
+        let net_err = |source: NetSetupError| FabricError::Net {
+            vm: id.clone(),
+            source,
+        };
+        // Planning, recording and building a network claim names and
+        // subnets on the host: one dough (of any home) at a time.
+        let _net = net_lock()?;
+        let (dir, plan) = {
+            let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())
+                .map_err(|e| net_err(e.into()))?;
+            for r in crate::state::list(vms_dir) {
+                if let Some(p) = &r.net {
+                    used.add(p);
+                }
+            }
+            let plan = NetPlan::new(&net_scope(vms_dir), &id, egress, opts.net_pool, 0, &used)
+                .map_err(|e| net_err(e.into()))?;
+            rec.net = Some(plan.clone());
+            (VmDir::create(vms_dir, &rec)?, plan)
+        };
         let paths = dir.paths.clone();
+        if let Err(e) = dough_net::setup(&mut LinuxNet::default(), &plan, opts.net_pool) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(net_err(e.into()));
+        }
+        drop(_net);
         let (memory, incoming, start_paused) = match &launch {
             Launch::Cold => (Memory::Anonymous, None, false),
             Launch::Bake { mem, .. } => (
@@ -254,18 +310,25 @@ impl Vm {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
             rootfs: image.rootfs.clone(),
-            extra_cmdline: opts.extra_cmdline.clone(),
+            extra_cmdline: NetPlan::guest_cmdline()
+                .into_iter()
+                .chain(opts.extra_cmdline.iter().cloned())
+                .collect(),
             tsc_khz: tsc_khz(opts.accel, &launch),
             paths: paths.clone(),
             memory,
             incoming,
             start_paused,
+            tap: Some(plan.tap.clone()),
         };
         let state_err = |source| FabricError::StateDir {
             path: paths.dir.clone(),
             source,
         };
         let remove = || {
+            if let Err(e) = dough_net::teardown(&mut LinuxNet::default(), &plan) {
+                tracing::warn!(vm = %id, "network teardown: {e}");
+            }
             let _ = std::fs::remove_dir_all(&paths.dir);
         };
         let log = std::fs::File::create(&paths.vmm_log).map_err(state_err)?;
@@ -274,22 +337,31 @@ impl Vm {
         tracing::info!(vm = %id, accel = %opts.accel, "spawning {}", opts.qemu.display());
         // No teardown on a signal may run between the spawn and the record.
         let spawning = crate::gc::SPAWNING.read();
-        let child = Command::new(&opts.qemu)
-            .args(args.argv())
+        let mut cmd = Command::new(&opts.qemu);
+        cmd.args(args.argv())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Its own process group: a terminal's Ctrl-C reaches dough, which
             // tears the VM down, not QEMU directly.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| {
+            .process_group(0);
+        // Spawned from a thread inside the clone's netns, QEMU lives there
+        // and opens the TAP there.
+        let spawned = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()));
+        let child = match spawned {
+            Ok(Ok(c)) => c,
+            Ok(Err(source)) => {
                 remove();
-                FabricError::Spawn {
+                return Err(FabricError::Spawn {
                     qemu: opts.qemu.display().to_string(),
                     source,
-                }
-            })?;
+                });
+            }
+            Err(e) => {
+                remove();
+                return Err(net_err(e.into()));
+            }
+        };
         let mut process = VmmProcess::from_child(child);
         let vmm = process.id;
         let recorded = dir.update(|r| {
@@ -498,6 +570,9 @@ impl Vm {
                 vm: self.id.clone(),
                 source,
             });
+        if let Ok(rec) = self.dir.read() {
+            crate::gc::teardown_net(&rec);
+        }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         r
     }
@@ -509,6 +584,38 @@ impl Drop for Vm {
             tracing::error!("{e}");
         }
     }
+}
+
+/// Where the host-wide network lock lives.
+pub const NET_LOCK: &str = "/run/dough/net.lock";
+
+/// Serialises claiming network names and subnets across every dough on
+/// this host (and the leftover sweep, which must not see a network that is
+/// half-built or not yet recorded).
+pub fn net_lock() -> Result<nix::fcntl::Flock<std::fs::File>, FabricError> {
+    let path = Path::new(NET_LOCK);
+    let io = |source| FabricError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(io)?;
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io(std::io::Error::from(e)))
+}
+
+/// A short name for a VM directory, part of its clones' netns names and
+/// rule tags, so doughs with different homes never sweep each other's.
+pub fn net_scope(vms: &Path) -> String {
+    use sha2::Digest;
+    let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
+    let h = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
+    hex::encode(&h[..3])
 }
 
 /// TSC rate to give a TCG guest: the host's for a boot; a restore keeps

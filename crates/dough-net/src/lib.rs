@@ -10,7 +10,7 @@ pub mod linux;
 pub mod ops;
 pub mod plan;
 
-pub use ops::{NetError, NetOps};
+pub use ops::{HostLink, NetError, NetOps};
 pub use plan::{Egress, InUse, Ipv4Net, NetPlan, PlanError};
 
 use plan::{Chain, GUEST_GW, GUEST_PREFIX, NS_VETH};
@@ -87,36 +87,61 @@ impl Leftovers {
     }
 }
 
-/// dough's network objects that belong to no clone in `live` (clone ids).
-pub fn find_leftovers(ops: &mut dyn NetOps, live: &[String]) -> Result<Leftovers, NetError> {
+/// dough's network objects in `scope` that belong to no clone in `live`
+/// (clone ids), plus host veths of any scope abandoned half-made. The
+/// caller holds the host-wide network lock, so nothing is mid-setup.
+pub fn find_leftovers(
+    ops: &mut dyn NetOps,
+    scope: &str,
+    live: &[String],
+) -> Result<Leftovers, NetError> {
     let live_ns: Vec<String> = live
         .iter()
-        .filter_map(|id| plan::netns_name(id).ok())
+        .filter_map(|id| plan::netns_name(scope, id).ok())
         .collect();
-    let live_tags: Vec<String> = live.iter().map(|id| plan::tag(id)).collect();
+    let live_tags: Vec<String> = live.iter().map(|id| plan::tag(scope, id)).collect();
+    let ns_prefix = format!("{}{scope}-", plan::NETNS_PREFIX);
+    let tag_prefix = format!("dough:{scope}:");
     let netns = ops
         .list_netns()?
         .into_iter()
-        .filter(|n| n.starts_with(plan::NETNS_PREFIX) && !live_ns.contains(n))
+        .filter(|n| n.starts_with(&ns_prefix) && !live_ns.contains(n))
         .collect();
-    // A live clone's veth is named from its netns (with a salt on a
-    // collision), so check every salt the planner may have used.
+    // A clone's host veth dies with its netns; one whose peer is still on
+    // the host never got its netns.
     let veths = ops
         .list_links()?
         .into_iter()
-        .filter(|l| l.starts_with(plan::VETH_PREFIX) && l.len() == plan::IFNAME_MAX)
         .filter(|l| {
-            !live_ns
-                .iter()
-                .any(|ns| (0..64).any(|salt| &plan::veth_name(ns, salt) == l))
+            l.name.starts_with(plan::VETH_PREFIX)
+                && l.name.len() == plan::IFNAME_MAX
+                && !l.peer_elsewhere
         })
+        .map(|l| l.name)
         .collect();
     let tags = ops
         .list_tags()?
         .into_iter()
-        .filter(|t| t.starts_with("dough:") && !live_tags.contains(t))
+        .filter(|t| t.starts_with(&tag_prefix) && !live_tags.contains(t))
         .collect();
     Ok(Leftovers { netns, veths, tags })
+}
+
+/// What live dough veths on this host already use (any scope): their
+/// names and transfer subnets, read from the system itself.
+pub fn in_use_on_host(ops: &mut dyn NetOps) -> Result<InUse, NetError> {
+    let mut u = InUse::default();
+    for l in ops.list_links()? {
+        u.veths.insert(l.name);
+    }
+    for (ifname, addr, _) in ops.host_addrs()? {
+        if ifname.starts_with(plan::VETH_PREFIX) {
+            if let Some(n) = Ipv4Net::new(addr, 30) {
+                u.subnets.insert(n);
+            }
+        }
+    }
+    Ok(u)
 }
 
 /// Remove what [`find_leftovers`] found.

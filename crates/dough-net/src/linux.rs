@@ -18,7 +18,7 @@ use nix::sched::CloneFlags;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use serde_json::{json, Value};
 
-use crate::ops::{NetError, NetOps};
+use crate::ops::{HostLink, NetError, NetOps};
 use crate::plan::{Chain, Rule, TABLE};
 
 /// Where named network namespaces live (as `ip netns` keeps them).
@@ -383,18 +383,56 @@ impl NetOps for LinuxNet {
         Ok(v)
     }
 
-    fn list_links(&mut self) -> Result<Vec<String>, NetError> {
+    fn list_links(&mut self) -> Result<Vec<HostLink>, NetError> {
+        use rtnetlink::packet_route::link::LinkAttribute;
         netlink("listing interfaces", |h| async move {
-            let mut names = Vec::new();
+            let mut out = Vec::new();
+            let mut links = h.link().get().execute();
+            while let Some(l) = links.try_next().await? {
+                let mut name = None;
+                let mut peer_elsewhere = false;
+                for a in l.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => name = Some(n),
+                        LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+                        _ => {}
+                    }
+                }
+                if let Some(name) = name {
+                    out.push(HostLink {
+                        name,
+                        peer_elsewhere,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn host_addrs(&mut self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        netlink("listing addresses", |h| async move {
+            let mut names = std::collections::HashMap::new();
             let mut links = h.link().get().execute();
             while let Some(l) = links.try_next().await? {
                 for a in l.attributes {
                     if let rtnetlink::packet_route::link::LinkAttribute::IfName(n) = a {
-                        names.push(n);
+                        names.insert(l.header.index, n);
                     }
                 }
             }
-            Ok(names)
+            let mut out = Vec::new();
+            let mut addrs = h.address().get().execute();
+            while let Some(m) = addrs.try_next().await? {
+                for a in m.attributes {
+                    if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                        if let Some(n) = names.get(&m.header.index) {
+                            out.push((n.clone(), ip, m.header.prefix_len));
+                        }
+                    }
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -34,6 +34,16 @@ impl NetError {
     }
 }
 
+/// A host interface as the leftover sweep sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLink {
+    pub name: String,
+    /// The other end of a veth lives in another namespace (a clone's veth
+    /// whose namespace exists). A dough veth whose peer is still on the
+    /// host was abandoned half-made.
+    pub peer_elsewhere: bool,
+}
+
 /// Privileged network operations. `netns: None` means the host's.
 pub trait NetOps {
     fn create_netns(&mut self, name: &str) -> Result<(), NetError>;
@@ -60,26 +70,35 @@ pub trait NetOps {
     /// Delete every host rule whose comment is `tag`; how many went.
     fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError>;
     fn list_netns(&mut self) -> Result<Vec<String>, NetError>;
-    /// Host interface names.
-    fn list_links(&mut self) -> Result<Vec<String>, NetError>;
+    /// Host interfaces.
+    fn list_links(&mut self) -> Result<Vec<HostLink>, NetError>;
+    /// IPv4 addresses on host interfaces: (interface, address, prefix).
+    fn host_addrs(&mut self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetError>;
     /// Distinct comments of the rules in the host's dough table.
     fn list_tags(&mut self) -> Result<Vec<String>, NetError>;
 }
 
 /// A fake that records every call and models the state it would produce:
-/// which netns exist, where each interface lives, which rules are loaded.
+/// which netns exist, which interfaces live where, which rules are loaded.
 /// `fail_at` makes the n-th mutating call (0-based) fail.
 #[derive(Debug, Default)]
 pub struct FakeNet {
     pub calls: Vec<String>,
     pub netns: BTreeSet<String>,
-    /// Interface → netns ("" for the host).
-    pub links: BTreeMap<String, String>,
+    /// (netns or "" for the host, interface)
+    pub links: BTreeSet<(String, String)>,
+    /// (netns or "", interface, address)
     pub addrs: Vec<(String, String, Ipv4Addr)>,
     /// (netns or "", rule)
     pub rules: Vec<(String, Rule)>,
+    /// Host veth → (netns or "", peer interface).
+    pub peers: BTreeMap<String, (String, String)>,
     pub fail_at: Option<usize>,
     mutations: usize,
+}
+
+fn host(name: &str) -> (String, String) {
+    (String::new(), name.to_string())
 }
 
 impl FakeNet {
@@ -102,13 +121,18 @@ impl FakeNet {
         if ifname == "lo" && netns.is_none_or(|n| self.netns.contains(n)) {
             return Ok(());
         }
-        match self.links.get(ifname) {
-            Some(ns) if *ns == here => Ok(()),
-            _ => Err(NetError::op(
-                format!("{ifname} in {here:?}"),
-                "no such interface",
-            )),
+        if self.links.contains(&(here.clone(), ifname.to_string())) {
+            return Ok(());
         }
+        Err(NetError::op(
+            format!("{ifname} in {here:?}"),
+            "no such interface",
+        ))
+    }
+
+    /// Put an interface on the host (for tests of what is not dough's).
+    pub fn add_host_link(&mut self, name: &str) {
+        self.links.insert(host(name));
     }
 
     /// Nothing dough made is left (interfaces, namespaces, rules).
@@ -130,17 +154,18 @@ impl NetOps for FakeNet {
         self.mutate(format!("delete_netns {name}"))?;
         self.netns.remove(name);
         // Interfaces inside go; a veth's host end goes with its peer.
-        let inside: Vec<String> = self
-            .links
+        self.links.retain(|(ns, _)| ns != name);
+        let host_ends: Vec<String> = self
+            .peers
             .iter()
-            .filter(|(_, ns)| *ns == name)
-            .map(|(l, _)| l.clone())
+            .filter(|(_, (ns, _))| ns == name)
+            .map(|(h, _)| h.clone())
             .collect();
-        for l in inside {
-            self.links.remove(&l);
+        for h in host_ends {
+            self.links.remove(&host(&h));
+            self.peers.remove(&h);
+            self.addrs.retain(|(ns, l, _)| !(ns.is_empty() && *l == h));
         }
-        self.links
-            .retain(|l, _| !l.starts_with(&format!("peer-of:{name}")));
         self.rules.retain(|(ns, _)| ns != name);
         self.addrs.retain(|(ns, _, _)| ns != name);
         Ok(())
@@ -151,26 +176,30 @@ impl NetOps for FakeNet {
         if !self.netns.contains(netns) {
             return Err(NetError::op("create tap", "no such netns"));
         }
-        self.links.insert(name.to_string(), netns.to_string());
+        self.links.insert((netns.to_string(), name.to_string()));
         Ok(())
     }
 
-    fn create_veth(&mut self, host: &str, netns: &str, peer: &str) -> Result<(), NetError> {
-        self.mutate(format!("create_veth {host} {netns}:{peer}"))?;
-        if !self.netns.contains(netns) || self.links.contains_key(host) {
+    fn create_veth(&mut self, host_end: &str, netns: &str, peer: &str) -> Result<(), NetError> {
+        self.mutate(format!("create_veth {host_end} {netns}:{peer}"))?;
+        if !self.netns.contains(netns) || self.links.contains(&host(host_end)) {
             return Err(NetError::op("create veth", "exists or no netns"));
         }
-        self.links.insert(host.to_string(), String::new());
-        self.links.insert(peer.to_string(), netns.to_string());
+        self.links.insert(host(host_end));
+        self.links.insert((netns.to_string(), peer.to_string()));
+        self.peers
+            .insert(host_end.to_string(), (netns.to_string(), peer.to_string()));
         Ok(())
     }
 
     fn delete_link(&mut self, name: &str) -> Result<(), NetError> {
         self.mutate(format!("delete_link {name}"))?;
-        if self.links.get(name).is_some_and(|ns| ns.is_empty()) {
-            self.links.remove(name);
+        if self.links.remove(&host(name)) {
             self.addrs
                 .retain(|(ns, l, _)| !(ns.is_empty() && l == name));
+            if let Some(p) = self.peers.remove(name) {
+                self.links.remove(&p);
+            }
         }
         Ok(())
     }
@@ -222,12 +251,24 @@ impl NetOps for FakeNet {
         Ok(self.netns.iter().cloned().collect())
     }
 
-    fn list_links(&mut self) -> Result<Vec<String>, NetError> {
+    fn list_links(&mut self) -> Result<Vec<HostLink>, NetError> {
         Ok(self
             .links
             .iter()
-            .filter(|(_, ns)| ns.is_empty())
-            .map(|(l, _)| l.clone())
+            .filter(|(ns, _)| ns.is_empty())
+            .map(|(_, l)| HostLink {
+                name: l.clone(),
+                peer_elsewhere: self.peers.get(l).is_some_and(|(ns, _)| !ns.is_empty()),
+            })
+            .collect())
+    }
+
+    fn host_addrs(&mut self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetError> {
+        Ok(self
+            .addrs
+            .iter()
+            .filter(|(ns, _, _)| ns.is_empty())
+            .map(|(_, l, a)| (l.clone(), *a, 30))
             .collect())
     }
 
@@ -254,14 +295,13 @@ mod tests {
     #[test]
     fn setup_builds_the_plan_and_teardown_removes_it() {
         let mut f = FakeNet::default();
-        let p = NetPlan::new("vm-1", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        let p = NetPlan::new("s1", "vm-1", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
         crate::setup(&mut f, &p, pool()).unwrap();
         let v = p.transfer.as_ref().unwrap().host_veth.clone();
-        assert_eq!(f.links.get("tap0").unwrap(), "dough-vm-1");
-        assert_eq!(f.links.get("veth0").unwrap(), "dough-vm-1");
-        assert_eq!(f.links.get(&v).unwrap(), "");
-        assert_eq!(f.list_tags().unwrap(), vec!["dough:vm-1".to_string()]);
-        assert!(f.rules.iter().any(|(ns, _)| ns == "dough-vm-1"));
+        let has = |ns: &str, l: &str| f.links.contains(&(ns.to_string(), l.to_string()));
+        assert!(has("dough-s1-vm-1", "tap0") && has("dough-s1-vm-1", "veth0") && has("", &v));
+        assert_eq!(f.list_tags().unwrap(), vec!["dough:s1:vm-1".to_string()]);
+        assert!(f.rules.iter().any(|(ns, _)| ns == "dough-s1-vm-1"));
         crate::teardown(&mut f, &p).unwrap();
         assert!(f.is_clean(), "{f:?}");
         // Idempotent.
@@ -271,20 +311,20 @@ mod tests {
     #[test]
     fn none_has_a_tap_and_nothing_else() {
         let mut f = FakeNet::default();
-        let p = NetPlan::new("vm-2", Egress::None, pool(), 1000, &InUse::default()).unwrap();
+        let p = NetPlan::new("s1", "vm-2", Egress::None, pool(), 1000, &InUse::default()).unwrap();
         crate::setup(&mut f, &p, pool()).unwrap();
         assert_eq!(f.links.len(), 1);
         assert!(f
             .calls
             .iter()
-            .any(|c| c == "create_tap dough-vm-2 tap0 uid=1000"));
+            .any(|c| c == "create_tap dough-s1-vm-2 tap0 uid=1000"));
         assert!(f.rules.is_empty());
         assert!(!f.calls.iter().any(|c| c.contains("forwarding")));
     }
 
     #[test]
     fn a_failure_at_any_step_rolls_everything_back() {
-        let p = NetPlan::new("vm-3", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        let p = NetPlan::new("s1", "vm-3", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
         let mut ok = FakeNet::default();
         crate::setup(&mut ok, &p, pool()).unwrap();
         let steps = ok.calls.len();
@@ -308,26 +348,39 @@ mod tests {
     fn leftovers_of_dead_clones_are_found_and_removed() {
         let mut f = FakeNet::default();
         let mut used = InUse::default();
-        let live = NetPlan::new("vm-live", Egress::Nat, pool(), 0, &used).unwrap();
+        let live = NetPlan::new("s1", "vm-live", Egress::Nat, pool(), 0, &used).unwrap();
         used.add(&live);
-        let dead = NetPlan::new("vm-dead", Egress::Nat, pool(), 0, &used).unwrap();
+        let dead = NetPlan::new("s1", "vm-dead", Egress::Nat, pool(), 0, &used).unwrap();
         crate::setup(&mut f, &live, pool()).unwrap();
         crate::setup(&mut f, &dead, pool()).unwrap();
+        // Another scope's clone (another dough home): never touched.
+        let other = NetPlan::new("s2", "vm-dead", Egress::Nat, pool(), 0, &used).unwrap();
+        crate::setup(&mut f, &other, pool()).unwrap();
+        // A veth abandoned half-made (its peer never left the host).
+        f.add_host_link("dv0123456789abc");
+        f.add_host_link("v0123456789abcp");
+        f.peers.insert(
+            "dv0123456789abc".into(),
+            (String::new(), "v0123456789abcp".into()),
+        );
         // Something that is not dough's is never touched.
         f.netns.insert("other".into());
-        f.links.insert("eth0".into(), String::new());
-        let l = crate::find_leftovers(&mut f, &["vm-live".to_string()]).unwrap();
-        assert_eq!(l.netns, vec!["dough-vm-dead".to_string()]);
-        assert_eq!(
-            l.veths,
-            vec![dead.transfer.as_ref().unwrap().host_veth.clone()]
-        );
-        assert_eq!(l.tags, vec!["dough:vm-dead".to_string()]);
+        // Something that is not dough's is never touched.
+        f.netns.insert("other".into());
+        f.add_host_link("eth0");
+        let l = crate::find_leftovers(&mut f, "s1", &["vm-live".to_string()]).unwrap();
+        assert_eq!(l.netns, vec!["dough-s1-vm-dead".to_string()]);
+        assert_eq!(l.veths, vec!["dv0123456789abc".to_string()]);
+        assert_eq!(l.tags, vec!["dough:s1:vm-dead".to_string()]);
         crate::remove_leftovers(&mut f, &l).unwrap();
-        assert!(crate::find_leftovers(&mut f, &["vm-live".to_string()])
-            .unwrap()
-            .is_empty());
-        assert!(f.netns.contains("other") && f.links.contains_key("eth0"));
-        assert!(f.netns.contains("dough-vm-live"));
+        assert!(
+            crate::find_leftovers(&mut f, "s1", &["vm-live".to_string()])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(f.netns.contains("other") && f.links.contains(&host("eth0")));
+        assert!(f.netns.contains("dough-s1-vm-live"));
+        assert!(f.netns.contains("dough-s2-vm-dead"));
+        let _ = dead;
     }
 }

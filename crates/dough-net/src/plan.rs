@@ -42,6 +42,8 @@ pub const DEFAULT_POOL: &str = "10.213.0.0/16";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
+    #[error("scope {0:?} must be 1 to 8 characters of [a-z0-9]")]
+    BadScope(String),
     #[error(
         "transfer pool {pool} is exhausted: all {count} /30 subnets are in use by live clones"
     )]
@@ -291,8 +293,16 @@ pub fn veth_name(netns: &str, salt: u32) -> String {
     format!("{VETH_PREFIX}{}", &hex[..IFNAME_MAX - VETH_PREFIX.len()])
 }
 
-/// The netns name of a clone.
-pub fn netns_name(clone_id: &str) -> Result<String, PlanError> {
+/// The netns name of a clone. `scope` tells apart the VM directories
+/// (dough homes) sharing one host, so one never sweeps another's clones.
+pub fn netns_name(scope: &str, clone_id: &str) -> Result<String, PlanError> {
+    let scope_ok = (1..=8).contains(&scope.len())
+        && scope
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !scope_ok {
+        return Err(PlanError::BadScope(scope.to_string()));
+    }
     let ok = !clone_id.is_empty()
         && clone_id.len() <= 40
         && clone_id
@@ -301,24 +311,25 @@ pub fn netns_name(clone_id: &str) -> Result<String, PlanError> {
     if !ok {
         return Err(PlanError::BadId(clone_id.to_string()));
     }
-    Ok(format!("{NETNS_PREFIX}{clone_id}"))
+    Ok(format!("{NETNS_PREFIX}{scope}-{clone_id}"))
 }
 
 /// The tag on every rule of a clone.
-pub fn tag(clone_id: &str) -> String {
-    format!("dough:{clone_id}")
+pub fn tag(scope: &str, clone_id: &str) -> String {
+    format!("dough:{scope}:{clone_id}")
 }
 
 impl NetPlan {
     /// Plan clone `clone_id`'s network, avoiding what `in_use` holds.
     pub fn new(
+        scope: &str,
         clone_id: &str,
         egress: Egress,
         pool: Ipv4Net,
         tap_owner: u32,
         in_use: &InUse,
     ) -> Result<NetPlan, PlanError> {
-        let netns = netns_name(clone_id)?;
+        let netns = netns_name(scope, clone_id)?;
         let transfer = match egress {
             Egress::None => None,
             _ => {
@@ -326,9 +337,14 @@ impl NetPlan {
                 if count == 0 {
                     return Err(PlanError::PoolTooSmall(pool));
                 }
+                // Walk the pool and the (sorted) used set together.
+                let mut used = in_use.subnets.range(pool.subnet(30, 0)..).peekable();
                 let subnet = (0..count)
                     .map(|i| pool.subnet(30, i))
-                    .find(|s| !in_use.subnets.contains(s))
+                    .find(|c| {
+                        while used.next_if(|u| *u < c).is_some() {}
+                        used.peek() != Some(&c)
+                    })
                     .ok_or(PlanError::PoolExhausted { pool, count })?;
                 let host_veth = (0..64)
                     .map(|salt| veth_name(&netns, salt))
@@ -344,7 +360,7 @@ impl NetPlan {
         };
         Ok(NetPlan {
             clone_id: clone_id.to_string(),
-            tag: tag(clone_id),
+            tag: tag(scope, clone_id),
             netns,
             tap: TAP.to_string(),
             tap_owner,
@@ -629,20 +645,28 @@ mod tests {
 
     #[test]
     fn names_fit_and_are_stable() {
-        let p = NetPlan::new("vm-1a2b3c4d", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
-        assert_eq!(p.netns, "dough-vm-1a2b3c4d");
+        let p = NetPlan::new(
+            "s1",
+            "vm-1a2b3c4d",
+            Egress::Nat,
+            pool(),
+            0,
+            &InUse::default(),
+        )
+        .unwrap();
+        assert_eq!(p.netns, "dough-s1-vm-1a2b3c4d");
         assert_eq!(p.tap, "tap0");
         let t = p.transfer.as_ref().unwrap();
         assert_eq!(t.host_veth.len(), IFNAME_MAX);
         assert!(t.host_veth.starts_with(VETH_PREFIX));
-        assert_eq!(t.host_veth, veth_name("dough-vm-1a2b3c4d", 0));
+        assert_eq!(t.host_veth, veth_name("dough-s1-vm-1a2b3c4d", 0));
         assert_eq!(t.subnet.to_string(), "10.213.0.0/30");
         assert_eq!(t.host_addr.to_string(), "10.213.0.1");
         assert_eq!(t.ns_addr.to_string(), "10.213.0.2");
-        assert_eq!(p.tag, "dough:vm-1a2b3c4d");
+        assert_eq!(p.tag, "dough:s1:vm-1a2b3c4d");
         for bad in ["", "VM-1", "vm/../x", "vm 1", &"a".repeat(41)] {
             assert!(matches!(
-                NetPlan::new(bad, Egress::Nat, pool(), 0, &InUse::default()),
+                NetPlan::new("s1", bad, Egress::Nat, pool(), 0, &InUse::default()),
                 Err(PlanError::BadId(_))
             ));
         }
@@ -654,7 +678,7 @@ mod tests {
         let mut names = BTreeSet::new();
         for i in 0..10_000u32 {
             let id = format!("vm-{:08x}", i.wrapping_mul(2_654_435_761));
-            let p = NetPlan::new(&id, Egress::Nat, pool(), 0, &used).unwrap();
+            let p = NetPlan::new("s1", &id, Egress::Nat, pool(), 0, &used).unwrap();
             let t = p.transfer.as_ref().unwrap();
             assert!(t.host_veth.len() <= IFNAME_MAX);
             assert!(names.insert(t.host_veth.clone()), "collision at {id}");
@@ -676,11 +700,11 @@ mod tests {
     #[test]
     fn a_taken_name_is_rehashed() {
         let mut used = InUse::default();
-        used.veths.insert(veth_name("dough-vm-00000001", 0));
-        let p = NetPlan::new("vm-00000001", Egress::Nat, pool(), 0, &used).unwrap();
+        used.veths.insert(veth_name("dough-s1-vm-00000001", 0));
+        let p = NetPlan::new("s1", "vm-00000001", Egress::Nat, pool(), 0, &used).unwrap();
         let t = p.transfer.unwrap();
-        assert_eq!(t.host_veth, veth_name("dough-vm-00000001", 1));
-        assert_ne!(t.host_veth, veth_name("dough-vm-00000001", 0));
+        assert_eq!(t.host_veth, veth_name("dough-s1-vm-00000001", 1));
+        assert_ne!(t.host_veth, veth_name("dough-s1-vm-00000001", 0));
     }
 
     #[test]
@@ -688,19 +712,19 @@ mod tests {
         let small: Ipv4Net = "10.9.0.0/29".parse().unwrap();
         let mut used = InUse::default();
         for id in ["vm-a", "vm-b"] {
-            let p = NetPlan::new(id, Egress::Nat, small, 0, &used).unwrap();
+            let p = NetPlan::new("s1", id, Egress::Nat, small, 0, &used).unwrap();
             used.add(&p);
         }
-        let e = NetPlan::new("vm-c", Egress::Nat, small, 0, &used).unwrap_err();
+        let e = NetPlan::new("s1", "vm-c", Egress::Nat, small, 0, &used).unwrap_err();
         assert_eq!(
             e.to_string(),
             "transfer pool 10.9.0.0/29 is exhausted: all 2 /30 subnets are in use by live clones"
         );
         // `none` needs no subnet, so it still works.
-        assert!(NetPlan::new("vm-c", Egress::None, small, 0, &used).is_ok());
+        assert!(NetPlan::new("s1", "vm-c", Egress::None, small, 0, &used).is_ok());
         let tiny: Ipv4Net = "10.9.0.0/31".parse().unwrap();
         assert_eq!(
-            NetPlan::new("vm-d", Egress::Nat, tiny, 0, &InUse::default()),
+            NetPlan::new("s1", "vm-d", Egress::Nat, tiny, 0, &InUse::default()),
             Err(PlanError::PoolTooSmall(tiny))
         );
     }
@@ -708,28 +732,31 @@ mod tests {
     #[test]
     fn rules_follow_the_policy_and_carry_the_tag() {
         let used = InUse::default();
-        let none = NetPlan::new("vm-n", Egress::None, pool(), 0, &used).unwrap();
+        let none = NetPlan::new("s1", "vm-n", Egress::None, pool(), 0, &used).unwrap();
         assert!(none.transfer.is_none());
         assert!(none.host_rules(pool()).is_empty());
         assert!(none.ns_rules().is_empty());
 
-        let nat = NetPlan::new("vm-x", Egress::Nat, pool(), 0, &used).unwrap();
+        let nat = NetPlan::new("s1", "vm-x", Egress::Nat, pool(), 0, &used).unwrap();
         let v = nat.transfer.as_ref().unwrap().host_veth.clone();
         let text: Vec<String> = nat.host_rules(pool()).iter().map(Rule::to_nft).collect();
-        assert!(text.iter().all(|r| r.ends_with("comment \"dough:vm-x\"")));
+        assert!(text
+            .iter()
+            .all(|r| r.ends_with("comment \"dough:s1:vm-x\"")));
         assert!(text.contains(&format!(
-            "iifname \"{v}\" ip daddr 10.213.0.0/16 drop comment \"dough:vm-x\""
+            "iifname \"{v}\" ip daddr 10.213.0.0/16 drop comment \"dough:s1:vm-x\""
         )));
-        assert!(text.contains(&format!("iifname \"{v}\" accept comment \"dough:vm-x\"")));
+        assert!(text.contains(&format!("iifname \"{v}\" accept comment \"dough:s1:vm-x\"")));
         assert!(text.contains(&format!(
-            "ip saddr 10.213.0.0/30 oifname != \"{v}\" masquerade comment \"dough:vm-x\""
+            "ip saddr 10.213.0.0/30 oifname != \"{v}\" masquerade comment \"dough:s1:vm-x\""
         )));
         assert_eq!(
             nat.ns_rules()[0].to_nft(),
-            "ip saddr 172.16.0.0/30 oifname \"veth0\" masquerade comment \"dough:vm-x\""
+            "ip saddr 172.16.0.0/30 oifname \"veth0\" masquerade comment \"dough:s1:vm-x\""
         );
 
         let allow = NetPlan::new(
+            "s1",
             "vm-y",
             "allow=10.50.0.0/24:8080".parse().unwrap(),
             pool(),
@@ -748,9 +775,9 @@ mod tests {
         assert_eq!(
             tail,
             [
-                format!("iifname \"{v}\" ip daddr 10.50.0.0/24 tcp dport 8080 accept comment \"dough:vm-y\""),
-                format!("iifname \"{v}\" ip daddr 10.50.0.0/24 udp dport 8080 accept comment \"dough:vm-y\""),
-                format!("iifname \"{v}\" drop comment \"dough:vm-y\""),
+                format!("iifname \"{v}\" ip daddr 10.50.0.0/24 tcp dport 8080 accept comment \"dough:s1:vm-y\""),
+                format!("iifname \"{v}\" ip daddr 10.50.0.0/24 udp dport 8080 accept comment \"dough:s1:vm-y\""),
+                format!("iifname \"{v}\" drop comment \"dough:s1:vm-y\""),
             ]
         );
         // Pool isolation comes before any accept.
@@ -764,12 +791,12 @@ mod tests {
 
     #[test]
     fn json_rules_name_table_chain_and_comment() {
-        let nat = NetPlan::new("vm-x", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        let nat = NetPlan::new("s1", "vm-x", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
         let j = nat.ns_rules()[0].to_json("dough");
         assert_eq!(j["rule"]["family"], "ip");
         assert_eq!(j["rule"]["table"], "dough");
         assert_eq!(j["rule"]["chain"], "postrouting");
-        assert_eq!(j["rule"]["comment"], "dough:vm-x");
+        assert_eq!(j["rule"]["comment"], "dough:s1:vm-x");
         assert_eq!(j["rule"]["expr"][0]["match"]["right"]["prefix"]["len"], 30);
         assert!(j["rule"]["expr"][2].get("masquerade").is_some());
     }

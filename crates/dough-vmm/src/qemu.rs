@@ -49,7 +49,14 @@ pub struct QemuArgs {
     pub incoming: Option<Incoming>,
     /// Start with vCPUs stopped (`-S`); QMP `cont` runs them.
     pub start_paused: bool,
+    /// A virtio-net NIC on this TAP (which QEMU opens by name, so it must
+    /// exist in the namespace QEMU runs in).
+    pub tap: Option<String>,
 }
+
+/// The guest NIC's MAC address: the same in every clone (clones are
+/// byte-identical and never share a link).
+pub const GUEST_MAC: &str = "52:54:00:d0:06:01";
 
 /// Guest RAM backing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +79,8 @@ pub enum Incoming {
 
 /// The device set dough's argv gives a guest, versioned: a snapshot can
 /// only be restored into the same set, so snapshot keys include this.
-pub const DEVICE_SET: &str = "microvm/rng,blk-ro:root,virtio-serial:dough.0,serial:ttyS0/v1";
+pub const DEVICE_SET: &str =
+    "microvm/rng,blk-ro:root,virtio-serial:dough.0,net:tap,serial:ttyS0/v2";
 
 /// A migration URI that streams to (`save`) or from a file through `cat`.
 /// QEMU runs `exec:` URIs with `/bin/sh -c`, so the path is shell-quoted.
@@ -166,6 +174,16 @@ impl QemuArgs {
             "-device",
             format!("virtserialport,chardev=ch0,name={}", dough_port_name()).into(),
         );
+        if let Some(tap) = &self.tap {
+            push(
+                "-netdev",
+                format!("tap,id=n0,ifname={tap},script=no,downscript=no").into(),
+            );
+            push(
+                "-device",
+                format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}").into(),
+            );
+        }
         push("-serial", opt_path("file:", &p.serial));
         let mut qmp = opt_path("unix:", &p.qmp);
         qmp.push(",server=on,wait=off");
@@ -211,7 +229,23 @@ mod tests {
             memory: Memory::Anonymous,
             incoming: None,
             start_paused: false,
+            tap: None,
         }
+    }
+
+    #[test]
+    fn nic_on_a_named_tap() {
+        let mut a = args(Resolved::Tcg);
+        a.tap = Some("tap0".into());
+        let argv = strings(&a);
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]));
+        assert!(argv.windows(2).any(|w| w
+            == [
+                "-device",
+                "virtio-net-device,netdev=n0,mac=52:54:00:d0:06:01"
+            ]));
     }
 
     fn strings(a: &QemuArgs) -> Vec<String> {

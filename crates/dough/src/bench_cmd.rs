@@ -11,6 +11,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use dough_fabric::state::{VmDir, VmRecord, VmState};
 use dough_fabric::{ExecRequest, Snapshot, Vm, VmKind};
+use dough_net::linux::LinuxNet;
+use dough_net::{Egress, NetPlan};
 use dough_proto::{GuestMsg, HostMsg};
 use dough_vmm::{Incoming, Memory, ProcessId, QemuArgs, Qmp};
 use serde_json::{json, Value};
@@ -101,14 +103,14 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     // caches (QEMU's binary and libraries, the memory file's pages).
     eprintln!("dough: bench: warming up");
     dough_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
-    raw_round(ctx, &snap, &opts.qemu, 1, Duration::ZERO)?;
+    raw_round(ctx, &snap, &opts.qemu, opts.net_pool, 1, Duration::ZERO)?;
     let mut rows = Vec::new();
     let mut last_pss = None;
     for &n in &a.sizes {
         eprintln!("dough: bench: {n} dough clone(s)");
         let (dough, dough_pss) = dough_round(ctx, &snap, &opts, n, settle)?;
         eprintln!("dough: bench: {n} raw QEMU restore(s)");
-        let (raw, raw_pss) = raw_round(ctx, &snap, &opts.qemu, n, settle)?;
+        let (raw, raw_pss) = raw_round(ctx, &snap, &opts.qemu, opts.net_pool, n, settle)?;
         let ratio = |k: &str| {
             let d = dough["restore_to_ready"][k].as_f64().unwrap_or(0.0);
             let r = raw[k].as_f64().unwrap_or(0.0);
@@ -227,18 +229,40 @@ impl Drop for RawClone {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(rec) = self.dir.read() {
+            dough_fabric::gc::teardown_net(&rec);
+        }
         let _ = std::fs::remove_dir_all(self.dir.dir());
     }
 }
 
-fn raw_one(ctx: &Ctx, snap: &Snapshot, qemu: &std::path::Path) -> anyhow::Result<(RawClone, f64)> {
+fn raw_one(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    qemu: &std::path::Path,
+    pool: dough_net::Ipv4Net,
+) -> anyhow::Result<(RawClone, f64)> {
     let m = &snap.meta;
     let id = format!("raw-{}", &dough_fabric::new_vm_id()[3..]);
     // Recorded like any VM (owned by this process), so a crash mid-bench
     // leaves nothing the next dough would not reclaim.
     let mut rec = VmRecord::new(&id, VmKind::Run, m.accel, m.mem_mib, m.cpus);
     rec.snapshot = Some(snap.key.clone());
+    // The snapshot has a NIC, so the raw clone needs a TAP too (in its own
+    // netns, no way out), built like dough's but outside its timing.
+    let net_guard = dough_fabric::vm::net_lock()?;
+    let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
+    for r in dough_fabric::state::list(&ctx.vms) {
+        if let Some(p) = &r.net {
+            used.add(p);
+        }
+    }
+    let scope = dough_fabric::vm::net_scope(&ctx.vms);
+    let plan = NetPlan::new(&scope, &id, Egress::None, pool, 0, &used)?;
+    rec.net = Some(plan.clone());
     let dir = VmDir::create(&ctx.vms, &rec)?;
+    dough_net::setup(&mut LinuxNet::default(), &plan, pool)?;
+    drop(net_guard);
     let args = QemuArgs {
         accel: m.accel,
         mem_mib: m.mem_mib,
@@ -246,7 +270,10 @@ fn raw_one(ctx: &Ctx, snap: &Snapshot, qemu: &std::path::Path) -> anyhow::Result
         kernel: m.image.kernel.clone(),
         initrd: m.image.initrd.clone(),
         rootfs: m.image.rootfs.clone(),
-        extra_cmdline: m.extra_cmdline.clone(),
+        extra_cmdline: NetPlan::guest_cmdline()
+            .into_iter()
+            .chain(m.extra_cmdline.iter().cloned())
+            .collect(),
         tsc_khz: m.tsc_khz,
         paths: dir.paths.clone(),
         memory: Memory::File {
@@ -257,15 +284,16 @@ fn raw_one(ctx: &Ctx, snap: &Snapshot, qemu: &std::path::Path) -> anyhow::Result
         // even by hand it takes `-incoming defer` and two QMP commands.
         incoming: Some(Incoming::Defer),
         start_paused: false,
+        tap: Some(plan.tap.clone()),
     };
     let t = Instant::now();
-    let child = Command::new(qemu)
-        .args(args.argv())
+    let mut cmd = Command::new(qemu);
+    cmd.args(args.argv())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
+        .process_group(0);
+    let child = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()))?
         .with_context(|| format!("starting {}", qemu.display()))?;
     let vmm = ProcessId::of(child.id() as i32);
     let raw = RawClone { dir, child };
@@ -319,13 +347,14 @@ fn raw_round(
     ctx: &Ctx,
     snap: &Snapshot,
     qemu: &std::path::Path,
+    pool: dough_net::Ipv4Net,
     n: usize,
     settle: Duration,
 ) -> anyhow::Result<(Value, Option<u64>)> {
     let start = Instant::now();
     let results: Vec<anyhow::Result<(RawClone, f64)>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)
-            .map(|_| s.spawn(|| raw_one(ctx, snap, qemu)))
+            .map(|_| s.spawn(|| raw_one(ctx, snap, qemu, pool)))
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("bench thread"))

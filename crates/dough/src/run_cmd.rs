@@ -62,6 +62,13 @@ pub struct VmArgs {
     /// to see every kernel message in `serial.log`.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// What the VM's network may reach: `nat` (anything, through NAT),
+    /// `none` (no way out), or `allow=CIDR[:PORT],...` (only those).
+    #[arg(long, default_value = "nat", env = "DOUGH_NET", value_name = "POLICY")]
+    pub net: dough_net::Egress,
+    /// Pool the per-clone /30 transfer subnets are taken from.
+    #[arg(long, default_value = dough_net::plan::DEFAULT_POOL, env = "DOUGH_NET_POOL", value_name = "CIDR")]
+    pub net_pool: dough_net::Ipv4Net,
     #[command(flatten)]
     pub agent: AgentArg,
 }
@@ -147,6 +154,8 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         cpus: vm.cpus,
         deadline: Duration::from_secs(vm.boot_timeout),
         extra_cmdline: vm.kernel_args.clone(),
+        egress: vm.net.clone(),
+        net_pool: vm.net_pool,
         ..BootOptions::default()
     })
 }

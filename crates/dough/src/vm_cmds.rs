@@ -172,14 +172,14 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5}",
+        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5} NET",
         "ID", "KIND", "STATE", "AGE", "PID", "PSS", "ACCEL"
     )?;
     for v in &vms {
         let r = &v.record;
         writeln!(
             out,
-            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5}",
+            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5} {}",
             r.id,
             r.kind.to_string(),
             r.state.to_string(),
@@ -189,6 +189,10 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
                 .map(|k| format!("{}M", k / 1024))
                 .unwrap_or("-".into()),
             r.accel.to_string(),
+            r.net
+                .as_ref()
+                .map(|n| n.egress.to_string())
+                .unwrap_or("-".into()),
         )?;
     }
     Ok(ExitCode::SUCCESS)

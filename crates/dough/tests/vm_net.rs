@@ -1,0 +1,267 @@
+//! VM tier: per-clone network isolation with real guests (root).
+
+mod common;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::process::Stdio;
+
+use common::*;
+use dough_net::linux::{in_netns, LinuxNet};
+use dough_net::{NetError, NetOps};
+
+const ADDR_PY: &str = "import socket,fcntl,struct
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
+print(socket.inet_ntoa(fcntl.ioctl(s.fileno(),0x8915,struct.pack('256s',b'eth0'))[20:24]))";
+
+const CONNECT_PY: &str = "import socket,sys
+s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)
+print(s.recv(16).decode())";
+
+fn suffix() -> String {
+    let mut b = [0u8; 3];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
+/// A network "outside" on this machine: a netns behind a host veth with
+/// TCP servers that answer "hello". Nothing off this machine is contacted.
+struct World {
+    ns: String,
+    veth: String,
+    addr: Ipv4Addr,
+}
+
+impl World {
+    fn new() -> World {
+        let s = suffix();
+        let net: dough_net::Ipv4Net = format!("10.198.{}.0/30", s.as_bytes()[0] % 250)
+            .parse()
+            .unwrap();
+        let w = World {
+            ns: format!("tw-{s}"),
+            veth: format!("tw{s}"),
+            addr: net.host(2),
+        };
+        let mut n = LinuxNet::default();
+        n.create_netns(&w.ns).unwrap();
+        n.create_veth(&w.veth, &w.ns, "eth0").unwrap();
+        n.add_addr(None, &w.veth, net.host(1), 30).unwrap();
+        n.link_up(None, &w.veth).unwrap();
+        n.add_addr(Some(&w.ns), "eth0", w.addr, 30).unwrap();
+        n.link_up(Some(&w.ns), "eth0").unwrap();
+        w
+    }
+
+    fn serve(&self, port: u16) {
+        let l = in_netns(Some(&self.ns), || {
+            TcpListener::bind((self.addr, port)).map_err(|e| NetError::io("bind", e))
+        })
+        .unwrap();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(b"hello");
+            }
+        });
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let mut n = LinuxNet::default();
+        let _ = n.delete_netns(&self.ns);
+        let _ = n.delete_link(&self.veth);
+    }
+}
+
+fn up(home: &Path, n: u32, net: &str) -> Vec<String> {
+    let out = run(home, &["up", &n.to_string(), "--net", net]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).lines().map(String::from).collect()
+}
+
+/// Connect from inside clone `id` to host:port; what came back, if anything.
+fn connect(home: &Path, id: &str, host: &str, port: u16) -> Option<String> {
+    let out = run(
+        home,
+        &[
+            "exec",
+            id,
+            "--",
+            "python3",
+            "-c",
+            CONNECT_PY,
+            host,
+            &port.to_string(),
+        ],
+    );
+    out.status
+        .success()
+        .then(|| text(&out.stdout).trim().to_string())
+}
+
+fn record(home: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(home.join("vms").join(id).join("state.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn vm_net_clones_share_one_address_and_cannot_reach_each_other() {
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 2, "nat");
+    for id in &ids {
+        let out = run(h, &["exec", id, "--", "python3", "-c", ADDR_PY]);
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "172.16.0.2",
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let b = record(h, &ids[1]);
+    let t = &b["net"]["transfer"];
+    for addr in [
+        t["ns_addr"].as_str().unwrap(),
+        t["host_addr"].as_str().unwrap(),
+    ] {
+        assert_eq!(connect(h, &ids[0], addr, 22), None, "A reached {addr}");
+    }
+    // A listener inside B's netns (on its transfer address) stays out of
+    // A's reach, while B's own netns can use it.
+    let ns = b["net"]["netns"].as_str().unwrap().to_string();
+    let ns_addr: Ipv4Addr = t["ns_addr"].as_str().unwrap().parse().unwrap();
+    let l = in_netns(Some(&ns), || {
+        TcpListener::bind((ns_addr, 7070)).map_err(|e| NetError::io("bind", e))
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"b");
+        }
+    });
+    assert_eq!(connect(h, &ids[0], &ns_addr.to_string(), 7070), None);
+    assert_eq!(
+        connect(h, &ids[1], &ns_addr.to_string(), 7070).as_deref(),
+        Some("b")
+    );
+    let out = run(h, &["down", "--all"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn vm_net_egress_policies() {
+    let home = private_home();
+    let h = home.path();
+    let world = World::new();
+    world.serve(8080);
+    world.serve(9090);
+    let w = world.addr.to_string();
+    let nat = &up(h, 1, "nat")[0];
+    let none = &up(h, 1, "none")[0];
+    let allow = &up(h, 1, &format!("allow={w}:8080"))[0];
+    assert_eq!(connect(h, nat, &w, 8080).as_deref(), Some("hello"));
+    assert_eq!(connect(h, none, &w, 8080), None);
+    assert!(
+        record(h, none)["net"]["transfer"].is_null(),
+        "none has no veth"
+    );
+    assert_eq!(connect(h, allow, &w, 8080).as_deref(), Some("hello"));
+    assert_eq!(connect(h, allow, &w, 9090), None);
+    let table = run(h, &["ps"]);
+    assert!(
+        text(&table.stdout).contains(&format!("allow={w}/32:8080")),
+        "{}",
+        text(&table.stdout)
+    );
+    let out = run(h, &["down", "--all"]);
+    assert!(out.status.success());
+}
+
+/// Network objects of `home`'s clones still on the host.
+fn net_objects(home: &Path, plans: &[serde_json::Value]) -> Vec<String> {
+    let mut n = LinuxNet::default();
+    let netns = n.list_netns().unwrap();
+    let links: Vec<String> = n
+        .list_links()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    let tags = n.list_tags().unwrap();
+    let mut left = Vec::new();
+    for p in plans {
+        let ns = p["netns"].as_str().unwrap().to_string();
+        if netns.contains(&ns) {
+            left.push(ns);
+        }
+        if let Some(v) = p["transfer"]["host_veth"].as_str() {
+            if links.contains(&v.to_string()) {
+                left.push(v.to_string());
+            }
+        }
+        let tag = p["tag"].as_str().unwrap().to_string();
+        if tags.contains(&tag) {
+            left.push(tag);
+        }
+    }
+    let _ = home;
+    left
+}
+
+#[test]
+fn vm_net_sixteen_clones_leave_nothing_behind() {
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 16, "nat");
+    assert_eq!(ids.len(), 16);
+    let plans: Vec<serde_json::Value> = ids.iter().map(|id| record(h, id)["net"].clone()).collect();
+    let mut veths: Vec<&str> = plans
+        .iter()
+        .map(|p| p["transfer"]["host_veth"].as_str().unwrap())
+        .collect();
+    assert!(veths.iter().all(|v| v.len() <= 15));
+    veths.sort();
+    veths.dedup();
+    assert_eq!(veths.len(), 16, "distinct names");
+    assert_eq!(net_objects(h, &plans).len(), 16 * 3);
+    let out = run(h, &["down", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
+}
+
+#[test]
+fn vm_net_sigkill_mid_up_is_reclaimed() {
+    let home = private_home();
+    let h = home.path();
+    let mut child = dough(h)
+        .args(["up", "3"])
+        .env("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        if line.contains("holding the clones") {
+            break;
+        }
+    }
+    let plans: Vec<serde_json::Value> = records(h).iter().map(|r| r["net"].clone()).collect();
+    assert_eq!(plans.len(), 3, "{seen}");
+    assert_eq!(net_objects(h, &plans).len(), 9);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(h, &["ps"]);
+    assert_eq!(
+        text(&out.stderr).matches("reclaimed orphaned VM").count(),
+        3,
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
+}
