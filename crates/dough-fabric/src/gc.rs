@@ -170,6 +170,26 @@ fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
     let found = dough_net::find_leftovers(&mut ops, &scope, &live)
         .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
         .ok()?;
+    let mut found = found;
+    // Scopes whose VM directory no longer exists (a deleted dough home):
+    // nothing of theirs can be live.
+    for e in std::fs::read_dir(crate::vm::SCOPES_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let gone_dir = std::fs::read(e.path())
+            .map(|p| !Path::new(&*String::from_utf8_lossy(&p)).exists())
+            .unwrap_or(false);
+        let s = e.file_name().to_string_lossy().into_owned();
+        if gone_dir && s != scope {
+            if let Ok(l) = dough_net::find_leftovers(&mut ops, &s, &[]) {
+                found.netns.extend(l.netns);
+                found.tags.extend(l.tags);
+            }
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     if found.is_empty() {
         return None;
     }

@@ -179,6 +179,9 @@ pub struct Vm {
     /// Time from spawning QEMU to the finished handshake.
     pub boot_time: Duration,
     dir: VmDir,
+    /// Kept here as well as in the record: teardown must not depend on
+    /// the directory still being readable.
+    net: NetPlan,
     process: VmmProcess,
     channel: HostChannel,
     torn_down: bool,
@@ -265,6 +268,7 @@ impl Vm {
         // Planning, recording and building a network claim names and
         // subnets on the host: one dough (of any home) at a time.
         let _net = net_lock()?;
+        register_scope(vms_dir);
         let (dir, plan) = {
             let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())
                 .map_err(|e| net_err(e.into()))?;
@@ -460,6 +464,7 @@ impl Vm {
             hello,
             boot_time,
             dir,
+            net: plan,
             process,
             channel,
             torn_down: false,
@@ -570,8 +575,8 @@ impl Vm {
                 vm: self.id.clone(),
                 source,
             });
-        if let Ok(rec) = self.dir.read() {
-            crate::gc::teardown_net(&rec);
+        if let Err(e) = dough_net::teardown(&mut LinuxNet::default(), &self.net) {
+            tracing::warn!(vm = %self.id, "network teardown: {e}");
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         r
@@ -607,6 +612,22 @@ pub fn net_lock() -> Result<nix::fcntl::Flock<std::fs::File>, FabricError> {
         .map_err(io)?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| io(std::io::Error::from(e)))
+}
+
+/// Where each scope's VM directory is noted (`<scope>` → its path), so a
+/// sweep can tell a scope whose directory is gone: everything in it is
+/// left over.
+pub const SCOPES_DIR: &str = "/run/dough/scopes";
+
+/// Note `vms` under its scope (call with the network lock held).
+pub(crate) fn register_scope(vms: &Path) {
+    let scope = net_scope(vms);
+    let file = Path::new(SCOPES_DIR).join(&scope);
+    if !file.exists() {
+        let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
+        let _ = std::fs::create_dir_all(SCOPES_DIR)
+            .and_then(|_| std::fs::write(&file, canon.as_os_str().as_encoded_bytes()));
+    }
 }
 
 /// A short name for a VM directory, part of its clones' netns names and
