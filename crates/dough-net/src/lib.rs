@@ -6,6 +6,7 @@
 //! [`teardown`] apply a plan through any `NetOps`, rolling back a failed
 //! setup so nothing is left half-created.
 
+pub mod commands;
 pub mod linux;
 pub mod ops;
 pub mod plan;
@@ -51,18 +52,20 @@ fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<()
     Ok(())
 }
 
-/// Remove everything `plan` describes: the netns (taking the TAP and the
-/// veth pair with it), the host veth if it outlived it, then every host
-/// rule carrying the clone's tag. Missing pieces are not errors.
+/// Remove everything `plan` describes: the veth pair, the netns (taking
+/// the TAP with it), then every host rule carrying the clone's tag.
+/// Missing pieces are not errors.
 pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
     let mut first_err = None;
-    if let Err(e) = ops.delete_netns(&plan.netns) {
-        first_err.get_or_insert(e);
-    }
+    // The veth pair first (deleting one end deletes both), synchronously:
+    // left to the namespace's destruction it would linger a while.
     if let Some(t) = &plan.transfer {
         if let Err(e) = ops.delete_link(&t.host_veth) {
             first_err.get_or_insert(e);
         }
+    }
+    if let Err(e) = ops.delete_netns(&plan.netns) {
+        first_err.get_or_insert(e);
     }
     if let Err(e) = ops.flush_tag(&plan.tag) {
         first_err.get_or_insert(e);

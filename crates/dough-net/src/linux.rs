@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use futures::TryStreamExt;
 use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde_json::{json, Value};
 
 use crate::ops::{HostLink, NetError, NetOps};
@@ -263,31 +263,34 @@ impl NetOps for LinuxNet {
             .map_err(|e| NetError::io(format!("opening netns {netns}"), e))?;
         let fd = ns.as_raw_fd();
         netlink(&format!("creating veth {host}/{peer}"), |h| async move {
-            // The peer is made under a temporary name on the host (where
-            // `peer` may well exist already) and renamed as it moves.
-            let tmp = format!("{host}p");
-            let tmp = &tmp[tmp.len().saturating_sub(15)..];
-            h.link()
-                .add(LinkVeth::new(host, tmp).build())
-                .execute()
-                .await?;
-            let idx = need_index(&h, tmp).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(idx)
-                        .setns_by_fd(fd)
-                        .name(peer.to_string())
-                        .build(),
-                )
-                .execute()
-                .await
+            use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+            use rtnetlink::LinkMessageBuilder;
+            // The peer is created directly inside the netns: moving an
+            // interface between namespaces afterwards waits for an RCU
+            // grace period (tens of milliseconds).
+            let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(peer.to_string())
+                .setns_by_fd(fd)
+                .build();
+            let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+                .name(host.to_string())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+                .build();
+            h.link().add(msg).execute().await
         })
     }
 
     fn delete_link(&mut self, name: &str) -> Result<(), NetError> {
         netlink(&format!("deleting {name}"), |h| async move {
             match index_of(&h, name).await? {
-                Some(i) => h.link().del(i).execute().await,
+                // It may vanish meanwhile: the kernel removes a veth whose
+                // peer's namespace is being destroyed, asynchronously.
+                Some(i) => match h.link().del(i).execute().await {
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                        Ok(())
+                    }
+                    r => r,
+                },
                 None => Ok(()),
             }
         })

@@ -237,3 +237,22 @@ fn priv_isolation_and_egress_policies() {
         Some("b")
     );
 }
+
+#[test]
+fn priv_the_command_baseline_builds_the_same_network() {
+    use dough_net::commands::CommandNet;
+    let pool = test_pool(3);
+    let id = format!("vm-c{}", rand_suffix());
+    let plan = NetPlan::new("ptest", &id, Egress::Nat, pool, 0, &InUse::default()).unwrap();
+    let mut c = CommandNet::default();
+    dough_net::setup(&mut c, &plan, pool).unwrap();
+    let inside = links_in(&plan.netns);
+    for l in ["lo", "tap0", "veth0"] {
+        assert!(inside.contains(&l.to_string()), "{inside:?}");
+    }
+    let mut n = LinuxNet::default();
+    assert!(n.list_tags().unwrap().contains(&plan.tag));
+    dough_net::teardown(&mut c, &plan).unwrap();
+    assert!(!n.list_netns().unwrap().contains(&plan.netns));
+    assert!(!n.list_tags().unwrap().contains(&plan.tag));
+}

@@ -29,6 +29,20 @@ pub enum BenchCmd {
     /// (`-incoming` of the same snapshot, time to the agent's first
     /// message). Prints JSON on stdout; progress on stderr.
     Clones(ClonesArgs),
+    /// Per-clone network setup and teardown (netns, TAP, veth, addresses,
+    /// routes, forwarding, nftables rules): dough's netlink implementation
+    /// against the same plan applied by spawning `ip` and `nft`. Needs root.
+    Net(NetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Clones to set up and tear down with each implementation.
+    #[arg(long, default_value_t = 50)]
+    pub count: usize,
+    /// Egress policy of the measured plans.
+    #[arg(long, default_value = "nat")]
+    pub net: dough_net::Egress,
 }
 
 #[derive(Debug, Args)]
@@ -46,7 +60,83 @@ pub struct ClonesArgs {
 pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Clones(a) => clones(ctx, a),
+        BenchCmd::Net(a) => net(a),
     }
+}
+
+fn net(a: NetArgs) -> anyhow::Result<ExitCode> {
+    use dough_net::commands::CommandNet;
+    anyhow::ensure!((1..=1000).contains(&a.count), "--count must be 1 to 1000");
+    // A pool and scope of the benchmark's own, and alternating rounds so
+    // neither implementation always runs on a warmer kernel.
+    let pool: dough_net::Ipv4Net = "10.197.0.0/16".parse()?;
+    let scope = format!("bn{}", std::process::id() % 100_000);
+    let mut times: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    let mut steps: [std::collections::BTreeMap<&'static str, f64>; 2] = Default::default();
+    let _net = dough_fabric::vm::net_lock()?;
+    let used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
+    for i in 0..a.count {
+        for which in [i % 2, (i + 1) % 2] {
+            let id = format!("b{i}-{which}");
+            let plan = NetPlan::new(&scope, &id, a.net.clone(), pool, 0, &used)?;
+            let mut linux = LinuxNet::default();
+            let mut cmds = CommandNet::default();
+            let inner: &mut dyn dough_net::NetOps = if which == 0 { &mut linux } else { &mut cmds };
+            let mut ops = Timed {
+                inner,
+                spent: &mut steps[which],
+            };
+            let t = Instant::now();
+            dough_net::setup(&mut ops, &plan, pool).with_context(|| format!("setting up {id}"))?;
+            let up = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            dough_net::teardown(&mut ops, &plan).with_context(|| format!("tearing down {id}"))?;
+            let down = t.elapsed().as_secs_f64() * 1e3;
+            times[which].0.push(up);
+            times[which].1.push(down);
+        }
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        json!({
+            "p50_ms": round(pct(50.0)),
+            "p90_ms": round(pct(90.0)),
+            "max_ms": round(*v.last().unwrap_or(&0.0)),
+            "mean_ms": round(v.iter().sum::<f64>() / v.len() as f64),
+        })
+    };
+    let [(nl_up, nl_down), (c_up, c_down)] = times;
+    let per_step = |m: &std::collections::BTreeMap<&'static str, f64>| {
+        let v: serde_json::Map<String, Value> = m
+            .iter()
+            .map(|(k, t)| (k.to_string(), json!(round(t / a.count as f64))))
+            .collect();
+        Value::Object(v)
+    };
+    let nl = json!({"setup": stats(nl_up), "teardown": stats(nl_down), "mean_ms_per_clone_by_step": per_step(&steps[0])});
+    let cm = json!({"setup": stats(c_up), "teardown": stats(c_down), "mean_ms_per_clone_by_step": per_step(&steps[1])});
+    let ratio = |phase: &str| {
+        let n = nl[phase]["p50_ms"].as_f64().unwrap_or(0.0);
+        let c = cm[phase]["p50_ms"].as_f64().unwrap_or(0.0);
+        if c > 0.0 {
+            json!((n / c * 100.0).round() / 100.0)
+        } else {
+            Value::Null
+        }
+    };
+    let out = json!({
+        "bench": "net",
+        "count": a.count,
+        "egress": a.net.to_string(),
+        "netlink": nl,
+        "commands": cm,
+        "ratio_netlink_over_commands": {"setup_p50": ratio("setup"), "teardown_p50": ratio("teardown")},
+    });
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Latency figures in milliseconds (nearest-rank percentiles).
@@ -373,4 +463,84 @@ fn raw_round(
     let pss = mean_pss_kib(&pids);
     drop(raws);
     Ok((summary(ms, wall), pss))
+}
+/// Wraps a NetOps and adds up the time spent in each kind of call.
+struct Timed<'a> {
+    inner: &'a mut dyn dough_net::NetOps,
+    spent: &'a mut std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Timed<'_> {
+    fn time<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut dyn dough_net::NetOps) -> T,
+    ) -> T {
+        let t = Instant::now();
+        let r = f(&mut *self.inner);
+        *self.spent.entry(what).or_default() += t.elapsed().as_secs_f64() * 1e3;
+        r
+    }
+}
+
+impl dough_net::NetOps for Timed<'_> {
+    fn create_netns(&mut self, n: &str) -> Result<(), dough_net::NetError> {
+        self.time("create_netns", |o| o.create_netns(n))
+    }
+    fn delete_netns(&mut self, n: &str) -> Result<(), dough_net::NetError> {
+        self.time("delete_netns", |o| o.delete_netns(n))
+    }
+    fn create_tap(&mut self, ns: &str, n: &str, u: u32) -> Result<(), dough_net::NetError> {
+        self.time("create_tap", |o| o.create_tap(ns, n, u))
+    }
+    fn create_veth(&mut self, h: &str, ns: &str, p: &str) -> Result<(), dough_net::NetError> {
+        self.time("create_veth", |o| o.create_veth(h, ns, p))
+    }
+    fn delete_link(&mut self, n: &str) -> Result<(), dough_net::NetError> {
+        self.time("delete_link", |o| o.delete_link(n))
+    }
+    fn add_addr(
+        &mut self,
+        ns: Option<&str>,
+        i: &str,
+        a: std::net::Ipv4Addr,
+        p: u8,
+    ) -> Result<(), dough_net::NetError> {
+        self.time("add_addr", |o| o.add_addr(ns, i, a, p))
+    }
+    fn link_up(&mut self, ns: Option<&str>, i: &str) -> Result<(), dough_net::NetError> {
+        self.time("link_up", |o| o.link_up(ns, i))
+    }
+    fn add_default_route(
+        &mut self,
+        ns: &str,
+        v: std::net::Ipv4Addr,
+    ) -> Result<(), dough_net::NetError> {
+        self.time("add_default_route", |o| o.add_default_route(ns, v))
+    }
+    fn enable_forwarding(&mut self, ns: Option<&str>) -> Result<(), dough_net::NetError> {
+        self.time("enable_forwarding", |o| o.enable_forwarding(ns))
+    }
+    fn add_rules(
+        &mut self,
+        ns: Option<&str>,
+        r: &[dough_net::plan::Rule],
+    ) -> Result<(), dough_net::NetError> {
+        self.time("add_rules", |o| o.add_rules(ns, r))
+    }
+    fn flush_tag(&mut self, t: &str) -> Result<usize, dough_net::NetError> {
+        self.time("flush_tag", |o| o.flush_tag(t))
+    }
+    fn list_netns(&mut self) -> Result<Vec<String>, dough_net::NetError> {
+        self.inner.list_netns()
+    }
+    fn list_links(&mut self) -> Result<Vec<dough_net::HostLink>, dough_net::NetError> {
+        self.inner.list_links()
+    }
+    fn host_addrs(&mut self) -> Result<Vec<(String, std::net::Ipv4Addr, u8)>, dough_net::NetError> {
+        self.inner.host_addrs()
+    }
+    fn list_tags(&mut self) -> Result<Vec<String>, dough_net::NetError> {
+        self.inner.list_tags()
+    }
 }

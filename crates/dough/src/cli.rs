@@ -121,6 +121,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => vm_cmds::logs(&ctx, args),
         Command::Down(args) => vm_cmds::down(&ctx, args),
         Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
-        Command::Doctor(args) => doctor::run(&ctx.home, args),
+        Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
     }
 }

@@ -53,7 +53,31 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
+/// dough's network objects on this host, and which belong to this home.
+fn network_summary(vms: &Path) -> Result<String, dough_net::NetError> {
+    use dough_net::NetOps;
+    let mut ops = dough_net::linux::LinuxNet::default();
+    let netns: Vec<String> = ops
+        .list_netns()?
+        .into_iter()
+        .filter(|n| n.starts_with(dough_net::plan::NETNS_PREFIX))
+        .collect();
+    let scope = dough_fabric::vm::net_scope(vms);
+    let mine = netns
+        .iter()
+        .filter(|n| n.starts_with(&format!("{}{scope}-", dough_net::plan::NETNS_PREFIX)))
+        .count();
+    let live = dough_fabric::state::list_ids(vms);
+    let left = dough_net::find_leftovers(&mut ops, &scope, &live)?;
+    let tags = ops.list_tags()?.len();
+    Ok(format!(
+        "{} dough netns on this host ({mine} of this home's VMs), {tags} tagged rule sets; {} left over here",
+        netns.len(),
+        left.netns.len() + left.veths.len() + left.tags.len()
+    ))
+}
+
+pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut checks = vec![
         tool(
             "qemu",
@@ -116,13 +140,33 @@ pub fn run(home: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode> {
     checks.push(Check {
         name: "netns",
         ok: matches!(netns, Ok(s) if s.success()),
-        required: false,
+        required: true,
         detail: match netns {
             Ok(s) if s.success() => "can create network namespaces".into(),
             Ok(s) => format!("unshare --net failed ({s}); run dough as root"),
             Err(e) => format!("unshare: {e}"),
         },
         fix: "run as root (network namespaces, TAP devices and nftables need it)",
+    });
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    checks.push(Check {
+        name: "tun",
+        ok: tun,
+        required: true,
+        detail: if tun {
+            "/dev/net/tun exists (each VM's NIC is a TAP)".into()
+        } else {
+            "/dev/net/tun is missing".into()
+        },
+        fix: "modprobe tun (or run where /dev/net/tun is available)",
+    });
+    let net = network_summary(vms);
+    checks.push(Check {
+        name: "network",
+        ok: net.is_ok(),
+        required: false,
+        detail: net.unwrap_or_else(|e| format!("cannot list network objects: {e}")),
+        fix: "run as root",
     });
     let free = free_bytes(home);
     checks.push(Check {
