@@ -283,7 +283,7 @@ impl Vm {
             (VmDir::create(vms_dir, &rec)?, plan)
         };
         let paths = dir.paths.clone();
-        if let Err(e) = dough_net::setup(&mut LinuxNet::default(), &plan, opts.net_pool) {
+        if let Err(e) = setup_net(&plan, opts.net_pool) {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(net_err(e.into()));
         }
@@ -589,6 +589,35 @@ impl Drop for Vm {
             tracing::error!("{e}");
         }
     }
+}
+
+/// Build a VM's network. `DOUGH_TEST_HOLD_IN_NET_SETUP=N` stops (forever)
+/// before the N-th step, for the test that SIGKILLs dough mid-setup.
+fn setup_net(plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
+    let hold_at: Option<usize> = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut linux = LinuxNet::default();
+    let Some(hold_at) = hold_at else {
+        return dough_net::setup(&mut linux, plan, pool);
+    };
+    let mut step = 0;
+    let mut hook = |op: &'static str, done: bool| {
+        if !done {
+            if step == hold_at {
+                eprintln!("dough: test hook: holding network setup before {op}");
+                loop {
+                    std::thread::park();
+                }
+            }
+            step += 1;
+        }
+    };
+    let mut ops = dough_net::ops::Observed {
+        inner: &mut linux,
+        hook: &mut hook,
+    };
+    dough_net::setup(&mut ops, plan, pool)
 }
 
 /// Where the host-wide network lock lives.

@@ -283,6 +283,77 @@ impl NetOps for FakeNet {
     }
 }
 
+/// Wraps another [`NetOps`] and calls `hook(op, false)` before and
+/// `hook(op, true)` after every mutating call: for timing each kind of step
+/// (the benchmark) or stopping at one (the crash test).
+pub struct Observed<'a> {
+    pub inner: &'a mut dyn NetOps,
+    pub hook: &'a mut dyn FnMut(&'static str, bool),
+}
+
+impl std::fmt::Debug for Observed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observed")
+    }
+}
+
+impl Observed<'_> {
+    fn around<T>(&mut self, op: &'static str, f: impl FnOnce(&mut dyn NetOps) -> T) -> T {
+        (self.hook)(op, false);
+        let r = f(&mut *self.inner);
+        (self.hook)(op, true);
+        r
+    }
+}
+
+impl NetOps for Observed<'_> {
+    fn create_netns(&mut self, n: &str) -> Result<(), NetError> {
+        self.around("create_netns", |o| o.create_netns(n))
+    }
+    fn delete_netns(&mut self, n: &str) -> Result<(), NetError> {
+        self.around("delete_netns", |o| o.delete_netns(n))
+    }
+    fn create_tap(&mut self, ns: &str, n: &str, u: u32) -> Result<(), NetError> {
+        self.around("create_tap", |o| o.create_tap(ns, n, u))
+    }
+    fn create_veth(&mut self, h: &str, ns: &str, p: &str) -> Result<(), NetError> {
+        self.around("create_veth", |o| o.create_veth(h, ns, p))
+    }
+    fn delete_link(&mut self, n: &str) -> Result<(), NetError> {
+        self.around("delete_link", |o| o.delete_link(n))
+    }
+    fn add_addr(&mut self, ns: Option<&str>, i: &str, a: Ipv4Addr, p: u8) -> Result<(), NetError> {
+        self.around("add_addr", |o| o.add_addr(ns, i, a, p))
+    }
+    fn link_up(&mut self, ns: Option<&str>, i: &str) -> Result<(), NetError> {
+        self.around("link_up", |o| o.link_up(ns, i))
+    }
+    fn add_default_route(&mut self, ns: &str, v: Ipv4Addr) -> Result<(), NetError> {
+        self.around("add_default_route", |o| o.add_default_route(ns, v))
+    }
+    fn enable_forwarding(&mut self, ns: Option<&str>) -> Result<(), NetError> {
+        self.around("enable_forwarding", |o| o.enable_forwarding(ns))
+    }
+    fn add_rules(&mut self, ns: Option<&str>, r: &[Rule]) -> Result<(), NetError> {
+        self.around("add_rules", |o| o.add_rules(ns, r))
+    }
+    fn flush_tag(&mut self, t: &str) -> Result<usize, NetError> {
+        self.around("flush_tag", |o| o.flush_tag(t))
+    }
+    fn list_netns(&mut self) -> Result<Vec<String>, NetError> {
+        self.inner.list_netns()
+    }
+    fn list_links(&mut self) -> Result<Vec<HostLink>, NetError> {
+        self.inner.list_links()
+    }
+    fn host_addrs(&mut self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetError> {
+        self.inner.host_addrs()
+    }
+    fn list_tags(&mut self) -> Result<Vec<String>, NetError> {
+        self.inner.list_tags()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,9 +82,18 @@ fn net(a: NetArgs) -> anyhow::Result<ExitCode> {
             let mut linux = LinuxNet::default();
             let mut cmds = CommandNet::default();
             let inner: &mut dyn dough_net::NetOps = if which == 0 { &mut linux } else { &mut cmds };
-            let mut ops = Timed {
+            let spent = &mut steps[which];
+            let mut started = Instant::now();
+            let mut hook = |op: &'static str, done: bool| {
+                if done {
+                    *spent.entry(op).or_default() += started.elapsed().as_secs_f64() * 1e3;
+                } else {
+                    started = Instant::now();
+                }
+            };
+            let mut ops = dough_net::ops::Observed {
                 inner,
-                spent: &mut steps[which],
+                hook: &mut hook,
             };
             let t = Instant::now();
             dough_net::setup(&mut ops, &plan, pool).with_context(|| format!("setting up {id}"))?;
@@ -463,84 +472,4 @@ fn raw_round(
     let pss = mean_pss_kib(&pids);
     drop(raws);
     Ok((summary(ms, wall), pss))
-}
-/// Wraps a NetOps and adds up the time spent in each kind of call.
-struct Timed<'a> {
-    inner: &'a mut dyn dough_net::NetOps,
-    spent: &'a mut std::collections::BTreeMap<&'static str, f64>,
-}
-
-impl Timed<'_> {
-    fn time<T>(
-        &mut self,
-        what: &'static str,
-        f: impl FnOnce(&mut dyn dough_net::NetOps) -> T,
-    ) -> T {
-        let t = Instant::now();
-        let r = f(&mut *self.inner);
-        *self.spent.entry(what).or_default() += t.elapsed().as_secs_f64() * 1e3;
-        r
-    }
-}
-
-impl dough_net::NetOps for Timed<'_> {
-    fn create_netns(&mut self, n: &str) -> Result<(), dough_net::NetError> {
-        self.time("create_netns", |o| o.create_netns(n))
-    }
-    fn delete_netns(&mut self, n: &str) -> Result<(), dough_net::NetError> {
-        self.time("delete_netns", |o| o.delete_netns(n))
-    }
-    fn create_tap(&mut self, ns: &str, n: &str, u: u32) -> Result<(), dough_net::NetError> {
-        self.time("create_tap", |o| o.create_tap(ns, n, u))
-    }
-    fn create_veth(&mut self, h: &str, ns: &str, p: &str) -> Result<(), dough_net::NetError> {
-        self.time("create_veth", |o| o.create_veth(h, ns, p))
-    }
-    fn delete_link(&mut self, n: &str) -> Result<(), dough_net::NetError> {
-        self.time("delete_link", |o| o.delete_link(n))
-    }
-    fn add_addr(
-        &mut self,
-        ns: Option<&str>,
-        i: &str,
-        a: std::net::Ipv4Addr,
-        p: u8,
-    ) -> Result<(), dough_net::NetError> {
-        self.time("add_addr", |o| o.add_addr(ns, i, a, p))
-    }
-    fn link_up(&mut self, ns: Option<&str>, i: &str) -> Result<(), dough_net::NetError> {
-        self.time("link_up", |o| o.link_up(ns, i))
-    }
-    fn add_default_route(
-        &mut self,
-        ns: &str,
-        v: std::net::Ipv4Addr,
-    ) -> Result<(), dough_net::NetError> {
-        self.time("add_default_route", |o| o.add_default_route(ns, v))
-    }
-    fn enable_forwarding(&mut self, ns: Option<&str>) -> Result<(), dough_net::NetError> {
-        self.time("enable_forwarding", |o| o.enable_forwarding(ns))
-    }
-    fn add_rules(
-        &mut self,
-        ns: Option<&str>,
-        r: &[dough_net::plan::Rule],
-    ) -> Result<(), dough_net::NetError> {
-        self.time("add_rules", |o| o.add_rules(ns, r))
-    }
-    fn flush_tag(&mut self, t: &str) -> Result<usize, dough_net::NetError> {
-        self.time("flush_tag", |o| o.flush_tag(t))
-    }
-    fn list_netns(&mut self) -> Result<Vec<String>, dough_net::NetError> {
-        self.inner.list_netns()
-    }
-    fn list_links(&mut self) -> Result<Vec<dough_net::HostLink>, dough_net::NetError> {
-        self.inner.list_links()
-    }
-    fn host_addrs(&mut self) -> Result<Vec<(String, std::net::Ipv4Addr, u8)>, dough_net::NetError> {
-        self.inner.host_addrs()
-    }
-    fn list_tags(&mut self) -> Result<Vec<String>, dough_net::NetError> {
-        self.inner.list_tags()
-    }
 }

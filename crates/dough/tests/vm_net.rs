@@ -265,3 +265,47 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
     );
     assert_eq!(net_objects(h, &plans), Vec::<String>::new());
 }
+
+#[test]
+fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
+    let home = private_home();
+    let h = home.path();
+    // Stop after the veth exists and has its host address, before the
+    // rest: a crash in the middle of building the network.
+    let mut child = dough(h)
+        .args(["up", "1"])
+        .env("DOUGH_TEST_HOLD_IN_NET_SETUP", "8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        if line.contains("holding network setup") {
+            break;
+        }
+    }
+    let recs = records(h);
+    assert_eq!(recs.len(), 1, "{seen}");
+    assert_eq!(recs[0]["state"], "creating");
+    let plans = vec![recs[0]["net"].clone()];
+    let present = net_objects(h, &plans);
+    assert_eq!(
+        present.len(),
+        2,
+        "netns and veth exist, no rules yet: {present:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(h, &["ps"]);
+    assert!(
+        text(&out.stderr).contains("reclaimed orphaned VM"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
+    assert!(vm_dirs(h).is_empty());
+}
