@@ -10,6 +10,7 @@ pub mod commands;
 pub mod linux;
 pub mod ops;
 pub mod plan;
+pub mod testing;
 
 pub use ops::{HostLink, NetError, NetOps};
 pub use plan::{Egress, InUse, Ipv4Net, NetPlan, PlanError};

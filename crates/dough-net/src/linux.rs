@@ -129,6 +129,38 @@ fn make_tap(name: &str, owner: u32) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Make `/run/netns` a shared mount of its own, as `ip netns add` does.
+/// Without this, the first `ip netns add` on the host bind-mounts the
+/// directory over itself and hides (and pins) every namespace mounted in it
+/// before.
+fn make_netns_dir_shared() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // Not a mount point yet: make it one, then share it.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            shared()
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl LinuxNet {
     /// Run `nft -j -f -` with `cmds` (in this thread's namespace).
     fn nft_apply(&self, cmds: Vec<Value>) -> Result<(), NetError> {
@@ -215,6 +247,7 @@ impl NetOps for LinuxNet {
     fn create_netns(&mut self, name: &str) -> Result<(), NetError> {
         let op = format!("creating netns {name}");
         std::fs::create_dir_all(NETNS_DIR).map_err(|e| NetError::io(op.clone(), e))?;
+        make_netns_dir_shared().map_err(|e| NetError::op(op.clone(), e))?;
         let path = ns_path(name);
         File::options()
             .write(true)

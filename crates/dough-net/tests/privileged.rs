@@ -3,12 +3,13 @@
 //! No VM is involved: a clone's guest is stood in for by its netns, which
 //! is where the guest's traffic enters the host.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use dough_net::linux::{in_netns, LinuxNet};
 use dough_net::plan::{InUse, Ipv4Net, NetPlan};
+use dough_net::testing::{serve_in, World};
 use dough_net::{Egress, NetError, NetOps};
 
 fn rand_suffix() -> String {
@@ -33,58 +34,6 @@ fn links_in(netns: &str) -> Vec<String> {
         .into_iter()
         .map(|l| l.name)
         .collect()
-}
-
-/// A "world" outside the host: its own netns behind a veth, with a TCP
-/// server. Not named like dough's (leftover sweeps must not touch it).
-struct World {
-    ns: String,
-    host_veth: String,
-    addr: Ipv4Addr,
-}
-
-impl World {
-    fn new(net: Ipv4Net) -> World {
-        let s = rand_suffix();
-        let ns = format!("tw-{s}");
-        let host_veth = format!("tw{s}");
-        let mut n = LinuxNet::default();
-        n.create_netns(&ns).unwrap();
-        n.create_veth(&host_veth, &ns, "eth0").unwrap();
-        n.add_addr(None, &host_veth, net.host(1), net.prefix)
-            .unwrap();
-        n.link_up(None, &host_veth).unwrap();
-        n.add_addr(Some(&ns), "eth0", net.host(2), net.prefix)
-            .unwrap();
-        n.link_up(Some(&ns), "eth0").unwrap();
-        n.link_up(Some(&ns), "lo").unwrap();
-        World {
-            ns,
-            host_veth,
-            addr: net.host(2),
-        }
-    }
-
-    /// Serve "hello" on `port` until the test ends.
-    fn serve(&self, port: u16) {
-        let l = in_netns(Some(&self.ns), || {
-            TcpListener::bind((self.addr, port)).map_err(|e| NetError::io("bind", e))
-        })
-        .unwrap();
-        std::thread::spawn(move || {
-            for mut c in l.incoming().flatten() {
-                let _ = c.write_all(b"hello");
-            }
-        });
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let mut n = LinuxNet::default();
-        let _ = n.delete_netns(&self.ns);
-        let _ = n.delete_link(&self.host_veth);
-    }
 }
 
 /// Connect from inside `netns` to `to`; what the server said, if anything.
@@ -178,9 +127,9 @@ fn priv_isolation_and_egress_policies() {
     let world_net: Ipv4Net = format!("10.199.{}.0/30", rand_suffix().as_bytes()[1] % 250)
         .parse()
         .unwrap();
-    let world = World::new(world_net);
-    world.serve(8080);
-    world.serve(9090);
+    let world = World::new(&rand_suffix(), world_net).unwrap();
+    world.serve(8080, b"hello").unwrap();
+    world.serve(9090, b"hello").unwrap();
     let server = |port| SocketAddr::from((world.addr, port));
     let mut used = InUse::default();
     let a = clone(Egress::Nat, pool, &mut used);
@@ -208,15 +157,7 @@ fn priv_isolation_and_egress_policies() {
     // Clones cannot reach each other, nor the host behind their veth.
     let tb = b.plan.transfer.as_ref().unwrap();
     let ta = a.plan.transfer.as_ref().unwrap();
-    let b_listener = in_netns(Some(&b.plan.netns), || {
-        TcpListener::bind((tb.ns_addr, 7070)).map_err(|e| NetError::io("bind", e))
-    })
-    .unwrap();
-    std::thread::spawn(move || {
-        for mut c in b_listener.incoming().flatten() {
-            let _ = c.write_all(b"b");
-        }
-    });
+    serve_in(&b.plan.netns, tb.ns_addr, 7070, b"b").unwrap();
     assert_eq!(
         connect_from(&a.plan.netns, SocketAddr::from((tb.ns_addr, 7070))),
         None

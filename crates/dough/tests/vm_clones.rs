@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -235,23 +233,12 @@ fn vm_dead_clone_is_marked_and_down_all_leaves_nothing() {
 fn vm_sigkill_of_dough_during_up_is_reclaimed_by_the_next_command() {
     let home = private_home();
     let h = home.path();
-    let mut child = dough(h)
-        .args(["up", "4"])
-        .env("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut seen = String::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("holding the clones before handover") {
-            break;
-        }
-    }
+    let (mut child, seen) = spawn_until(
+        h,
+        &["up", "4"],
+        ("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1"),
+        "holding the clones before handover",
+    );
     assert!(
         seen.contains("holding"),
         "up never reached the hook: {seen}"

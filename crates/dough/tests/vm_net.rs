@@ -2,14 +2,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Stdio;
 
 use common::*;
-use dough_net::linux::{in_netns, LinuxNet};
-use dough_net::{NetError, NetOps};
+use dough_net::linux::LinuxNet;
+use dough_net::testing::{serve_in, World};
+use dough_net::NetOps;
 
 const ADDR_PY: &str = "import socket,fcntl,struct
 s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
@@ -23,56 +22,6 @@ fn suffix() -> String {
     let mut b = [0u8; 3];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
     format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-}
-
-/// A network "outside" on this machine: a netns behind a host veth with
-/// TCP servers that answer "hello". Nothing off this machine is contacted.
-struct World {
-    ns: String,
-    veth: String,
-    addr: Ipv4Addr,
-}
-
-impl World {
-    fn new() -> World {
-        let s = suffix();
-        let net: dough_net::Ipv4Net = format!("10.198.{}.0/30", s.as_bytes()[0] % 250)
-            .parse()
-            .unwrap();
-        let w = World {
-            ns: format!("tw-{s}"),
-            veth: format!("tw{s}"),
-            addr: net.host(2),
-        };
-        let mut n = LinuxNet::default();
-        n.create_netns(&w.ns).unwrap();
-        n.create_veth(&w.veth, &w.ns, "eth0").unwrap();
-        n.add_addr(None, &w.veth, net.host(1), 30).unwrap();
-        n.link_up(None, &w.veth).unwrap();
-        n.add_addr(Some(&w.ns), "eth0", w.addr, 30).unwrap();
-        n.link_up(Some(&w.ns), "eth0").unwrap();
-        w
-    }
-
-    fn serve(&self, port: u16) {
-        let l = in_netns(Some(&self.ns), || {
-            TcpListener::bind((self.addr, port)).map_err(|e| NetError::io("bind", e))
-        })
-        .unwrap();
-        std::thread::spawn(move || {
-            for mut c in l.incoming().flatten() {
-                let _ = c.write_all(b"hello");
-            }
-        });
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let mut n = LinuxNet::default();
-        let _ = n.delete_netns(&self.ns);
-        let _ = n.delete_link(&self.veth);
-    }
 }
 
 fn up(home: &Path, n: u32, net: &str) -> Vec<String> {
@@ -132,15 +81,7 @@ fn vm_net_clones_share_one_address_and_cannot_reach_each_other() {
     // A's reach, while B's own netns can use it.
     let ns = b["net"]["netns"].as_str().unwrap().to_string();
     let ns_addr: Ipv4Addr = t["ns_addr"].as_str().unwrap().parse().unwrap();
-    let l = in_netns(Some(&ns), || {
-        TcpListener::bind((ns_addr, 7070)).map_err(|e| NetError::io("bind", e))
-    })
-    .unwrap();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let _ = c.write_all(b"b");
-        }
-    });
+    serve_in(&ns, ns_addr, 7070, b"b").unwrap();
     assert_eq!(connect(h, &ids[0], &ns_addr.to_string(), 7070), None);
     assert_eq!(
         connect(h, &ids[1], &ns_addr.to_string(), 7070).as_deref(),
@@ -154,9 +95,13 @@ fn vm_net_clones_share_one_address_and_cannot_reach_each_other() {
 fn vm_net_egress_policies() {
     let home = private_home();
     let h = home.path();
-    let world = World::new();
-    world.serve(8080);
-    world.serve(9090);
+    let s = suffix();
+    let net: dough_net::Ipv4Net = format!("10.198.{}.0/30", s.as_bytes()[0] % 250)
+        .parse()
+        .unwrap();
+    let world = World::new(&s, net).unwrap();
+    world.serve(8080, b"hello").unwrap();
+    world.serve(9090, b"hello").unwrap();
     let w = world.addr.to_string();
     let nat = &up(h, 1, "nat")[0];
     let none = &up(h, 1, "none")[0];
@@ -235,22 +180,12 @@ fn vm_net_sixteen_clones_leave_nothing_behind() {
 fn vm_net_sigkill_mid_up_is_reclaimed() {
     let home = private_home();
     let h = home.path();
-    let mut child = dough(h)
-        .args(["up", "3"])
-        .env("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        if line.contains("holding the clones") {
-            break;
-        }
-    }
+    let (mut child, seen) = spawn_until(
+        h,
+        &["up", "3"],
+        ("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1"),
+        "holding the clones",
+    );
     let plans: Vec<serde_json::Value> = records(h).iter().map(|r| r["net"].clone()).collect();
     assert_eq!(plans.len(), 3, "{seen}");
     assert_eq!(net_objects(h, &plans).len(), 9);
@@ -272,22 +207,12 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
     let h = home.path();
     // Stop after the veth exists and has its host address, before the
     // rest: a crash in the middle of building the network.
-    let mut child = dough(h)
-        .args(["up", "1"])
-        .env("DOUGH_TEST_HOLD_IN_NET_SETUP", "8")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        if line.contains("holding network setup") {
-            break;
-        }
-    }
+    let (mut child, seen) = spawn_until(
+        h,
+        &["up", "1"],
+        ("DOUGH_TEST_HOLD_IN_NET_SETUP", "8"),
+        "holding network setup",
+    );
     let recs = records(h);
     assert_eq!(recs.len(), 1, "{seen}");
     assert_eq!(recs[0]["state"], "creating");

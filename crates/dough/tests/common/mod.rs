@@ -112,3 +112,34 @@ pub fn vm_dirs(home: &Path) -> Vec<PathBuf> {
         Err(_) => vec![],
     }
 }
+
+/// Start dough with `args` and one test-hook variable set, and read its
+/// stderr until a line contains `marker` (the hook says it is holding).
+/// Returns the child (still running) and the stderr read so far.
+pub fn spawn_until(
+    home: &Path,
+    args: &[&str],
+    hook: (&str, &str),
+    marker: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = dough(home)
+        .args(args)
+        .env(hook.0, hook.1)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(marker) {
+            return (child, seen);
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait();
+    panic!("dough never reached the test hook ({marker}), exit {status:?}: {seen}");
+}
