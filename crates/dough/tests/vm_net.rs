@@ -107,6 +107,26 @@ fn vm_net_egress_policies() {
     let none = &up(h, 1, "none")[0];
     let allow = &up(h, 1, &format!("allow={w}:8080"))[0];
     assert_eq!(connect(h, nat, &w, 8080).as_deref(), Some("hello"));
+    // The host's own addresses are never a destination, even under nat:
+    // here the host side of the world's link, with a listener on it.
+    let host_side = net.host(1);
+    let l = std::net::TcpListener::bind((host_side, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut c, b"host");
+        }
+    });
+    assert_eq!(connect(h, nat, &host_side.to_string(), port), None);
+    // (The listener itself works: the world reaches it.)
+    let from_world = dough_net::linux::in_netns(Some(&world.ns), || {
+        let mut s = std::net::TcpStream::connect((host_side, port))
+            .map_err(|e| dough_net::NetError::io("connect", e))?;
+        let mut b = String::new();
+        std::io::Read::read_to_string(&mut s, &mut b).ok();
+        Ok(b)
+    });
+    assert_eq!(from_world.unwrap(), "host");
     assert_eq!(connect(h, none, &w, 8080), None);
     assert!(
         record(h, none)["net"]["transfer"].is_null(),
