@@ -1,2 +1,3 @@
+pub mod diff;
 pub mod glob;
 pub mod plan;
