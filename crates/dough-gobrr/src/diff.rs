@@ -156,7 +156,7 @@ fn header_paths(rest: &str, line: usize) -> Result<(String, String), Rejection> 
     // the only split where the halves agree; otherwise the rename/copy or
     // ---/+++ lines give the paths and the header must agree with them.
     let n = rest.len();
-    if n >= 5 && (n - 1) % 2 == 0 {
+    if n >= 5 && (n - 1).is_multiple_of(2) {
         let half = (n - 1) / 2;
         let (a, b) = (&rest[..half], &rest[half + 1..]);
         if rest.as_bytes()[half] == b' ' && a.len() > 2 && a[2..] == b[2..] {

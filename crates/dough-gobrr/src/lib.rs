@@ -1,3 +1,4 @@
 pub mod diff;
 pub mod glob;
 pub mod plan;
+pub mod secrets;

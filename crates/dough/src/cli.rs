@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench_cmd, doctor, image_cmd, run_cmd, vm_cmds};
+use crate::{bench_cmd, doctor, image_cmd, plan_cmd, run_cmd, vm_cmds};
 
 /// dough runs autonomous coding agents inside microVMs.
 ///
@@ -58,6 +58,9 @@ pub enum Command {
     Logs(vm_cmds::LogsArgs),
     /// Stop VMs exactly (by their recorded pid) and remove their state.
     Down(vm_cmds::DownArgs),
+    /// Work with gobrr plans (DAGs of file-disjoint agent tasks).
+    #[command(subcommand)]
+    Plan(plan_cmd::PlanCmd),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
@@ -108,7 +111,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx { home, vms };
     // Every command that deals with VMs first cleans up after crashed
     // doughs and notices dead clones.
-    if !matches!(cli.command, Command::Image(_)) {
+    if !matches!(cli.command, Command::Image(_) | Command::Plan(_)) {
         run_cmd::sweep(&ctx.vms);
     }
     match cli.command {
@@ -121,6 +124,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => vm_cmds::logs(&ctx, args),
         Command::Down(args) => vm_cmds::down(&ctx, args),
         Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
+        Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
     }
 }

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod cli;
 mod doctor;
 mod image_cmd;
+mod plan_cmd;
 mod run_cmd;
 mod vm_cmds;
 

@@ -1,0 +1,258 @@
+//! Secrets: read from the host when a task is served, checked against
+//! their required prefix, and redacted from everything dough writes.
+
+use std::path::Path;
+
+use crate::plan::Secret;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret {name}: host environment variable {var} is not set")]
+    MissingEnv { name: String, var: String },
+    #[error("secret {name}: cannot read {path}: {why}")]
+    File {
+        name: String,
+        path: String,
+        why: String,
+    },
+    #[error(
+        "secret {name} does not start with its required prefix {prefix:?} (is it the right value?)"
+    )]
+    Prefix { name: String, prefix: String },
+    #[error("secret {name} is empty")]
+    Empty { name: String },
+}
+
+/// A secret's value, which never appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Value {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Value({}: [redacted])", self.name)
+    }
+}
+
+/// Read every secret of the plan (`env` looks up host variables), checking
+/// prefixes. Errors name the secret, never its value.
+pub fn resolve(
+    secrets: &[Secret],
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Value>, SecretError> {
+    secrets
+        .iter()
+        .map(|s| {
+            let value = match (&s.env, &s.file) {
+                (Some(var), _) => env(var).ok_or_else(|| SecretError::MissingEnv {
+                    name: s.name.clone(),
+                    var: var.clone(),
+                })?,
+                (None, Some(file)) => {
+                    let p = base.join(file);
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| SecretError::File {
+                            name: s.name.clone(),
+                            path: p.display().to_string(),
+                            why: e.kind().to_string(),
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string()
+                }
+                (None, None) => String::new(),
+            };
+            if value.is_empty() {
+                return Err(SecretError::Empty {
+                    name: s.name.clone(),
+                });
+            }
+            if !value.starts_with(&s.prefix) {
+                return Err(SecretError::Prefix {
+                    name: s.name.clone(),
+                    prefix: s.prefix.clone(),
+                });
+            }
+            Ok(Value {
+                name: s.name.clone(),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// Replaces secret values with `[redacted:NAME]` in a stream of bytes,
+/// holding back just enough at the end of each chunk that a value split
+/// across two chunks is still caught.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    secrets: Vec<Value>,
+    held: Vec<u8>,
+}
+
+impl Redactor {
+    pub fn new(secrets: &[Value]) -> Self {
+        let mut secrets: Vec<Value> = secrets
+            .iter()
+            .filter(|s| !s.value.is_empty())
+            .cloned()
+            .collect();
+        // Longest first, so a secret containing another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.value.len()));
+        Redactor {
+            secrets,
+            held: Vec::new(),
+        }
+    }
+
+    fn longest(&self) -> usize {
+        self.secrets.first().map(|s| s.value.len()).unwrap_or(0)
+    }
+
+    fn replace(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        'outer: while i < data.len() {
+            for s in &self.secrets {
+                if data[i..].starts_with(s.value.as_bytes()) {
+                    out.extend_from_slice(format!("[redacted:{}]", s.name).as_bytes());
+                    i += s.value.len();
+                    continue 'outer;
+                }
+            }
+            out.push(data[i]);
+            i += 1;
+        }
+        out
+    }
+
+    /// Feed a chunk; returns what can be written now.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.held.extend_from_slice(chunk);
+        let keep = self.longest().saturating_sub(1);
+        if self.held.len() <= keep {
+            return Vec::new();
+        }
+        // Redact everything, then hold back an unredacted tail that might
+        // be the start of a secret continued in the next chunk.
+        let cut = self.safe_cut(keep);
+        let head: Vec<u8> = self.held.drain(..cut).collect();
+        self.replace(&head)
+    }
+
+    /// A cut point leaving at most `keep` bytes, never inside a secret.
+    fn safe_cut(&self, keep: usize) -> usize {
+        let mut cut = self.held.len() - keep;
+        // If a secret starts before the cut and runs past it, cut before it.
+        for start in cut.saturating_sub(self.longest())..cut {
+            for s in &self.secrets {
+                let v = s.value.as_bytes();
+                let end = start + v.len();
+                if end > cut
+                    && self.held[start..].starts_with(&v[..(self.held.len() - start).min(v.len())])
+                {
+                    cut = cut.min(start);
+                }
+            }
+        }
+        cut
+    }
+
+    /// Flush the held tail.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.held);
+        self.replace(&rest)
+    }
+
+    /// Redact a whole string at once.
+    pub fn redact(&self, s: &str) -> String {
+        String::from_utf8_lossy(&self.replace(s.as_bytes())).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str, env: Option<&str>, file: Option<&str>, prefix: &str) -> Secret {
+        Secret {
+            name: name.into(),
+            env: env.map(Into::into),
+            file: file.map(Into::into),
+            prefix: prefix.into(),
+        }
+    }
+
+    #[test]
+    fn resolving_checks_presence_and_prefix_and_never_shows_values() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("tok"), "tk-filevalue\n").unwrap();
+        let env = |k: &str| (k == "HOST_KEY").then(|| "sk-abc123".to_string());
+        let got = resolve(
+            &[
+                secret("API_KEY", Some("HOST_KEY"), None, "sk-"),
+                secret("TOKEN", None, Some("tok"), "tk-"),
+            ],
+            d.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(got[0].value, "sk-abc123");
+        assert_eq!(got[1].value, "tk-filevalue");
+        assert!(!format!("{got:?}").contains("abc123"));
+        let e = resolve(
+            &[secret("API_KEY", Some("HOST_KEY"), None, "pk-")],
+            d.path(),
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "secret API_KEY does not start with its required prefix \"pk-\" (is it the right value?)"
+        );
+        assert!(!e.to_string().contains("abc123"));
+        let e = resolve(&[secret("X", Some("NOPE"), None, "")], d.path(), &env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "secret X: host environment variable NOPE is not set"
+        );
+        let e = resolve(&[secret("X", None, Some("missing"), "")], d.path(), &env).unwrap_err();
+        assert!(e.to_string().starts_with("secret X: cannot read"), "{e}");
+    }
+
+    fn v(name: &str, value: &str) -> Value {
+        Value {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn redaction_catches_values_split_across_chunks() {
+        let secrets = [v("API_KEY", "sk-SECRET-123"), v("SHORT", "zz9")];
+        let text = "token sk-SECRET-123 and zz9 and sk-SECRET-12 (not it) end sk-SECRET-123";
+        let want = "token [redacted:API_KEY] and [redacted:SHORT] and sk-SECRET-12 (not it) end [redacted:API_KEY]";
+        assert_eq!(Redactor::new(&secrets).redact(text), want);
+        // Every split into two or three chunks gives the same output.
+        let b = text.as_bytes();
+        for i in 0..b.len() {
+            for j in i..b.len() {
+                let mut r = Redactor::new(&secrets);
+                let mut out = r.push(&b[..i]);
+                out.extend(r.push(&b[i..j]));
+                out.extend(r.push(&b[j..]));
+                out.extend(r.finish());
+                assert_eq!(String::from_utf8(out).unwrap(), want, "split at {i},{j}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_secrets_passes_everything_through() {
+        let mut r = Redactor::new(&[]);
+        assert_eq!(r.push(b"abc"), b"abc");
+        assert_eq!(r.finish(), b"");
+    }
+}
