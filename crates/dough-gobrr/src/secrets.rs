@@ -144,20 +144,19 @@ impl Redactor {
 
     /// A cut point leaving at most `keep` bytes, never inside a secret.
     fn safe_cut(&self, keep: usize) -> usize {
-        let mut cut = self.held.len() - keep;
-        // If a secret starts before the cut and runs past it, cut before it.
-        for start in cut.saturating_sub(self.longest())..cut {
-            for s in &self.secrets {
+        let limit = self.held.len() - keep;
+        // If a secret (or what may be the start of one) begins before the
+        // cut and runs past it, cut before it.
+        let straddles = |start: usize| {
+            self.secrets.iter().any(|s| {
                 let v = s.value.as_bytes();
-                let end = start + v.len();
-                if end > cut
-                    && self.held[start..].starts_with(&v[..(self.held.len() - start).min(v.len())])
-                {
-                    cut = cut.min(start);
-                }
-            }
-        }
-        cut
+                let have = (self.held.len() - start).min(v.len());
+                start + v.len() > limit && self.held[start..].starts_with(&v[..have])
+            })
+        };
+        (limit.saturating_sub(self.longest())..limit)
+            .find(|&start| straddles(start))
+            .unwrap_or(limit)
     }
 
     /// Flush the held tail.
