@@ -181,6 +181,33 @@ impl Worktree {
         Ok(out.stdout)
     }
 
+    /// The tree of HEAD with `diff` applied, as a tar stream, without
+    /// touching the worktree, its index or the branch (a scratch index).
+    pub fn candidate_archive(&self, diff: &[u8]) -> Result<Vec<u8>, StackError> {
+        let index = tempfile::NamedTempFile::new()?;
+        let with_index = |args: &[&str]| {
+            let mut c = git(&self.dir);
+            c.env("GIT_INDEX_FILE", index.path()).args(args);
+            c
+        };
+        run(with_index(&["read-tree", "HEAD"]), None)?;
+        run(
+            with_index(&["apply", "--cached", "--binary", "--whitespace=nowarn", "-"]),
+            Some(diff),
+        )?;
+        let tree = run(with_index(&["write-tree"]), None)?;
+        let mut c = git(&self.dir);
+        c.args(["archive", "--format=tar", &tree]);
+        let out = c.output()?;
+        if !out.status.success() {
+            return Err(StackError::Git {
+                args: "archive".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
     /// Remove the worktree (the branch and its commits stay).
     pub fn remove(self) -> Result<(), StackError> {
         let mut c = git(&self.repo);

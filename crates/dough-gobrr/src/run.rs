@@ -1,0 +1,918 @@
+//! Running a validated plan: rounds of tasks, each attempt in a fresh
+//! clone (ship the base tree, run the agent, take its diff), the diff
+//! checked as data, the candidate verified by the gate in an offline clone,
+//! failures fed back into a retry, green results stacked in plan order.
+//!
+//! VMs are behind [`Pool`]/[`Sandbox`], so the orchestration is unit-tested
+//! with a scripted fake; dough's binary implements them over its clones.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::diff::{Diff, MAX_DIFF_BYTES};
+use crate::plan::ValidPlan;
+use crate::secrets::{Redactor, Value};
+use crate::stack::{commit_message, StackError, Worktree};
+
+/// How a command in a sandbox ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    TimedOut,
+    Failed(String),
+}
+
+impl Exit {
+    pub fn ok(&self) -> bool {
+        *self == Exit::Code(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::TimedOut => f.write_str("timed out"),
+            Exit::Failed(w) => write!(f, "could not run: {w}"),
+        }
+    }
+}
+
+/// A command for a sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Cmd {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Option<Duration>,
+}
+
+/// Output of a command (capped).
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub exit: Option<Exit>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// One fresh clone.
+pub trait Sandbox: Send {
+    /// Run a command; stdout beyond `max_stdout` bytes is an error.
+    fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, String>;
+}
+
+/// Where clones come from.
+pub trait Pool: Sync {
+    /// A clone for an agent, with the plan's egress policy.
+    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, String>;
+    /// A clone for a gate: egress `none`, never given a secret.
+    fn gate(&self) -> Result<Box<dyn Sandbox>, String>;
+}
+
+/// Where the tree lives inside a clone.
+pub const REPO: &str = "/work/repo";
+pub const ORDER: &str = "/work/order.md";
+
+/// One attempt at a task.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub n: u32,
+    pub green: bool,
+    /// Why it failed, redacted.
+    pub failure: Option<String>,
+    /// Seconds per phase: restore, ship, agent, diff, gate.
+    pub phases: BTreeMap<&'static str, f64>,
+    pub files: usize,
+    pub added: u64,
+    pub removed: u64,
+    /// Tail of the gate's output, redacted.
+    pub gate_log: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Green,
+    Failed,
+    /// Not run: a dependency did not go green.
+    Blocked,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub id: String,
+    pub title: String,
+    pub round: usize,
+    pub outcome: Outcome,
+    pub attempts: Vec<Attempt>,
+    pub commit: Option<String>,
+    pub changed: Vec<String>,
+    /// Exported signatures of the changed files (for dependents).
+    pub signatures: String,
+    pub blocked_by: Vec<String>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub run_id: String,
+    pub branch: String,
+    pub goal: String,
+    pub base: String,
+    pub head: String,
+    pub concurrency: u32,
+    pub seconds: f64,
+    pub tasks: Vec<TaskResult>,
+}
+
+/// Progress events (also the JSON-lines log), already redacted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub t: f64,
+    pub task: String,
+    pub attempt: u32,
+    pub what: String,
+}
+
+const LOG_TAIL: usize = 4000;
+
+fn tail(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let start = s.len().saturating_sub(LOG_TAIL);
+    let start = (start..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+/// Unpack a tar on stdin as the repo, and make it a git repo whose HEAD is
+/// that tree (the agent's diff is taken against it).
+const SHIP: &str = "set -e; rm -rf /work/repo; mkdir -p /work/repo; cd /work/repo; tar -x; \
+git init -q; git add -A; git -c user.name=dough -c user.email=dough@localhost commit -qm base --allow-empty";
+
+/// Unpack the candidate tree and make it read-only (HOME and /tmp stay
+/// writable tmpfs).
+const SHIP_RO: &str =
+    "set -e; rm -rf /work/repo; mkdir -p /work/repo /tmp/home; cd /work/repo; tar -x; \
+mount --bind /work/repo /work/repo; mount -o remount,bind,ro /work/repo";
+
+const TAKE_DIFF: &str = "cd /work/repo && git add -A && git diff --binary --cached HEAD";
+
+/// The runner's inputs.
+pub struct Runner<'a> {
+    pub plan: &'a ValidPlan,
+    pub pool: &'a dyn Pool,
+    pub worktree: &'a Worktree,
+    pub secrets: Vec<Value>,
+    pub run_id: String,
+    /// Told every event as it happens (already redacted).
+    pub on_event: &'a (dyn Fn(&Event) + Sync),
+}
+
+impl std::fmt::Debug for Runner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runner({})", self.run_id)
+    }
+}
+
+struct Shared<'a> {
+    start: Instant,
+    redactor: Redactor,
+    on_event: &'a (dyn Fn(&Event) + Sync),
+}
+
+impl Shared<'_> {
+    fn event(&self, task: &str, attempt: u32, what: String) {
+        (self.on_event)(&Event {
+            t: (self.start.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            task: task.into(),
+            attempt,
+            what: self.redactor.redact(&what),
+        });
+    }
+}
+
+impl Runner<'_> {
+    pub fn run(&self) -> Result<RunResult, StackError> {
+        let start = Instant::now();
+        let shared = Shared {
+            start,
+            redactor: Redactor::new(&self.secrets),
+            on_event: self.on_event,
+        };
+        let plan = &self.plan.plan;
+        let base = self.worktree.head()?;
+        let mut results: Vec<Option<TaskResult>> = vec![None; plan.tasks.len()];
+        for (k, round) in self.plan.rounds.iter().enumerate() {
+            // Blocked tasks first: a dependency did not go green.
+            let mut runnable = Vec::new();
+            for &t in round {
+                let task = &plan.tasks[t];
+                let blocked_by: Vec<String> = task
+                    .deps
+                    .iter()
+                    .filter(|d| {
+                        results
+                            .iter()
+                            .flatten()
+                            .any(|r| &r.id == *d && r.outcome != Outcome::Green)
+                    })
+                    .cloned()
+                    .collect();
+                if blocked_by.is_empty() {
+                    runnable.push(t);
+                } else {
+                    shared.event(&task.id, 0, format!("blocked by {}", blocked_by.join(", ")));
+                    results[t] = Some(TaskResult {
+                        id: task.id.clone(),
+                        title: task.title.clone(),
+                        round: k + 1,
+                        outcome: Outcome::Blocked,
+                        attempts: vec![],
+                        commit: None,
+                        changed: vec![],
+                        signatures: String::new(),
+                        blocked_by,
+                        seconds: 0.0,
+                    });
+                }
+            }
+            let base_tar = self.worktree.archive()?;
+            let context = self.dependency_context(&results);
+            // Up to `concurrency` tasks at once.
+            let queue = Mutex::new(runnable.clone().into_iter());
+            let done: Mutex<BTreeMap<usize, Finished>> = Mutex::new(BTreeMap::new());
+            std::thread::scope(|s| {
+                for _ in 0..plan.concurrency.min(runnable.len() as u32).max(1) {
+                    s.spawn(|| loop {
+                        let Some(t) = queue.lock().expect("queue").next() else {
+                            return;
+                        };
+                        let r = self.task(t, k + 1, &base_tar, &context, &shared);
+                        done.lock().expect("results").insert(t, r);
+                    });
+                }
+            });
+            // Stack the green ones in plan order.
+            for (t, (mut r, diff)) in done.into_inner().expect("results") {
+                if let (Outcome::Green, Some(d)) = (&r.outcome, diff) {
+                    let stacked = self.worktree.apply(&d).and_then(|_| {
+                        self.worktree.commit(&commit_message(
+                            &r.id,
+                            &r.title,
+                            r.attempts.len() as u32,
+                            &self.run_id,
+                        ))
+                    });
+                    match stacked {
+                        Ok(c) => {
+                            shared.event(&r.id, r.attempts.len() as u32, format!("committed {c}"));
+                            r.commit = Some(c);
+                        }
+                        Err(e) => {
+                            r.outcome = Outcome::Failed;
+                            if let Some(a) = r.attempts.last_mut() {
+                                a.failure = Some(shared.redactor.redact(&format!(
+                                    "green, but did not stack onto the round's base: {e}"
+                                )));
+                            }
+                            shared.event(&r.id, 0, format!("could not be stacked: {e}"));
+                        }
+                    }
+                }
+                results[t] = Some(r);
+            }
+        }
+        Ok(RunResult {
+            run_id: self.run_id.clone(),
+            branch: self.worktree.branch.clone(),
+            goal: plan.goal.clone(),
+            base,
+            head: self.worktree.head()?,
+            concurrency: plan.concurrency,
+            seconds: start.elapsed().as_secs_f64(),
+            tasks: results.into_iter().flatten().collect(),
+        })
+    }
+
+    /// What each green task so far exported: changed files and signatures.
+    fn dependency_context(&self, results: &[Option<TaskResult>]) -> BTreeMap<String, String> {
+        results
+            .iter()
+            .flatten()
+            .filter(|r| r.outcome == Outcome::Green)
+            .map(|r| {
+                (
+                    r.id.clone(),
+                    format!(
+                        "### {} ({})\nChanged files: {}\n\nSignatures:\n```\n{}\n```\n",
+                        r.id,
+                        r.title,
+                        r.changed.join(", "),
+                        r.signatures.trim_end()
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn work_order(
+        &self,
+        t: usize,
+        context: &BTreeMap<String, String>,
+        feedback: &[String],
+    ) -> String {
+        let plan = &self.plan.plan;
+        let task = &plan.tasks[t];
+        let mut w = format!(
+            "# Task {}: {}\n\nGoal of the whole run: {}\n\n{}\n\nYou may change only files matching: {}\n",
+            task.id,
+            task.title,
+            plan.goal,
+            task.work.trim_end(),
+            task.allow.join(", ")
+        );
+        let deps: Vec<&String> = task.deps.iter().filter_map(|d| context.get(d)).collect();
+        if !deps.is_empty() {
+            w += "\n## What your dependencies built\n\n";
+            for d in deps {
+                w += d;
+            }
+        }
+        for (i, f) in feedback.iter().enumerate() {
+            w += &format!("\n## Attempt {} failed\n\n{}\n", i + 1, f.trim_end());
+        }
+        w
+    }
+
+    fn task(
+        &self,
+        t: usize,
+        round: usize,
+        base_tar: &[u8],
+        context: &BTreeMap<String, String>,
+        shared: &Shared<'_>,
+    ) -> Finished {
+        let plan = &self.plan.plan;
+        let task = &plan.tasks[t];
+        let started = Instant::now();
+        let mut attempts = Vec::new();
+        let mut feedback = Vec::new();
+        let mut green = None;
+        for n in 1..=plan.retries + 1 {
+            shared.event(&task.id, n, "starting".into());
+            let order = self.work_order(t, context, &feedback);
+            let (attempt, diff) = self.attempt(t, n, base_tar, &order, shared);
+            let ok = attempt.green;
+            if let Some(f) = &attempt.failure {
+                shared.event(&task.id, n, format!("failed: {}", first_line(f)));
+                feedback.push(f.clone());
+            }
+            attempts.push(attempt);
+            if ok {
+                shared.event(&task.id, n, "green".into());
+                green = diff;
+                break;
+            }
+        }
+        let outcome = if green.is_some() {
+            Outcome::Green
+        } else {
+            Outcome::Failed
+        };
+        let (changed, signatures) = green
+            .as_ref()
+            .map(|(d, sig)| (d.changed_paths(), sig.clone()))
+            .unwrap_or_default();
+        (
+            TaskResult {
+                id: task.id.clone(),
+                title: task.title.clone(),
+                round,
+                outcome,
+                attempts,
+                commit: None,
+                changed,
+                signatures,
+                blocked_by: vec![],
+                seconds: started.elapsed().as_secs_f64(),
+            },
+            green.map(|(d, _)| d.raw),
+        )
+    }
+
+    /// One attempt: agent clone, diff, checks, gate.
+    fn attempt(
+        &self,
+        t: usize,
+        n: u32,
+        base_tar: &[u8],
+        order: &str,
+        shared: &Shared<'_>,
+    ) -> (Attempt, Option<(Checked, String)>) {
+        let plan = &self.plan.plan;
+        let task = &plan.tasks[t];
+        let mut a = Attempt {
+            n,
+            green: false,
+            failure: None,
+            phases: BTreeMap::new(),
+            files: 0,
+            added: 0,
+            removed: 0,
+            gate_log: String::new(),
+        };
+        let phase = |a: &mut Attempt, name: &'static str, since: Instant| {
+            a.phases.insert(
+                name,
+                (since.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+            );
+        };
+        let fail = |mut a: Attempt, why: String| {
+            a.failure = Some(shared.redactor.redact(&why));
+            (a, None)
+        };
+        // Agent clone.
+        let t0 = Instant::now();
+        let mut vm = match self.pool.agent(&plan.egress) {
+            Ok(v) => v,
+            Err(e) => return fail(a, format!("no clone for the agent: {e}")),
+        };
+        phase(&mut a, "restore", t0);
+        let t0 = Instant::now();
+        let shipped = vm.run(
+            &Cmd {
+                argv: sh(SHIP),
+                stdin: Some(base_tar.to_vec()),
+                ..Cmd::default()
+            },
+            1 << 16,
+        );
+        if let Err(e) = check_ok(shipped, "shipping the repo") {
+            return fail(a, e);
+        }
+        let wrote = vm.run(
+            &Cmd {
+                argv: sh(&format!("cat > {ORDER}")),
+                stdin: Some(order.as_bytes().to_vec()),
+                ..Cmd::default()
+            },
+            1 << 16,
+        );
+        if let Err(e) = check_ok(wrote, "writing the work order") {
+            return fail(a, e);
+        }
+        phase(&mut a, "ship", t0);
+        // The agent, with its secrets (only here: never in a gate).
+        let t0 = Instant::now();
+        let mut env: Vec<(String, String)> = vec![("WORK_ORDER".into(), ORDER.into())];
+        for name in &task.secrets {
+            if let Some(v) = self.secrets.iter().find(|s| &s.name == name) {
+                env.push((v.name.clone(), v.value.clone()));
+            }
+        }
+        let argv = match &task.script {
+            Some(script) => sh(script),
+            None => plan
+                .agent
+                .iter()
+                .map(|x| x.replace("{work_order}", ORDER))
+                .collect(),
+        };
+        let out = vm.run(
+            &Cmd {
+                argv,
+                env,
+                cwd: Some(REPO.into()),
+                timeout: Some(Duration::from_secs(plan.agent_timeout_secs)),
+                ..Cmd::default()
+            },
+            1 << 20,
+        );
+        phase(&mut a, "agent", t0);
+        match out {
+            Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => {}
+            Ok(o) => {
+                return fail(
+                    a,
+                    format!(
+                        "the agent failed ({}); its output ended with:\n{}{}",
+                        o.exit.map(|e| e.to_string()).unwrap_or_default(),
+                        tail(&o.stdout),
+                        tail(&o.stderr)
+                    ),
+                )
+            }
+            Err(e) => return fail(a, format!("the agent could not run: {e}")),
+        }
+        // The diff, as data.
+        let t0 = Instant::now();
+        let raw = match vm.run(
+            &Cmd {
+                argv: sh(TAKE_DIFF),
+                ..Cmd::default()
+            },
+            MAX_DIFF_BYTES,
+        ) {
+            Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => o.stdout,
+            Ok(o) => return fail(a, format!("taking the diff failed: {}", tail(&o.stderr))),
+            Err(e) => return fail(a, format!("taking the diff failed: {e}")),
+        };
+        drop(vm);
+        let diff = match Diff::parse(&raw).and_then(|d| d.check(&self.plan.allow[t]).map(|_| d)) {
+            Ok(d) => d,
+            Err(e) => return fail(a, format!("the diff was rejected: {e}")),
+        };
+        let (files, added, removed) = diff.stats();
+        (a.files, a.added, a.removed) = (files, added, removed);
+        let candidate = match self.worktree.candidate_archive(&raw) {
+            Ok(c) => c,
+            Err(e) => return fail(a, format!("the diff does not apply to the base: {e}")),
+        };
+        phase(&mut a, "diff", t0);
+        // The gate: offline, read-only tree, no secrets.
+        let t0 = Instant::now();
+        let gate = self.gate(t, &candidate, &diff.changed_paths());
+        phase(&mut a, "gate", t0);
+        match gate {
+            Ok((log, signatures)) => {
+                a.gate_log = shared.redactor.redact(&log);
+                a.green = true;
+                (
+                    a,
+                    Some((Checked { raw, diff }, shared.redactor.redact(&signatures))),
+                )
+            }
+            Err(log) => {
+                a.gate_log = shared.redactor.redact(&log);
+                fail(a, format!("the gate check failed:\n{log}"))
+            }
+        }
+    }
+
+    /// Run the checks on the candidate tree; Ok((log, signatures)) when
+    /// they pass, Err(log) otherwise.
+    fn gate(
+        &self,
+        t: usize,
+        candidate: &[u8],
+        changed: &[String],
+    ) -> Result<(String, String), String> {
+        let plan = &self.plan.plan;
+        let task = &plan.tasks[t];
+        let mut vm = self
+            .pool
+            .gate()
+            .map_err(|e| format!("no clone for the gate: {e}"))?;
+        let shipped = vm.run(
+            &Cmd {
+                argv: sh(SHIP_RO),
+                stdin: Some(candidate.to_vec()),
+                ..Cmd::default()
+            },
+            1 << 16,
+        );
+        check_ok(shipped, "shipping the candidate")?;
+        let env = vec![
+            ("HOME".to_string(), "/tmp/home".to_string()),
+            ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
+        ];
+        let mut log = String::new();
+        for check in std::iter::once(&plan.check).chain(task.check.as_ref()) {
+            let o = vm
+                .run(
+                    &Cmd {
+                        argv: sh(check),
+                        env: env.clone(),
+                        cwd: Some(REPO.into()),
+                        timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
+                        ..Cmd::default()
+                    },
+                    1 << 20,
+                )
+                .map_err(|e| format!("the check could not run: {e}"))?;
+            log += &format!("$ {check}\n{}{}", tail(&o.stdout), tail(&o.stderr));
+            match o.exit {
+                Some(e) if e.ok() => {}
+                Some(e) => return Err(format!("{log}\n({e})")),
+                None => return Err(log),
+            }
+        }
+        // `sh -c CMD signatures FILE...`: the files are CMD's "$@".
+        let mut argv = sh(&plan.signatures);
+        argv.push("signatures".into());
+        argv.extend(changed.iter().cloned());
+        let sig = vm
+            .run(
+                &Cmd {
+                    argv,
+                    env,
+                    cwd: Some(REPO.into()),
+                    timeout: Some(Duration::from_secs(60)),
+                    ..Cmd::default()
+                },
+                1 << 16,
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        Ok((log, sig))
+    }
+}
+
+/// A task's result and, when green, the diff to stack.
+type Finished = (TaskResult, Option<Vec<u8>>);
+
+/// A diff that passed the checks, with its bytes.
+struct Checked {
+    raw: Vec<u8>,
+    diff: Diff,
+}
+
+impl Checked {
+    fn changed_paths(&self) -> Vec<String> {
+        self.diff.changed_paths()
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+fn check_ok(r: Result<Output, String>, what: &str) -> Result<(), String> {
+    match r {
+        Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => Ok(()),
+        Ok(o) => Err(format!(
+            "{what} failed ({}): {}",
+            o.exit.map(|e| e.to_string()).unwrap_or_default(),
+            tail(&o.stderr)
+        )),
+        Err(e) => Err(format!("{what} failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Plan;
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::Arc;
+
+    /// A scripted world: agents "write" the diff `diff_for(work order)`
+    /// returns; the gate fails when the candidate tree contains `BROKEN`.
+    struct FakePool {
+        orders: Arc<Mutex<Vec<String>>>,
+        gates: Arc<Mutex<u32>>,
+        secrets_seen_by_gates: Arc<Mutex<bool>>,
+        diff_for: fn(&str) -> String,
+    }
+
+    struct FakeVm {
+        gate: bool,
+        order: String,
+        candidate: Vec<u8>,
+        pool_orders: Arc<Mutex<Vec<String>>>,
+        secrets_seen_by_gates: Arc<Mutex<bool>>,
+        diff_for: fn(&str) -> String,
+    }
+
+    impl Sandbox for FakeVm {
+        fn run(&mut self, cmd: &Cmd, _max: usize) -> Result<Output, String> {
+            let script = cmd.argv.get(2).cloned().unwrap_or_default();
+            let ok = |stdout: Vec<u8>| {
+                Ok(Output {
+                    exit: Some(Exit::Code(0)),
+                    stdout,
+                    stderr: vec![],
+                })
+            };
+            if self.gate && cmd.env.iter().any(|(k, _)| k == "API_KEY") {
+                *self.secrets_seen_by_gates.lock().unwrap() = true;
+            }
+            if script.starts_with("cat > ") {
+                self.order = String::from_utf8(cmd.stdin.clone().unwrap()).unwrap();
+                self.pool_orders.lock().unwrap().push(self.order.clone());
+                return ok(vec![]);
+            }
+            if script == SHIP_RO {
+                self.candidate = cmd.stdin.clone().unwrap();
+                return ok(vec![]);
+            }
+            if script == TAKE_DIFF {
+                return ok((self.diff_for)(&self.order).into_bytes());
+            }
+            if self.gate && script == "run the tests" {
+                let broken = self.candidate.windows(6).any(|w| w == b"BROKEN");
+                return Ok(Output {
+                    exit: Some(Exit::Code(if broken { 1 } else { 0 })),
+                    stdout: if broken {
+                        b"FAIL: test_two (BROKEN found)\n".to_vec()
+                    } else {
+                        b"ok\n".to_vec()
+                    },
+                    stderr: vec![],
+                });
+            }
+            if self.gate {
+                // The signatures command.
+                return ok(b"def exported()".to_vec());
+            }
+            ok(vec![])
+        }
+    }
+
+    impl Pool for FakePool {
+        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, String> {
+            Ok(Box::new(FakeVm {
+                gate: false,
+                order: String::new(),
+                candidate: vec![],
+                pool_orders: self.orders.clone(),
+                secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
+                diff_for: self.diff_for,
+            }))
+        }
+        fn gate(&self) -> Result<Box<dyn Sandbox>, String> {
+            *self.gates.lock().unwrap() += 1;
+            Ok(Box::new(FakeVm {
+                gate: true,
+                order: String::new(),
+                candidate: vec![],
+                pool_orders: self.orders.clone(),
+                secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
+                diff_for: self.diff_for,
+            }))
+        }
+    }
+
+    fn new_file(path: &str, body: &str) -> String {
+        format!(
+            "diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+{body}\n"
+        )
+    }
+
+    fn diff_for(order: &str) -> String {
+        let id = order
+            .strip_prefix("# Task ")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or("");
+        match id {
+            "two" if !order.contains("## Attempt 1 failed") => new_file("src/two.py", "BROKEN = 1"),
+            "bad" => new_file("README.md", "pwned"),
+            id => new_file(&format!("src/{id}.py"), &format!("{id} = 1")),
+        }
+    }
+
+    const PLAN: &str = r#"
+goal = "test"
+repo = "."
+agent = ["true"]
+check = "run the tests"
+retries = 1
+concurrency = 2
+
+[[secrets]]
+name = "API_KEY"
+env = "X"
+prefix = "sk-"
+
+[[tasks]]
+id = "one"
+title = "One"
+work = "w"
+allow = ["src/one.py"]
+secrets = ["API_KEY"]
+
+[[tasks]]
+id = "two"
+title = "Two"
+work = "w"
+allow = ["src/two.py"]
+
+[[tasks]]
+id = "bad"
+title = "Bad"
+work = "w"
+allow = ["src/bad.py"]
+
+[[tasks]]
+id = "three"
+title = "Three"
+work = "w"
+allow = ["src/three.py"]
+deps = ["one"]
+
+[[tasks]]
+id = "after-bad"
+title = "After bad"
+work = "w"
+allow = ["src/after.py"]
+deps = ["bad"]
+"#;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@u"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn rounds_retry_with_feedback_stack_in_order_and_block_dependents() {
+        let repo = tempfile::tempdir().unwrap();
+        git(repo.path(), &["init", "-q", "-b", "main"]);
+        std::fs::create_dir(repo.path().join("src")).unwrap();
+        std::fs::write(repo.path().join("src/a.py"), "a = 1\n").unwrap();
+        git(repo.path(), &["add", "-A"]);
+        git(repo.path(), &["commit", "-qm", "base"]);
+        let wt = tempfile::tempdir().unwrap();
+        let worktree = Worktree::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
+        let plan = Plan::parse(PLAN).unwrap().check().unwrap();
+        let pool = FakePool {
+            orders: Arc::new(Mutex::new(vec![])),
+            gates: Arc::new(Mutex::new(0)),
+            secrets_seen_by_gates: Arc::new(Mutex::new(false)),
+            diff_for,
+        };
+        let events = Mutex::new(Vec::new());
+        let on_event = |e: &Event| events.lock().unwrap().push(e.clone());
+        let runner = Runner {
+            plan: &plan,
+            pool: &pool,
+            worktree: &worktree,
+            secrets: vec![Value {
+                name: "API_KEY".into(),
+                value: "sk-topsecret".into(),
+            }],
+            run_id: "t1".into(),
+            on_event: &on_event,
+        };
+        let r = runner.run().unwrap();
+        let by_id = |id: &str| r.tasks.iter().find(|t| t.id == id).unwrap();
+        assert_eq!(by_id("one").outcome, Outcome::Green);
+        assert_eq!(by_id("two").outcome, Outcome::Green);
+        assert_eq!(by_id("two").attempts.len(), 2, "the retry");
+        assert!(by_id("two").attempts[0]
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("FAIL: test_two"));
+        assert_eq!(by_id("bad").outcome, Outcome::Failed);
+        assert!(by_id("bad").attempts[1]
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("\"README.md\" is outside the task's allowlist"));
+        assert_eq!(by_id("after-bad").outcome, Outcome::Blocked);
+        assert_eq!(by_id("after-bad").blocked_by, vec!["bad"]);
+        assert_eq!(by_id("three").outcome, Outcome::Green);
+        // One commit per green task, in plan order within each round.
+        assert_eq!(
+            git(repo.path(), &["log", "--format=%s", "dough/t1"]),
+            "three: Three\ntwo: Two\none: One\nbase"
+        );
+        // Dependents see what their dependencies exported; retries see why
+        // the last attempt failed.
+        let orders = pool.orders.lock().unwrap().clone();
+        let three = orders
+            .iter()
+            .find(|o| o.starts_with("# Task three"))
+            .unwrap();
+        assert!(
+            three.contains("### one (One)\nChanged files: src/one.py"),
+            "{three}"
+        );
+        assert!(three.contains("def exported()"));
+        assert!(orders
+            .iter()
+            .any(|o| o.starts_with("# Task two") && o.contains("## Attempt 1 failed")));
+        // Gates never got the secret; nothing reported carries it.
+        assert!(!*pool.secrets_seen_by_gates.lock().unwrap());
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("topsecret"));
+        assert!(events
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| !e.what.contains("topsecret")));
+        // Stats of the green attempt.
+        assert_eq!(by_id("one").attempts[0].files, 1);
+        assert!(by_id("one").attempts[0].phases.contains_key("gate"));
+    }
+}
