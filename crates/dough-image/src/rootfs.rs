@@ -6,7 +6,9 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// Packages every guest gets on top of `minbase`.
-pub const BASE_PACKAGES: &[&str] = &["git", "ca-certificates", "coreutils", "python3-minimal"];
+/// `python3` (not just -minimal): the orchestrator's example project runs its
+/// unittest suite in the gate.
+pub const BASE_PACKAGES: &[&str] = &["git", "ca-certificates", "coreutils", "python3"];
 
 /// Paths dpkg leaves out of the image: documentation and translations only.
 const DPKG_EXCLUDES: &[&str] = &[

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench_cmd, doctor, image_cmd, plan_cmd, run_cmd, vm_cmds};
+use crate::{bench_cmd, doctor, go_cmd, image_cmd, plan_cmd, run_cmd, vm_cmds};
 
 /// dough runs autonomous coding agents inside microVMs.
 ///
@@ -58,6 +58,10 @@ pub enum Command {
     Logs(vm_cmds::LogsArgs),
     /// Stop VMs exactly (by their recorded pid) and remove their state.
     Down(vm_cmds::DownArgs),
+    /// Run a plan: rounds of file-disjoint agent tasks in clones, each diff
+    /// checked against its allowlist and verified offline, green results
+    /// stacked on a branch `dough/<run-id>` of the plan's repo.
+    Go(go_cmd::GoArgs),
     /// Work with gobrr plans (DAGs of file-disjoint agent tasks).
     #[command(subcommand)]
     Plan(plan_cmd::PlanCmd),
@@ -125,6 +129,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Down(args) => vm_cmds::down(&ctx, args),
         Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
         Command::Plan(cmd) => plan_cmd::run(cmd),
+        Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
     }
 }

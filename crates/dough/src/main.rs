@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod cli;
 mod doctor;
+mod go_cmd;
 mod image_cmd;
 mod plan_cmd;
 mod run_cmd;

@@ -1,0 +1,307 @@
+//! `dough go PLAN`: run a plan's rounds in clones and stack the green
+//! results on a branch `dough/<run-id>` of the plan's repo.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use clap::Args;
+use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
+use dough_gobrr::plan::Plan;
+use dough_gobrr::run::{Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox};
+use dough_gobrr::secrets::Redactor;
+use dough_gobrr::stack::Worktree;
+use dough_proto::{ExitStatus, Stream};
+
+use crate::cli::Ctx;
+use crate::run_cmd::{
+    boot_options, ensure_snapshot, install_teardown_on_signal, resolve_image, VmArgs,
+};
+
+#[derive(Debug, Args)]
+pub struct GoArgs {
+    /// The plan (TOML; see docs/plan.md). Checked first: nothing runs if
+    /// it has any problem.
+    pub plan: PathBuf,
+    /// Name of this run (default: the UTC time and a random suffix); the
+    /// branch is `dough/<run-id>`.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// A `YYYYMMDD-HHMMSS-xxxx` run id from the UTC clock.
+fn new_run_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let suffix = &dough_fabric::new_vm_id()[3..7];
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{suffix}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One clone as a gobrr sandbox; destroyed when dropped.
+struct VmSandbox(Vm);
+
+impl Sandbox for VmSandbox {
+    fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, String> {
+        let mut out = Output::default();
+        let mut too_big = false;
+        let req = ExecRequest {
+            argv: cmd.argv.clone(),
+            env: cmd.env.clone(),
+            cwd: cmd.cwd.clone(),
+            stdin: cmd.stdin.clone(),
+            timeout: cmd.timeout,
+        };
+        let status = self
+            .0
+            .exec(&req, &mut |s, d| match s {
+                Stream::Stdout if out.stdout.len() + d.len() > max_stdout => too_big = true,
+                Stream::Stdout => out.stdout.extend_from_slice(d),
+                // Keep the last 64 KiB of stderr.
+                Stream::Stderr => {
+                    out.stderr.extend_from_slice(d);
+                    if out.stderr.len() > 64 << 10 {
+                        out.stderr.drain(..out.stderr.len() - (64 << 10));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if too_big {
+            return Err(format!("its output exceeded {max_stdout} bytes"));
+        }
+        out.exit = Some(match status {
+            ExitStatus::Exited(c) => Exit::Code(c),
+            ExitStatus::Signaled(s) => Exit::Code(128 + s),
+            ExitStatus::TimedOut => Exit::TimedOut,
+            ExitStatus::SpawnFailed(w) => Exit::Failed(w),
+        });
+        Ok(out)
+    }
+}
+
+struct ClonePool<'a> {
+    vms: &'a Path,
+    snap: &'a Snapshot,
+    opts: &'a BootOptions,
+}
+
+impl ClonePool<'_> {
+    fn clone_with(&self, egress: dough_net::Egress) -> Result<Box<dyn Sandbox>, String> {
+        let opts = BootOptions {
+            egress,
+            ..self.opts.clone()
+        };
+        Vm::restore(self.vms, self.snap, VmKind::Run, &opts)
+            .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
+            .map_err(|e| {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    s += &format!(": {c}");
+                    src = c.source();
+                }
+                s
+            })
+    }
+}
+
+impl Pool for ClonePool<'_> {
+    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, String> {
+        self.clone_with(egress.parse().map_err(|e| format!("{e}"))?)
+    }
+
+    fn gate(&self) -> Result<Box<dyn Sandbox>, String> {
+        self.clone_with(dough_net::Egress::None)
+    }
+}
+
+/// Frames carry at most 1 MiB; a tree shipped as one exec's stdin must fit.
+const MAX_SHIP: usize = 1 << 20;
+
+pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
+    let checked = Plan::load(&args.plan).and_then(Plan::check);
+    let plan = match checked {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in &problems.0 {
+                eprintln!("dough: plan {}: {p}", args.plan.display());
+            }
+            eprintln!(
+                "dough: the plan has {} problem(s); nothing ran",
+                problems.0.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let plan_dir = args
+        .plan
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let secrets =
+        dough_gobrr::secrets::resolve(&plan.plan.secrets, &plan_dir, &|k| std::env::var(k).ok())?;
+    let repo = plan_dir.join(&plan.plan.repo);
+    let repo = std::fs::canonicalize(&repo)
+        .with_context(|| format!("the plan's repo {} does not exist", repo.display()))?;
+    anyhow::ensure!(
+        repo.join(".git").exists(),
+        "the plan's repo {} is not a git repository",
+        repo.display()
+    );
+    install_teardown_on_signal(&ctx.vms);
+    let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
+    let run_dir = ctx.home.join("runs").join(&run_id);
+    std::fs::create_dir_all(&run_dir)?;
+    let worktree = Worktree::create(&repo, &run_dir.join("worktree"), &plan.plan.base, &run_id)
+        .context("creating dough's worktree")?;
+    let tree = worktree.archive()?.len();
+    anyhow::ensure!(
+        tree <= MAX_SHIP,
+        "the repo's tree is {tree} bytes as a tar; dough ships at most {MAX_SHIP} bytes into a clone today"
+    );
+
+    let image = resolve_image(&ctx.home, &args.vm)?;
+    let opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let got = ensure_snapshot(ctx, &image, &opts, false)?;
+    let snap = got.snapshot();
+    let pool = ClonePool {
+        vms: &ctx.vms,
+        snap,
+        opts: &opts,
+    };
+    let rounds = plan.rounds.len();
+    eprintln!(
+        "dough: run {run_id}: {} task(s) in {rounds} round(s), up to {} clone(s) at once, branch dough/{run_id}",
+        plan.plan.tasks.len(),
+        plan.plan.concurrency
+    );
+    let events = Mutex::new(std::fs::File::create(run_dir.join("events.jsonl"))?);
+    let on_event = |e: &Event| {
+        if e.attempt > 0 {
+            eprintln!(
+                "dough: [{:>6.1}s] {} #{}: {}",
+                e.t, e.task, e.attempt, e.what
+            );
+        } else {
+            eprintln!("dough: [{:>6.1}s] {}: {}", e.t, e.task, e.what);
+        }
+        if let Ok(line) = serde_json::to_string(e) {
+            let _ = writeln!(events.lock().expect("events"), "{line}");
+        }
+    };
+    let runner = Runner {
+        plan: &plan,
+        pool: &pool,
+        worktree: &worktree,
+        secrets: secrets.clone(),
+        run_id: run_id.clone(),
+        on_event: &on_event,
+    };
+    let result = runner.run()?;
+    let redactor = Redactor::new(&secrets);
+    std::fs::write(
+        run_dir.join("run.json"),
+        redactor.redact(&serde_json::to_string_pretty(&result)?),
+    )?;
+    let report = redactor.redact(&report(&result));
+    std::fs::write(run_dir.join("report.md"), &report)?;
+    worktree.remove()?;
+    let green = result
+        .tasks
+        .iter()
+        .filter(|t| t.outcome == Outcome::Green)
+        .count();
+    eprintln!(
+        "dough: {green} of {} task(s) green in {:.1}s",
+        result.tasks.len(),
+        result.seconds
+    );
+    println!("branch: dough/{run_id}");
+    println!("report: {}", run_dir.join("report.md").display());
+    Ok(if green == result.tasks.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `report.md`.
+fn report(r: &RunResult) -> String {
+    let mut s = format!(
+        "# gobrr run {}\n\nGoal: {}\n\nBranch `{}`: {} → {}, {:.1}s, up to {} clones at once.\n\n",
+        r.run_id,
+        r.goal,
+        r.branch,
+        &r.base[..12.min(r.base.len())],
+        &r.head[..12.min(r.head.len())],
+        r.seconds,
+        r.concurrency
+    );
+    s += "| task | round | outcome | attempts | files | +/- | seconds | commit |\n|---|---|---|---|---|---|---|---|\n";
+    for t in &r.tasks {
+        let last = t.attempts.last();
+        s += &format!(
+            "| {} | {} | {:?} | {} | {} | +{} -{} | {:.1} | {} |\n",
+            t.id,
+            t.round,
+            t.outcome,
+            t.attempts.len(),
+            last.map(|a| a.files).unwrap_or(0),
+            last.map(|a| a.added).unwrap_or(0),
+            last.map(|a| a.removed).unwrap_or(0),
+            t.seconds,
+            t.commit
+                .as_deref()
+                .map(|c| &c[..12.min(c.len())])
+                .unwrap_or("-"),
+        );
+    }
+    for t in &r.tasks {
+        if !t.blocked_by.is_empty() {
+            s += &format!(
+                "\n## {}: blocked\n\nNot run: {} did not go green.\n",
+                t.id,
+                t.blocked_by.join(", ")
+            );
+        }
+        for a in &t.attempts {
+            let phases: Vec<String> = a
+                .phases
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}s"))
+                .collect();
+            s += &format!(
+                "\n## {} attempt {}: {}\n\nPhases: {}\n",
+                t.id,
+                a.n,
+                if a.green { "green" } else { "failed" },
+                phases.join(", ")
+            );
+            if let Some(f) = &a.failure {
+                s += &format!("\n```\n{}\n```\n", f.trim_end());
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,1 @@
+"""A small calculator, built task by task by gobrr's scripted agent."""
