@@ -1,0 +1,314 @@
+//! VM tier: `dough go` — the example plan end to end, hostile agents, and
+//! secrets that must never land on disk.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A copy of `examples/calc` whose repo is a git repository.
+fn example() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/calc");
+    let out = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let repo = d.path().join("calc/repo");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "base"]);
+    let plan = d.path().join("calc/plan.toml");
+    (d, plan)
+}
+
+/// A repo with one file and the given plan text next to it.
+fn small_repo(plan: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    std::fs::write(repo.join("src/a.py"), "a = 1\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "base"]);
+    let p = d.path().join("plan.toml");
+    std::fs::write(&p, plan).unwrap();
+    (d, p)
+}
+
+fn go(
+    home: &Path,
+    plan: &Path,
+    env: &[(&str, &str)],
+) -> (std::process::Output, serde_json::Value, String) {
+    let mut c = dough(home);
+    c.arg("go").arg(plan);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    let stdout = text(&out.stdout);
+    let report = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("no report line: {stdout}\n{}", text(&out.stderr)))
+        .to_string();
+    let run_json = Path::new(&report).with_file_name("run.json");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&run_json).unwrap()).unwrap();
+    (out, run, std::fs::read_to_string(&report).unwrap())
+}
+
+fn task<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap()
+}
+
+#[test]
+fn vm_go_runs_the_example_plan_end_to_end() {
+    let home = private_home();
+    let (dir, plan) = example();
+    let (out, run, report) = go(home.path(), &plan, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for t in run["tasks"].as_array().unwrap() {
+        assert_eq!(t["outcome"], "green", "{t}");
+    }
+    // The retry: parser's first attempt failed its gate, the second passed.
+    let parser = task(&run, "parser");
+    assert_eq!(parser["attempts"].as_array().unwrap().len(), 2);
+    assert!(parser["attempts"][0]["failure"]
+        .as_str()
+        .unwrap()
+        .contains("the gate check failed"));
+    assert!(report.contains("## parser attempt 1: failed"));
+    // One commit per task, in plan order (round by round).
+    let repo = dir.path().join("calc/repo");
+    let branch = run["branch"].as_str().unwrap();
+    assert_eq!(
+        git(&repo, &["log", "--reverse", "--format=%s", branch]),
+        "base\ntokens: Tokenizer\nerrors: Error type\ndocs: Usage guide\nparser: Parser\nevaluate: Evaluator\ncli: Command line"
+    );
+    // The user's checkout was not touched.
+    assert_eq!(git(&repo, &["rev-parse", "--abbrev-ref", "HEAD"]), "main");
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    // The example's own tests pass on the branch.
+    let wt = dir.path().join("check");
+    git(
+        &repo,
+        &["worktree", "add", "-q", wt.to_str().unwrap(), branch],
+    );
+    let t = std::process::Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s", "tests", "-t", "."])
+        .current_dir(&wt)
+        .output()
+        .unwrap();
+    assert!(t.status.success(), "{}", text(&t.stderr));
+    assert!(
+        text(&t.stderr).contains("Ran 10 tests"),
+        "{}",
+        text(&t.stderr)
+    );
+    assert!(vm_dirs(home.path()).is_empty(), "every clone was torn down");
+}
+
+const HOSTILE: &str = r##"
+goal = "hostile agents"
+repo = "repo"
+agent = ["false"]
+check = "true"
+retries = 0
+concurrency = 2
+egress = "none"
+
+[[tasks]]
+id = "outside"
+title = "Writes outside its allowlist"
+work = "w"
+allow = ["src/outside.py"]
+script = "echo pwned > README.md"
+
+[[tasks]]
+id = "symlink"
+title = "Plants a symlink"
+work = "w"
+allow = ["links/**"]
+script = "mkdir links && ln -s /etc/shadow links/link"
+
+[[tasks]]
+id = "hooks"
+title = "Edits .git/hooks through a fake git"
+work = "w"
+allow = ["src/hooks.py"]
+script = """
+mkdir -p /usr/local/bin
+cat > /usr/local/bin/git <<'END'
+#!/bin/sh
+[ "$1" = diff ] || exec /usr/bin/git "$@"
+printf 'diff --git a/.git/hooks/post-commit b/.git/hooks/post-commit\\nnew file mode 100755\\n--- /dev/null\\n+++ b/.git/hooks/post-commit\\n@@ -0,0 +1 @@\\n+touch /tmp/pwned\\n'
+END
+chmod +x /usr/local/bin/git
+"""
+
+[[tasks]]
+id = "good"
+title = "An honest sibling"
+work = "w"
+allow = ["src/good.py"]
+script = "echo 'good = 1' > src/good.py"
+"##;
+
+#[test]
+fn vm_go_hostile_agents_fail_with_the_reason_and_siblings_land() {
+    let home = private_home();
+    let (dir, plan) = small_repo(HOSTILE);
+    let (out, run, report) = go(home.path(), &plan, &[]);
+    assert_eq!(out.status.code(), Some(1), "not all green");
+    let reason = |id: &str| {
+        task(&run, id)["attempts"][0]["failure"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(task(&run, "outside")["outcome"], "failed");
+    assert!(reason("outside").contains("\"README.md\" is outside the task's allowlist"));
+    assert!(reason("symlink").contains("\"links/link\" would become a symlink"));
+    assert!(
+        reason("hooks").contains("\".git/hooks/post-commit\" is or is inside a `.git` directory"),
+        "{}",
+        reason("hooks")
+    );
+    assert_eq!(task(&run, "good")["outcome"], "green");
+    for r in [
+        "README.md",
+        "would become a symlink",
+        ".git/hooks/post-commit",
+    ] {
+        assert!(report.contains(r), "report names {r}");
+    }
+    let repo = dir.path().join("repo");
+    let branch = run["branch"].as_str().unwrap();
+    assert_eq!(
+        git(&repo, &["log", "--format=%s", branch]),
+        "good: An honest sibling\nbase"
+    );
+    assert!(!repo.join(".git/hooks/post-commit").exists());
+}
+
+const SECRET_PLAN: &str = r##"
+goal = "use a secret"
+repo = "repo"
+agent = ["false"]
+check = "true"
+retries = 1
+egress = "none"
+
+[[secrets]]
+name = "API_KEY"
+env = "DOUGH_TEST_API_KEY"
+prefix = "sk-test-"
+
+[[tasks]]
+id = "uses-key"
+title = "Uses the key"
+work = "w"
+allow = ["src/b.py"]
+secrets = ["API_KEY"]
+# Shouts the key on both streams and fails once (so it is in the failure
+# that is fed back and reported), then succeeds without committing it.
+script = """
+echo "key is $API_KEY"; echo "key is $API_KEY" >&2
+echo "$API_KEY" > /tmp/key-copy
+grep -q "Attempt 1 failed" "$WORK_ORDER" || exit 3
+echo 'b = 1' > src/b.py
+"""
+"##;
+
+fn contains(path: &Path, needle: &[u8]) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if meta.is_dir() {
+        return std::fs::read_dir(path)
+            .unwrap()
+            .flatten()
+            .any(|e| contains(&e.path(), needle));
+    }
+    if !meta.is_file() {
+        return false;
+    }
+    let data = std::fs::read(path).unwrap_or_default();
+    data.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn vm_go_secrets_never_land_on_disk() {
+    let home = private_home();
+    let (dir, plan) = small_repo(SECRET_PLAN);
+    // Wrong prefix: refused before anything runs, without showing it.
+    let out = dough(home.path())
+        .arg("go")
+        .arg(&plan)
+        .env("DOUGH_TEST_API_KEY", "pk-wrong")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("does not start with its required prefix"));
+    assert!(!text(&out.stderr).contains("pk-wrong"));
+
+    let secret = format!("sk-test-{}", std::process::id() as u64 * 7919 + 12345);
+    let (out, run, report) = go(home.path(), &plan, &[("DOUGH_TEST_API_KEY", &secret)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = task(&run, "uses-key");
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 2);
+    let failure = t["attempts"][0]["failure"].as_str().unwrap();
+    assert!(failure.contains("key is [redacted:API_KEY]"), "{failure}");
+    assert!(report.contains("[redacted:API_KEY]"));
+    let s = secret.as_bytes();
+    assert!(!text(&out.stderr).contains(&secret));
+    // Not in anything dough wrote: the home's state, runs, logs, records —
+    // and the snapshot the clones came from (its memory file included).
+    let shared = shared_home();
+    for p in [home.path().to_path_buf(), shared.join("snapshots")] {
+        assert!(
+            !contains(&p, s),
+            "the secret is in a file under {}",
+            p.display()
+        );
+    }
+    assert!(
+        !contains(&dir.path().join("repo"), s),
+        "the secret is in the repo"
+    );
+    // Nor on the clone's disk: the rootfs image it ran from (read-only; the
+    // clone's writes went to a tmpfs that died with it).
+    let id = std::fs::read_to_string(home.path().join("images/current")).unwrap();
+    let image: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            home.path()
+                .join("images")
+                .join(format!("{}.json", id.trim())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(!contains(Path::new(image["rootfs"].as_str().unwrap()), s));
+}
