@@ -312,3 +312,52 @@ fn vm_go_secrets_never_land_on_disk() {
     .unwrap();
     assert!(!contains(Path::new(image["rootfs"].as_str().unwrap()), s));
 }
+
+#[test]
+fn vm_go_ctrl_c_tears_clones_down_and_keeps_what_was_green() {
+    use std::io::BufRead;
+    let home = private_home();
+    let (dir, plan) = example();
+    let mut child = dough(home.path())
+        .arg("go")
+        .arg(&plan)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until round 1 is stacked and round 2 has started.
+    let mut seen = String::new();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("parser #1: starting") {
+            break;
+        }
+    }
+    assert!(seen.contains("parser #1: starting"), "{seen}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{}", rest.join("\n"));
+    assert!(
+        vm_dirs(home.path()).is_empty(),
+        "clones torn down: {:?}",
+        vm_dirs(home.path())
+    );
+    let repo = dir.path().join("calc/repo");
+    let branches = git(
+        &repo,
+        &["branch", "--list", "dough/*", "--format=%(refname:short)"],
+    );
+    assert_eq!(
+        git(&repo, &["log", "--reverse", "--format=%s", branches.trim()]),
+        "base\ntokens: Tokenizer\nerrors: Error type\ndocs: Usage guide",
+        "round 1 stays on the branch"
+    );
+}
