@@ -6,6 +6,7 @@
 //! recycled pid is never mistaken for our VMM.
 
 pub mod accel;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
