@@ -168,6 +168,36 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
         detail: net.unwrap_or_else(|e| format!("cannot list network objects: {e}")),
         fix: "run as root",
     });
+    let fc = std::env::var_os("DOUGH_FIRECRACKER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "firecracker".into());
+    let fc_version = Command::new(&fc)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        });
+    checks.push(Check {
+        name: "firecracker",
+        ok: fc_version.is_some(),
+        required: false,
+        detail: match &fc_version {
+            Some(v) => format!("{v} ({})", fc.display()),
+            None => format!(
+                "{} not found; the QEMU backend is used (no registry ships Firecracker)",
+                fc.display()
+            ),
+        },
+        fix: "install a Firecracker release binary and set DOUGH_FIRECRACKER=/path/to/firecracker",
+    });
     let free = free_bytes(home);
     checks.push(Check {
         name: "disk",
