@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ struct Shared {
     generation: AtomicU64,
     /// Running requests of the current connection: id → process group.
     running: Mutex<HashMap<RequestId, i32>>,
+    /// Requests whose stdin is still streaming in: id → their writer.
+    inputs: Mutex<HashMap<RequestId, Sender<Option<Vec<u8>>>>>,
     vm_id: Mutex<String>,
 }
 
@@ -118,6 +121,7 @@ pub fn serve_forever() {
         port: Mutex::new(file),
         generation: AtomicU64::new(1),
         running: Mutex::new(HashMap::new()),
+        inputs: Mutex::new(HashMap::new()),
         vm_id: Mutex::new(String::new()),
     });
     println!("{READY_LINE}");
@@ -148,6 +152,10 @@ impl Shared {
     }
 
     fn kill_running(&self) {
+        self.inputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         for (_, pgid) in running.drain() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
@@ -250,13 +258,24 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             },
         ),
         HostMsg::Exec(exec) => {
-            let shared = shared.clone();
             let id = exec.id;
+            // Registered before the exec thread exists: Input may follow
+            // right behind this message.
+            let input = exec.stdin_follows.then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                shared
+                    .inputs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, tx);
+                rx
+            });
+            let shared = shared.clone();
             let r = std::thread::Builder::new()
                 .name(format!("exec-{id}"))
                 .spawn(move || {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_exec(&shared, generation, exec)
+                        run_exec(&shared, generation, exec, input)
                     }));
                     if r.is_err() {
                         let status = ExitStatus::SpawnFailed(
@@ -299,6 +318,32 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
             }
         }
         HostMsg::Ping { seq } => shared.send(generation, &GuestMsg::Pong { seq }),
+        HostMsg::Input { id, data } => {
+            let inputs = shared.inputs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(tx) = inputs.get(&id) {
+                // The writer may be gone (the command exited): fine.
+                let _ = tx.send(Some(data));
+            } else {
+                drop(inputs);
+                shared.send(
+                    generation,
+                    &GuestMsg::Error {
+                        id,
+                        message: format!("request {id} is not waiting for input"),
+                    },
+                );
+            }
+        }
+        HostMsg::InputEnd { id } => {
+            let tx = shared
+                .inputs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let Some(tx) = tx {
+                let _ = tx.send(None);
+            }
+        }
         HostMsg::Attach => {} // handled by the session loop
     }
 }
@@ -329,7 +374,12 @@ fn apply_welcome(shared: &Shared, w: &Welcome) {
     *shared.vm_id.lock().unwrap_or_else(|p| p.into_inner()) = w.vm_id.clone();
 }
 
-fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
+fn run_exec(
+    shared: &Arc<Shared>,
+    generation: u64,
+    exec: Exec,
+    input: Option<Receiver<Option<Vec<u8>>>>,
+) {
     let id = exec.id;
     let Some(program) = exec.argv.first() else {
         return shared.send(
@@ -356,7 +406,7 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
                 .as_str(),
         )
         .envs(exec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if exec.stdin.is_some() {
+        .stdin(if exec.stdin.is_some() || input.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -397,9 +447,22 @@ fn run_exec(shared: &Arc<Shared>, generation: u64, exec: Exec) {
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, pid as i32);
 
-    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), exec.stdin) {
+    if let Some(mut stdin) = child.stdin.take() {
+        let data = exec.stdin;
         std::thread::spawn(move || {
-            let _ = stdin.write_all(&data);
+            if let Some(d) = data {
+                if stdin.write_all(&d).is_err() {
+                    return;
+                }
+            }
+            // Streamed chunks until InputEnd (None) or the session ends.
+            if let Some(rx) = input {
+                while let Ok(Some(chunk)) = rx.recv() {
+                    if stdin.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            }
         });
     }
     let finished = Arc::new(AtomicBool::new(false));

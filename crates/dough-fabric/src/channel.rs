@@ -60,6 +60,10 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
 }
 
+/// Stdin up to this size travels inside the Exec message; more is sent in
+/// chunks of this size.
+pub const INLINE_STDIN: usize = 256 << 10;
+
 /// How long past a request's own timeout the host waits for the guest to
 /// report it, before calling the guest unresponsive.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
@@ -161,14 +165,36 @@ impl HostChannel {
     ) -> Result<ExitStatus, ChannelError> {
         let id = self.next_id;
         self.next_id += 1;
+        // Small stdin rides in the Exec frame; larger is streamed in chunks
+        // that each fit a frame.
+        let stream_stdin = req.stdin.as_ref().is_some_and(|d| d.len() > INLINE_STDIN);
         self.send(&HostMsg::Exec(Exec {
             id,
             argv: req.argv.clone(),
             env: req.env.clone(),
             cwd: req.cwd.clone(),
-            stdin: req.stdin.clone(),
+            stdin: if stream_stdin {
+                None
+            } else {
+                req.stdin.clone()
+            },
+            stdin_follows: stream_stdin,
             timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
         }))?;
+        if stream_stdin {
+            for chunk in req
+                .stdin
+                .as_deref()
+                .unwrap_or_default()
+                .chunks(INLINE_STDIN)
+            {
+                self.send(&HostMsg::Input {
+                    id,
+                    data: chunk.to_vec(),
+                })?;
+            }
+            self.send(&HostMsg::InputEnd { id })?;
+        }
         let limit = req.timeout.map(|t| t + TIMEOUT_GRACE);
         loop {
             match self.recv(limit)? {

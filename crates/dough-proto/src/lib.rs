@@ -16,7 +16,7 @@ mod frame;
 pub use frame::{encode, read_frame, write_frame, FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME};
 
 /// Protocol version. Bumped on any incompatible change to the messages.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port the agent looks for under
 /// `/sys/class/virtio-ports/*/name`.
@@ -69,6 +69,10 @@ pub enum HostMsg {
     Signal { id: RequestId, signal: i32 },
     /// Liveness probe.
     Ping { seq: u64 },
+    /// A chunk of stdin for a request sent with `stdin_follows`.
+    Input { id: RequestId, data: Vec<u8> },
+    /// The end of a request's streamed stdin (its stdin is closed).
+    InputEnd { id: RequestId },
 }
 
 /// The guest agent's greeting, sent first on every connection.
@@ -130,8 +134,12 @@ pub struct Exec {
     /// Extra environment on top of the agent's base environment.
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
-    /// Bytes written to the child's stdin, which is then closed. `None`: stdin is /dev/null.
+    /// Bytes written to the child's stdin, which is then closed. `None`: stdin is /dev/null
+    /// (unless `stdin_follows`).
     pub stdin: Option<Vec<u8>>,
+    /// Stdin comes in [`HostMsg::Input`] chunks after this message, ended
+    /// by [`HostMsg::InputEnd`] (for input larger than one frame).
+    pub stdin_follows: bool,
     /// Kill the child's process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
 }

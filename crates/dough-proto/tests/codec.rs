@@ -116,6 +116,7 @@ fn host_msgs() -> Vec<HostMsg> {
             ],
             cwd: Some("/work".into()),
             stdin: Some(b"line one\n\0binary\xff".to_vec()),
+            stdin_follows: false,
             timeout_ms: Some(30_000),
         }),
         HostMsg::Exec(Exec {
@@ -124,6 +125,7 @@ fn host_msgs() -> Vec<HostMsg> {
             env: vec![],
             cwd: None,
             stdin: None,
+            stdin_follows: false,
             timeout_ms: None,
         }),
         HostMsg::Exec(Exec {
@@ -132,8 +134,27 @@ fn host_msgs() -> Vec<HostMsg> {
             env: vec![],
             cwd: Some(String::new()),
             stdin: Some(vec![]),
+            stdin_follows: false,
             timeout_ms: Some(0),
         }),
+        HostMsg::Exec(Exec {
+            id: 3,
+            argv: vec!["tar".into(), "-x".into()],
+            env: vec![],
+            cwd: None,
+            stdin: None,
+            stdin_follows: true,
+            timeout_ms: None,
+        }),
+        HostMsg::Input {
+            id: 3,
+            data: vec![0, 1, 2, 255],
+        },
+        HostMsg::Input {
+            id: 3,
+            data: vec![],
+        },
+        HostMsg::InputEnd { id: 3 },
         HostMsg::Signal { id: 42, signal: 15 },
         HostMsg::Signal {
             id: 0,
@@ -212,7 +233,7 @@ fn guest_msgs() -> Vec<GuestMsg> {
 /// stops compiling when a variant is added, as a reminder to extend them.
 #[test]
 fn samples_cover_every_variant() {
-    let mut host = [false; 5];
+    let mut host = [false; 7];
     for m in host_msgs() {
         host[match m {
             HostMsg::Attach => 0,
@@ -220,6 +241,8 @@ fn samples_cover_every_variant() {
             HostMsg::Exec(_) => 2,
             HostMsg::Signal { .. } => 3,
             HostMsg::Ping { .. } => 4,
+            HostMsg::Input { .. } => 5,
+            HostMsg::InputEnd { .. } => 6,
         }] = true;
     }
     assert!(host.iter().all(|&b| b), "{host:?}");
@@ -350,6 +373,7 @@ fn decoder_yields_frame_exactly_when_complete() {
         env: vec![],
         cwd: None,
         stdin: None,
+        stdin_follows: false,
         timeout_ms: None,
     });
     let frame = encode(&msg).unwrap();

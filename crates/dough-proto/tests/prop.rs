@@ -45,6 +45,7 @@ fn exec() -> impl Strategy<Value = Exec> {
             env,
             cwd,
             stdin,
+            stdin_follows: false,
             timeout_ms,
         })
 }
@@ -52,6 +53,8 @@ fn exec() -> impl Strategy<Value = Exec> {
 fn host_msg() -> impl Strategy<Value = HostMsg> {
     prop_oneof![
         Just(HostMsg::Attach),
+        (any::<u64>(), bytes(64)).prop_map(|(id, data)| HostMsg::Input { id, data }),
+        any::<u64>().prop_map(|id| HostMsg::InputEnd { id }),
         (any::<u32>(), any::<u64>(), entropy(), text()).prop_map(
             |(proto_version, host_time_ns, entropy, vm_id)| HostMsg::Welcome(Welcome {
                 proto_version,

@@ -136,8 +136,9 @@ impl Pool for ClonePool<'_> {
     }
 }
 
-/// Frames carry at most 1 MiB; a tree shipped as one exec's stdin must fit.
-const MAX_SHIP: usize = 1 << 20;
+/// The largest tree shipped into a clone (as a tar on an exec's streamed
+/// stdin; it lands in the guest's RAM-backed overlay).
+const MAX_SHIP: usize = 32 << 20;
 
 pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     let checked = Plan::load(&args.plan).and_then(Plan::check);

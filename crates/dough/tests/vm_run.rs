@@ -270,3 +270,54 @@ fn vm_sigint_tears_the_vm_down() {
         vm_dirs(home.path())
     );
 }
+
+#[test]
+fn vm_run_streams_stdin_larger_than_a_frame() {
+    let home = shared_home();
+    // 3 MiB of non-repeating bytes: more than one frame, several chunks.
+    let mut data = Vec::with_capacity(3 << 20);
+    let mut x: u32 = 12345;
+    while data.len() < 3 << 20 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        data.push((x >> 16) as u8);
+    }
+    let mut c = dough(&home);
+    c.args([
+        "run",
+        "-i",
+        "--",
+        "sh",
+        "-c",
+        "tee /tmp/in | md5sum; wc -c < /tmp/in",
+    ]);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feed = data.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&feed).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let host_md5 = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut p| {
+            use std::io::Write;
+            p.stdin.take().unwrap().write_all(&data)?;
+            p.wait_with_output()
+        })
+        .unwrap();
+    let want = text(&host_md5.stdout);
+    let got = text(&out.stdout);
+    assert_eq!(
+        got.lines().next().unwrap().split_whitespace().next(),
+        want.split_whitespace().next()
+    );
+    assert_eq!(got.lines().nth(1), Some("3145728"));
+}
