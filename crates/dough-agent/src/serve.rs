@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use dough_proto::{
     decode_host, encode, Exec, ExitStatus, FrameDecoder, FrameError, GuestMsg, Hello, HostMsg,
-    RequestId, Stream, Welcome, OUTPUT_CHUNK, PORT_NAME, PROTO_VERSION, READY_LINE,
+    RequestId, Stream, Welcome, OUTPUT_CHUNK, PORT_NAME, PROTO_VERSION, READY_LINE, VSOCK_PORT,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
@@ -87,8 +87,99 @@ impl Shared {
     }
 }
 
-/// Open the port and serve the host forever.
+/// How the agent reaches the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A virtio-serial port named `dough.0` (QEMU).
+    Serial,
+    /// AF_VSOCK to the host, CID 2, [`VSOCK_PORT`] (Firecracker).
+    Vsock,
+}
+
+/// Vsock when a virtio vsock device is bound to its driver under `sys`
+/// (normally `/sys`), else the serial port.
+pub fn detect_transport(sys: &Path) -> Transport {
+    let drv = sys.join("bus/virtio/drivers/vmw_vsock_virtio_transport");
+    let bound = std::fs::read_dir(drv)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        })
+        .unwrap_or(false);
+    if bound {
+        Transport::Vsock
+    } else {
+        Transport::Serial
+    }
+}
+
+fn new_shared(file: File) -> Arc<Shared> {
+    Arc::new(Shared {
+        port: Mutex::new(file),
+        generation: AtomicU64::new(1),
+        running: Mutex::new(HashMap::new()),
+        inputs: Mutex::new(HashMap::new()),
+        vm_id: Mutex::new(String::new()),
+    })
+}
+
+/// Serve the host forever over whichever transport this VM has.
 pub fn serve_forever() {
+    match detect_transport(Path::new("/sys")) {
+        Transport::Vsock => serve_vsock(),
+        Transport::Serial => serve_serial(),
+    }
+}
+
+/// Connect to the host over vsock, again and again: connections are reset
+/// across a snapshot restore, and the host may not be listening yet.
+fn serve_vsock() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    const HOST_CID: u32 = 2;
+    println!("{READY_LINE}");
+    let _ = std::io::stdout().flush();
+    let mut shared: Option<Arc<Shared>> = None;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let conn = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .and_then(|fd| {
+            connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, VSOCK_PORT))?;
+            Ok(fd)
+        });
+        let fd = match conn {
+            Ok(fd) => fd,
+            Err(_) => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(1);
+        let file = File::from(fd);
+        let _ = nix::fcntl::fcntl(
+            file.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let writer = file.try_clone().expect("dup vsock fd");
+        let sh = match &shared {
+            Some(s) => {
+                *s.port.lock().unwrap_or_else(|p| p.into_inner()) = writer;
+                s.clone()
+            }
+            None => shared.insert(new_shared(writer)).clone(),
+        };
+        session(&sh, &file);
+        sh.kill_running();
+    }
+}
+
+/// Open the virtio-serial port and serve the host forever.
+fn serve_serial() {
     let started = Instant::now();
     let mut warned = false;
     let path = loop {
@@ -117,13 +208,7 @@ pub fn serve_forever() {
         }
     };
     let reader = file.try_clone().expect("dup port fd");
-    let shared = Arc::new(Shared {
-        port: Mutex::new(file),
-        generation: AtomicU64::new(1),
-        running: Mutex::new(HashMap::new()),
-        inputs: Mutex::new(HashMap::new()),
-        vm_id: Mutex::new(String::new()),
-    });
+    let shared = new_shared(file);
     println!("{READY_LINE}");
     let _ = std::io::stdout().flush();
     loop {
@@ -546,4 +631,24 @@ fn run_exec(
         (false, other) => ExitStatus::SpawnFailed(format!("unexpected wait status {other:?}")),
     };
     shared.send(generation, &GuestMsg::Exit { id, status });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_is_vsock_only_with_a_bound_vsock_device() {
+        let sys = std::env::temp_dir().join(format!("dough-agent-sys-{}", std::process::id()));
+        let drv = sys.join("bus/virtio/drivers/vmw_vsock_virtio_transport");
+        std::fs::create_dir_all(&drv).unwrap();
+        // The driver is loaded (bind/unbind files) but no device is bound.
+        std::fs::write(drv.join("bind"), b"").unwrap();
+        std::fs::write(drv.join("unbind"), b"").unwrap();
+        assert_eq!(detect_transport(&sys), Transport::Serial);
+        std::fs::create_dir(drv.join("virtio2")).unwrap();
+        assert_eq!(detect_transport(&sys), Transport::Vsock);
+        std::fs::remove_dir_all(&sys).unwrap();
+        assert_eq!(detect_transport(&sys), Transport::Serial, "no sysfs at all");
+    }
 }

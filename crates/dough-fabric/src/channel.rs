@@ -100,6 +100,51 @@ impl HostChannel {
         }
     }
 
+    /// A channel over an already connected stream (e.g. a guest-initiated
+    /// vsock connection accepted on Firecracker's `<uds>_<port>` socket).
+    pub fn from_stream(stream: UnixStream) -> HostChannel {
+        HostChannel {
+            stream,
+            next_id: 1,
+            ignored: 0,
+        }
+    }
+
+    /// Connect to guest vsock `port` through Firecracker's hybrid vsock
+    /// socket `uds`: send `CONNECT <port>\n`, expect `OK <host port>\n`.
+    pub fn connect_vsock(
+        uds: &Path,
+        port: u32,
+        limit: Duration,
+    ) -> Result<HostChannel, ChannelError> {
+        let ch = HostChannel::connect(uds, limit)?;
+        let mut s = &ch.stream;
+        s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        ch.stream
+            .set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
+        // Read the reply byte by byte: what follows it is the guest's data.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            match std::io::Read::read(&mut s, &mut b) {
+                Ok(0) => return Err(ChannelError::Closed),
+                Ok(_) if b[0] == b'\n' => break,
+                Ok(_) => line.push(b[0]),
+                Err(e) => return Err(ChannelError::from_frame(FrameError::Io(e))),
+            }
+        }
+        let reply = String::from_utf8_lossy(&line).into_owned();
+        let ok = reply
+            .strip_prefix("OK ")
+            .is_some_and(|n| n.trim().parse::<u32>().is_ok());
+        if !ok {
+            return Err(ChannelError::Unexpected(format!(
+                "vsock CONNECT {port} answered {reply:?}"
+            )));
+        }
+        Ok(ch)
+    }
+
     fn recv(&mut self, limit: Option<Duration>) -> Result<GuestMsg, ChannelError> {
         self.stream
             .set_read_timeout(limit.map(|l| l.max(Duration::from_millis(1))))?;
@@ -239,6 +284,14 @@ impl HostChannel {
             }
         }
     }
+}
+
+/// Where Firecracker delivers guest-initiated vsock connections to host
+/// `port`: a Unix socket the host listens on, `<uds>_<port>`.
+pub fn vsock_listen_path(uds: &Path, port: u32) -> std::path::PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    p.into()
 }
 
 #[cfg(test)]
@@ -442,5 +495,66 @@ mod tests {
             ch.exec(&req, &mut |_, _| {}),
             Err(ChannelError::Closed)
         ));
+    }
+
+    /// A fake of Firecracker's vsock muxer: answers `CONNECT <port>` with
+    /// `OK <n>` (or refuses), then plays a guest agent that greets.
+    fn fake_muxer(uds: &Path, answer: &'static str) {
+        let l = UnixListener::bind(uds).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while std::io::Read::read(&mut s, &mut b).unwrap() == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            assert_eq!(line, b"CONNECT 1024");
+            s.write_all(answer.as_bytes()).unwrap();
+            if answer.starts_with("OK") {
+                // Attach, then our Hello, then the Welcome.
+                let _ = read_frame(&mut s).unwrap();
+                write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+                let _ = next_host(&mut s);
+            }
+        });
+    }
+
+    #[test]
+    fn host_initiated_vsock_connects_through_the_muxer() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = d.path().join("v.sock");
+        fake_muxer(&uds, "OK 1073741824\n");
+        let mut ch = HostChannel::connect_vsock(&uds, 1024, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            ch.handshake("vm-1", Duration::from_secs(5))
+                .unwrap()
+                .proto_version,
+            PROTO_VERSION
+        );
+
+        let uds2 = d.path().join("v2.sock");
+        fake_muxer(&uds2, "FAILURE\n");
+        let e = HostChannel::connect_vsock(&uds2, 1024, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("answered \"FAILURE\""), "{e}");
+    }
+
+    #[test]
+    fn guest_initiated_vsock_lands_on_uds_underscore_port() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = d.path().join("v.sock");
+        let listen = vsock_listen_path(&uds, 1024);
+        assert_eq!(listen, d.path().join("v.sock_1024"));
+        let l = UnixListener::bind(&listen).unwrap();
+        // The "guest" (Firecracker forwarding its connection) connects.
+        let guest = std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&listen).unwrap();
+            let _ = read_frame(&mut s).unwrap();
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            let _ = next_host(&mut s);
+        });
+        let (s, _) = l.accept().unwrap();
+        let mut ch = HostChannel::from_stream(s);
+        ch.handshake("vm-2", Duration::from_secs(5)).unwrap();
+        guest.join().unwrap();
     }
 }
