@@ -131,6 +131,18 @@ pub struct Snapshot {
     pub meta: SnapshotMeta,
 }
 
+/// Bytes allocated on disk below `dir` (sparse files count what they use).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
 /// `qemu --version`'s first line.
 pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
     let out = std::process::Command::new(qemu)
@@ -244,6 +256,34 @@ impl SnapshotStore {
                 .then(a.key.cmp(&b.key))
         });
         out
+    }
+
+    /// Remove every complete snapshot whose key is not in `keep`, under the
+    /// bake lock; returns (key, bytes on disk) of each removed. Running
+    /// clones are unaffected (their memory mapping outlives the file); only
+    /// their boot log for `dough logs` goes.
+    pub fn prune(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<(String, u64)>, SnapshotError> {
+        std::fs::create_dir_all(&self.root)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".bake.lock"))?;
+        let _guard =
+            Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+        let mut removed = Vec::new();
+        for snap in self.list() {
+            if keep.contains(&snap.key) {
+                continue;
+            }
+            let bytes = disk_usage(&snap.dir);
+            std::fs::remove_dir_all(&snap.dir)?;
+            removed.push((snap.key, bytes));
+        }
+        Ok(removed)
     }
 
     /// Why `spec` has no snapshot: compared with the newest one.

@@ -24,6 +24,10 @@ pub struct BakeArgs {
     /// Bake again even if a snapshot for these inputs exists.
     #[arg(long)]
     pub force: bool,
+    /// Then delete every other snapshot except those of VMs still listed in
+    /// `dough ps` (running clones keep working either way).
+    #[arg(long)]
+    pub prune: bool,
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +77,23 @@ pub fn bake(ctx: &Ctx, args: BakeArgs) -> anyhow::Result<ExitCode> {
     let got = ensure_snapshot(ctx, &image, &opts, args.force)?;
     if let Ensured::Existing(s) = &got {
         eprintln!("dough: snapshot {} is up to date; nothing to bake", s.key);
+    }
+    if args.prune {
+        let mut keep: std::collections::BTreeSet<String> = dough_fabric::state::list(&ctx.vms)
+            .into_iter()
+            .filter_map(|r| r.snapshot)
+            .collect();
+        keep.insert(got.snapshot().key.clone());
+        let removed = dough_fabric::SnapshotStore::new(&ctx.home).prune(&keep)?;
+        let total: u64 = removed.iter().map(|(_, b)| b).sum();
+        for (key, bytes) in &removed {
+            eprintln!("dough: removed snapshot {key} ({} MiB)", bytes >> 20);
+        }
+        eprintln!(
+            "dough: pruned {} snapshot(s), {} MiB freed",
+            removed.len(),
+            total >> 20
+        );
     }
     println!("{}", got.snapshot().key);
     Ok(ExitCode::SUCCESS)

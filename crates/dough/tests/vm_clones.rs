@@ -158,7 +158,24 @@ fn vm_changed_inputs_rebake() {
         text(&out.stderr)
     );
     assert_eq!(text(&out.stdout), first);
+    let snapshots = || {
+        std::fs::read_dir(h.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    assert_eq!(snapshots(), 2);
+    // Pruning keeps the current snapshot and those of listed clones...
+    let out = run(h, &["bake", "--prune"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("pruned 0 snapshot(s)"), "{err}");
     down_all(h);
+    // ...and removes the rest once nothing refers to them.
+    let out = run(h, &["bake", "--prune"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("pruned 1 snapshot(s)"), "{err}");
+    assert_eq!(snapshots(), 1);
 }
 
 #[test]
