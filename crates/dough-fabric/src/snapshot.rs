@@ -258,6 +258,24 @@ impl SnapshotStore {
         out
     }
 
+    /// The store's lock, held while baking or pruning; `say` hears when
+    /// another dough holds it and we wait.
+    fn bake_lock(&self, say: &mut dyn FnMut(&str)) -> Result<Flock<File>, SnapshotError> {
+        std::fs::create_dir_all(&self.root)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".bake.lock"))?;
+        Ok(match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+            Ok(g) => g,
+            Err((f, _)) => {
+                say("waiting for another dough that is baking");
+                Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?
+            }
+        })
+    }
+
     /// Remove every complete snapshot whose key is not in `keep`, under the
     /// bake lock; returns (key, bytes on disk) of each removed. Running
     /// clones are unaffected (their memory mapping outlives the file); only
@@ -266,14 +284,7 @@ impl SnapshotStore {
         &self,
         keep: &std::collections::BTreeSet<String>,
     ) -> Result<Vec<(String, u64)>, SnapshotError> {
-        std::fs::create_dir_all(&self.root)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(".bake.lock"))?;
-        let _guard =
-            Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+        let _guard = self.bake_lock(&mut |_| {})?;
         let mut removed = Vec::new();
         for snap in self.list() {
             if keep.contains(&snap.key) {
@@ -323,19 +334,7 @@ impl SnapshotStore {
                 return Ok(Ensured::Existing(s));
             }
         }
-        std::fs::create_dir_all(&self.root)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(".bake.lock"))?;
-        let _guard = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
-            Ok(g) => g,
-            Err((f, _)) => {
-                say("waiting for another dough that is baking");
-                Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?
-            }
-        };
+        let _guard = self.bake_lock(say)?;
         if !force {
             if let Some(s) = self.get(&key) {
                 return Ok(Ensured::Existing(s));

@@ -729,27 +729,26 @@ mod tests {
         }
     }
 
-    impl Pool for FakePool {
-        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, String> {
-            Ok(Box::new(FakeVm {
-                gate: false,
+    impl FakePool {
+        fn vm(&self, gate: bool) -> Box<dyn Sandbox> {
+            Box::new(FakeVm {
+                gate,
                 order: String::new(),
                 candidate: vec![],
                 pool_orders: self.orders.clone(),
                 secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
                 diff_for: self.diff_for,
-            }))
+            })
+        }
+    }
+
+    impl Pool for FakePool {
+        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, String> {
+            Ok(self.vm(false))
         }
         fn gate(&self) -> Result<Box<dyn Sandbox>, String> {
             *self.gates.lock().unwrap() += 1;
-            Ok(Box::new(FakeVm {
-                gate: true,
-                order: String::new(),
-                candidate: vec![],
-                pool_orders: self.orders.clone(),
-                secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
-                diff_for: self.diff_for,
-            }))
+            Ok(self.vm(true))
         }
     }
 

@@ -168,13 +168,18 @@ impl Worktree {
 
     /// The tree at HEAD as a tar stream (to ship into a VM).
     pub fn archive(&self) -> Result<Vec<u8>, StackError> {
+        self.tar_of("HEAD")
+    }
+
+    /// `git archive` of a commit or tree, as bytes (binary: not through
+    /// [`run`], which returns text).
+    fn tar_of(&self, treeish: &str) -> Result<Vec<u8>, StackError> {
         let mut c = git(&self.dir);
-        c.args(["archive", "--format=tar", "HEAD"]);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.args(["archive", "--format=tar", treeish]);
         let out = c.output()?;
         if !out.status.success() {
             return Err(StackError::Git {
-                args: "archive".into(),
+                args: format!("archive {treeish}"),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
@@ -196,16 +201,7 @@ impl Worktree {
             Some(diff),
         )?;
         let tree = run(with_index(&["write-tree"]), None)?;
-        let mut c = git(&self.dir);
-        c.args(["archive", "--format=tar", &tree]);
-        let out = c.output()?;
-        if !out.status.success() {
-            return Err(StackError::Git {
-                args: "archive".into(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(out.stdout)
+        self.tar_of(&tree)
     }
 
     /// Remove the worktree (the branch and its commits stay).
