@@ -83,6 +83,8 @@ impl SnapshotSpec {
                     .join(" "),
             ),
             ("device set", DEVICE_SET.to_string()),
+            // Firecracker snapshots will key on "firecracker <version>".
+            ("backend", "qemu".to_string()),
             ("qemu", self.qemu_version.clone()),
         ]
         .into_iter()
