@@ -9,9 +9,15 @@ use crate::{bench_cmd, doctor, go_cmd, image_cmd, plan_cmd, run_cmd, vm_cmds};
 
 /// dough runs autonomous coding agents inside microVMs.
 ///
-/// Guests boot from a cached image (kernel + initramfs with dough's agent as
-/// PID 1 + a read-only Debian rootfs) under QEMU microvm. Each VM's writable
-/// layer is a tmpfs inside the guest, so nothing a command does survives it.
+/// It builds a guest image (kernel + initramfs with dough's agent as PID 1 +
+/// a read-only Debian rootfs), bakes a warm snapshot of a booted guest, and
+/// restores byte-identical clones from it, each in its own network namespace
+/// with a tmpfs as its only writable layer. `dough go` runs a plan of
+/// file-disjoint agent tasks in such clones and stacks the verified results
+/// on a branch; the host never runs anything an agent wrote.
+///
+/// Start with `dough doctor`, then `dough run -- CMD`, `dough up N`, or
+/// `dough plan check PLAN` and `dough go PLAN` (docs/plan.md).
 #[derive(Debug, Parser)]
 #[command(name = "dough", version, propagate_version = true)]
 pub struct Cli {

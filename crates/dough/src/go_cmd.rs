@@ -170,6 +170,10 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         "the plan's repo {} is not a git repository",
         repo.display()
     );
+    anyhow::ensure!(
+        args.vm.net == dough_net::Egress::Nat,
+        "--net does not apply to `dough go`: the plan's `egress` decides for agent clones, and gates never have a network"
+    );
     install_teardown_on_signal(&ctx.vms);
     let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
     let run_dir = ctx.home.join("runs").join(&run_id);
