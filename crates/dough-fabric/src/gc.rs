@@ -178,9 +178,13 @@ fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
         .flatten()
         .flatten()
     {
+        // Gone only when the recorded absolute path certainly does not
+        // exist (not on a permission error or an unreadable record).
         let gone_dir = std::fs::read(e.path())
-            .map(|p| !Path::new(&*String::from_utf8_lossy(&p)).exists())
-            .unwrap_or(false);
+            .ok()
+            .map(|p| std::path::PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
+            .filter(|p| p.is_absolute())
+            .is_some_and(|p| matches!(p.try_exists(), Ok(false)));
         let s = e.file_name().to_string_lossy().into_owned();
         if gone_dir && s != scope {
             if let Ok(l) = dough_net::find_leftovers(&mut ops, &s, &[]) {
@@ -256,6 +260,9 @@ pub(crate) static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 /// Tear down every VM this process owns (on Ctrl-C). Threads still
 /// starting VMs are blocked from spawning more while it runs.
 pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
+    // VM directories appear under the network lock: holding it, no thread
+    // of ours can create one behind this sweep's back.
+    let _no_creation = crate::vm::net_lock().ok();
     let _no_spawns = SPAWNING.write();
     let me = me();
     let mut out = Vec::new();

@@ -268,7 +268,6 @@ impl Vm {
         // Planning, recording and building a network claim names and
         // subnets on the host: one dough (of any home) at a time.
         let _net = net_lock()?;
-        register_scope(vms_dir);
         let (dir, plan) = {
             let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())
                 .map_err(|e| net_err(e.into()))?;
@@ -280,7 +279,10 @@ impl Vm {
             let plan = NetPlan::new(&net_scope(vms_dir), &id, egress, opts.net_pool, 0, &used)
                 .map_err(|e| net_err(e.into()))?;
             rec.net = Some(plan.clone());
-            (VmDir::create(vms_dir, &rec)?, plan)
+            let dir = VmDir::create(vms_dir, &rec)?;
+            // Now that the directory exists, its canonical path is known.
+            register_scope(vms_dir);
+            (dir, plan)
         };
         let paths = dir.paths.clone();
         if let Err(e) = setup_net(&plan, opts.net_pool) {
@@ -335,8 +337,13 @@ impl Vm {
             }
             let _ = std::fs::remove_dir_all(&paths.dir);
         };
-        let log = std::fs::File::create(&paths.vmm_log).map_err(state_err)?;
-        let log2 = log.try_clone().map_err(state_err)?;
+        let log = std::fs::File::create(&paths.vmm_log)
+            .and_then(|l| Ok((l.try_clone()?, l)))
+            .map_err(|e| {
+                remove();
+                state_err(e)
+            });
+        let (log2, log) = log?;
         let start = Instant::now();
         tracing::info!(vm = %id, accel = %opts.accel, "spawning {}", opts.qemu.display());
         // No teardown on a signal may run between the spawn and the record.

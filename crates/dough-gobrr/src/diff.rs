@@ -83,6 +83,14 @@ fn unquote(s: &str, line: usize) -> Result<String, Rejection> {
     let b = inner.as_bytes();
     let mut i = 0;
     while i < b.len() {
+        if b[i] == b'"' {
+            // git ends the name at the first unescaped quote; anything after
+            // it would be read differently by git and by us.
+            return Err(malformed(
+                line,
+                "a quoted path has an unescaped quote inside",
+            ));
+        }
         if b[i] != b'\\' {
             out.push(b[i]);
             i += 1;
@@ -214,10 +222,20 @@ impl Diff {
             let mut to = None;
             let mut minus = None;
             let mut plus = None;
+            // Once hunks or a binary patch began, only more hunks may follow
+            // in this section (git stops reading headers there; a later
+            // `---`/`+++` would start a patch of another file for it).
+            let mut body_started = false;
             while i < lines.len() {
                 let l = lines[i].strip_suffix('\n').unwrap_or(lines[i]);
                 if l.starts_with("diff --git ") {
                     break;
+                }
+                if body_started && !l.starts_with("@@ ") {
+                    return Err(malformed(
+                        i,
+                        format!("unexpected line after the patch body: {:?}", trunc(l)),
+                    ));
                 }
                 if let Some(m) = l.strip_prefix("old mode ") {
                     f.old_mode = Some(m.into());
@@ -261,6 +279,10 @@ impl Diff {
                 } else if l == "GIT binary patch" {
                     f.binary = true;
                     i = skip_binary(&lines, i + 1)?;
+                    // Nothing but the next file may follow a binary patch.
+                    if lines.get(i).is_some_and(|l| !l.starts_with("diff --git ")) {
+                        return Err(malformed(i, "unexpected line after a binary patch"));
+                    }
                     continue;
                 } else if l.starts_with("Binary files ") {
                     return Err(malformed(
@@ -268,10 +290,20 @@ impl Diff {
                         "a binary change without its data (the diff must be made with --binary)",
                     ));
                 } else if let Some(p) = l.strip_prefix("--- ") {
+                    if minus.is_some() {
+                        return Err(malformed(i, "a second --- line"));
+                    }
                     minus = Some(side(p.trim_end_matches('\t'), "a/", i)?);
                 } else if let Some(p) = l.strip_prefix("+++ ") {
+                    if plus.is_some() || minus.is_none() {
+                        return Err(malformed(i, "a +++ line without exactly one --- before it"));
+                    }
                     plus = Some(side(p.trim_end_matches('\t'), "b/", i)?);
                 } else if l.starts_with("@@ ") {
+                    if minus.is_none() || plus.is_none() {
+                        return Err(malformed(i, "a hunk without ---/+++ lines"));
+                    }
+                    body_started = true;
                     let (a, r, next) = hunk(&lines, i)?;
                     f.added_lines += a;
                     f.removed_lines += r;
@@ -300,7 +332,7 @@ impl Diff {
                     return Err(malformed(i, "+++ path disagrees with the header"));
                 }
             }
-            if !f.rename && !f.copy && f.old_path.is_some() && f.new_path.is_some() && ha != hb {
+            if !f.rename && !f.copy && ha != hb {
                 return Err(malformed(
                     i,
                     "the header names two paths but this is no rename",
@@ -381,7 +413,8 @@ fn fold(component: &str) -> String {
         .to_string()
 }
 
-fn check_path(p: &str) -> Result<(), Rejection> {
+/// The path rules, without the allowlist.
+pub fn check_path(p: &str) -> Result<(), Rejection> {
     let path = || p.to_string();
     if p.starts_with('/') {
         return Err(Rejection::Absolute { path: path() });

@@ -264,7 +264,7 @@ impl Runner<'_> {
             // Stack the green ones in plan order.
             for (t, (mut r, diff)) in done.into_inner().expect("results") {
                 if let (Outcome::Green, Some(d)) = (&r.outcome, diff) {
-                    let stacked = self.worktree.apply(&d).and_then(|_| {
+                    let stacked = self.worktree.apply(&d, &self.plan.allow[t]).and_then(|_| {
                         self.worktree.commit(&commit_message(
                             &r.id,
                             &r.title,
@@ -533,7 +533,7 @@ impl Runner<'_> {
         };
         let (files, added, removed) = diff.stats();
         (a.files, a.added, a.removed) = (files, added, removed);
-        let candidate = match self.worktree.candidate_archive(&raw) {
+        let candidate = match self.worktree.candidate_archive(&raw, &self.plan.allow[t]) {
             Ok(c) => c,
             Err(e) => return fail(a, format!("the diff does not apply to the base: {e}")),
         };

@@ -14,6 +14,10 @@ use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
+    /// What git actually changed breaks a rule (defence in depth behind
+    /// the diff parser).
+    #[error("after applying, git reports: {0}")]
+    Rejected(crate::diff::Rejection),
     #[error("git {args}: {stderr}")]
     Git { args: String, stderr: String },
     #[error("running git")]
@@ -72,6 +76,65 @@ fn run(mut c: Command, stdin: Option<&[u8]>) -> Result<String, StackError> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Check what git itself says an applied diff changed — every path and
+/// mode of `git diff --cached --raw -z --no-renames HEAD` — against the rules
+/// and `allow`. `index` is a scratch index file, if any.
+fn verify_cached(
+    dir: &Path,
+    index: Option<&Path>,
+    allow: &[crate::glob::Glob],
+) -> Result<(), StackError> {
+    use crate::diff::{check_path, Rejection};
+    let mut c = git(dir);
+    if let Some(i) = index {
+        c.env("GIT_INDEX_FILE", i);
+    }
+    c.args([
+        "diff",
+        "--cached",
+        "--raw",
+        "-z",
+        "--no-renames",
+        "--no-abbrev",
+        "HEAD",
+    ]);
+    let out = c.output()?;
+    if !out.status.success() {
+        return Err(StackError::Git {
+            args: "diff --cached --raw".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    // Records: ":<old mode> <new mode> <old> <new> <status>\0<path>\0".
+    let mut fields = out.stdout.split(|b| *b == 0).filter(|f| !f.is_empty());
+    while let Some(meta) = fields.next() {
+        let meta = String::from_utf8_lossy(meta);
+        let path = fields
+            .next()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        check_path(&path).map_err(StackError::Rejected)?;
+        if !allow.iter().any(|g| g.matches(&path)) {
+            return Err(StackError::Rejected(Rejection::NotAllowed { path }));
+        }
+        let modes: Vec<&str> = meta.trim_start_matches(':').split(' ').take(2).collect();
+        for m in modes {
+            match m {
+                "000000" | "100644" | "100755" => {}
+                "120000" => return Err(StackError::Rejected(Rejection::Symlink { path })),
+                "160000" => return Err(StackError::Rejected(Rejection::Submodule { path })),
+                m => {
+                    return Err(StackError::Rejected(Rejection::Mode {
+                        path,
+                        mode: m.to_string(),
+                    }))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// dough's worktree for one run, on branch `dough/<run-id>`.
 #[derive(Debug)]
 pub struct Worktree {
@@ -122,16 +185,18 @@ impl Worktree {
     /// Apply a diff (already parsed and checked against the task's
     /// allowlist) to the index and tree. On failure nothing is left
     /// changed.
-    pub fn apply(&self, diff: &[u8]) -> Result<(), StackError> {
+    pub fn apply(&self, diff: &[u8], allow: &[crate::glob::Glob]) -> Result<(), StackError> {
         let mut c = git(&self.dir);
         // --index: the index must match; git apply itself also refuses to
         // follow symlinks out of the tree.
         c.args(["apply", "--index", "--binary", "--whitespace=nowarn", "-"]);
-        let r = run(c, Some(diff));
+        let r = run(c, Some(diff))
+            .map(drop)
+            .and_then(|_| verify_cached(&self.dir, None, allow));
         if r.is_err() {
             self.reset()?;
         }
-        r.map(drop)
+        r
     }
 
     /// Commit what is applied; returns the new commit id.
@@ -188,7 +253,11 @@ impl Worktree {
 
     /// The tree of HEAD with `diff` applied, as a tar stream, without
     /// touching the worktree, its index or the branch (a scratch index).
-    pub fn candidate_archive(&self, diff: &[u8]) -> Result<Vec<u8>, StackError> {
+    pub fn candidate_archive(
+        &self,
+        diff: &[u8],
+        allow: &[crate::glob::Glob],
+    ) -> Result<Vec<u8>, StackError> {
         let index = tempfile::NamedTempFile::new()?;
         let with_index = |args: &[&str]| {
             let mut c = git(&self.dir);
@@ -200,6 +269,7 @@ impl Worktree {
             with_index(&["apply", "--cached", "--binary", "--whitespace=nowarn", "-"]),
             Some(diff),
         )?;
+        verify_cached(&self.dir, Some(index.path()), allow)?;
         let tree = run(with_index(&["write-tree"]), None)?;
         self.tar_of(&tree)
     }
@@ -223,6 +293,10 @@ pub fn commit_message(task_id: &str, title: &str, attempts: u32, run_id: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn any() -> Vec<crate::glob::Glob> {
+        vec![crate::glob::Glob::new("src/**").unwrap()]
+    }
 
     fn sh(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
@@ -265,7 +339,7 @@ mod tests {
         let w = Worktree::create(repo, wt, "main", "r1").unwrap();
         let mut ids = Vec::new();
         for (id, d) in [("a", DIFF_A), ("b", DIFF_B)] {
-            w.apply(d.as_bytes()).unwrap();
+            w.apply(d.as_bytes(), &any()).unwrap();
             ids.push(w.commit(&commit_message(id, "T", 1, "r1")).unwrap());
         }
         (w, ids)
@@ -303,7 +377,7 @@ mod tests {
         let w2 = Worktree::create(&c, &wt2.path().join("w"), "main", "r1").unwrap();
         let mut ids2 = Vec::new();
         for (id, d) in [("a", DIFF_A), ("b", DIFF_B)] {
-            w2.apply(d.as_bytes()).unwrap();
+            w2.apply(d.as_bytes(), &any()).unwrap();
             ids2.push(w2.commit(&commit_message(id, "T", 1, "r1")).unwrap());
         }
         assert_eq!(ids, ids2);
@@ -316,15 +390,44 @@ mod tests {
         let w = Worktree::create(u.path(), &wt.path().join("w"), "main", "r2").unwrap();
         let before = w.head().unwrap();
         let bad = DIFF_A.replace("-a = 1", "-a = 9");
-        assert!(w.apply(bad.as_bytes()).is_err());
+        assert!(w.apply(bad.as_bytes(), &any()).is_err());
         assert_eq!(w.head().unwrap(), before);
         assert_eq!(
             std::fs::read_to_string(wt.path().join("w/src/a.py")).unwrap(),
             "a = 1\n"
         );
-        w.apply(DIFF_B.as_bytes()).unwrap();
+        w.apply(DIFF_B.as_bytes(), &any()).unwrap();
         w.commit("b").unwrap();
         assert!(Worktree::create(u.path(), &wt.path().join("w2"), "main", "r2").is_err());
+    }
+
+    #[test]
+    fn what_git_applies_is_checked_again() {
+        let u = user_repo();
+        let wt = tempfile::tempdir().unwrap();
+        let w = Worktree::create(u.path(), &wt.path().join("w"), "main", "r4").unwrap();
+        // A diff the parser would never pass, handed straight to the
+        // worktree: git's own report of the change is refused.
+        let outside = "diff --git a/README.md b/README.md\nnew file mode 100644\n--- /dev/null\n+++ b/README.md\n@@ -0,0 +1 @@\n+x\n";
+        let e = w.apply(outside.as_bytes(), &any()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StackError::Rejected(crate::diff::Rejection::NotAllowed { .. })
+            ),
+            "{e}"
+        );
+        assert!(!wt.path().join("w/README.md").exists(), "rolled back");
+        let link = "diff --git a/src/l b/src/l\nnew file mode 120000\n--- /dev/null\n+++ b/src/l\n@@ -0,0 +1 @@\n+/etc\n\\ No newline at end of file\n";
+        let e = w.candidate_archive(link.as_bytes(), &any()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StackError::Rejected(crate::diff::Rejection::Symlink { .. })
+            ),
+            "{e}"
+        );
+        assert_eq!(sh(&wt.path().join("w"), &["status", "--porcelain"]), "");
     }
 
     #[test]

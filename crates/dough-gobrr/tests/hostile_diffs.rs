@@ -160,6 +160,26 @@ fn malformed_diffs_are_refused() {
             "diff --git a/src/d.bin b/src/d.bin\nnew file mode 100644\nGIT binary patch\nliteral 3\n$$ not base85 ..\n\n".into(),
         ),
         ("unknown header line", "diff --git a/src/a.py b/src/a.py\nexecute me\n".into()),
+        (
+            "a second file smuggled after a hunk",
+            "diff --git a/src/a.py b/src/a.py\n--- a/src/a.py\n+++ b/src/a.py\n@@ -1 +1 @@\n-a\n+b\n--- a/README.md\n+++ b/README.md\n@@ -1 +1 @@\n-x\n+y\n".into(),
+        ),
+        (
+            "a mode line after a hunk",
+            "diff --git a/src/l b/src/l\nnew file mode 120000\n--- /dev/null\n+++ b/src/l\n@@ -0,0 +1 @@\n+/etc\nnew file mode 100644\n".into(),
+        ),
+        (
+            "a bare quote inside a quoted name",
+            "diff --git \"a/src/m.py\"/x.py\" \"b/src/m.py\"/x.py\"\n--- \"a/src/m.py\"/x.py\"\n+++ \"b/src/m.py\"/x.py\"\n@@ -1 +1 @@\n-a\n+b\n".into(),
+        ),
+        (
+            "a new file whose header halves differ",
+            "diff --git a/src/p.py b/README.md\nnew file mode 100644\nindex 0000000..1111111\n".into(),
+        ),
+        (
+            "a hunk without ---/+++",
+            "diff --git a/src/a.py b/src/a.py\n@@ -1 +1 @@\n-a\n+b\n".into(),
+        ),
     ];
     for (name, d) in cases {
         match verdict(&d) {
