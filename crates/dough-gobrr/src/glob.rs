@@ -18,8 +18,12 @@ enum Tok {
     One,
     /// Any run of characters other than `/`.
     Star,
-    /// Any run of characters.
+    /// Any run of characters (a trailing `**`).
     StarStar,
+    /// `**/` before more pattern: nothing, or any run of characters that
+    /// ends with `/` — whole directories only (`a/**/b` matches `a/b` and
+    /// `a/x/y/b`, never `a/xb`).
+    AnyDirs,
 }
 
 /// A parsed glob.
@@ -57,15 +61,24 @@ impl Glob {
             norm.push_str("**");
         }
         let mut toks = Vec::new();
-        for (i, seg) in norm.split('/').enumerate() {
-            if i > 0 {
+        let segs: Vec<&str> = norm.split('/').collect();
+        let mut after_anydirs = false;
+        for (i, seg) in segs.iter().enumerate() {
+            if i > 0 && !after_anydirs {
                 toks.push(Tok::Lit('/'));
             }
-            if seg == ".." {
+            after_anydirs = false;
+            if *seg == ".." {
                 return Err(GlobError::DotDot(text.into()));
             }
-            if seg == "**" {
-                toks.push(Tok::StarStar);
+            if *seg == "**" {
+                if i + 1 == segs.len() {
+                    toks.push(Tok::StarStar);
+                } else {
+                    // Its `/` is part of the token.
+                    toks.push(Tok::AnyDirs);
+                    after_anydirs = true;
+                }
                 continue;
             }
             if seg.contains("**") {
@@ -118,13 +131,9 @@ impl Glob {
             let mut next = Vec::new();
             match self.toks.get(s) {
                 Some(Tok::Star) => next.push(s + 1),
-                Some(Tok::StarStar) => {
-                    next.push(s + 1);
-                    // `**/` may match nothing at all (so `**/x` matches `x`).
-                    if self.toks.get(s + 1) == Some(&Tok::Lit('/')) {
-                        next.push(s + 2);
-                    }
-                }
+                Some(Tok::StarStar) => next.push(s + 1),
+                // `**/` may match nothing at all (so `**/x` matches `x`).
+                Some(Tok::AnyDirs) => next.push(s + 1),
                 _ => {}
             }
             for n in next {
@@ -135,9 +144,25 @@ impl Glob {
         }
     }
 
+    /// The state "inside the `**/` at token `s`": some characters consumed,
+    /// waiting for a `/` to leave it.
+    fn inside(&self, s: usize) -> usize {
+        self.toks.len() + 1 + s
+    }
+
     /// States after consuming `c` from state `s` (before closure).
     fn step(&self, s: usize, c: Sym) -> Vec<usize> {
+        if s > self.toks.len() {
+            let t = s - self.toks.len() - 1;
+            return if c == Sym::Char('/') {
+                vec![s, t + 1]
+            } else {
+                vec![s]
+            };
+        }
         match (self.toks.get(s), c) {
+            (Some(Tok::AnyDirs), Sym::Char('/')) => vec![self.inside(s), s + 1],
+            (Some(Tok::AnyDirs), _) => vec![self.inside(s)],
             (Some(Tok::Lit(l)), Sym::Char(x)) if *l == x => vec![s + 1],
             (Some(Tok::One), Sym::Char(x)) if x != '/' => vec![s + 1],
             (Some(Tok::One), Sym::Other) => vec![s + 1],
@@ -267,6 +292,10 @@ mod tests {
         assert!(g("**/test_*.py").matches("a/b/test_a.py"));
         assert!(g("a/**/b.txt").matches("a/b.txt"));
         assert!(g("a/**/b.txt").matches("a/x/y/b.txt"));
+        // `**/` stands for whole directories only.
+        assert!(!g("a/**/b.txt").matches("a/xb.txt"));
+        assert!(!g("**/conftest.py").matches("src/myconftest.py"));
+        assert!(g("**/conftest.py").matches("src/conftest.py"));
         assert!(g("README.md").matches("README.md"));
         assert!(!g("README.md").matches("README.mdx"));
         assert!(g("f?.c").matches("f1.c") && !g("f?.c").matches("f/.c"));
@@ -298,6 +327,7 @@ mod tests {
         assert!(o("src/*.py", "src/*.md").is_none());
         assert!(o("*.py", "src/*.py").is_none(), "* does not cross /");
         assert!(o("**/*.py", "src/x.py").is_some());
+        assert!(o("a/**/b.txt", "a/xb.txt").is_none());
         assert!(o("docs/", "docs/index.md").is_some());
         assert!(o("a?c", "abc").is_some());
         assert!(o("tests/test_a.py", "tests/test_b.py").is_none());

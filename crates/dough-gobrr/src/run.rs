@@ -190,6 +190,12 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// The end of some output, redacted before it is cut (a cut could
+    /// split a secret so that it no longer matches).
+    fn tail(&self, b: &[u8]) -> String {
+        tail(self.redactor.redact(&String::from_utf8_lossy(b)).as_bytes())
+    }
+
     fn event(&self, task: &str, attempt: u32, what: String) {
         (self.on_event)(&Event {
             t: (self.start.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -506,8 +512,8 @@ impl Runner<'_> {
                     format!(
                         "the agent failed ({}); its output ended with:\n{}{}",
                         o.exit.map(|e| e.to_string()).unwrap_or_default(),
-                        tail(&o.stdout),
-                        tail(&o.stderr)
+                        shared.tail(&o.stdout),
+                        shared.tail(&o.stderr)
                     ),
                 )
             }
@@ -523,10 +529,30 @@ impl Runner<'_> {
             MAX_DIFF_BYTES,
         ) {
             Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => o.stdout,
-            Ok(o) => return fail(a, format!("taking the diff failed: {}", tail(&o.stderr))),
+            Ok(o) => {
+                return fail(
+                    a,
+                    format!("taking the diff failed: {}", shared.tail(&o.stderr)),
+                )
+            }
             Err(e) => return fail(a, format!("taking the diff failed: {e}")),
         };
         drop(vm);
+        // A secret the agent wrote into a file would be committed, gated
+        // and shipped to every later task: refuse the diff.
+        if let Some(v) = self
+            .secrets
+            .iter()
+            .find(|v| raw.windows(v.value.len()).any(|w| w == v.value.as_bytes()))
+        {
+            return fail(
+                a,
+                format!(
+                    "the diff contains the value of secret {}; secrets must never be committed",
+                    v.name
+                ),
+            );
+        }
         let diff = match Diff::parse(&raw).and_then(|d| d.check(&self.plan.allow[t]).map(|_| d)) {
             Ok(d) => d,
             Err(e) => return fail(a, format!("the diff was rejected: {e}")),
@@ -766,6 +792,7 @@ mod tests {
         match id {
             "two" if !order.contains("## Attempt 1 failed") => new_file("src/two.py", "BROKEN = 1"),
             "bad" => new_file("README.md", "pwned"),
+            "leaky" => new_file("src/leaky.py", "KEY = 'sk-topsecret'"),
             id => new_file(&format!("src/{id}.py"), &format!("{id} = 1")),
         }
     }
@@ -808,6 +835,13 @@ title = "Three"
 work = "w"
 allow = ["src/three.py"]
 deps = ["one"]
+
+[[tasks]]
+id = "leaky"
+title = "Commits its key"
+work = "w"
+allow = ["src/leaky.py"]
+secrets = ["API_KEY"]
 
 [[tasks]]
 id = "after-bad"
@@ -879,6 +913,12 @@ deps = ["bad"]
             .unwrap()
             .contains("\"README.md\" is outside the task's allowlist"));
         assert_eq!(by_id("after-bad").outcome, Outcome::Blocked);
+        assert_eq!(by_id("leaky").outcome, Outcome::Failed);
+        assert!(by_id("leaky").attempts[0]
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("contains the value of secret API_KEY"));
         assert_eq!(by_id("after-bad").blocked_by, vec!["bad"]);
         assert_eq!(by_id("three").outcome, Outcome::Green);
         // One commit per green task, in plan order within each round.
