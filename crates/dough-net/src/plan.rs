@@ -406,6 +406,12 @@ impl NetPlan {
                 Verdict::Accept,
             ),
             r(Chain::Forward, vec![Match::Oif(v.clone())], Verdict::Drop),
+            // Nothing leaves with a forged source (it would not be NATed).
+            r(
+                Chain::Forward,
+                vec![Match::Iif(v.clone()), Match::NotSaddr(t.subnet)],
+                Verdict::Drop,
+            ),
             // Other clones are never reachable.
             r(
                 Chain::Forward,
@@ -452,17 +458,27 @@ impl NetPlan {
     /// Rules in the `dough` table inside the clone's netns: the guest's
     /// traffic leaves the netns under the netns's own transfer address.
     pub fn ns_rules(&self) -> Vec<Rule> {
+        let guest = Ipv4Net::new(GUEST_IP, 32).expect("valid");
         match &self.transfer {
             None => Vec::new(),
-            Some(_) => vec![Rule {
-                chain: Chain::Postrouting,
-                matches: vec![
-                    Match::Saddr(Ipv4Net::new(GUEST_IP, GUEST_PREFIX).expect("valid")),
-                    Match::Oif(NS_VETH.to_string()),
-                ],
-                verdict: Verdict::Masquerade,
-                comment: self.tag.clone(),
-            }],
+            Some(_) => vec![
+                // The guest may only use its own address.
+                Rule {
+                    chain: Chain::Forward,
+                    matches: vec![Match::Iif(TAP.to_string()), Match::NotSaddr(guest)],
+                    verdict: Verdict::Drop,
+                    comment: self.tag.clone(),
+                },
+                Rule {
+                    chain: Chain::Postrouting,
+                    matches: vec![
+                        Match::Saddr(Ipv4Net::new(GUEST_IP, GUEST_PREFIX).expect("valid")),
+                        Match::Oif(NS_VETH.to_string()),
+                    ],
+                    verdict: Verdict::Masquerade,
+                    comment: self.tag.clone(),
+                },
+            ],
         }
     }
 }
@@ -510,6 +526,7 @@ pub enum Match {
     Oif(String),
     NotOif(String),
     Saddr(Ipv4Net),
+    NotSaddr(Ipv4Net),
     Daddr(Ipv4Net),
     Dport(L4, u16),
     /// `ct state established,related`
@@ -544,6 +561,7 @@ impl Rule {
                 Match::Oif(o) => format!("oifname \"{o}\""),
                 Match::NotOif(o) => format!("oifname != \"{o}\""),
                 Match::Saddr(n) => format!("ip saddr {n}"),
+                Match::NotSaddr(n) => format!("ip saddr != {n}"),
                 Match::Daddr(n) => format!("ip daddr {n}"),
                 Match::Dport(L4::Tcp, p) => format!("tcp dport {p}"),
                 Match::Dport(L4::Udp, p) => format!("udp dport {p}"),
@@ -577,6 +595,7 @@ impl Rule {
                 Match::Oif(o) => cmp(json!({"meta": {"key": "oifname"}}), "==", json!(o)),
                 Match::NotOif(o) => cmp(json!({"meta": {"key": "oifname"}}), "!=", json!(o)),
                 Match::Saddr(n) => cmp(field("ip", "saddr"), "==", prefix(n)),
+                Match::NotSaddr(n) => cmp(field("ip", "saddr"), "!=", prefix(n)),
                 Match::Daddr(n) => cmp(field("ip", "daddr"), "==", prefix(n)),
                 Match::Dport(L4::Tcp, p) => cmp(field("tcp", "dport"), "==", json!(p)),
                 Match::Dport(L4::Udp, p) => cmp(field("udp", "dport"), "==", json!(p)),
@@ -752,8 +771,23 @@ mod tests {
         )));
         assert_eq!(
             nat.ns_rules()[0].to_nft(),
+            "iifname \"tap0\" ip saddr != 172.16.0.2/32 drop comment \"dough:s1:vm-x\""
+        );
+        assert_eq!(
+            nat.ns_rules()[1].to_nft(),
             "ip saddr 172.16.0.0/30 oifname \"veth0\" masquerade comment \"dough:s1:vm-x\""
         );
+        // A forged source is dropped before anything is accepted.
+        let all: Vec<String> = nat.host_rules(pool()).iter().map(Rule::to_nft).collect();
+        let spoof = all
+            .iter()
+            .position(|r| r.contains("ip saddr != 10.213.0.0/30 drop"))
+            .unwrap();
+        let accept = all
+            .iter()
+            .position(|r| r == &format!("iifname \"{v}\" accept comment \"dough:s1:vm-x\""))
+            .unwrap();
+        assert!(spoof < accept);
 
         let allow = NetPlan::new(
             "s1",
@@ -792,12 +826,15 @@ mod tests {
     #[test]
     fn json_rules_name_table_chain_and_comment() {
         let nat = NetPlan::new("s1", "vm-x", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
-        let j = nat.ns_rules()[0].to_json("dough");
+        let j = nat.ns_rules()[1].to_json("dough");
         assert_eq!(j["rule"]["family"], "ip");
         assert_eq!(j["rule"]["table"], "dough");
         assert_eq!(j["rule"]["chain"], "postrouting");
         assert_eq!(j["rule"]["comment"], "dough:s1:vm-x");
         assert_eq!(j["rule"]["expr"][0]["match"]["right"]["prefix"]["len"], 30);
         assert!(j["rule"]["expr"][2].get("masquerade").is_some());
+        let d = nat.ns_rules()[0].to_json("dough");
+        assert_eq!(d["rule"]["chain"], "forward");
+        assert_eq!(d["rule"]["expr"][1]["match"]["op"], "!=");
     }
 }
