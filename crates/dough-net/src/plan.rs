@@ -421,11 +421,25 @@ impl NetPlan {
         ];
         match &self.egress {
             Egress::None => {}
-            Egress::Nat => rules.push(r(
-                Chain::Forward,
-                vec![Match::Iif(v.clone())],
-                Verdict::Accept,
-            )),
+            Egress::Nat => {
+                // Link-local (cloud metadata endpoints live there) is not
+                // "the network beyond the host".
+                rules.push(r(
+                    Chain::Forward,
+                    vec![
+                        Match::Iif(v.clone()),
+                        Match::Daddr(
+                            Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16).expect("valid"),
+                        ),
+                    ],
+                    Verdict::Drop,
+                ));
+                rules.push(r(
+                    Chain::Forward,
+                    vec![Match::Iif(v.clone())],
+                    Verdict::Accept,
+                ));
+            }
             Egress::Allow(allows) => {
                 for a in allows {
                     let m = vec![Match::Iif(v.clone()), Match::Daddr(a.net)];
@@ -766,6 +780,9 @@ mod tests {
             "iifname \"{v}\" ip daddr 10.213.0.0/16 drop comment \"dough:s1:vm-x\""
         )));
         assert!(text.contains(&format!("iifname \"{v}\" accept comment \"dough:s1:vm-x\"")));
+        assert!(text.contains(&format!(
+            "iifname \"{v}\" ip daddr 169.254.0.0/16 drop comment \"dough:s1:vm-x\""
+        )));
         assert!(text.contains(&format!(
             "ip saddr 10.213.0.0/30 oifname != \"{v}\" masquerade comment \"dough:s1:vm-x\""
         )));
