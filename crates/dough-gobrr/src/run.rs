@@ -127,6 +127,17 @@ pub struct RunResult {
     pub concurrency: u32,
     pub seconds: f64,
     pub tasks: Vec<TaskResult>,
+    /// The plan's check on each round's stacked result (run when a round
+    /// stacked two or more tasks: each was gated alone, not together).
+    pub round_checks: Vec<RoundCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundCheck {
+    pub round: usize,
+    pub passed: bool,
+    /// Tail of its output, redacted.
+    pub log: String,
 }
 
 /// Progress events (also the JSON-lines log), already redacted.
@@ -217,7 +228,30 @@ impl Runner<'_> {
         let plan = &self.plan.plan;
         let base = self.worktree.head()?;
         let mut results: Vec<Option<TaskResult>> = vec![None; plan.tasks.len()];
+        let mut round_checks = Vec::new();
+        let mut stopped: Option<String> = None;
         for (k, round) in self.plan.rounds.iter().enumerate() {
+            if let Some(why) = &stopped {
+                // An earlier round's combined result failed the check: no
+                // task builds on it.
+                for &t in round {
+                    let task = &plan.tasks[t];
+                    shared.event(&task.id, 0, format!("blocked by {why}"));
+                    results[t] = Some(TaskResult {
+                        id: task.id.clone(),
+                        title: task.title.clone(),
+                        round: k + 1,
+                        outcome: Outcome::Blocked,
+                        attempts: vec![],
+                        commit: None,
+                        changed: vec![],
+                        signatures: String::new(),
+                        blocked_by: vec![why.clone()],
+                        seconds: 0.0,
+                    });
+                }
+                continue;
+            }
             // Blocked tasks first: a dependency did not go green.
             let mut runnable = Vec::new();
             for &t in round {
@@ -296,6 +330,34 @@ impl Runner<'_> {
                 }
                 results[t] = Some(r);
             }
+            let stacked = round
+                .iter()
+                .filter(|&&t| results[t].as_ref().is_some_and(|r| r.commit.is_some()))
+                .count();
+            if stacked >= 2 {
+                let tree = self.worktree.archive()?;
+                let (passed, log) = match self.round_gate(&tree) {
+                    Ok(log) => (true, log),
+                    Err(log) => (false, log),
+                };
+                let what = format!("round {}", k + 1);
+                shared.event(
+                    &what,
+                    0,
+                    format!(
+                        "combined check of {stacked} stacked tasks {}",
+                        if passed { "passed" } else { "failed" }
+                    ),
+                );
+                if !passed {
+                    stopped = Some(format!("round {}'s combined check", k + 1));
+                }
+                round_checks.push(RoundCheck {
+                    round: k + 1,
+                    passed,
+                    log: shared.tail(log.as_bytes()),
+                });
+            }
         }
         Ok(RunResult {
             run_id: self.run_id.clone(),
@@ -306,7 +368,49 @@ impl Runner<'_> {
             concurrency: plan.concurrency,
             seconds: start.elapsed().as_secs_f64(),
             tasks: results.into_iter().flatten().collect(),
+            round_checks,
         })
+    }
+
+    /// The plan's check on a whole tree in a fresh offline clone.
+    fn round_gate(&self, tree: &[u8]) -> Result<String, String> {
+        let plan = &self.plan.plan;
+        let mut vm = self
+            .pool
+            .gate()
+            .map_err(|e| format!("no clone for the gate: {e}"))?;
+        check_ok(
+            vm.run(
+                &Cmd {
+                    argv: sh(SHIP_RO),
+                    stdin: Some(tree.to_vec()),
+                    ..Cmd::default()
+                },
+                1 << 16,
+            ),
+            "shipping the stacked tree",
+        )?;
+        let o = vm
+            .run(
+                &Cmd {
+                    argv: sh(&plan.check),
+                    env: vec![
+                        ("HOME".to_string(), "/tmp/home".to_string()),
+                        ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
+                    ],
+                    cwd: Some(REPO.into()),
+                    timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
+                    ..Cmd::default()
+                },
+                1 << 20,
+            )
+            .map_err(|e| format!("the check could not run: {e}"))?;
+        let log = format!("$ {}\n{}{}", plan.check, tail(&o.stdout), tail(&o.stderr));
+        match o.exit {
+            Some(e) if e.ok() => Ok(log),
+            Some(e) => Err(format!("{log}\n({e})")),
+            None => Err(log),
+        }
     }
 
     /// What each green task so far exported: changed files and signatures.
@@ -736,7 +840,8 @@ mod tests {
                 return ok((self.diff_for)(&self.order).into_bytes());
             }
             if self.gate && script == "run the tests" {
-                let broken = self.candidate.windows(6).any(|w| w == b"BROKEN");
+                let has = |m: &[u8]| self.candidate.windows(m.len()).any(|w| w == m);
+                let broken = has(b"BROKEN") || (has(b"PART_A") && has(b"PART_B"));
                 return Ok(Output {
                     exit: Some(Exit::Code(if broken { 1 } else { 0 })),
                     stdout: if broken {
@@ -850,6 +955,82 @@ work = "w"
 allow = ["src/after.py"]
 deps = ["bad"]
 "#;
+
+    fn diff_parts(order: &str) -> String {
+        let id = order
+            .strip_prefix("# Task ")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or("");
+        match id {
+            "a" => new_file("src/a2.py", "PART_A = 1"),
+            "b" => new_file("src/b2.py", "PART_B = 1"),
+            id => new_file(&format!("src/{id}.py"), "x = 1"),
+        }
+    }
+
+    const PARTS: &str = r#"
+goal = "two halves that only fail together"
+repo = "."
+agent = ["true"]
+check = "run the tests"
+retries = 0
+
+[[tasks]]
+id = "a"
+title = "A"
+work = "w"
+allow = ["src/a2.py"]
+
+[[tasks]]
+id = "b"
+title = "B"
+work = "w"
+allow = ["src/b2.py"]
+
+[[tasks]]
+id = "c"
+title = "C"
+work = "w"
+allow = ["src/c.py"]
+deps = ["a"]
+"#;
+
+    #[test]
+    fn a_round_whose_combination_fails_stops_later_rounds() {
+        let repo = tempfile::tempdir().unwrap();
+        git(repo.path(), &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.path().join("README"), "x\n").unwrap();
+        git(repo.path(), &["add", "-A"]);
+        git(repo.path(), &["commit", "-qm", "base"]);
+        let wt = tempfile::tempdir().unwrap();
+        let worktree = Worktree::create(repo.path(), &wt.path().join("w"), "main", "p1").unwrap();
+        let plan = Plan::parse(PARTS).unwrap().check().unwrap();
+        let pool = FakePool {
+            orders: Arc::new(Mutex::new(vec![])),
+            gates: Arc::new(Mutex::new(0)),
+            secrets_seen_by_gates: Arc::new(Mutex::new(false)),
+            diff_for: diff_parts,
+        };
+        let on_event = |_: &Event| {};
+        let r = Runner {
+            plan: &plan,
+            pool: &pool,
+            worktree: &worktree,
+            secrets: vec![],
+            run_id: "p1".into(),
+            on_event: &on_event,
+        }
+        .run()
+        .unwrap();
+        let by_id = |id: &str| r.tasks.iter().find(|t| t.id == id).unwrap();
+        assert_eq!(by_id("a").outcome, Outcome::Green, "each passed alone");
+        assert_eq!(by_id("b").outcome, Outcome::Green);
+        assert_eq!(r.round_checks.len(), 1);
+        assert!(!r.round_checks[0].passed);
+        assert!(r.round_checks[0].log.contains("FAIL"));
+        assert_eq!(by_id("c").outcome, Outcome::Blocked);
+        assert_eq!(by_id("c").blocked_by, vec!["round 1's combined check"]);
+    }
 
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")

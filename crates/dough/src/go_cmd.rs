@@ -282,6 +282,20 @@ fn report(r: &RunResult) -> String {
                 .unwrap_or("-"),
         );
     }
+    for c in &r.round_checks {
+        s += &format!(
+            "\nRound {} combined check (the plan's check on the stacked round): {}\n",
+            c.round,
+            if c.passed {
+                "passed"
+            } else {
+                "**failed** — later rounds did not run"
+            }
+        );
+        if !c.passed {
+            s += &format!("\n```\n{}\n```\n", c.log.trim_end());
+        }
+    }
     for t in &r.tasks {
         if !t.blocked_by.is_empty() {
             s += &format!(
