@@ -374,43 +374,55 @@ impl Runner<'_> {
 
     /// The plan's check on a whole tree in a fresh offline clone.
     fn round_gate(&self, tree: &[u8]) -> Result<String, String> {
+        self.offline_checks(tree, "the stacked tree", &[&self.plan.plan.check])
+            .map(|(_, log)| log)
+    }
+
+    /// In a fresh gate clone (no network, no secrets): unpack `tree`
+    /// read-only and run `checks` in order at its root. Ok((the clone, the
+    /// log)) when all pass; Err(the log so far) otherwise.
+    fn offline_checks(
+        &self,
+        tree: &[u8],
+        what: &str,
+        checks: &[&String],
+    ) -> Result<(Box<dyn Sandbox>, String), String> {
         let plan = &self.plan.plan;
         let mut vm = self
             .pool
             .gate()
             .map_err(|e| format!("no clone for the gate: {e}"))?;
-        check_ok(
-            vm.run(
-                &Cmd {
-                    argv: sh(SHIP_RO),
-                    stdin: Some(tree.to_vec()),
-                    ..Cmd::default()
-                },
-                1 << 16,
-            ),
-            "shipping the stacked tree",
-        )?;
-        let o = vm
-            .run(
-                &Cmd {
-                    argv: sh(&plan.check),
-                    env: vec![
-                        ("HOME".to_string(), "/tmp/home".to_string()),
-                        ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
-                    ],
-                    cwd: Some(REPO.into()),
-                    timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
-                    ..Cmd::default()
-                },
-                1 << 20,
-            )
-            .map_err(|e| format!("the check could not run: {e}"))?;
-        let log = format!("$ {}\n{}{}", plan.check, tail(&o.stdout), tail(&o.stderr));
-        match o.exit {
-            Some(e) if e.ok() => Ok(log),
-            Some(e) => Err(format!("{log}\n({e})")),
-            None => Err(log),
+        let shipped = vm.run(
+            &Cmd {
+                argv: sh(SHIP_RO),
+                stdin: Some(tree.to_vec()),
+                ..Cmd::default()
+            },
+            1 << 16,
+        );
+        check_ok(shipped, &format!("shipping {what}"))?;
+        let mut log = String::new();
+        for check in checks {
+            let o = vm
+                .run(
+                    &Cmd {
+                        argv: sh(check),
+                        env: gate_env(),
+                        cwd: Some(REPO.into()),
+                        timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
+                        ..Cmd::default()
+                    },
+                    1 << 20,
+                )
+                .map_err(|e| format!("the check could not run: {e}"))?;
+            log += &format!("$ {check}\n{}{}", tail(&o.stdout), tail(&o.stderr));
+            match o.exit {
+                Some(e) if e.ok() => {}
+                Some(e) => return Err(format!("{log}\n({e})")),
+                None => return Err(log),
+            }
         }
+        Ok((vm, log))
     }
 
     /// What each green task so far exported: changed files and signatures.
@@ -697,45 +709,10 @@ impl Runner<'_> {
         changed: &[String],
     ) -> Result<(String, String), String> {
         let plan = &self.plan.plan;
-        let task = &plan.tasks[t];
-        let mut vm = self
-            .pool
-            .gate()
-            .map_err(|e| format!("no clone for the gate: {e}"))?;
-        let shipped = vm.run(
-            &Cmd {
-                argv: sh(SHIP_RO),
-                stdin: Some(candidate.to_vec()),
-                ..Cmd::default()
-            },
-            1 << 16,
-        );
-        check_ok(shipped, "shipping the candidate")?;
-        let env = vec![
-            ("HOME".to_string(), "/tmp/home".to_string()),
-            ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
-        ];
-        let mut log = String::new();
-        for check in std::iter::once(&plan.check).chain(task.check.as_ref()) {
-            let o = vm
-                .run(
-                    &Cmd {
-                        argv: sh(check),
-                        env: env.clone(),
-                        cwd: Some(REPO.into()),
-                        timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
-                        ..Cmd::default()
-                    },
-                    1 << 20,
-                )
-                .map_err(|e| format!("the check could not run: {e}"))?;
-            log += &format!("$ {check}\n{}{}", tail(&o.stdout), tail(&o.stderr));
-            match o.exit {
-                Some(e) if e.ok() => {}
-                Some(e) => return Err(format!("{log}\n({e})")),
-                None => return Err(log),
-            }
-        }
+        let checks: Vec<&String> = std::iter::once(&plan.check)
+            .chain(plan.tasks[t].check.as_ref())
+            .collect();
+        let (mut vm, log) = self.offline_checks(candidate, "the candidate", &checks)?;
         // `sh -c CMD signatures FILE...`: the files are CMD's "$@".
         let mut argv = sh(&plan.signatures);
         argv.push("signatures".into());
@@ -744,7 +721,7 @@ impl Runner<'_> {
             .run(
                 &Cmd {
                     argv,
-                    env,
+                    env: gate_env(),
                     cwd: Some(REPO.into()),
                     timeout: Some(Duration::from_secs(60)),
                     ..Cmd::default()
@@ -755,6 +732,15 @@ impl Runner<'_> {
             .unwrap_or_default();
         Ok((log, sig))
     }
+}
+
+/// Environment of commands in a gate: HOME on the guest's tmpfs, and no
+/// bytecode written next to the read-only tree.
+fn gate_env() -> Vec<(String, String)> {
+    vec![
+        ("HOME".to_string(), "/tmp/home".to_string()),
+        ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
+    ]
 }
 
 /// A task's result and, when green, the diff to stack.
@@ -792,8 +778,7 @@ fn check_ok(r: Result<Output, String>, what: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::plan::Plan;
-    use std::path::Path;
-    use std::process::Command;
+    use crate::stack::tests::{base_repo, sh};
     use std::sync::Arc;
 
     /// A scripted world: agents "write" the diff `diff_for(work order)`
@@ -889,12 +874,16 @@ mod tests {
         )
     }
 
-    fn diff_for(order: &str) -> String {
-        let id = order
+    /// The task id a work order is for.
+    fn task_of(order: &str) -> &str {
+        order
             .strip_prefix("# Task ")
             .and_then(|r| r.split(':').next())
-            .unwrap_or("");
-        match id {
+            .unwrap_or("")
+    }
+
+    fn diff_for(order: &str) -> String {
+        match task_of(order) {
             "two" if !order.contains("## Attempt 1 failed") => new_file("src/two.py", "BROKEN = 1"),
             "bad" => new_file("README.md", "pwned"),
             "leaky" => new_file("src/leaky.py", "KEY = 'sk-topsecret'"),
@@ -957,11 +946,7 @@ deps = ["bad"]
 "#;
 
     fn diff_parts(order: &str) -> String {
-        let id = order
-            .strip_prefix("# Task ")
-            .and_then(|r| r.split(':').next())
-            .unwrap_or("");
-        match id {
+        match task_of(order) {
             "a" => new_file("src/a2.py", "PART_A = 1"),
             "b" => new_file("src/b2.py", "PART_B = 1"),
             id => new_file(&format!("src/{id}.py"), "x = 1"),
@@ -997,31 +982,7 @@ deps = ["a"]
 
     #[test]
     fn a_round_whose_combination_fails_stops_later_rounds() {
-        let repo = tempfile::tempdir().unwrap();
-        git(repo.path(), &["init", "-q", "-b", "main"]);
-        std::fs::write(repo.path().join("README"), "x\n").unwrap();
-        git(repo.path(), &["add", "-A"]);
-        git(repo.path(), &["commit", "-qm", "base"]);
-        let wt = tempfile::tempdir().unwrap();
-        let worktree = Worktree::create(repo.path(), &wt.path().join("w"), "main", "p1").unwrap();
-        let plan = Plan::parse(PARTS).unwrap().check().unwrap();
-        let pool = FakePool {
-            orders: Arc::new(Mutex::new(vec![])),
-            gates: Arc::new(Mutex::new(0)),
-            secrets_seen_by_gates: Arc::new(Mutex::new(false)),
-            diff_for: diff_parts,
-        };
-        let on_event = |_: &Event| {};
-        let r = Runner {
-            plan: &plan,
-            pool: &pool,
-            worktree: &worktree,
-            secrets: vec![],
-            run_id: "p1".into(),
-            on_event: &on_event,
-        }
-        .run()
-        .unwrap();
+        let r = run_plan(PARTS, diff_parts, vec![]).result;
         let by_id = |id: &str| r.tasks.iter().find(|t| t.id == id).unwrap();
         assert_eq!(by_id("a").outcome, Outcome::Green, "each passed alone");
         assert_eq!(by_id("b").outcome, Outcome::Green);
@@ -1032,32 +993,22 @@ deps = ["a"]
         assert_eq!(by_id("c").blocked_by, vec!["round 1's combined check"]);
     }
 
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .args(["-c", "user.name=u", "-c", "user.email=u@u"])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    /// Everything one fake run leaves for the assertions.
+    struct Ran {
+        result: RunResult,
+        pool: FakePool,
+        events: Vec<Event>,
+        repo: tempfile::TempDir,
+        _worktree: tempfile::TempDir,
     }
 
-    #[test]
-    fn rounds_retry_with_feedback_stack_in_order_and_block_dependents() {
-        let repo = tempfile::tempdir().unwrap();
-        git(repo.path(), &["init", "-q", "-b", "main"]);
-        std::fs::create_dir(repo.path().join("src")).unwrap();
-        std::fs::write(repo.path().join("src/a.py"), "a = 1\n").unwrap();
-        git(repo.path(), &["add", "-A"]);
-        git(repo.path(), &["commit", "-qm", "base"]);
+    /// Run `plan` on a fresh base repo with a fake pool whose agents
+    /// produce `diff_for(work order)`.
+    fn run_plan(plan: &str, diff_for: fn(&str) -> String, secrets: Vec<Value>) -> Ran {
+        let repo = base_repo();
         let wt = tempfile::tempdir().unwrap();
         let worktree = Worktree::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
-        let plan = Plan::parse(PLAN).unwrap().check().unwrap();
+        let plan = Plan::parse(plan).unwrap().check().unwrap();
         let pool = FakePool {
             orders: Arc::new(Mutex::new(vec![])),
             gates: Arc::new(Mutex::new(0)),
@@ -1066,18 +1017,36 @@ deps = ["a"]
         };
         let events = Mutex::new(Vec::new());
         let on_event = |e: &Event| events.lock().unwrap().push(e.clone());
-        let runner = Runner {
+        let result = Runner {
             plan: &plan,
             pool: &pool,
             worktree: &worktree,
-            secrets: vec![Value {
+            secrets,
+            run_id: "t1".into(),
+            on_event: &on_event,
+        }
+        .run()
+        .unwrap();
+        Ran {
+            result,
+            pool,
+            events: events.into_inner().unwrap(),
+            repo,
+            _worktree: wt,
+        }
+    }
+
+    #[test]
+    fn rounds_retry_with_feedback_stack_in_order_and_block_dependents() {
+        let ran = run_plan(
+            PLAN,
+            diff_for,
+            vec![Value {
                 name: "API_KEY".into(),
                 value: "sk-topsecret".into(),
             }],
-            run_id: "t1".into(),
-            on_event: &on_event,
-        };
-        let r = runner.run().unwrap();
+        );
+        let (r, pool, repo) = (&ran.result, &ran.pool, &ran.repo);
         let by_id = |id: &str| r.tasks.iter().find(|t| t.id == id).unwrap();
         assert_eq!(by_id("one").outcome, Outcome::Green);
         assert_eq!(by_id("two").outcome, Outcome::Green);
@@ -1104,7 +1073,7 @@ deps = ["a"]
         assert_eq!(by_id("three").outcome, Outcome::Green);
         // One commit per green task, in plan order within each round.
         assert_eq!(
-            git(repo.path(), &["log", "--format=%s", "dough/t1"]),
+            sh(repo.path(), &["log", "--format=%s", "dough/t1"]),
             "three: Three\ntwo: Two\none: One\nbase"
         );
         // Dependents see what their dependencies exported; retries see why
@@ -1124,13 +1093,9 @@ deps = ["a"]
             .any(|o| o.starts_with("# Task two") && o.contains("## Attempt 1 failed")));
         // Gates never got the secret; nothing reported carries it.
         assert!(!*pool.secrets_seen_by_gates.lock().unwrap());
-        let json = serde_json::to_string(&r).unwrap();
+        let json = serde_json::to_string(r).unwrap();
         assert!(!json.contains("topsecret"));
-        assert!(events
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|e| !e.what.contains("topsecret")));
+        assert!(ran.events.iter().all(|e| !e.what.contains("topsecret")));
         // Stats of the green attempt.
         assert_eq!(by_id("one").attempts[0].files, 1);
         assert!(by_id("one").attempts[0].phases.contains_key("gate"));

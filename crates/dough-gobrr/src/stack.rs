@@ -291,14 +291,15 @@ pub fn commit_message(task_id: &str, title: &str, attempts: u32, run_id: &str) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn any() -> Vec<crate::glob::Glob> {
         vec![crate::glob::Glob::new("src/**").unwrap()]
     }
 
-    fn sh(dir: &Path, args: &[&str]) -> String {
+    /// Run git in `dir` for a test; its trimmed stdout.
+    pub(crate) fn sh(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .args(["-c", "user.name=u", "-c", "user.email=u@u"])
             .args(args)
@@ -314,7 +315,8 @@ mod tests {
     }
 
     /// A user's repo with a hook that would leave a marker if it ever ran.
-    fn user_repo() -> tempfile::TempDir {
+    /// A repo on `main` with one commit ("base") holding `src/a.py`.
+    pub(crate) fn base_repo() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
         sh(r, &["init", "-q", "-b", "main"]);
@@ -322,6 +324,12 @@ mod tests {
         std::fs::write(r.join("src/a.py"), "a = 1\n").unwrap();
         sh(r, &["add", "-A"]);
         sh(r, &["commit", "-qm", "base"]);
+        d
+    }
+
+    fn user_repo() -> tempfile::TempDir {
+        let d = base_repo();
+        let r = d.path();
         let marker = r.join("HOOK_RAN");
         for hook in ["pre-commit", "post-commit", "post-checkout", "commit-msg"] {
             let p = r.join(".git/hooks").join(hook);
