@@ -1,10 +1,12 @@
-//! The host end of a VM's channel: the VMM's Unix socket for that VM's
-//! virtio-serial port. A message's sender is known by which socket it came
-//! from, never by anything the guest says about itself.
+//! The host end of a VM's channel: under QEMU, the VMM's Unix socket for
+//! that VM's virtio-serial port; under Firecracker, the connection its
+//! agent opens over vsock, which arrives on a socket in that VM's own
+//! directory. A message's sender is known by which socket it came from,
+//! never by anything the guest says about itself.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dough_proto::{
@@ -16,6 +18,10 @@ use dough_proto::{
 pub enum ChannelError {
     #[error("channel socket {path} did not accept a connection within {secs}s")]
     Connect { path: String, secs: u64 },
+    #[error("the guest's agent did not connect to {path} over vsock within {secs}s")]
+    NoGuestConnection { path: String, secs: u64 },
+    #[error("the VMM exited while waiting for the guest's agent")]
+    VmmGone,
     #[error("the guest closed the channel (the VM stopped or its agent died)")]
     Closed,
     #[error("no message from the guest within {0:?}")]
@@ -294,6 +300,74 @@ pub fn vsock_listen_path(uds: &Path, port: u32) -> std::path::PathBuf {
     p.into()
 }
 
+/// The host's end of guest-initiated vsock connections to one port: a
+/// Unix socket at `<uds>_<port>`, where Firecracker delivers them. It is
+/// bound before the guest may connect (before boot, before a restore, or
+/// while an idle agent keeps retrying) and removed when dropped, so an
+/// agent that reconnects later finds nobody listening until the next
+/// host comes.
+#[derive(Debug)]
+pub struct VsockListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl VsockListener {
+    /// Listen on `<uds>_<port>`, replacing a socket file a dead host left.
+    pub fn bind(uds: &Path, port: u32) -> std::io::Result<VsockListener> {
+        let path = vsock_listen_path(uds, port);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(&path)?;
+        listener.set_nonblocking(true)?;
+        Ok(VsockListener { listener, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Wait up to `limit` for the guest's connection, asking `vmm_gone`
+    /// between polls so that a dead VMM is reported at once. The listener
+    /// goes away with `self`.
+    pub fn accept(
+        self,
+        limit: Duration,
+        vmm_gone: &mut dyn FnMut() -> bool,
+    ) -> Result<HostChannel, ChannelError> {
+        let start = Instant::now();
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(HostChannel::from_stream(stream));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+            if vmm_gone() {
+                return Err(ChannelError::VmmGone);
+            }
+            if start.elapsed() >= limit {
+                return Err(ChannelError::NoGuestConnection {
+                    path: self.path.display().to_string(),
+                    secs: limit.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for VsockListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,5 +630,36 @@ mod tests {
         let mut ch = HostChannel::from_stream(s);
         ch.handshake("vm-2", Duration::from_secs(5)).unwrap();
         guest.join().unwrap();
+    }
+
+    #[test]
+    fn vsock_listener_accepts_the_guest_and_removes_its_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = d.path().join("v.sock");
+        // A stale socket file from a dead host is replaced.
+        std::fs::write(vsock_listen_path(&uds, 1024), b"").unwrap();
+        let l = VsockListener::bind(&uds, 1024).unwrap();
+        let listen = l.path().to_path_buf();
+        let guest = std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&listen).unwrap();
+            let _ = read_frame(&mut s).unwrap();
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            let _ = next_host(&mut s);
+        });
+        let mut ch = l.accept(Duration::from_secs(5), &mut || false).unwrap();
+        assert!(
+            !vsock_listen_path(&uds, 1024).exists(),
+            "nobody listens once the guest is connected"
+        );
+        ch.handshake("vm-3", Duration::from_secs(5)).unwrap();
+        guest.join().unwrap();
+
+        // No guest: a dead VMM is reported at once, a silent one at the deadline.
+        let l = VsockListener::bind(&uds, 1024).unwrap();
+        let e = l.accept(Duration::from_secs(60), &mut || true).unwrap_err();
+        assert!(matches!(e, ChannelError::VmmGone), "{e}");
+        let l = VsockListener::bind(&uds, 1024).unwrap();
+        let e = l.accept(Duration::ZERO, &mut || false).unwrap_err();
+        assert!(e.to_string().contains("did not connect"), "{e}");
     }
 }

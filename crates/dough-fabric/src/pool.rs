@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dough_proto::{ExitStatus, Stream};
 
-use crate::channel::{ExecRequest, HostChannel};
+use crate::channel::ExecRequest;
 use crate::serial::tail;
 use crate::state::{VmDir, VmRecord, VmState};
 use crate::vm::FabricError;
@@ -111,7 +111,11 @@ pub fn exec(
         source,
         serial_tail: tail(&dir.paths.serial, 25),
     };
-    let mut ch = HostChannel::connect(&dir.paths.channel, limit).map_err(chan_err)?;
+    let vmm = rec.vmm;
+    let mut ch = crate::vm::open_channel(&dir.paths, rec.backend, limit, &mut || {
+        !vmm.is_some_and(|v| v.is_alive())
+    })
+    .map_err(chan_err)?;
     ch.handshake(&rec.id, limit).map_err(chan_err)?;
     let r = ch.exec(req, sink).map_err(chan_err);
     ch.shutdown();

@@ -8,8 +8,14 @@
 //! cache until they write them. Nothing but the handshake has reached the
 //! guest when it is frozen: no task, no secret.
 //!
+//! Under Firecracker a bake is the same up to the freeze: the guest is
+//! paused and a Full snapshot written (`state` = Firecracker's snapshot
+//! file, `mem` = guest memory), which clones load with their own TAP and
+//! vsock socket; Firecracker maps the memory file privately too.
+//!
 //! Snapshots live in `$DOUGH_HOME/snapshots/<key>/` and are keyed by every
-//! input that shapes them; the files never change after the bake.
+//! input that shapes them, the backend and its version included; the files
+//! never change after the bake.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use dough_image::cache::{Entry, KeyBuilder};
 use dough_image::Image;
-use dough_vmm::{Resolved, DEVICE_SET};
+use dough_vmm::{Backend, Resolved, DEVICE_SET};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +45,15 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    FirecrackerVersion(Box<dough_vmm::firecracker::FcError>),
+    #[error("VM {vm}: {what}")]
+    Firecracker {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: Box<dough_vmm::firecracker::FcError>,
+    },
     #[error("snapshot metadata {path}")]
     Meta {
         path: PathBuf,
@@ -57,10 +72,15 @@ pub struct SnapshotSpec {
     pub mem_mib: u32,
     pub cpus: u32,
     pub extra_cmdline: Vec<String>,
-    /// `qemu --version`: migration streams are only promised to load into
-    /// the same QEMU.
-    pub qemu_version: String,
+    pub backend: Backend,
+    /// `qemu --version` or `firecracker --version`: neither promises that
+    /// its snapshots load into another version.
+    pub vmm_version: String,
 }
+
+/// The device set a Firecracker guest gets (virtio-mmio block, net, vsock,
+/// entropy; serial console): part of its snapshots' key.
+pub const FC_DEVICE_SET: &str = "fc-v1: blk(ro) net vsock entropy serial";
 
 impl SnapshotSpec {
     /// The labelled inputs, as shown when explaining a re-bake.
@@ -82,10 +102,23 @@ impl SnapshotSpec {
                     .collect::<Vec<_>>()
                     .join(" "),
             ),
-            ("device set", DEVICE_SET.to_string()),
-            // Firecracker snapshots will key on "firecracker <version>".
-            ("backend", "qemu".to_string()),
-            ("qemu", self.qemu_version.clone()),
+            (
+                "device set",
+                match self.backend {
+                    Backend::Qemu => DEVICE_SET,
+                    Backend::Firecracker => FC_DEVICE_SET,
+                }
+                .to_string(),
+            ),
+            ("backend", self.backend.to_string()),
+            // Labelled by backend so QEMU snapshots keep their keys.
+            (
+                match self.backend {
+                    Backend::Qemu => "qemu",
+                    Backend::Firecracker => "firecracker",
+                },
+                self.vmm_version.clone(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -117,6 +150,9 @@ pub struct SnapshotMeta {
     pub tsc_khz: Option<u64>,
     /// Size of the saved device state.
     pub state_bytes: u64,
+    /// Snapshots from before there was a choice are QEMU's.
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 /// A baked snapshot on disk.
@@ -160,6 +196,15 @@ pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
         .unwrap_or("")
         .trim()
         .to_string())
+}
+
+/// The version of the VMM `opts` would run, for the snapshot key.
+pub fn vmm_version(opts: &BootOptions) -> Result<String, SnapshotError> {
+    match opts.backend {
+        Backend::Qemu => qemu_version(&opts.qemu),
+        Backend::Firecracker => dough_vmm::firecracker::backend::version(&opts.firecracker.binary)
+            .map_err(|e| SnapshotError::FirecrackerVersion(Box::new(e))),
+    }
 }
 
 /// Why a bake is happening.
@@ -377,15 +422,16 @@ impl SnapshotStore {
     ) -> Result<Snapshot, SnapshotError> {
         let key = spec.key();
         let opts = BootOptions {
+            backend: spec.backend,
             accel: spec.accel,
             mem_mib: spec.mem_mib,
             cpus: spec.cpus,
             extra_cmdline: spec.extra_cmdline.clone(),
             ..opts.clone()
         };
-        let tsc_khz = match spec.accel {
-            Resolved::Tcg => dough_vmm::accel::host_tsc_khz(),
-            Resolved::Kvm => None,
+        let tsc_khz = match (spec.backend, spec.accel) {
+            (Backend::Qemu, Resolved::Tcg) => dough_vmm::accel::host_tsc_khz(),
+            _ => None,
         };
         let started = Instant::now();
         self.entry(&key).build(|tmp| -> Result<(), SnapshotError> {
@@ -410,20 +456,44 @@ impl SnapshotStore {
             };
             // The host has seen the agent alive; now leave it idle and freeze it.
             vm.close_channel();
-            let qmp_err = |what, source| FabricError::Qmp {
-                vm: vm.id.clone(),
-                what,
-                source,
-            };
-            let mut q = vm.qmp()?;
-            q.stop().map_err(|e| qmp_err("pausing", e))?;
-            vm.set_state(VmState::Paused)?;
-            q.ignore_shared_ram()
-                .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
-            q.migrate(&dough_vmm::qemu::exec_uri(&state, true))
-                .map_err(|e| qmp_err("saving the device state", e))?;
-            q.wait_migration(SAVE_LIMIT)
-                .map_err(|e| qmp_err("saving the device state", e))?;
+            match vm.fc() {
+                None => {
+                    let qmp_err = |what, source| FabricError::Qmp {
+                        vm: vm.id.clone(),
+                        what,
+                        source,
+                    };
+                    let mut q = vm.qmp()?;
+                    q.stop().map_err(|e| qmp_err("pausing", e))?;
+                    vm.set_state(VmState::Paused)?;
+                    q.ignore_shared_ram()
+                        .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
+                    q.migrate(&dough_vmm::qemu::exec_uri(&state, true))
+                        .map_err(|e| qmp_err("saving the device state", e))?;
+                    q.wait_migration(SAVE_LIMIT)
+                        .map_err(|e| qmp_err("saving the device state", e))?;
+                }
+                Some(fc) => {
+                    let fc_err = |what, source| SnapshotError::Firecracker {
+                        vm: vm.id.clone(),
+                        what,
+                        source: Box::new(source),
+                    };
+                    fc.pause().map_err(|e| fc_err("pausing", e))?;
+                    vm.set_state(VmState::Paused)?;
+                    fc.snapshot_full(&state, &mem)
+                        .map_err(|e| fc_err("writing the Full snapshot", e))?;
+                    for f in [&state, &mem] {
+                        if !f.is_file() {
+                            return Err(std::io::Error::other(format!(
+                                "Firecracker reported a snapshot but wrote no {}",
+                                f.display()
+                            ))
+                            .into());
+                        }
+                    }
+                }
+            }
             std::fs::copy(&vm.paths.serial, tmp.join("boot-serial.log"))?;
             vm.destroy()?;
             let meta = SnapshotMeta {
@@ -438,6 +508,7 @@ impl SnapshotStore {
                 extra_cmdline: spec.extra_cmdline.clone(),
                 tsc_khz,
                 state_bytes: std::fs::metadata(&state)?.len(),
+                backend: spec.backend,
             };
             let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
                 path: tmp.join(META),

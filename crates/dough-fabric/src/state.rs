@@ -131,6 +131,9 @@ pub struct VmRecord {
     /// created so that teardown and crash GC know exactly what to remove.
     #[serde(default)]
     pub net: Option<dough_net::NetPlan>,
+    /// Its VMM (records written before there was a choice are QEMU's).
+    #[serde(default)]
+    pub backend: dough_vmm::Backend,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +180,7 @@ impl VmRecord {
             vmm: None,
             dead_reason: None,
             net: None,
+            backend: dough_vmm::Backend::Qemu,
         }
     }
 
@@ -213,7 +217,9 @@ impl VmDir {
     /// never sees the directory without its record (and owner).
     pub fn create(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
         let dir = vms.join(&record.id);
-        let longest = VmPaths::new(&dir).channel;
+        // Firecracker's guest-initiated vsock socket is the longest name.
+        let longest =
+            crate::channel::vsock_listen_path(&VmPaths::new(&dir).vsock, dough_proto::VSOCK_PORT);
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(StateError::PathTooLong(longest));
         }

@@ -10,10 +10,14 @@ use std::os::unix::process::CommandExt;
 use dough_image::Image;
 use dough_net::linux::LinuxNet;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
+use dough_vmm::firecracker::backend::{FcConfig, FcMachine};
+use dough_vmm::firecracker::{Client as FcClient, FcError};
 use dough_vmm::process::wait_until;
-use dough_vmm::{Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess};
+use dough_vmm::{
+    Backend, Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess,
+};
 
-use crate::channel::{ChannelError, ExecRequest, HostChannel};
+use crate::channel::{ChannelError, ExecRequest, HostChannel, VsockListener};
 use crate::serial::{tail, SerialWatch};
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
@@ -33,18 +37,34 @@ pub enum FabricError {
         accel: Resolved,
         serial_tail: String,
     },
-    #[error("QEMU for VM {vm} exited during boot ({status}); QEMU said:\n{vmm_tail}\nlast serial console lines:\n{serial_tail}")]
+    #[error("{backend} for VM {vm} exited during boot ({status}); it said:\n{vmm_tail}\nlast serial console lines:\n{serial_tail}")]
     VmmExited {
+        backend: Backend,
         vm: String,
         status: String,
         vmm_tail: String,
         serial_tail: String,
     },
-    #[error("cannot start {qemu}; is qemu-system-x86 installed? (`dough doctor`)")]
+    #[error("cannot start {vmm}; {hint} (`dough doctor`)")]
     Spawn {
-        qemu: String,
+        vmm: String,
+        hint: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    #[error("VM {vm}: {what}; Firecracker said:\n{vmm_tail}")]
+    Firecracker {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: Box<FcError>,
+        vmm_tail: String,
+    },
+    #[error("snapshot {key} was baked for {snapshot}, not {wanted}")]
+    WrongBackend {
+        key: String,
+        snapshot: Backend,
+        wanted: Backend,
     },
     #[error("VM {vm}: channel handshake failed; last serial console lines:\n{serial_tail}")]
     Handshake {
@@ -115,6 +135,7 @@ impl FabricError {
         matches!(
             self,
             FabricError::Spawn { .. }
+                | FabricError::WrongBackend { .. }
                 | FabricError::State(_)
                 | FabricError::StateDir { .. }
                 | FabricError::Net { .. }
@@ -125,7 +146,11 @@ impl FabricError {
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct BootOptions {
+    /// Which VMM boots and bakes (a restore uses its snapshot's).
+    pub backend: Backend,
     pub qemu: PathBuf,
+    /// The Firecracker binary and its arguments (`--backend firecracker`).
+    pub firecracker: FcConfig,
     pub accel: Resolved,
     pub mem_mib: u32,
     pub cpus: u32,
@@ -143,7 +168,9 @@ pub struct BootOptions {
 impl Default for BootOptions {
     fn default() -> Self {
         BootOptions {
+            backend: Backend::Qemu,
             qemu: "qemu-system-x86_64".into(),
+            firecracker: FcConfig::default(),
             accel: Resolved::Tcg,
             mem_mib: 256,
             cpus: 1,
@@ -173,6 +200,7 @@ pub(crate) enum Launch<'a> {
 pub struct Vm {
     pub id: String,
     pub kind: VmKind,
+    pub backend: Backend,
     pub paths: VmPaths,
     pub accel: Resolved,
     pub hello: Hello,
@@ -183,6 +211,8 @@ pub struct Vm {
     /// the directory still being readable.
     net: NetPlan,
     process: VmmProcess,
+    /// Firecracker's API (None under QEMU).
+    fc: Option<FcClient>,
     channel: HostChannel,
     torn_down: bool,
 }
@@ -206,6 +236,13 @@ impl Vm {
         kind: VmKind,
         opts: &BootOptions,
     ) -> Result<Vm, FabricError> {
+        if snap.meta.backend != opts.backend {
+            return Err(FabricError::WrongBackend {
+                key: snap.key.clone(),
+                snapshot: snap.meta.backend,
+                wanted: opts.backend,
+            });
+        }
         let opts = BootOptions {
             accel: snap.meta.accel,
             mem_mib: snap.meta.mem_mib,
@@ -252,6 +289,7 @@ impl Vm {
         let id = crate::new_vm_id();
         let mut rec = VmRecord::new(&id, kind, opts.accel, opts.mem_mib, opts.cpus);
         rec.image = image.id.clone();
+        rec.backend = opts.backend;
         if let Launch::Restore(snap) = &launch {
             rec.snapshot = Some(snap.key.clone());
         }
@@ -290,43 +328,6 @@ impl Vm {
             return Err(net_err(e.into()));
         }
         drop(_net);
-        let (memory, incoming, start_paused) = match &launch {
-            Launch::Cold => (Memory::Anonymous, None, false),
-            Launch::Bake { mem, .. } => (
-                Memory::File {
-                    path: mem.clone(),
-                    shared: true,
-                },
-                None,
-                false,
-            ),
-            Launch::Restore(snap) => (
-                Memory::File {
-                    path: snap.mem.clone(),
-                    shared: false,
-                },
-                Some(Incoming::Defer),
-                true,
-            ),
-        };
-        let args = QemuArgs {
-            accel: opts.accel,
-            mem_mib: opts.mem_mib,
-            cpus: opts.cpus,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            rootfs: image.rootfs.clone(),
-            extra_cmdline: NetPlan::guest_cmdline()
-                .into_iter()
-                .chain(opts.extra_cmdline.iter().cloned())
-                .collect(),
-            tsc_khz: tsc_khz(opts.accel, &launch),
-            paths: paths.clone(),
-            memory,
-            incoming,
-            start_paused,
-            tap: Some(plan.tap.clone()),
-        };
         let state_err = |source| FabricError::StateDir {
             path: paths.dir.clone(),
             source,
@@ -337,34 +338,48 @@ impl Vm {
             }
             let _ = std::fs::remove_dir_all(&paths.dir);
         };
-        let log = std::fs::File::create(&paths.vmm_log)
-            .and_then(|l| Ok((l.try_clone()?, l)))
-            .map_err(|e| {
+        // Under Firecracker the agent connects to us over vsock as soon as
+        // it runs: listen before it can.
+        let listener = match opts.backend {
+            Backend::Qemu => None,
+            Backend::Firecracker => {
+                match VsockListener::bind(&paths.vsock, dough_proto::VSOCK_PORT) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        remove();
+                        return Err(state_err(e));
+                    }
+                }
+            }
+        };
+        let mut cmd = match vmm_command(opts, image, &plan, &launch, &paths) {
+            Ok(c) => c,
+            Err(e) => {
                 remove();
-                state_err(e)
-            });
-        let (log2, log) = log?;
+                return Err(state_err(e));
+            }
+        };
         let start = Instant::now();
-        tracing::info!(vm = %id, accel = %opts.accel, "spawning {}", opts.qemu.display());
+        tracing::info!(vm = %id, accel = %opts.accel, backend = %opts.backend, "spawning the VMM");
         // No teardown on a signal may run between the spawn and the record.
         let spawning = crate::gc::SPAWNING.read();
-        let mut cmd = Command::new(&opts.qemu);
-        cmd.args(args.argv())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: a terminal's Ctrl-C reaches dough, which
-            // tears the VM down, not QEMU directly.
-            .process_group(0);
-        // Spawned from a thread inside the clone's netns, QEMU lives there
-        // and opens the TAP there.
+        // Spawned from a thread inside the clone's netns, the VMM lives
+        // there and opens the TAP there.
         let spawned = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()));
         let child = match spawned {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
                 remove();
+                let (vmm, hint) = match opts.backend {
+                    Backend::Qemu => (&opts.qemu, "is qemu-system-x86 installed?"),
+                    Backend::Firecracker => (
+                        &opts.firecracker.binary,
+                        "is Firecracker installed? point dough at it with --firecracker or DOUGH_FIRECRACKER",
+                    ),
+                };
                 return Err(FabricError::Spawn {
-                    qemu: opts.qemu.display().to_string(),
+                    vmm: vmm.display().to_string(),
+                    hint,
                     source,
                 });
             }
@@ -392,14 +407,57 @@ impl Vm {
             e
         };
         let exited = |st: std::process::ExitStatus| FabricError::VmmExited {
+            backend: opts.backend,
             vm: id.clone(),
             status: st.to_string(),
-            vmm_tail: tail(&paths.vmm_log, 10),
+            vmm_tail: vmm_tail(&paths, opts.backend, 10),
             serial_tail: tail(&paths.serial, TAIL_LINES),
         };
+        let left = |start: Instant| {
+            opts.deadline
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_secs(5))
+        };
 
-        match &launch {
-            Launch::Cold | Launch::Bake { .. } => {
+        // Firecracker: its API first, then configure + start, or load.
+        let mut fc = None;
+        if opts.backend == Backend::Firecracker {
+            let r = FcClient::wait(&paths.api, opts.firecracker.start_limit, &mut || {
+                process.try_wait().map(|st| st.to_string())
+            })
+            .and_then(|c| {
+                match &launch {
+                    Launch::Restore(snap) => {
+                        c.load_and_resume(&snap.state, &snap.mem, Some(&plan.tap), &paths.vsock)?
+                    }
+                    Launch::Cold | Launch::Bake { .. } => {
+                        c.configure_and_start(&fc_machine(image, opts, &plan.tap), &paths.vsock)?
+                    }
+                }
+                Ok(c)
+            });
+            match r {
+                Ok(c) => fc = Some(c),
+                Err(source) => {
+                    let e = match process.try_wait() {
+                        Some(st) => exited(st),
+                        None => FabricError::Firecracker {
+                            vm: id.clone(),
+                            what: match launch {
+                                Launch::Restore(_) => "loading the snapshot",
+                                _ => "configuring and starting the guest",
+                            },
+                            source: Box::new(source),
+                            vmm_tail: vmm_tail(&paths, opts.backend, 10),
+                        },
+                    };
+                    return Err(fail(&mut process, e));
+                }
+            }
+        }
+
+        match (&launch, opts.backend) {
+            (Launch::Cold | Launch::Bake { .. }, _) => {
                 let mut watch = SerialWatch::new(&paths.serial);
                 let mut status = None;
                 let ready = wait_until(opts.deadline, || {
@@ -423,7 +481,7 @@ impl Vm {
                     return Err(fail(&mut process, e));
                 }
             }
-            Launch::Restore(snap) => {
+            (Launch::Restore(snap), Backend::Qemu) => {
                 let mut gone = || process.try_wait().is_some();
                 if let Err(source) = restore_from(&paths.qmp, &snap.state, opts.deadline, &mut gone)
                 {
@@ -432,28 +490,34 @@ impl Vm {
                         None => FabricError::Restore {
                             vm: id.clone(),
                             source,
-                            vmm_tail: tail(&paths.vmm_log, 10),
+                            vmm_tail: vmm_tail(&paths, opts.backend, 10),
                         },
                     };
                     return Err(fail(&mut process, e));
                 }
             }
+            // Loaded and resumed above.
+            (Launch::Restore(_), Backend::Firecracker) => {}
         }
-        let left = opts
-            .deadline
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_secs(5));
-        let handshake = HostChannel::connect(&paths.channel, left).and_then(|mut ch| {
-            let hello = ch.handshake(&id, left)?;
+        let limit = left(start);
+        let connected = match listener {
+            None => HostChannel::connect(&paths.channel, limit),
+            Some(l) => l.accept(limit, &mut || process.try_wait().is_some()),
+        };
+        let handshake = connected.and_then(|mut ch| {
+            let hello = ch.handshake(&id, limit)?;
             Ok((ch, hello))
         });
         let (channel, hello) = match handshake {
             Ok(x) => x,
             Err(source) => {
-                let e = FabricError::Handshake {
-                    vm: id.clone(),
-                    source,
-                    serial_tail: tail(&paths.serial, TAIL_LINES),
+                let e = match process.try_wait() {
+                    Some(st) => exited(st),
+                    None => FabricError::Handshake {
+                        vm: id.clone(),
+                        source,
+                        serial_tail: tail(&paths.serial, TAIL_LINES),
+                    },
                 };
                 return Err(fail(&mut process, e));
             }
@@ -466,6 +530,7 @@ impl Vm {
         Ok(Vm {
             id,
             kind,
+            backend: opts.backend,
             paths,
             accel: opts.accel,
             hello,
@@ -473,6 +538,7 @@ impl Vm {
             dir,
             net: plan,
             process,
+            fc,
             channel,
             torn_down: false,
         })
@@ -497,7 +563,11 @@ impl Vm {
     /// The agent sees the host leave and come back, as after a restore.
     pub fn reconnect(&mut self, limit: Duration) -> Result<Hello, FabricError> {
         self.channel.shutdown();
-        let r = HostChannel::connect(&self.paths.channel, limit).and_then(|mut ch| {
+        let process = &mut self.process;
+        let r = open_channel(&self.paths, self.backend, limit, &mut || {
+            process.try_wait().is_some()
+        })
+        .and_then(|mut ch| {
             let hello = ch.handshake(&self.id, limit)?;
             Ok((ch, hello))
         });
@@ -522,6 +592,11 @@ impl Vm {
 
     pub fn pid(&self) -> i32 {
         self.process.id.pid
+    }
+
+    /// Firecracker's API of this VM (None under QEMU).
+    pub(crate) fn fc(&self) -> Option<&FcClient> {
+        self.fc.as_ref()
     }
 
     /// A QMP connection to this VM's VMM.
@@ -569,7 +644,7 @@ impl Vm {
         self.channel.shutdown();
         // Someone may have run `dough down` on it already; that is fine.
         let _ = self.dir.set_state(VmState::Stopping);
-        if self.process.try_wait().is_none() {
+        if self.backend == Backend::Qemu && self.process.try_wait().is_none() {
             if let Ok(mut q) = Qmp::connect(&self.paths.qmp, Duration::from_secs(2)) {
                 let _ = q.quit();
                 wait_until(Duration::from_secs(2), || self.process.try_wait().is_some());
@@ -594,6 +669,142 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
             tracing::error!("{e}");
+        }
+    }
+}
+
+/// The VMM's command, its output wired to the VM's files. QEMU writes the
+/// serial console to `serial.log` itself (chardev) and says everything else
+/// on stdout/stderr (`vmm.log`); Firecracker's stdout *is* the serial
+/// console, its stderr goes to `vmm.log` and its own log to
+/// `firecracker.log`.
+fn vmm_command(
+    opts: &BootOptions,
+    image: &Image,
+    plan: &NetPlan,
+    launch: &Launch<'_>,
+    paths: &VmPaths,
+) -> std::io::Result<Command> {
+    let log = std::fs::File::create(&paths.vmm_log)?;
+    let mut cmd = match opts.backend {
+        Backend::Qemu => {
+            let (memory, incoming, start_paused) = match launch {
+                Launch::Cold => (Memory::Anonymous, None, false),
+                Launch::Bake { mem, .. } => (
+                    Memory::File {
+                        path: mem.clone(),
+                        shared: true,
+                    },
+                    None,
+                    false,
+                ),
+                Launch::Restore(snap) => (
+                    Memory::File {
+                        path: snap.mem.clone(),
+                        shared: false,
+                    },
+                    Some(Incoming::Defer),
+                    true,
+                ),
+            };
+            let args = QemuArgs {
+                accel: opts.accel,
+                mem_mib: opts.mem_mib,
+                cpus: opts.cpus,
+                kernel: image.kernel.clone(),
+                initrd: image.initrd.clone(),
+                rootfs: image.rootfs.clone(),
+                extra_cmdline: guest_cmdline(opts),
+                tsc_khz: tsc_khz(opts.accel, launch),
+                paths: paths.clone(),
+                memory,
+                incoming,
+                start_paused,
+                tap: Some(plan.tap.clone()),
+            };
+            let mut c = Command::new(&opts.qemu);
+            c.args(args.argv())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                // Its own process group: a terminal's Ctrl-C reaches dough,
+                // which tears the VM down, not QEMU directly.
+                .process_group(0);
+            c
+        }
+        Backend::Firecracker => {
+            let fc_log = fc_log_path(paths);
+            std::fs::File::create(&fc_log)?;
+            let mut c = opts.firecracker.command(&paths.api);
+            c.arg("--log-path")
+                .arg(&fc_log)
+                .stdout(std::fs::File::create(&paths.serial)?);
+            c
+        }
+    };
+    cmd.stderr(log);
+    Ok(cmd)
+}
+
+/// Firecracker's own log (`--log-path`), beside `vmm.log`.
+fn fc_log_path(paths: &VmPaths) -> PathBuf {
+    paths.dir.join("firecracker.log")
+}
+
+/// The end of what the VMM said, for error messages.
+pub(crate) fn vmm_tail(paths: &VmPaths, backend: Backend, lines: usize) -> String {
+    match backend {
+        Backend::Qemu => tail(&paths.vmm_log, lines),
+        Backend::Firecracker => format!(
+            "{}\n{}",
+            tail(&fc_log_path(paths), lines),
+            tail(&paths.vmm_log, lines)
+        ),
+    }
+}
+
+/// The guest's kernel command line beyond the VMM's fixed part: its
+/// network and the user's extra arguments.
+fn guest_cmdline(opts: &BootOptions) -> Vec<String> {
+    NetPlan::guest_cmdline()
+        .into_iter()
+        .chain(opts.extra_cmdline.iter().cloned())
+        .collect()
+}
+
+/// What a Firecracker guest boots with: the same kernel, initramfs and
+/// read-only rootfs as under QEMU, the same command line.
+fn fc_machine(image: &Image, opts: &BootOptions, tap: &str) -> FcMachine {
+    let mut args: Vec<String> = dough_vmm::qemu::BASE_CMDLINE
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(guest_cmdline(opts));
+    FcMachine {
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+        rootfs: image.rootfs.clone(),
+        mem_mib: opts.mem_mib,
+        vcpus: opts.cpus,
+        boot_args: args.join(" "),
+        tap: Some(tap.to_string()),
+        guest_mac: dough_vmm::qemu::GUEST_MAC.to_string(),
+        guest_cid: 3,
+    }
+}
+
+/// A new connection to a running VM's agent: QEMU's socket for its
+/// virtio-serial port, or (Firecracker) the agent's next vsock connection,
+/// which it makes within ~100 ms of finding someone listening.
+pub(crate) fn open_channel(
+    paths: &VmPaths,
+    backend: Backend,
+    limit: Duration,
+    vmm_gone: &mut dyn FnMut() -> bool,
+) -> Result<HostChannel, ChannelError> {
+    match backend {
+        Backend::Qemu => HostChannel::connect(&paths.channel, limit),
+        Backend::Firecracker => {
+            VsockListener::bind(&paths.vsock, dough_proto::VSOCK_PORT)?.accept(limit, vmm_gone)
         }
     }
 }

@@ -14,6 +14,11 @@ pub struct VmPaths {
     pub channel: PathBuf,
     pub serial: PathBuf,
     pub vmm_log: PathBuf,
+    /// Firecracker's API socket.
+    pub api: PathBuf,
+    /// Firecracker's hybrid vsock socket; guest-initiated connections to
+    /// host port P arrive on `<vsock>_P`.
+    pub vsock: PathBuf,
 }
 
 impl VmPaths {
@@ -23,7 +28,9 @@ impl VmPaths {
             qmp: dir.join("qmp.sock"),
             channel: dir.join("channel.sock"),
             serial: dir.join("serial.log"),
-            vmm_log: dir.join("qemu.log"),
+            vmm_log: dir.join("vmm.log"),
+            api: dir.join("api.sock"),
+            vsock: dir.join("vsock.sock"),
         }
     }
 }

@@ -194,6 +194,10 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     );
     install_teardown_on_signal(&ctx.vms);
     let image = resolve_image(&ctx.home, &a.vm)?;
+    anyhow::ensure!(
+        a.vm.backend == crate::run_cmd::BackendArg::Qemu,
+        "`dough bench clones` compares dough's restore with a raw QEMU restore of the same snapshot; it measures the QEMU backend only"
+    );
     let opts = boot_options(&ctx.home, &image, &a.vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot().clone();

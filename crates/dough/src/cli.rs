@@ -49,12 +49,14 @@ pub enum Command {
     /// Boot a guest, wait for its agent, and freeze it into the warm
     /// snapshot clones are restored from. `up` and `run` bake on their own
     /// when the inputs (image, agent, memory, vCPUs, accelerator, kernel
-    /// command line, QEMU) changed; this forces it or does it ahead of time.
+    /// command line, backend and its version) changed; this forces it or
+    /// does it ahead of time.
     Bake(vm_cmds::BakeArgs),
     /// Restore N clones of the baked snapshot; they keep running after
     /// this command exits, until `dough down`. Prints their ids.
     Up(vm_cmds::UpArgs),
-    /// List VMs: id, state, age, VMM pid, memory (PSS), accelerator.
+    /// List VMs: id, state, age, VMM pid, memory (PSS), backend,
+    /// accelerator, network policy.
     Ps(vm_cmds::PsArgs),
     /// Run CMD in a running clone (same output and exit code as `run`).
     ///

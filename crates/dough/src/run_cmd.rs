@@ -12,7 +12,7 @@ use dough_fabric::snapshot::Ensured;
 use dough_fabric::{gc, BootOptions, ExecRequest, SnapshotSpec, SnapshotStore, Vm, VmKind};
 use dough_image::{Image, Store};
 use dough_proto::{ExitStatus, Stream};
-use dough_vmm::{Accel, Resolved};
+use dough_vmm::{Accel, Backend, Resolved};
 
 use crate::cli::Ctx;
 use crate::image_cmd::{self, AgentArg, BuildArgs};
@@ -25,6 +25,24 @@ pub enum AccelArg {
     Kvm,
     /// Software emulation: works everywhere, is not a security boundary.
     Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// QEMU microvm: KVM when usable, else TCG; runs everywhere.
+    Qemu,
+    /// Firecracker: needs usable KVM and a firecracker binary
+    /// (--firecracker / DOUGH_FIRECRACKER); docs/firecracker.md.
+    Firecracker,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Qemu => Backend::Qemu,
+            BackendArg::Firecracker => Backend::Firecracker,
+        }
+    }
 }
 
 impl From<AccelArg> for Accel {
@@ -40,7 +58,20 @@ impl From<AccelArg> for Accel {
 /// Options shared by every command that boots a VM.
 #[derive(Debug, Clone, Args)]
 pub struct VmArgs {
-    /// Accelerator.
+    /// Which VMM runs the VMs. Snapshots are baked per backend; clones
+    /// restore with the backend of their snapshot.
+    #[arg(long, value_enum, default_value = "qemu", env = "DOUGH_BACKEND")]
+    pub backend: BackendArg,
+    /// Firecracker binary (for --backend firecracker); no registry ships
+    /// one, so point dough at a release binary.
+    #[arg(
+        long,
+        default_value = "firecracker",
+        env = "DOUGH_FIRECRACKER",
+        value_name = "PATH"
+    )]
+    pub firecracker: PathBuf,
+    /// Accelerator (QEMU; Firecracker always uses KVM).
     #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
     pub accel: AccelArg,
     /// Guest memory in MiB.
@@ -140,6 +171,31 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
 
 /// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
 pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
+    let base = BootOptions {
+        backend: vm.backend.into(),
+        qemu: vm.qemu.clone(),
+        firecracker: dough_vmm::firecracker::backend::FcConfig {
+            binary: vm.firecracker.clone(),
+            ..Default::default()
+        },
+        mem_mib: vm.mem,
+        cpus: vm.cpus,
+        deadline: Duration::from_secs(vm.boot_timeout),
+        extra_cmdline: vm.kernel_args.clone(),
+        egress: vm.net.clone(),
+        net_pool: vm.net_pool,
+        ..BootOptions::default()
+    };
+    if base.backend == Backend::Firecracker {
+        anyhow::ensure!(
+            vm.accel != AccelArg::Tcg,
+            "--accel tcg: Firecracker runs guests under KVM only (use --backend qemu for TCG)"
+        );
+        return Ok(BootOptions {
+            accel: Resolved::Kvm,
+            ..base
+        });
+    }
     let choice = dough_fabric::accel::choose(vm.accel.into(), home, image, &vm.qemu)?;
     if let Some(why) = &choice.fallback_reason {
         eprintln!("dough: KVM is not usable here ({why}); using TCG");
@@ -148,15 +204,8 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         eprintln!("dough: warning: {}", dough_vmm::accel::TCG_WARNING);
     }
     Ok(BootOptions {
-        qemu: vm.qemu.clone(),
         accel: choice.accel,
-        mem_mib: vm.mem,
-        cpus: vm.cpus,
-        deadline: Duration::from_secs(vm.boot_timeout),
-        extra_cmdline: vm.kernel_args.clone(),
-        egress: vm.net.clone(),
-        net_pool: vm.net_pool,
-        ..BootOptions::default()
+        ..base
     })
 }
 
@@ -256,7 +305,8 @@ pub fn snapshot_spec(image: &Image, opts: &BootOptions) -> anyhow::Result<Snapsh
         mem_mib: opts.mem_mib,
         cpus: opts.cpus,
         extra_cmdline: opts.extra_cmdline.clone(),
-        qemu_version: dough_fabric::snapshot::qemu_version(&opts.qemu)?,
+        backend: opts.backend,
+        vmm_version: dough_fabric::snapshot::vmm_version(opts)?,
     })
 }
 

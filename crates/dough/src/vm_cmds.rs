@@ -193,14 +193,14 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5} NET",
-        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "ACCEL"
+        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<11} {:<5} NET",
+        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "BACKEND", "ACCEL"
     )?;
     for v in &vms {
         let r = &v.record;
         writeln!(
             out,
-            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<5} {}",
+            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<11} {:<5} {}",
             r.id,
             r.kind.to_string(),
             r.state.to_string(),
@@ -209,6 +209,7 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
             v.pss_kib
                 .map(|k| format!("{}M", k / 1024))
                 .unwrap_or("-".into()),
+            r.backend.to_string(),
             r.accel.to_string(),
             r.net
                 .as_ref()

@@ -39,6 +39,136 @@ pub struct FcMachine {
 pub const IFACE: &str = "eth0";
 pub const ROOT_DRIVE: &str = "rootfs";
 
+impl FcConfig {
+    /// `firecracker --api-sock API [extra args]`, in its own process group
+    /// (a terminal's Ctrl-C reaches dough, which tears the VM down), stdin
+    /// closed. The caller sets stdout (the serial console) and stderr.
+    pub fn command(&self, api: &Path) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--api-sock")
+            .arg(api)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .process_group(0);
+        cmd
+    }
+}
+
+impl Default for FcConfig {
+    fn default() -> Self {
+        FcConfig {
+            binary: "firecracker".into(),
+            extra_args: Vec::new(),
+            start_limit: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `firecracker --version`'s first line (e.g. `Firecracker v1.16.0`).
+pub fn version(binary: &Path) -> Result<String, FcError> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|source| FcError::Spawn {
+            binary: binary.display().to_string(),
+            source,
+        })?;
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if !out.status.success() || first.is_empty() {
+        return Err(FcError::Spawn {
+            binary: binary.display().to_string(),
+            source: std::io::Error::other(format!("`--version` failed ({})", out.status)),
+        });
+    }
+    Ok(first)
+}
+
+impl Client {
+    /// Every pre-boot call for machine `m` (vsock host side at
+    /// `vsock_uds`), then `InstanceStart`.
+    pub fn configure_and_start(&self, m: &FcMachine, vsock_uds: &Path) -> Result<(), FcError> {
+        self.machine_config(&MachineConfiguration {
+            vcpu_count: m.vcpus,
+            mem_size_mib: m.mem_mib,
+            smt: Some(false),
+            huge_pages: None,
+            track_dirty_pages: None,
+        })?;
+        self.boot_source(&BootSource {
+            kernel_image_path: s(&m.kernel),
+            initrd_path: Some(s(&m.initrd)),
+            boot_args: Some(m.boot_args.clone()),
+        })?;
+        self.drive(&Drive {
+            drive_id: ROOT_DRIVE.into(),
+            is_root_device: false,
+            path_on_host: s(&m.rootfs),
+            is_read_only: true,
+        })?;
+        if let Some(tap) = &m.tap {
+            self.network_interface(&NetworkInterface {
+                iface_id: IFACE.into(),
+                host_dev_name: tap.clone(),
+                guest_mac: Some(m.guest_mac.clone()),
+            })?;
+        }
+        self.vsock(&Vsock {
+            guest_cid: m.guest_cid,
+            uds_path: s(vsock_uds),
+        })?;
+        self.entropy()?;
+        self.start()
+    }
+
+    /// A Full snapshot of the paused guest: device state to `state`, guest
+    /// memory to `mem`.
+    pub fn snapshot_full(&self, state: &Path, mem: &Path) -> Result<(), FcError> {
+        self.snapshot_create(&SnapshotCreateParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: s(state),
+            mem_file_path: s(mem),
+        })
+    }
+
+    /// Load a snapshot into this fresh process with its own TAP and vsock
+    /// socket, and resume it. Firecracker maps `mem` privately.
+    pub fn load_and_resume(
+        &self,
+        state: &Path,
+        mem: &Path,
+        tap: Option<&str>,
+        vsock_uds: &Path,
+    ) -> Result<(), FcError> {
+        self.snapshot_load(&SnapshotLoadParams {
+            snapshot_path: s(state),
+            mem_backend: MemoryBackend {
+                backend_type: BackendType::File,
+                backend_path: s(mem),
+            },
+            resume_vm: Some(true),
+            network_overrides: tap
+                .map(|t| {
+                    vec![NetworkOverride {
+                        iface_id: IFACE.into(),
+                        host_dev_name: t.into(),
+                    }]
+                })
+                .unwrap_or_default(),
+            vsock_override: Some(VsockOverride {
+                uds_path: s(vsock_uds),
+            }),
+        })
+    }
+}
+
 /// One Firecracker process and the files it owns, all in its directory.
 #[derive(Debug)]
 pub struct FcProcess {
@@ -68,15 +198,8 @@ impl FcProcess {
         };
         let out = std::fs::File::create(&console).map_err(io)?;
         let err = std::fs::File::create(dir.join("firecracker.log")).map_err(io)?;
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(&cfg.binary);
-        cmd.arg("--api-sock")
-            .arg(&api)
-            .args(&cfg.extra_args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        let mut cmd = cfg.command(&api);
+        cmd.stdout(out).stderr(err);
         // ETXTBSY: the binary was just written and another thread's child
         // still holds it open for a moment; try again briefly.
         let mut tries = 0;
@@ -117,51 +240,15 @@ impl FcProcess {
         self.process.id
     }
 
-    /// Configure a guest and start it (all pre-boot calls, then
-    /// `InstanceStart`).
+    /// Configure a guest and start it.
     pub fn boot(&self, m: &FcMachine) -> Result<(), FcError> {
-        let c = &self.client;
-        c.machine_config(&MachineConfiguration {
-            vcpu_count: m.vcpus,
-            mem_size_mib: m.mem_mib,
-            smt: Some(false),
-            huge_pages: None,
-            track_dirty_pages: None,
-        })?;
-        c.boot_source(&BootSource {
-            kernel_image_path: s(&m.kernel),
-            initrd_path: Some(s(&m.initrd)),
-            boot_args: Some(m.boot_args.clone()),
-        })?;
-        c.drive(&Drive {
-            drive_id: ROOT_DRIVE.into(),
-            is_root_device: false,
-            path_on_host: s(&m.rootfs),
-            is_read_only: true,
-        })?;
-        if let Some(tap) = &m.tap {
-            c.network_interface(&NetworkInterface {
-                iface_id: IFACE.into(),
-                host_dev_name: tap.clone(),
-                guest_mac: Some(m.guest_mac.clone()),
-            })?;
-        }
-        c.vsock(&Vsock {
-            guest_cid: m.guest_cid,
-            uds_path: s(&self.vsock_uds),
-        })?;
-        c.entropy()?;
-        c.start()
+        self.client.configure_and_start(m, &self.vsock_uds)
     }
 
     /// Pause and write a Full snapshot (device state + guest memory).
     pub fn snapshot(&self, state: &Path, mem: &Path) -> Result<(), FcError> {
         self.client.pause()?;
-        self.client.snapshot_create(&SnapshotCreateParams {
-            snapshot_type: SnapshotType::Full,
-            snapshot_path: s(state),
-            mem_file_path: s(mem),
-        })
+        self.client.snapshot_full(state, mem)
     }
 
     /// A new process in `dir` restored from a snapshot, with this clone's
@@ -174,26 +261,7 @@ impl FcProcess {
         tap: Option<&str>,
     ) -> Result<FcProcess, FcError> {
         let p = FcProcess::spawn(cfg, dir)?;
-        let r = p.client.snapshot_load(&SnapshotLoadParams {
-            snapshot_path: s(state),
-            mem_backend: MemoryBackend {
-                backend_type: BackendType::File,
-                backend_path: s(mem),
-            },
-            resume_vm: Some(true),
-            network_overrides: tap
-                .map(|t| {
-                    vec![NetworkOverride {
-                        iface_id: IFACE.into(),
-                        host_dev_name: t.into(),
-                    }]
-                })
-                .unwrap_or_default(),
-            vsock_override: Some(VsockOverride {
-                uds_path: s(&p.vsock_uds),
-            }),
-        });
-        match r {
+        match p.client.load_and_resume(state, mem, tap, &p.vsock_uds) {
             Ok(()) => Ok(p),
             Err(e) => {
                 p.kill();

@@ -3,7 +3,13 @@
 //! resources only before `InstanceStart`; `snapshot/load` only on a fresh
 //! process (nothing but logger and metrics before it); `snapshot/create`
 //! only while paused; `PATCH /vm` only once running. Everything else gets
-//! a 400 with a `fault_message`, like the real one. Calls are recorded.
+//! a 400 with a `fault_message`, like the real one. Calls are recorded
+//! (and, with [`FakeOptions::log`], appended to a file as JSON lines).
+//!
+//! A Full snapshot written by the fake holds whatever guest state its user
+//! set ([`FakeFirecracker::set_guest_state`]) and a memory file of the
+//! configured size; loading one makes that state available again
+//! ([`FakeFirecracker::loaded_guest_state`]).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -27,6 +33,20 @@ struct Inner {
     boot_source: bool,
     metrics: bool,
     loaded_from_snapshot: bool,
+    mem_size_mib: Option<u64>,
+    guest_state: Option<String>,
+    loaded_guest_state: Option<String>,
+}
+
+/// How a fake behaves beyond Firecracker's rules.
+#[derive(Debug, Clone, Default)]
+pub struct FakeOptions {
+    /// Append every call (`{"method", "path", "body"}`) to this file.
+    pub log: Option<PathBuf>,
+    /// Refuse every call to this path with a 400.
+    pub refuse: Option<String>,
+    /// What `GET /version` answers (default `1.16.0`).
+    pub version: Option<String>,
 }
 
 /// A fake Firecracker process's API.
@@ -34,11 +54,17 @@ struct Inner {
 pub struct FakeFirecracker {
     pub socket: PathBuf,
     inner: Arc<Mutex<Inner>>,
+    opts: Arc<FakeOptions>,
 }
 
 impl FakeFirecracker {
     /// Listen on `socket` (serving on a background thread).
     pub fn start(socket: &Path) -> std::io::Result<FakeFirecracker> {
+        Self::start_with(socket, FakeOptions::default())
+    }
+
+    /// Listen on `socket`, behaving as `opts` says.
+    pub fn start_with(socket: &Path, opts: FakeOptions) -> std::io::Result<FakeFirecracker> {
         let l = UnixListener::bind(socket)?;
         let fake = FakeFirecracker {
             socket: socket.to_path_buf(),
@@ -46,6 +72,7 @@ impl FakeFirecracker {
                 state: Some(FakeState::Fresh),
                 ..Inner::default()
             })),
+            opts: Arc::new(opts),
         };
         let f = fake.clone();
         std::thread::spawn(move || {
@@ -62,6 +89,21 @@ impl FakeFirecracker {
             .expect("fake")
             .state
             .unwrap_or(FakeState::Fresh)
+    }
+
+    /// Set what the next Full snapshot records as the guest's state.
+    pub fn set_guest_state(&self, state: String) {
+        self.inner.lock().expect("fake").guest_state = Some(state);
+    }
+
+    /// The guest state of the snapshot this process loaded.
+    pub fn loaded_guest_state(&self) -> Option<String> {
+        self.inner.lock().expect("fake").loaded_guest_state.clone()
+    }
+
+    /// Whether this process was restored from a snapshot.
+    pub fn loaded_from_snapshot(&self) -> bool {
+        self.inner.lock().expect("fake").loaded_from_snapshot
     }
 
     /// `METHOD /path` of every call, in order.
@@ -137,6 +179,20 @@ impl FakeFirecracker {
     fn handle(&self, method: &str, path: &str, body: Value) -> (u16, Option<Value>) {
         let mut g = self.inner.lock().expect("fake");
         g.calls.push((method.into(), path.into(), body.clone()));
+        if let Some(log) = &self.opts.log {
+            let line = json!({"method": method, "path": path, "body": body}).to_string() + "\n";
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(log)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+        }
+        if self.opts.refuse.as_deref() == Some(path) {
+            return (
+                400,
+                Some(json!({ "fault_message": format!("fake refusal of {method} {path}") })),
+            );
+        }
         let state = g.state.unwrap_or(FakeState::Fresh);
         let fault = |m: &str| (400, Some(json!({ "fault_message": m })));
         let started = matches!(state, FakeState::Running | FakeState::Paused);
@@ -147,7 +203,12 @@ impl FakeFirecracker {
             || path == "/vsock"
             || path == "/entropy";
         match (method, path) {
-            ("GET", "/version") => (200, Some(json!({"firecracker_version": "1.16.0"}))),
+            ("GET", "/version") => (
+                200,
+                Some(json!({
+                    "firecracker_version": self.opts.version.as_deref().unwrap_or("1.16.0")
+                })),
+            ),
             ("PUT", "/logger") => (204, None),
             ("PUT", "/metrics") if g.metrics => fault("Reinitialization of metrics not allowed."),
             ("PUT", "/metrics") => {
@@ -158,6 +219,9 @@ impl FakeFirecracker {
                 fault("The requested operation is not supported after starting the microVM.")
             }
             ("PUT", _) if pre_boot => {
+                if path == "/machine-config" {
+                    g.mem_size_mib = body.get("mem_size_mib").and_then(Value::as_u64);
+                }
                 if path == "/boot-source" {
                     if body.get("kernel_image_path").and_then(Value::as_str).is_none() {
                         return fault("missing field `kernel_image_path`");
@@ -198,17 +262,25 @@ impl FakeFirecracker {
                 fault("Cannot create a snapshot while the microVM is not paused.")
             }
             ("PUT", "/snapshot/create") => {
-                for k in ["snapshot_path", "mem_file_path"] {
-                    match body.get(k).and_then(Value::as_str) {
-                        Some(p) => {
-                            if std::fs::write(p, format!("fake {k}")).is_err() {
-                                return fault(&format!("cannot write {p}"));
-                            }
-                        }
-                        None => return fault(&format!("missing field `{k}`")),
-                    }
+                let (Some(snap), Some(mem)) = (
+                    body.get("snapshot_path").and_then(Value::as_str),
+                    body.get("mem_file_path").and_then(Value::as_str),
+                ) else {
+                    return fault("missing field `snapshot_path` or `mem_file_path`");
+                };
+                let state = json!({
+                    "fake_firecracker_snapshot": 1,
+                    "mem_size_mib": g.mem_size_mib,
+                    "guest": g.guest_state,
+                });
+                let written = std::fs::write(snap, state.to_string()).and_then(|_| {
+                    let f = std::fs::File::create(mem)?;
+                    f.set_len(g.mem_size_mib.unwrap_or(1) << 20)
+                });
+                match written {
+                    Ok(()) => (204, None),
+                    Err(e) => fault(&format!("cannot write the snapshot: {e}")),
                 }
-                (204, None)
             }
             ("PUT", "/snapshot/load") if state != FakeState::Fresh || g.loaded_from_snapshot => fault(
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
@@ -221,6 +293,14 @@ impl FakeFirecracker {
                     .and_then(Value::as_str);
                 match (snap, mem) {
                     (Some(s), Some(m)) if Path::new(s).exists() && Path::new(m).exists() => {
+                        let saved: Value = std::fs::read(s)
+                            .ok()
+                            .and_then(|b| serde_json::from_slice(&b).ok())
+                            .unwrap_or(Value::Null);
+                        g.loaded_guest_state = saved
+                            .get("guest")
+                            .and_then(Value::as_str)
+                            .map(str::to_string);
                         g.loaded_from_snapshot = true;
                         let resume = body.get("resume_vm").and_then(Value::as_bool) == Some(true);
                         g.state = Some(if resume {
