@@ -1,0 +1,360 @@
+//! dough's Firecracker backend end to end through the CLI, against
+//! `dough-fake-firecracker`: Firecracker's API (with its documented call
+//! order enforced) and a stand-in guest that speaks dough's protocol over
+//! the hybrid vsock socket. No VM boots here — what these tests show is
+//! dough's host side: the process spawned inside each clone's netns, the
+//! API calls and their bodies, the vsock listener, the state machine,
+//! snapshot keys, `ps`, GC and exact teardown. The same lifecycle against
+//! a real Firecracker is `fc_real.rs`.
+//!
+//! Privileged tier: clones get real network namespaces (root).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{process_gone, ps, text, vm_dirs};
+
+fn fake_binary() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_dough")).with_file_name("dough-fake-firecracker");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo build -p dough-fake-firecracker` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// dough with the Firecracker backend pointed at the fake.
+fn fc(home: &Path) -> Command {
+    let mut c = common::dough(home);
+    c.env("DOUGH_BACKEND", "firecracker")
+        .env("DOUGH_FIRECRACKER", fake_binary())
+        .env_remove("DOUGH_FAKE_FC_VERSION")
+        .env_remove("DOUGH_FAKE_FC_REFUSE");
+    c
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "dough failed ({}):\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+fn netns_of(pid: i64) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Netns of this home's scope still on the host.
+fn netns_left(home: &Path) -> Vec<String> {
+    let vms = home.join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let scope = dough_fabric::vm::net_scope(&vms);
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("dough-{scope}-")))
+        .collect()
+}
+
+/// The API calls a VM's Firecracker received (the fake logs them to its
+/// `--log-path`).
+fn api_calls(vm_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(vm_dir.join("firecracker.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn snapshot_metas(home: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_dir(home.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("meta.json")).ok())
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .collect()
+}
+
+#[test]
+fn bake_up_exec_ps_kill_down_through_the_firecracker_backend() {
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+
+    // Bake: configure + InstanceStart, ready line on the console, the
+    // agent's vsock connection, pause, Full snapshot.
+    let out = ok(fc(h).arg("bake").output().unwrap());
+    let err = text(&out.stderr);
+    assert!(err.contains("baking snapshot"), "{err}");
+    assert!(
+        !err.contains("TCG"),
+        "no TCG warning under Firecracker: {err}"
+    );
+    let metas = snapshot_metas(h);
+    assert_eq!(metas.len(), 1);
+    let meta = &metas[0];
+    assert_eq!(meta["backend"], "firecracker");
+    assert_eq!(meta["inputs"]["accel"], "kvm");
+    assert_eq!(meta["inputs"]["backend"], "firecracker");
+    assert!(
+        meta["inputs"]["firecracker"]
+            .as_str()
+            .unwrap()
+            .contains("v1.16.0"),
+        "the Firecracker version is part of the key: {meta}"
+    );
+    assert!(meta["inputs"].get("qemu").is_none(), "{meta}");
+
+    // Two clones, each its own Firecracker in its own netns.
+    let out = ok(fc(h).args(["up", "2"]).output().unwrap());
+    let ids: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 2, "{}", text(&out.stdout));
+    let vms = ps(h);
+    assert_eq!(vms.len(), 2);
+    let mut pids = Vec::new();
+    for v in &vms {
+        assert_eq!(v["backend"], "firecracker", "{v}");
+        assert_eq!(v["state"], "ready", "{v}");
+        let pid = v["vmm"]["pid"].as_i64().unwrap();
+        assert!(!process_gone(pid));
+        assert_ne!(netns_of(pid), netns_of(std::process::id() as i64));
+        pids.push(pid);
+    }
+    assert_ne!(netns_of(pids[0]), netns_of(pids[1]), "one netns per clone");
+    let table = text(&ok(fc(h).arg("ps").output().unwrap()).stdout);
+    assert!(table.contains("BACKEND"), "{table}");
+    assert_eq!(table.matches("firecracker").count(), 2, "{table}");
+
+    // Each was restored (never booted) with its own vsock socket and TAP.
+    for id in &ids {
+        let dir = h.join("vms").join(id);
+        let calls = api_calls(&dir);
+        let paths: Vec<&str> = calls.iter().map(|c| c["path"].as_str().unwrap()).collect();
+        assert_eq!(paths, ["/snapshot/load"], "{calls:?}");
+        let load = &calls[0]["body"];
+        assert_eq!(
+            load["vsock_override"]["uds_path"],
+            dir.join("vsock.sock").display().to_string()
+        );
+        assert_eq!(load["network_overrides"][0]["host_dev_name"], "tap0");
+        assert_eq!(load["mem_backend"]["backend_type"], "File");
+        assert_eq!(load["resume_vm"], true);
+    }
+
+    // exec reaches the agent over vsock: inline and streamed stdin (over
+    // the 256 KiB inline limit), exit codes, and two execs at once.
+    let id = &ids[0];
+    let out = ok(fc(h)
+        .args(["exec", id, "--", "sh", "-c", "echo sandbox=$IS_SANDBOX"])
+        .output()
+        .unwrap());
+    assert_eq!(text(&out.stdout), "sandbox=1\n");
+    let mut child = fc(h)
+        .args(["exec", "-i", id, "--", "wc", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![b'x'; 300 << 10]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), (300 << 10).to_string());
+    let out = fc(h)
+        .args(["exec", id, "--", "sh", "-c", "exit 7"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let both: Vec<_> = (0..2)
+        .map(|i| {
+            fc(h)
+                .args(["exec", id, "--", "echo", &format!("concurrent-{i}")])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in both.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(text(&out.stdout), format!("concurrent-{i}\n"));
+    }
+
+    // A clone whose Firecracker dies is seen dead, and exec says so.
+    let victim = ps(h)
+        .into_iter()
+        .find(|v| v["id"] == ids[1].as_str())
+        .unwrap();
+    let vpid = victim["vmm"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vpid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !process_gone(vpid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = fc(h)
+        .args(["exec", &ids[1], "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is dead"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dead = ps(h)
+        .into_iter()
+        .find(|v| v["id"] == ids[1].as_str())
+        .unwrap();
+    assert_eq!(dead["state"], "dead");
+
+    // down --all: every process, directory and netns goes.
+    ok(fc(h).args(["down", "--all"]).output().unwrap());
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+    for pid in pids {
+        assert!(process_gone(pid), "pid {pid} still runs");
+    }
+    assert!(netns_left(h).is_empty(), "{:?}", netns_left(h));
+
+    // `run` restores a clone of the same snapshot and passes the exit code.
+    let out = fc(h)
+        .args(["run", "--", "sh", "-c", "echo run-ok; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "run-ok\n");
+    assert!(vm_dirs(h).is_empty());
+
+    // A new Firecracker version means a new snapshot, and dough says why.
+    let out = ok(fc(h)
+        .arg("bake")
+        .env("DOUGH_FAKE_FC_VERSION", "1.17.0")
+        .output()
+        .unwrap());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("firecracker") && err.contains("v1.16.0") && err.contains("v1.17.0"),
+        "{err}"
+    );
+    assert_eq!(snapshot_metas(h).len(), 2);
+}
+
+#[test]
+fn firecracker_failures_are_reported_and_leave_nothing_behind() {
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+    ok(fc(h).arg("bake").output().unwrap());
+
+    // Firecracker's fault_message reaches the user verbatim.
+    let out = fc(h)
+        .args(["up", "1"])
+        .env("DOUGH_FAKE_FC_REFUSE", "/snapshot/load")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "Firecracker refused PUT /snapshot/load (400): fake refusal of PUT /snapshot/load"
+        ),
+        "{err}"
+    );
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+    assert!(netns_left(h).is_empty(), "{:?}", netns_left(h));
+
+    // A bake refused at InstanceStart: same, and no snapshot appears.
+    let fresh = common::private_home_own_snapshots();
+    let out = fc(fresh.path())
+        .arg("bake")
+        .env("DOUGH_FAKE_FC_REFUSE", "/actions")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("fake refusal of PUT /actions"), "{err}");
+    assert!(snapshot_metas(fresh.path()).is_empty());
+    assert!(vm_dirs(fresh.path()).is_empty());
+
+    // No binary: say what to do.
+    let out = fc(h)
+        .args(["up", "1"])
+        .env("DOUGH_FIRECRACKER", "/nonexistent/firecracker")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/firecracker") && err.contains("Firecracker installed"),
+        "{err}"
+    );
+
+    // Firecracker has no TCG.
+    let out = fc(h)
+        .args(["run", "--accel", "tcg", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("KVM only"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(vm_dirs(h).is_empty());
+}
+
+#[test]
+fn firecracker_clones_of_a_killed_up_are_reclaimed_by_the_next_command() {
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+    ok(fc(h).arg("bake").output().unwrap());
+    let bin = fake_binary();
+    let (mut child, seen) = common::spawn_until(
+        h,
+        &[
+            "up",
+            "2",
+            "--backend",
+            "firecracker",
+            "--firecracker",
+            bin.to_str().unwrap(),
+        ],
+        ("DOUGH_TEST_HOLD_BEFORE_HANDOVER", "1"),
+        "holding the clones before handover",
+    );
+    let pids: Vec<i64> = common::records(h)
+        .iter()
+        .filter_map(|r| r["vmm"]["pid"].as_i64())
+        .collect();
+    assert_eq!(pids.len(), 2, "{seen}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(pids.iter().all(|p| !process_gone(*p)), "VMMs outlive dough");
+
+    let out = common::run(h, &["ps"]);
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("reclaimed orphaned VM").count(), 2, "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pids.iter().all(|p| process_gone(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(pids.iter().all(|p| process_gone(*p)));
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+    assert!(netns_left(h).is_empty(), "{:?}", netns_left(h));
+}
