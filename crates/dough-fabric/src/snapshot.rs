@@ -202,7 +202,14 @@ pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
 pub fn vmm_version(opts: &BootOptions) -> Result<String, SnapshotError> {
     match opts.backend {
         Backend::Qemu => qemu_version(&opts.qemu),
+        // Its arguments (`--enable-pci`) change the guest's devices.
         Backend::Firecracker => dough_vmm::firecracker::backend::version(&opts.firecracker.binary)
+            .map(|v| {
+                std::iter::once(v)
+                    .chain(opts.firecracker.extra_args.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .map_err(|e| SnapshotError::FirecrackerVersion(Box::new(e))),
     }
 }
@@ -527,5 +534,68 @@ impl SnapshotStore {
         self.get(&key)
             .ok_or_else(|| std::io::Error::other(format!("snapshot {key} vanished after baking")))
             .map_err(SnapshotError::Io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(backend: Backend, version: &str) -> SnapshotSpec {
+        SnapshotSpec {
+            image: Image {
+                id: "img".into(),
+                created_unix: 0,
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                rootfs: "/r".into(),
+                kernel_release: "6.1".into(),
+                kernel_package: "linux-image-cloud-amd64".into(),
+                suite: "bookworm".into(),
+                packages: vec![],
+                kernel_key: "kk".into(),
+                rootfs_key: "rk".into(),
+                initrd_key: "ik".into(),
+                agent_sha256: "ab".repeat(32),
+            },
+            accel: Resolved::Kvm,
+            mem_mib: 256,
+            cpus: 1,
+            extra_cmdline: vec![],
+            backend,
+            vmm_version: version.into(),
+        }
+    }
+
+    #[test]
+    fn keys_name_the_backend_and_its_version() {
+        let q = spec(Backend::Qemu, "QEMU emulator version 7.2.22");
+        let f = spec(Backend::Firecracker, "Firecracker v1.16.0");
+        assert_ne!(q.key(), f.key());
+        assert_ne!(
+            f.key(),
+            spec(Backend::Firecracker, "Firecracker v1.17.0").key(),
+            "a new Firecracker release re-bakes"
+        );
+        let (qi, fi) = (q.inputs(), f.inputs());
+        assert_eq!(qi["backend"], "qemu");
+        assert_eq!(qi["qemu"], "QEMU emulator version 7.2.22");
+        assert_eq!(qi["device set"], DEVICE_SET);
+        assert!(!qi.contains_key("firecracker"));
+        assert_eq!(fi["backend"], "firecracker");
+        assert_eq!(fi["firecracker"], "Firecracker v1.16.0");
+        assert_eq!(fi["device set"], FC_DEVICE_SET);
+        assert!(!fi.contains_key("qemu"));
+    }
+
+    #[test]
+    fn snapshots_from_before_the_choice_are_qemu() {
+        let old = r#"{"key":"k","created_unix":1,"bake_secs":1.0,"inputs":{},
+            "image":{"id":"i","created_unix":0,"kernel":"/k","initrd":"/i","rootfs":"/r",
+            "kernel_release":"","kernel_package":"","suite":"","packages":[],"kernel_key":"",
+            "rootfs_key":"","initrd_key":"","agent_sha256":""},
+            "accel":"Tcg","mem_mib":256,"cpus":1,"extra_cmdline":[],"tsc_khz":null,"state_bytes":1}"#;
+        let meta: SnapshotMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(meta.backend, Backend::Qemu);
     }
 }

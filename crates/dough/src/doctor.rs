@@ -9,6 +9,11 @@ use clap::Args;
 pub struct DoctorArgs {
     #[command(flatten)]
     pub agent: crate::image_cmd::AgentArg,
+    /// Also require what this backend needs: for `firecracker`, the
+    /// binary (DOUGH_FIRECRACKER) and KVM that boots guests (probed once
+    /// per host boot with the current image). Exits non-zero if missing.
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::run_cmd::BackendArg>,
 }
 
 struct Check {
@@ -185,12 +190,16 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
                 .trim()
                 .to_string()
         });
+    let want_fc = args.backend == Some(crate::run_cmd::BackendArg::Firecracker);
     checks.push(Check {
         name: "firecracker",
         ok: fc_version.is_some(),
-        required: false,
+        required: want_fc,
         detail: match &fc_version {
             Some(v) => format!("{v} ({})", fc.display()),
+            None if want_fc => {
+                format!("{} not found (no registry ships Firecracker)", fc.display())
+            }
             None => format!(
                 "{} not found; the QEMU backend is used (no registry ships Firecracker)",
                 fc.display()
@@ -236,6 +245,33 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
         },
         fix: "dough image build",
     });
+    if want_fc {
+        // Firecracker has no TCG: KVM must really boot guests here.
+        let boots = match &image {
+            Ok(img) => dough_fabric::accel::choose(
+                dough_vmm::Accel::Auto,
+                home,
+                img,
+                Path::new("qemu-system-x86_64"),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|c| match c.accel {
+                dough_vmm::Resolved::Kvm => Ok("KVM boots guests (probe)".to_string()),
+                dough_vmm::Resolved::Tcg => Err(format!(
+                    "KVM does not boot guests here: {}",
+                    c.fallback_reason.unwrap_or_default()
+                )),
+            }),
+            Err(_) => Err("no image to probe KVM with".to_string()),
+        };
+        checks.push(Check {
+            name: "kvm-guests",
+            ok: boots.is_ok(),
+            required: true,
+            detail: boots.unwrap_or_else(|e| e),
+            fix: "Firecracker needs working KVM: run on bare metal or a host with nested virtualisation",
+        });
+    }
 
     let mut failed = false;
     for c in &checks {

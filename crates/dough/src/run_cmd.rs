@@ -71,6 +71,10 @@ pub struct VmArgs {
         value_name = "PATH"
     )]
     pub firecracker: PathBuf,
+    /// Start Firecracker with `--enable-pci` (virtio over PCI instead of
+    /// MMIO; Firecracker 1.13+). Part of the snapshot key.
+    #[arg(long)]
+    pub firecracker_pci: bool,
     /// Accelerator (QEMU; Firecracker always uses KVM).
     #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
     pub accel: AccelArg,
@@ -176,6 +180,11 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         qemu: vm.qemu.clone(),
         firecracker: dough_vmm::firecracker::backend::FcConfig {
             binary: vm.firecracker.clone(),
+            extra_args: if vm.firecracker_pci {
+                vec!["--enable-pci".into()]
+            } else {
+                vec![]
+            },
             ..Default::default()
         },
         mem_mib: vm.mem,

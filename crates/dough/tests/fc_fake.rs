@@ -254,6 +254,33 @@ fn bake_up_exec_ps_kill_down_through_the_firecracker_backend() {
         "{err}"
     );
     assert_eq!(snapshot_metas(h).len(), 2);
+
+    // --firecracker-pci changes the guest's devices: its own snapshot, and
+    // clones' Firecrackers get the flag.
+    ok(fc(h).args(["bake", "--firecracker-pci"]).output().unwrap());
+    let metas = snapshot_metas(h);
+    assert_eq!(metas.len(), 3);
+    assert!(metas.iter().any(|m| m["inputs"]["firecracker"]
+        .as_str()
+        .unwrap()
+        .ends_with("--enable-pci")));
+    let out = ok(fc(h)
+        .args([
+            "run",
+            "--firecracker-pci",
+            "--",
+            "sh",
+            "-c",
+            "tr '\\0' ' ' < /proc/$PPID/cmdline",
+        ])
+        .output()
+        .unwrap());
+    // The stand-in guest runs commands as its children: $PPID is the VMM.
+    let argv = text(&out.stdout);
+    assert!(
+        argv.contains("--api-sock") && argv.contains("--enable-pci"),
+        "{argv}"
+    );
 }
 
 #[test]

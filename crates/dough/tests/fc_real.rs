@@ -1,13 +1,16 @@
-//! The Firecracker lifecycle against a real `firecracker` binary: boot the
-//! image, reach the agent over vsock, run a command, snapshot, restore two
-//! clones and check they are alive and distinct.
+//! The Firecracker lifecycle against a real `firecracker` binary: first
+//! the backend alone (boot the image, reach the agent over vsock, run a
+//! command, snapshot, restore two clones and check they are alive and
+//! distinct), then the same through dough's CLI as the QEMU VM tests do
+//! (bake, up, exec, ps, a killed VMM seen dead, down leaving nothing).
 //!
 //! It needs a Firecracker binary (`DOUGH_FIRECRACKER`) and KVM that boots
-//! guests, which our CI machines do not have, so it is `#[ignore]`d: nextest
-//! reports it as skipped — not run, never counted as passing. Where both
-//! exist, run it with
-//! `cargo nextest run --run-ignored only -E 'binary(fc_real)'`; run there
-//! without them, it fails and says which is missing.
+//! guests, which our CI machines do not have, so it is `#[ignore]`d:
+//! nextest reports it as skipped — not run, never counted as passing — and
+//! `scripts/test` prints why it was not run. Where both exist,
+//! `scripts/test` runs it (it asks `dough doctor --backend firecracker`);
+//! by hand: `cargo nextest run --run-ignored only -E 'binary(fc_real)'`.
+//! Run without them, it fails and says which is missing.
 
 mod common;
 
@@ -134,4 +137,88 @@ fn fc_boot_snapshot_restore_two_clones() {
         c.kill();
     }
     assert_ne!(randoms[0], randoms[1], "clones reseeded their RNG");
+}
+
+fn dough_fc(home: &Path, args: &[&str]) -> std::process::Output {
+    let cfg = prerequisites();
+    common::dough(home)
+        .args(args)
+        .env("DOUGH_BACKEND", "firecracker")
+        .env("DOUGH_FIRECRACKER", &cfg.binary)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "dough failed ({}):\n{}",
+        out.status,
+        common::text(&out.stderr)
+    );
+    common::text(&out.stdout)
+}
+
+#[test]
+#[ignore = "needs a firecracker binary (DOUGH_FIRECRACKER) and KVM that boots guests"]
+fn fc_cli_bake_up_exec_ps_down() {
+    prerequisites();
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+    ok(dough_fc(h, &["bake"]));
+    let ids: Vec<String> = ok(dough_fc(h, &["up", "2"]))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let mut randoms = Vec::new();
+    for id in &ids {
+        let out = ok(dough_fc(
+            h,
+            &[
+                "exec",
+                id,
+                "--",
+                "sh",
+                "-c",
+                "cat /proc/1/comm; echo $IS_SANDBOX $DOUGH_VM_ID",
+            ],
+        ));
+        assert_eq!(out, format!("dough-agent\n1 {id}\n"));
+        randoms.push(ok(dough_fc(
+            h,
+            &[
+                "exec",
+                id,
+                "--",
+                "sh",
+                "-c",
+                "head -c 16 /dev/urandom | od -An -tx1",
+            ],
+        )));
+    }
+    assert_ne!(randoms[0], randoms[1], "clones reseeded their RNG");
+    let vms = common::ps(h);
+    assert!(vms
+        .iter()
+        .all(|v| v["backend"] == "firecracker" && v["state"] == "ready"));
+    let pid = vms[0]["vmm"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(dough_vmm::process::wait_until(
+        Duration::from_secs(10),
+        || { common::process_gone(pid) }
+    ));
+    let dead = common::ps(h)
+        .into_iter()
+        .find(|v| v["vmm"]["pid"].as_i64() == Some(pid))
+        .unwrap();
+    assert_eq!(dead["state"], "dead");
+    ok(dough_fc(h, &["down", "--all"]));
+    assert!(common::vm_dirs(h).is_empty());
+    let out = dough_fc(h, &["run", "--", "sh", "-c", "exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
 }
