@@ -439,9 +439,11 @@ impl Vm {
             match r {
                 Ok(c) => fc = Some(c),
                 Err(source) => {
+                    // Firecracker's own refusal says more than its exit.
+                    let refused = matches!(source, FcError::Refused { .. });
                     let e = match process.try_wait() {
-                        Some(st) => exited(st),
-                        None => FabricError::Firecracker {
+                        Some(st) if !refused => exited(st),
+                        _ => FabricError::Firecracker {
                             vm: id.clone(),
                             what: match launch {
                                 Launch::Restore(_) => "loading the snapshot",

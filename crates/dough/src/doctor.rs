@@ -252,7 +252,9 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
                 dough_vmm::Accel::Auto,
                 home,
                 img,
-                Path::new("qemu-system-x86_64"),
+                &std::env::var_os("DOUGH_QEMU")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
             )
             .map_err(|e| e.to_string())
             .and_then(|c| match c.accel {

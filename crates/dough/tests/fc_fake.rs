@@ -31,6 +31,7 @@ fn fc(home: &Path) -> Command {
     let mut c = common::dough(home);
     c.env("DOUGH_BACKEND", "firecracker")
         .env("DOUGH_FIRECRACKER", fake_binary())
+        .env_remove("DOUGH_ACCEL")
         .env_remove("DOUGH_FAKE_FC_VERSION")
         .env_remove("DOUGH_FAKE_FC_REFUSE");
     c

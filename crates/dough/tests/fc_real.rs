@@ -25,9 +25,15 @@ use dough_proto::{READY_LINE, VSOCK_PORT};
 use dough_vmm::firecracker::backend::{FcConfig, FcMachine, FcProcess};
 
 fn prerequisites() -> FcConfig {
+    // The same rule as dough's: DOUGH_FIRECRACKER, else `firecracker` on PATH.
     let bin = std::env::var_os("DOUGH_FIRECRACKER")
         .map(PathBuf::from)
-        .expect("not run: set DOUGH_FIRECRACKER to a firecracker binary");
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join("firecracker"))
+                .find(|p| p.is_file())
+        })
+        .expect("not run: no firecracker binary (set DOUGH_FIRECRACKER or put one on PATH)");
     assert!(bin.is_file(), "not run: {} does not exist", bin.display());
     if let Err(why) = dough_vmm::accel::kvm_device_usable() {
         panic!("not run: KVM is not usable: {why}");

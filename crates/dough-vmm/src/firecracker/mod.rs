@@ -17,6 +17,9 @@ use api::*;
 
 /// How long one API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot call may take: `snapshot/create` writes all of guest
+/// memory before it answers.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FcError {
@@ -88,14 +91,17 @@ impl Client {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, FcError> {
-        let (status, resp) =
-            http::request(&self.socket, method, path, body.as_deref(), CALL_TIMEOUT).map_err(
-                |source| FcError::Http {
-                    method: method.into(),
-                    path: path.into(),
-                    source,
-                },
-            )?;
+        let limit = if path.starts_with("/snapshot/") {
+            SNAPSHOT_TIMEOUT
+        } else {
+            CALL_TIMEOUT
+        };
+        let (status, resp) = http::request(&self.socket, method, path, body.as_deref(), limit)
+            .map_err(|source| FcError::Http {
+                method: method.into(),
+                path: path.into(),
+                source,
+            })?;
         if (200..300).contains(&status) {
             return Ok(resp);
         }

@@ -93,7 +93,11 @@ pub fn process_gone(pid: i64) -> bool {
 
 pub fn dough(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dough"));
-    c.env("DOUGH_HOME", home).env_remove("RUST_LOG");
+    // Tests choose their backend themselves.
+    c.env("DOUGH_HOME", home)
+        .env_remove("RUST_LOG")
+        .env_remove("DOUGH_BACKEND")
+        .env_remove("DOUGH_FIRECRACKER");
     c
 }
 
