@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dough_vmm::process::wait_until;
-use dough_vmm::{ProcessId, Qmp};
+use dough_vmm::ProcessId;
 
 use crate::state::{read_record, StateError, VmDir, VmRecord, VmState};
 
@@ -88,16 +88,13 @@ pub fn teardown_net(rec: &VmRecord) {
     }
 }
 
-/// Stop a VM exactly: ask its VMM to quit over QMP, then SIGKILL the
+/// Stop a VM exactly: ask its VMM to quit (QEMU: QMP `quit`), then SIGKILL the
 /// recorded pid if it is still our process, then remove its directory.
 /// The caller has moved the record to `stopping`.
 pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, StateError> {
     let mut killed = None;
     if let Some(vmm) = rec.vmm.filter(|v| v.is_alive()) {
-        if let Ok(mut q) = Qmp::connect(&dir.paths.qmp, Duration::from_secs(2)) {
-            let _ = q.quit();
-            wait_until(Duration::from_secs(3), || !vmm.is_alive());
-        }
+        crate::vmm::vmm(rec.backend).ask_to_quit(&dir.paths, &mut || !vmm.is_alive());
         killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
     }
     teardown_net(rec);

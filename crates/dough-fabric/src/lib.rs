@@ -13,6 +13,7 @@ pub mod serial;
 pub mod snapshot;
 pub mod state;
 pub mod vm;
+pub mod vmm;
 
 pub use channel::{ChannelError, ExecRequest, HostChannel};
 pub use snapshot::{Snapshot, SnapshotSpec, SnapshotStore};

@@ -20,20 +20,18 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dough_image::cache::{Entry, KeyBuilder};
 use dough_image::Image;
-use dough_vmm::{Backend, Resolved, DEVICE_SET};
+use dough_vmm::{Backend, Resolved};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{now_unix, VmKind, VmState};
+use crate::state::{now_unix, VmKind};
 use crate::vm::{BootOptions, FabricError, Launch, Vm};
 
 const META: &str = "meta.json";
-/// How long saving the device state may take.
-const SAVE_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -78,14 +76,13 @@ pub struct SnapshotSpec {
     pub vmm_version: String,
 }
 
-/// The device set a Firecracker guest gets (virtio-mmio block, net, vsock,
-/// entropy; serial console): part of its snapshots' key.
-pub const FC_DEVICE_SET: &str = "fc-v1: blk(ro) net vsock entropy serial";
+pub use crate::vmm::FC_DEVICE_SET;
 
 impl SnapshotSpec {
     /// The labelled inputs, as shown when explaining a re-bake.
     pub fn inputs(&self) -> BTreeMap<String, String> {
         let i = &self.image;
+        let (device_set, version_label) = crate::vmm::vmm(self.backend).key_labels();
         [
             ("kernel", i.kernel_key.clone()),
             ("rootfs", i.rootfs_key.clone()),
@@ -102,23 +99,10 @@ impl SnapshotSpec {
                     .collect::<Vec<_>>()
                     .join(" "),
             ),
-            (
-                "device set",
-                match self.backend {
-                    Backend::Qemu => DEVICE_SET,
-                    Backend::Firecracker => FC_DEVICE_SET,
-                }
-                .to_string(),
-            ),
+            ("device set", device_set.to_string()),
             ("backend", self.backend.to_string()),
             // Labelled by backend so QEMU snapshots keep their keys.
-            (
-                match self.backend {
-                    Backend::Qemu => "qemu",
-                    Backend::Firecracker => "firecracker",
-                },
-                self.vmm_version.clone(),
-            ),
+            (version_label, self.vmm_version.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -200,18 +184,7 @@ pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
 
 /// The version of the VMM `opts` would run, for the snapshot key.
 pub fn vmm_version(opts: &BootOptions) -> Result<String, SnapshotError> {
-    match opts.backend {
-        Backend::Qemu => qemu_version(&opts.qemu),
-        // Its arguments (`--enable-pci`) change the guest's devices.
-        Backend::Firecracker => dough_vmm::firecracker::backend::version(&opts.firecracker.binary)
-            .map(|v| {
-                std::iter::once(v)
-                    .chain(opts.firecracker.extra_args.iter().cloned())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .map_err(|e| SnapshotError::FirecrackerVersion(Box::new(e))),
-    }
+    crate::vmm::vmm(opts.backend).version(opts)
 }
 
 /// Why a bake is happening.
@@ -463,44 +436,7 @@ impl SnapshotStore {
             };
             // The host has seen the agent alive; now leave it idle and freeze it.
             vm.close_channel();
-            match vm.fc() {
-                None => {
-                    let qmp_err = |what, source| FabricError::Qmp {
-                        vm: vm.id.clone(),
-                        what,
-                        source,
-                    };
-                    let mut q = vm.qmp()?;
-                    q.stop().map_err(|e| qmp_err("pausing", e))?;
-                    vm.set_state(VmState::Paused)?;
-                    q.ignore_shared_ram()
-                        .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
-                    q.migrate(&dough_vmm::qemu::exec_uri(&state, true))
-                        .map_err(|e| qmp_err("saving the device state", e))?;
-                    q.wait_migration(SAVE_LIMIT)
-                        .map_err(|e| qmp_err("saving the device state", e))?;
-                }
-                Some(fc) => {
-                    let fc_err = |what, source| SnapshotError::Firecracker {
-                        vm: vm.id.clone(),
-                        what,
-                        source: Box::new(source),
-                    };
-                    fc.pause().map_err(|e| fc_err("pausing", e))?;
-                    vm.set_state(VmState::Paused)?;
-                    fc.snapshot_full(&state, &mem)
-                        .map_err(|e| fc_err("writing the Full snapshot", e))?;
-                    for f in [&state, &mem] {
-                        if !f.is_file() {
-                            return Err(std::io::Error::other(format!(
-                                "Firecracker reported a snapshot but wrote no {}",
-                                f.display()
-                            ))
-                            .into());
-                        }
-                    }
-                }
-            }
+            crate::vmm::vmm(spec.backend).freeze(&vm, &state, &mem)?;
             std::fs::copy(&vm.paths.serial, tmp.join("boot-serial.log"))?;
             vm.destroy()?;
             let meta = SnapshotMeta {
@@ -580,7 +516,7 @@ mod tests {
         let (qi, fi) = (q.inputs(), f.inputs());
         assert_eq!(qi["backend"], "qemu");
         assert_eq!(qi["qemu"], "QEMU emulator version 7.2.22");
-        assert_eq!(qi["device set"], DEVICE_SET);
+        assert_eq!(qi["device set"], dough_vmm::DEVICE_SET);
         assert!(!qi.contains_key("firecracker"));
         assert_eq!(fi["backend"], "firecracker");
         assert_eq!(fi["firecracker"], "Firecracker v1.16.0");

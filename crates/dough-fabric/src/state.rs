@@ -217,14 +217,7 @@ impl VmDir {
     /// never sees the directory without its record (and owner).
     pub fn create(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
         let dir = vms.join(&record.id);
-        let paths = VmPaths::new(&dir);
-        let longest = match record.backend {
-            dough_vmm::Backend::Qemu => paths.channel,
-            // Its guest-initiated vsock socket is the longest name.
-            dough_vmm::Backend::Firecracker => {
-                crate::channel::vsock_listen_path(&paths.vsock, dough_proto::VSOCK_PORT)
-            }
-        };
+        let longest = crate::vmm::vmm(record.backend).longest_socket(&VmPaths::new(&dir));
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(StateError::PathTooLong(longest));
         }

@@ -2,25 +2,21 @@
 //! commands, tear down exactly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use std::os::unix::process::CommandExt;
 
 use dough_image::Image;
 use dough_net::linux::LinuxNet;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
-use dough_vmm::firecracker::backend::{FcConfig, FcMachine};
-use dough_vmm::firecracker::{Client as FcClient, FcError};
+use dough_vmm::firecracker::backend::FcConfig;
+use dough_vmm::firecracker::FcError;
 use dough_vmm::process::wait_until;
-use dough_vmm::{
-    Backend, Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess,
-};
+use dough_vmm::{Backend, QmpError, Resolved, VmPaths, VmmProcess};
 
-use crate::channel::{ChannelError, ExecRequest, HostChannel, VsockListener};
+use crate::channel::{ChannelError, ExecRequest, HostChannel};
 use crate::serial::{tail, SerialWatch};
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
+use crate::vmm::Start;
 use dough_net::{Egress, Ipv4Net, NetPlan};
 
 /// Lines of serial console shown in boot errors.
@@ -211,8 +207,6 @@ pub struct Vm {
     /// the directory still being readable.
     net: NetPlan,
     process: VmmProcess,
-    /// Firecracker's API (None under QEMU).
-    fc: Option<FcClient>,
     channel: HostChannel,
     torn_down: bool,
 }
@@ -338,21 +332,24 @@ impl Vm {
             }
             let _ = std::fs::remove_dir_all(&paths.dir);
         };
-        // Under Firecracker the agent connects to us over vsock as soon as
-        // it runs: listen before it can.
-        let listener = match opts.backend {
-            Backend::Qemu => None,
-            Backend::Firecracker => {
-                match VsockListener::bind(&paths.vsock, dough_proto::VSOCK_PORT) {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        remove();
-                        return Err(state_err(e));
-                    }
-                }
+        let vmm_impl = crate::vmm::vmm(opts.backend);
+        let start_info = Start {
+            id: &id,
+            opts,
+            image,
+            plan: &plan,
+            launch: &launch,
+            paths: &paths,
+        };
+        // Made before the spawn: a guest may connect as soon as it runs.
+        let endpoint = match vmm_impl.endpoint(&paths) {
+            Ok(e) => e,
+            Err(e) => {
+                remove();
+                return Err(state_err(e));
             }
         };
-        let mut cmd = match vmm_command(opts, image, &plan, &launch, &paths) {
+        let mut cmd = match vmm_impl.command(&start_info) {
             Ok(c) => c,
             Err(e) => {
                 remove();
@@ -370,13 +367,7 @@ impl Vm {
             Ok(Ok(c)) => c,
             Ok(Err(source)) => {
                 remove();
-                let (vmm, hint) = match opts.backend {
-                    Backend::Qemu => (&opts.qemu, "is qemu-system-x86 installed?"),
-                    Backend::Firecracker => (
-                        &opts.firecracker.binary,
-                        "is Firecracker installed? point dough at it with --firecracker or DOUGH_FIRECRACKER",
-                    ),
-                };
+                let (vmm, hint) = vmm_impl.binary(opts);
                 return Err(FabricError::Spawn {
                     vmm: vmm.display().to_string(),
                     hint,
@@ -410,7 +401,7 @@ impl Vm {
             backend: opts.backend,
             vm: id.clone(),
             status: st.to_string(),
-            vmm_tail: vmm_tail(&paths, opts.backend, 10),
+            vmm_tail: vmm_impl.log_tail(&paths, 10),
             serial_tail: tail(&paths.serial, TAIL_LINES),
         };
         let left = |start: Instant| {
@@ -419,93 +410,35 @@ impl Vm {
                 .max(Duration::from_secs(5))
         };
 
-        // Firecracker: its API first, then configure + start, or load.
-        let mut fc = None;
-        if opts.backend == Backend::Firecracker {
-            let r = FcClient::wait(&paths.api, opts.firecracker.start_limit, &mut || {
-                process.try_wait().map(|st| st.to_string())
-            })
-            .and_then(|c| {
-                match &launch {
-                    Launch::Restore(snap) => {
-                        c.load_and_resume(&snap.state, &snap.mem, Some(&plan.tap), &paths.vsock)?
-                    }
-                    Launch::Cold | Launch::Bake { .. } => {
-                        c.configure_and_start(&fc_machine(image, opts, &plan.tap), &paths.vsock)?
-                    }
-                }
-                Ok(c)
-            });
-            match r {
-                Ok(c) => fc = Some(c),
-                Err(source) => {
-                    // Firecracker's own refusal says more than its exit.
-                    let refused = matches!(source, FcError::Refused { .. });
-                    let e = match process.try_wait() {
-                        Some(st) if !refused => exited(st),
-                        _ => FabricError::Firecracker {
-                            vm: id.clone(),
-                            what: match launch {
-                                Launch::Restore(_) => "loading the snapshot",
-                                _ => "configuring and starting the guest",
-                            },
-                            source: Box::new(source),
-                            vmm_tail: vmm_tail(&paths, opts.backend, 10),
-                        },
-                    };
-                    return Err(fail(&mut process, e));
-                }
-            }
+        if let Err(e) = vmm_impl.start(&start_info, &mut process, &exited) {
+            return Err(fail(&mut process, e));
         }
-
-        match (&launch, opts.backend) {
-            (Launch::Cold | Launch::Bake { .. }, _) => {
-                let mut watch = SerialWatch::new(&paths.serial);
-                let mut status = None;
-                let ready = wait_until(opts.deadline, || {
-                    if let Some(st) = process.try_wait() {
-                        status = Some(st);
-                        return true;
-                    }
-                    watch.saw(READY_LINE)
-                });
-                if let Some(st) = status {
-                    let e = exited(st);
-                    return Err(fail(&mut process, e));
+        if let Launch::Cold | Launch::Bake { .. } = launch {
+            let mut watch = SerialWatch::new(&paths.serial);
+            let mut status = None;
+            let ready = wait_until(opts.deadline, || {
+                if let Some(st) = process.try_wait() {
+                    status = Some(st);
+                    return true;
                 }
-                if !ready {
-                    let e = FabricError::BootTimeout {
-                        vm: id.clone(),
-                        secs: opts.deadline.as_secs(),
-                        accel: opts.accel,
-                        serial_tail: tail(&paths.serial, TAIL_LINES),
-                    };
-                    return Err(fail(&mut process, e));
-                }
+                watch.saw(READY_LINE)
+            });
+            if let Some(st) = status {
+                let e = exited(st);
+                return Err(fail(&mut process, e));
             }
-            (Launch::Restore(snap), Backend::Qemu) => {
-                let mut gone = || process.try_wait().is_some();
-                if let Err(source) = restore_from(&paths.qmp, &snap.state, opts.deadline, &mut gone)
-                {
-                    let e = match process.try_wait() {
-                        Some(st) => exited(st),
-                        None => FabricError::Restore {
-                            vm: id.clone(),
-                            source,
-                            vmm_tail: vmm_tail(&paths, opts.backend, 10),
-                        },
-                    };
-                    return Err(fail(&mut process, e));
-                }
+            if !ready {
+                let e = FabricError::BootTimeout {
+                    vm: id.clone(),
+                    secs: opts.deadline.as_secs(),
+                    accel: opts.accel,
+                    serial_tail: tail(&paths.serial, TAIL_LINES),
+                };
+                return Err(fail(&mut process, e));
             }
-            // Loaded and resumed above.
-            (Launch::Restore(_), Backend::Firecracker) => {}
         }
         let limit = left(start);
-        let connected = match listener {
-            None => HostChannel::connect(&paths.channel, limit),
-            Some(l) => l.accept(limit, &mut || process.try_wait().is_some()),
-        };
+        let connected = endpoint.open(limit, &mut || process.try_wait().is_some());
         let handshake = connected.and_then(|mut ch| {
             let hello = ch.handshake(&id, limit)?;
             Ok((ch, hello))
@@ -540,7 +473,6 @@ impl Vm {
             dir,
             net: plan,
             process,
-            fc,
             channel,
             torn_down: false,
         })
@@ -566,7 +498,7 @@ impl Vm {
     pub fn reconnect(&mut self, limit: Duration) -> Result<Hello, FabricError> {
         self.channel.shutdown();
         let process = &mut self.process;
-        let r = open_channel(&self.paths, self.backend, limit, &mut || {
+        let r = crate::vmm::open_channel(&self.paths, self.backend, limit, &mut || {
             process.try_wait().is_some()
         })
         .and_then(|mut ch| {
@@ -594,20 +526,6 @@ impl Vm {
 
     pub fn pid(&self) -> i32 {
         self.process.id.pid
-    }
-
-    /// Firecracker's API of this VM (None under QEMU).
-    pub(crate) fn fc(&self) -> Option<&FcClient> {
-        self.fc.as_ref()
-    }
-
-    /// A QMP connection to this VM's VMM.
-    pub(crate) fn qmp(&self) -> Result<Qmp, FabricError> {
-        Qmp::connect(&self.paths.qmp, Duration::from_secs(10)).map_err(|source| FabricError::Qmp {
-            vm: self.id.clone(),
-            what: "connecting to QMP",
-            source,
-        })
     }
 
     pub(crate) fn set_state(&self, to: VmState) -> Result<(), FabricError> {
@@ -646,11 +564,10 @@ impl Vm {
         self.channel.shutdown();
         // Someone may have run `dough down` on it already; that is fine.
         let _ = self.dir.set_state(VmState::Stopping);
-        if self.backend == Backend::Qemu && self.process.try_wait().is_none() {
-            if let Ok(mut q) = Qmp::connect(&self.paths.qmp, Duration::from_secs(2)) {
-                let _ = q.quit();
-                wait_until(Duration::from_secs(2), || self.process.try_wait().is_some());
-            }
+        if self.process.try_wait().is_none() {
+            let process = &mut self.process;
+            crate::vmm::vmm(self.backend)
+                .ask_to_quit(&self.paths, &mut || process.try_wait().is_some());
         }
         let r = self
             .process
@@ -671,142 +588,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
             tracing::error!("{e}");
-        }
-    }
-}
-
-/// The VMM's command, its output wired to the VM's files. QEMU writes the
-/// serial console to `serial.log` itself (chardev) and says everything else
-/// on stdout/stderr (`vmm.log`); Firecracker's stdout *is* the serial
-/// console, its stderr goes to `vmm.log` and its own log to
-/// `firecracker.log`.
-fn vmm_command(
-    opts: &BootOptions,
-    image: &Image,
-    plan: &NetPlan,
-    launch: &Launch<'_>,
-    paths: &VmPaths,
-) -> std::io::Result<Command> {
-    let log = std::fs::File::create(&paths.vmm_log)?;
-    let mut cmd = match opts.backend {
-        Backend::Qemu => {
-            let (memory, incoming, start_paused) = match launch {
-                Launch::Cold => (Memory::Anonymous, None, false),
-                Launch::Bake { mem, .. } => (
-                    Memory::File {
-                        path: mem.clone(),
-                        shared: true,
-                    },
-                    None,
-                    false,
-                ),
-                Launch::Restore(snap) => (
-                    Memory::File {
-                        path: snap.mem.clone(),
-                        shared: false,
-                    },
-                    Some(Incoming::Defer),
-                    true,
-                ),
-            };
-            let args = QemuArgs {
-                accel: opts.accel,
-                mem_mib: opts.mem_mib,
-                cpus: opts.cpus,
-                kernel: image.kernel.clone(),
-                initrd: image.initrd.clone(),
-                rootfs: image.rootfs.clone(),
-                extra_cmdline: guest_cmdline(opts),
-                tsc_khz: tsc_khz(opts.accel, launch),
-                paths: paths.clone(),
-                memory,
-                incoming,
-                start_paused,
-                tap: Some(plan.tap.clone()),
-            };
-            let mut c = Command::new(&opts.qemu);
-            c.args(args.argv())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                // Its own process group: a terminal's Ctrl-C reaches dough,
-                // which tears the VM down, not QEMU directly.
-                .process_group(0);
-            c
-        }
-        Backend::Firecracker => {
-            let fc_log = fc_log_path(paths);
-            std::fs::File::create(&fc_log)?;
-            let mut c = opts.firecracker.command(&paths.api);
-            c.arg("--log-path")
-                .arg(&fc_log)
-                .stdout(std::fs::File::create(&paths.serial)?);
-            c
-        }
-    };
-    cmd.stderr(log);
-    Ok(cmd)
-}
-
-/// Firecracker's own log (`--log-path`), beside `vmm.log`.
-fn fc_log_path(paths: &VmPaths) -> PathBuf {
-    paths.dir.join("firecracker.log")
-}
-
-/// The end of what the VMM said, for error messages.
-pub(crate) fn vmm_tail(paths: &VmPaths, backend: Backend, lines: usize) -> String {
-    match backend {
-        Backend::Qemu => tail(&paths.vmm_log, lines),
-        Backend::Firecracker => format!(
-            "{}\n{}",
-            tail(&fc_log_path(paths), lines),
-            tail(&paths.vmm_log, lines)
-        ),
-    }
-}
-
-/// The guest's kernel command line beyond the VMM's fixed part: its
-/// network and the user's extra arguments.
-fn guest_cmdline(opts: &BootOptions) -> Vec<String> {
-    NetPlan::guest_cmdline()
-        .into_iter()
-        .chain(opts.extra_cmdline.iter().cloned())
-        .collect()
-}
-
-/// What a Firecracker guest boots with: the same kernel, initramfs and
-/// read-only rootfs as under QEMU, the same command line.
-fn fc_machine(image: &Image, opts: &BootOptions, tap: &str) -> FcMachine {
-    let mut args: Vec<String> = dough_vmm::qemu::BASE_CMDLINE
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(guest_cmdline(opts));
-    FcMachine {
-        kernel: image.kernel.clone(),
-        initrd: image.initrd.clone(),
-        rootfs: image.rootfs.clone(),
-        mem_mib: opts.mem_mib,
-        vcpus: opts.cpus,
-        boot_args: args.join(" "),
-        tap: Some(tap.to_string()),
-        guest_mac: dough_vmm::qemu::GUEST_MAC.to_string(),
-        guest_cid: 3,
-    }
-}
-
-/// A new connection to a running VM's agent: QEMU's socket for its
-/// virtio-serial port, or (Firecracker) the agent's next vsock connection,
-/// which it makes within ~100 ms of finding someone listening.
-pub(crate) fn open_channel(
-    paths: &VmPaths,
-    backend: Backend,
-    limit: Duration,
-    vmm_gone: &mut dyn FnMut() -> bool,
-) -> Result<HostChannel, ChannelError> {
-    match backend {
-        Backend::Qemu => HostChannel::connect(&paths.channel, limit),
-        Backend::Firecracker => {
-            VsockListener::bind(&paths.vsock, dough_proto::VSOCK_PORT)?.accept(limit, vmm_gone)
         }
     }
 }
@@ -886,41 +667,4 @@ pub fn net_scope(vms: &Path) -> String {
     let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
     let h = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
     hex::encode(&h[..3])
-}
-
-/// TSC rate to give a TCG guest: the host's for a boot; a restore keeps
-/// the rate its snapshot's guest calibrated with.
-fn tsc_khz(accel: Resolved, launch: &Launch<'_>) -> Option<u64> {
-    match launch {
-        Launch::Restore(snap) => snap.meta.tsc_khz,
-        Launch::Bake { tsc_khz, .. } => *tsc_khz,
-        Launch::Cold if accel == Resolved::Tcg => dough_vmm::accel::host_tsc_khz(),
-        Launch::Cold => None,
-    }
-}
-
-/// Drive a `-incoming defer -S` QEMU through restoring `state`: skip the
-/// shared RAM (it is the snapshot's memory file), load the device state,
-/// then run the vCPUs.
-fn restore_from(
-    qmp_path: &Path,
-    state: &Path,
-    limit: Duration,
-    vmm_exited: &mut dyn FnMut() -> bool,
-) -> Result<(), QmpError> {
-    let start = Instant::now();
-    let mut q = loop {
-        match Qmp::connect(qmp_path, Duration::from_secs(5)) {
-            Ok(q) => break q,
-            Err(e @ QmpError::Connect { .. }) if start.elapsed() >= limit || vmm_exited() => {
-                return Err(e)
-            }
-            Err(QmpError::Connect { .. }) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e),
-        }
-    };
-    q.ignore_shared_ram()?;
-    q.migrate_incoming(&dough_vmm::qemu::exec_uri(state, false))?;
-    q.wait_migration(limit.saturating_sub(start.elapsed()))?;
-    q.cont()
 }
