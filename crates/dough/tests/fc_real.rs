@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use dough_fabric::channel::vsock_listen_path;
 use dough_fabric::serial::SerialWatch;
-use dough_fabric::{ExecRequest, HostChannel};
+use dough_fabric::HostChannel;
 use dough_proto::{READY_LINE, VSOCK_PORT};
 use dough_vmm::firecracker::backend::{FcConfig, FcMachine, FcProcess};
 
@@ -45,15 +45,6 @@ fn prerequisites() -> FcConfig {
     }
 }
 
-fn image() -> serde_json::Value {
-    let home = common::shared_home();
-    let id = std::fs::read_to_string(home.join("images/current")).unwrap();
-    serde_json::from_slice(
-        &std::fs::read(home.join("images").join(format!("{}.json", id.trim()))).unwrap(),
-    )
-    .unwrap()
-}
-
 /// Wait for the agent's vsock connection on `listener` and welcome it.
 fn attach(listener: &UnixListener, vm: &str) -> HostChannel {
     listener.set_nonblocking(true).unwrap();
@@ -71,21 +62,6 @@ fn attach(listener: &UnixListener, vm: &str) -> HostChannel {
     ch
 }
 
-fn run(ch: &mut HostChannel, script: &str) -> String {
-    let mut out = Vec::new();
-    let st = ch
-        .exec(
-            &ExecRequest {
-                argv: vec!["sh".into(), "-c".into(), script.into()],
-                ..ExecRequest::default()
-            },
-            &mut |_, d| out.extend_from_slice(d),
-        )
-        .unwrap();
-    assert_eq!(st, dough_proto::ExitStatus::Exited(0));
-    String::from_utf8_lossy(&out).trim().to_string()
-}
-
 fn fresh_dir(root: &Path, name: &str) -> PathBuf {
     let d = root.join(name);
     std::fs::create_dir(&d).unwrap();
@@ -96,13 +72,12 @@ fn fresh_dir(root: &Path, name: &str) -> PathBuf {
 #[ignore = "needs a firecracker binary (DOUGH_FIRECRACKER) and KVM that boots guests"]
 fn fc_boot_snapshot_restore_two_clones() {
     let cfg = prerequisites();
-    let img = image();
-    let s = |k: &str| PathBuf::from(img[k].as_str().unwrap());
+    let img = common::current_image();
     let root = tempfile::tempdir().unwrap();
     let machine = FcMachine {
-        kernel: s("kernel"),
-        initrd: s("initrd"),
-        rootfs: s("rootfs"),
+        kernel: img.kernel.clone(),
+        initrd: img.initrd.clone(),
+        rootfs: img.rootfs.clone(),
         mem_mib: 256,
         vcpus: 1,
         boot_args: dough_vmm::qemu::BASE_CMDLINE.join(" "),
@@ -123,7 +98,7 @@ fn fc_boot_snapshot_restore_two_clones() {
         dough_fabric::serial::tail(&vm.console, 20)
     );
     let mut ch = attach(&listener, "fc-bake");
-    assert_eq!(run(&mut ch, "cat /proc/1/comm"), "dough-agent");
+    assert_eq!(common::sh(&mut ch, "cat /proc/1/comm"), "dough-agent");
     ch.shutdown();
     let snap = fresh_dir(root.path(), "snap");
     vm.snapshot(&snap.join("state"), &snap.join("mem")).unwrap();
@@ -136,8 +111,11 @@ fn fc_boot_snapshot_restore_two_clones() {
             UnixListener::bind(vsock_listen_path(&d.join("vsock.sock"), VSOCK_PORT)).unwrap();
         let c = FcProcess::restore(&cfg, &d, &snap.join("state"), &snap.join("mem"), None).unwrap();
         let mut ch = attach(&listener, &format!("fc-clone-{i}"));
-        assert_eq!(run(&mut ch, "echo $DOUGH_VM_ID"), format!("fc-clone-{i}"));
-        randoms.push(run(&mut ch, "head -c 16 /dev/urandom | od -An -tx1"));
+        assert_eq!(
+            common::sh(&mut ch, "echo $DOUGH_VM_ID"),
+            format!("fc-clone-{i}")
+        );
+        randoms.push(common::sh(&mut ch, "head -c 16 /dev/urandom | od -An -tx1"));
         c.pause().unwrap();
         c.resume().unwrap();
         c.kill();

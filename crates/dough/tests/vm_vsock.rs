@@ -45,35 +45,6 @@ fn vhost_device_vsock() -> PathBuf {
     p
 }
 
-fn image() -> dough_image::Image {
-    let home = common::shared_home();
-    let id = std::fs::read_to_string(home.join("images/current")).unwrap();
-    serde_json::from_slice(
-        &std::fs::read(home.join("images").join(format!("{}.json", id.trim()))).unwrap(),
-    )
-    .unwrap()
-}
-
-fn sh(ch: &mut HostChannel, script: &str) -> String {
-    let mut out = Vec::new();
-    let st = ch
-        .exec(
-            &ExecRequest {
-                argv: vec!["sh".into(), "-c".into(), script.into()],
-                ..ExecRequest::default()
-            },
-            &mut |_, d| out.extend_from_slice(d),
-        )
-        .unwrap();
-    assert_eq!(
-        st,
-        ExitStatus::Exited(0),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
-    String::from_utf8_lossy(&out).trim().to_string()
-}
-
 fn accept(uds: &Path, qemu: &mut Child, serial: &Path) -> HostChannel {
     VsockListener::bind(uds, VSOCK_PORT)
         .unwrap()
@@ -85,7 +56,7 @@ fn accept(uds: &Path, qemu: &mut Child, serial: &Path) -> HostChannel {
 
 #[test]
 fn vm_agent_serves_the_host_over_vsock_and_reconnects_after_the_host_leaves() {
-    let img = image();
+    let img = common::current_image();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let paths = VmPaths::new(d);
@@ -177,7 +148,7 @@ fn vm_agent_serves_the_host_over_vsock_and_reconnects_after_the_host_leaves() {
     // The agent chose vsock because a vsock device is bound, and it runs
     // commands as it does over virtio-serial.
     assert_eq!(
-        sh(
+        common::sh(
             &mut ch,
             "cat /proc/1/comm; ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport | grep -c virtio; echo $IS_SANDBOX $DOUGH_VM_ID"
         ),
@@ -210,5 +181,5 @@ fn vm_agent_serves_the_host_over_vsock_and_reconnects_after_the_host_leaves() {
     let mut ch = accept(&paths.vsock, qemu, &paths.serial);
     let again = ch.handshake("vm-vsock-2", Duration::from_secs(60)).unwrap();
     assert_eq!(again.boot_id, hello.boot_id, "the same guest");
-    assert_eq!(sh(&mut ch, "echo $DOUGH_VM_ID"), "vm-vsock-2");
+    assert_eq!(common::sh(&mut ch, "echo $DOUGH_VM_ID"), "vm-vsock-2");
 }

@@ -147,3 +147,34 @@ pub fn spawn_until(
     let status = child.wait();
     panic!("dough never reached the test hook ({marker}), exit {status:?}: {seen}");
 }
+
+/// The current image of the shared home (as built by `scripts/test`).
+pub fn current_image() -> dough_image::Image {
+    let home = shared_home();
+    let id = std::fs::read_to_string(home.join("images/current")).unwrap();
+    serde_json::from_slice(
+        &std::fs::read(home.join("images").join(format!("{}.json", id.trim()))).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Run `sh -c script` over a channel; it must exit 0. Its output, trimmed.
+pub fn sh(ch: &mut dough_fabric::HostChannel, script: &str) -> String {
+    let mut out = Vec::new();
+    let st = ch
+        .exec(
+            &dough_fabric::ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+            &mut |_, d| out.extend_from_slice(d),
+        )
+        .unwrap();
+    assert_eq!(
+        st,
+        dough_proto::ExitStatus::Exited(0),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).trim().to_string()
+}
