@@ -18,6 +18,12 @@ use crate::{bench_cmd, doctor, go_cmd, image_cmd, plan_cmd, run_cmd, vm_cmds};
 ///
 /// Start with `dough doctor`, then `dough run -- CMD`, `dough up N`, or
 /// `dough plan check PLAN` and `dough go PLAN` (docs/plan.md).
+///
+/// Settings such as --backend, --firecracker, --qemu, --accel, --net and
+/// --net-pool can also come from their DOUGH_* environment variables or from
+/// `$DOUGH_HOME/config.toml` (keys: backend, firecracker, firecracker_pci,
+/// qemu, accel, net, net_pool); a flag beats the environment, which beats
+/// the file.
 #[derive(Debug, Parser)]
 #[command(name = "dough", version, propagate_version = true)]
 pub struct Cli {
@@ -108,6 +114,81 @@ pub fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/dough"))
 }
 
+/// `$DOUGH_HOME/config.toml`: defaults for settings that also have a flag
+/// and an environment variable. A flag beats the environment, which beats
+/// the file, which beats the built-in default.
+///
+/// ```toml
+/// backend = "firecracker"
+/// firecracker = "/opt/firecracker/firecracker"
+/// ```
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub backend: Option<String>,
+    pub firecracker: Option<PathBuf>,
+    pub firecracker_pci: Option<bool>,
+    pub qemu: Option<PathBuf>,
+    pub accel: Option<String>,
+    pub net: Option<String>,
+    pub net_pool: Option<String>,
+}
+
+impl ConfigFile {
+    /// (environment variable, value) for every setting the file sets.
+    pub fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let s = |v: &Option<String>| v.clone().map(Into::into);
+        let p = |v: &Option<PathBuf>| v.clone().map(Into::into);
+        [
+            ("DOUGH_BACKEND", s(&self.backend)),
+            ("DOUGH_FIRECRACKER", p(&self.firecracker)),
+            (
+                "DOUGH_FIRECRACKER_PCI",
+                self.firecracker_pci.map(|b| b.to_string().into()),
+            ),
+            ("DOUGH_QEMU", p(&self.qemu)),
+            ("DOUGH_ACCEL", s(&self.accel)),
+            ("DOUGH_NET", s(&self.net)),
+            ("DOUGH_NET_POOL", s(&self.net_pool)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// Read `<home>/config.toml` (home as `--home`/`DOUGH_HOME`/the default
+/// would give it) and put what it sets into the environment where the
+/// environment does not already say, so that clap's `env` defaults pick it
+/// up. Call before any thread starts. Returns the file when there is one.
+pub fn apply_config_file(args: &[std::ffi::OsString]) -> anyhow::Result<Option<PathBuf>> {
+    let flag = args.iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        if let Some(v) = a.strip_prefix("--home=") {
+            return Some(PathBuf::from(v));
+        }
+        (a == "--home").then(|| args.get(i + 1).map(PathBuf::from))?
+    });
+    let flag = flag.or_else(|| std::env::var_os("DOUGH_HOME").map(PathBuf::from));
+    let Ok(home) = home_dir(flag) else {
+        return Ok(None);
+    };
+    let path = home.join("config.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+    };
+    let cfg: ConfigFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    for (k, v) in cfg.env() {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+    Ok(Some(path))
+}
+
 /// Where this invocation keeps things.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -139,5 +220,29 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_maps_to_the_environment_and_refuses_unknown_keys() {
+        let cfg: ConfigFile = toml::from_str(
+            "backend = \"firecracker\"\nfirecracker = \"/opt/fc\"\nfirecracker_pci = true\n",
+        )
+        .unwrap();
+        let env = cfg.env();
+        assert_eq!(
+            env,
+            [
+                ("DOUGH_BACKEND", "firecracker".into()),
+                ("DOUGH_FIRECRACKER", "/opt/fc".into()),
+                ("DOUGH_FIRECRACKER_PCI", "true".into()),
+            ]
+        );
+        let e = toml::from_str::<ConfigFile>("backnd = \"qemu\"\n").unwrap_err();
+        assert!(e.to_string().contains("backnd"), "{e}");
     }
 }

@@ -12,7 +12,12 @@ mod vm_cmds;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = <cli::Cli as clap::Parser>::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = cli::apply_config_file(&argv) {
+        eprintln!("dough: error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let args = <cli::Cli as clap::Parser>::parse_from(argv);
     cli::init_tracing(args.verbose);
     match cli::dispatch(args) {
         Ok(code) => code,

@@ -73,7 +73,7 @@ pub struct VmArgs {
     pub firecracker: PathBuf,
     /// Start Firecracker with `--enable-pci` (virtio over PCI instead of
     /// MMIO; Firecracker 1.13+). Part of the snapshot key.
-    #[arg(long)]
+    #[arg(long, env = "DOUGH_FIRECRACKER_PCI")]
     pub firecracker_pci: bool,
     /// Accelerator (QEMU; Firecracker always uses KVM).
     #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]

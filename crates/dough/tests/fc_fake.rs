@@ -386,3 +386,42 @@ fn firecracker_clones_of_a_killed_up_are_reclaimed_by_the_next_command() {
     assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
     assert!(netns_left(h).is_empty(), "{:?}", netns_left(h));
 }
+
+#[test]
+fn config_file_selects_the_backend_and_flags_beat_it() {
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+    std::fs::write(
+        h.join("config.toml"),
+        format!(
+            "backend = \"firecracker\"\nfirecracker = {:?}\n",
+            fake_binary().display().to_string()
+        ),
+    )
+    .unwrap();
+    // No flag, no DOUGH_BACKEND: the file chooses Firecracker.
+    ok(common::dough(h).arg("bake").output().unwrap());
+    let metas = snapshot_metas(h);
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0]["backend"], "firecracker");
+    // A flag beats the file (this QEMU does not exist, so nothing boots).
+    let out = common::dough(h)
+        .args(["bake", "--backend", "qemu", "--qemu", "/nonexistent/qemu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/qemu"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A file dough cannot use is an error naming it, before anything runs.
+    std::fs::write(h.join("config.toml"), "backnd = \"qemu\"\n").unwrap();
+    let out = common::dough(h).arg("ps").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("config.toml") && err.contains("backnd"),
+        "{err}"
+    );
+}
