@@ -176,20 +176,7 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
     let fc = std::env::var_os("DOUGH_FIRECRACKER")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "firecracker".into());
-    let fc_version = Command::new(&fc)
-        .arg("--version")
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        });
+    let fc_version = dough_vmm::firecracker::backend::version(&fc).ok();
     let want_fc = args.backend == Some(crate::run_cmd::BackendArg::Firecracker);
     checks.push(Check {
         name: "firecracker",
