@@ -11,6 +11,13 @@ use crate::glob::Glob;
 /// The most a diff may be (it came from an untrusted guest).
 pub const MAX_DIFF_BYTES: usize = 16 << 20;
 
+/// The most one binary patch — and all of a diff's binary patches together
+/// — may unpack to. A `GIT binary patch` is zlib-compressed: a few hundred
+/// KiB of diff can declare gigabytes, which `git apply` would allocate.
+/// Every declared size (a `literal`'s, and the result size a `delta`
+/// carries inside its compressed data) is checked before git sees it.
+pub const MAX_UNPACKED_BYTES: u64 = 32 << 20;
+
 /// Modes a file may have: a plain or an executable file.
 const FILE_MODES: [&str; 2] = ["100644", "100755"];
 
@@ -65,6 +72,10 @@ pub enum Rejection {
     Mode { path: String, mode: String },
     #[error("the diff is empty: the agent changed nothing")]
     Empty,
+    #[error("{path:?}: a binary patch that unpacks to {declared} bytes (at most {MAX_UNPACKED_BYTES} are accepted)")]
+    BinaryTooLarge { path: String, declared: u64 },
+    #[error("the binary patches unpack to more than {MAX_UNPACKED_BYTES} bytes in all")]
+    BinaryTotalTooLarge,
 }
 
 fn malformed(line: usize, what: impl Into<String>) -> Rejection {
@@ -144,7 +155,12 @@ fn header_paths(rest: &str, line: usize) -> Result<(String, String), Rejection> 
         while i < b.len() && b[i] != b'"' {
             i += if b[i] == b'\\' { 2 } else { 1 };
         }
-        let (a, bside) = rest.split_at((i + 1).min(rest.len()));
+        // `i` may sit inside a multi-byte character (an escape before one);
+        // the split must fall on a character boundary or the header is bad.
+        let cut = (i + 1).min(rest.len());
+        let (Some(a), Some(bside)) = (rest.get(..cut), rest.get(cut..)) else {
+            return Err(malformed(line, "bad diff --git header"));
+        };
         let a = side(a, "a/", line)?.unwrap_or_default();
         let bside = bside
             .strip_prefix(' ')
@@ -163,15 +179,21 @@ fn header_paths(rest: &str, line: usize) -> Result<(String, String), Rejection> 
     // Unquoted: "a/P b/Q". With no rename both are the same path, which is
     // the only split where the halves agree; otherwise the rename/copy or
     // ---/+++ lines give the paths and the header must agree with them.
+    // Byte offsets are computed, so every slice is checked: the middle of
+    // a name with non-ASCII characters is not a character boundary.
     let n = rest.len();
     if n >= 5 && (n - 1).is_multiple_of(2) {
         let half = (n - 1) / 2;
-        let (a, b) = (&rest[..half], &rest[half + 1..]);
-        if rest.as_bytes()[half] == b' ' && a.len() > 2 && a[2..] == b[2..] {
-            return Ok((
-                side(a, "a/", line)?.unwrap_or_default(),
-                side(b, "b/", line)?.unwrap_or_default(),
-            ));
+        if let (Some(a), Some(b)) = (rest.get(..half), rest.get(half + 1..)) {
+            if rest.as_bytes()[half] == b' '
+                && a.len() > 2
+                && a.as_bytes().get(2..) == b.as_bytes().get(2..)
+            {
+                return Ok((
+                    side(a, "a/", line)?.unwrap_or_default(),
+                    side(b, "b/", line)?.unwrap_or_default(),
+                ));
+            }
         }
     }
     let q = rest
@@ -184,8 +206,8 @@ fn header_paths(rest: &str, line: usize) -> Result<(String, String), Rejection> 
 }
 
 fn parse_range(s: &str, line: usize) -> Result<u64, Rejection> {
-    // "-l,s" or "-l" (s = 1).
-    let s = &s[1..];
+    // "-l,s" or "-l" (s = 1); the caller checked the ASCII sign.
+    let s = s.get(1..).unwrap_or_default();
     let count = match s.split_once(',') {
         Some((_, c)) => c,
         None => "1",
@@ -204,6 +226,7 @@ impl Diff {
         let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotText)?;
         let lines: Vec<&str> = text.split_inclusive('\n').collect();
         let mut files = Vec::new();
+        let mut unpacked = 0u64;
         let mut i = 0;
         while i < lines.len() {
             let l = lines[i].strip_suffix('\n').unwrap_or(lines[i]);
@@ -278,7 +301,12 @@ impl Diff {
                     }
                 } else if l == "GIT binary patch" {
                     f.binary = true;
-                    i = skip_binary(&lines, i + 1)?;
+                    let path = f
+                        .new_path
+                        .clone()
+                        .or(f.old_path.clone())
+                        .unwrap_or_default();
+                    i = skip_binary(&lines, i + 1, &path, &mut unpacked)?;
                     // Nothing but the next file may follow a binary patch.
                     if lines.get(i).is_some_and(|l| !l.starts_with("diff --git ")) {
                         return Err(malformed(i, "unexpected line after a binary patch"));
@@ -501,9 +529,18 @@ fn hunk(lines: &[&str], i: usize) -> Result<(u64, u64, usize), Rejection> {
     Ok((added, removed, j))
 }
 
-/// Skip a `GIT binary patch` body: two blocks (forward, reverse), each
-/// `literal N` or `delta N`, base85 lines, then a blank line.
-fn skip_binary(lines: &[&str], mut i: usize) -> Result<usize, Rejection> {
+/// Check a `GIT binary patch` body: two blocks (forward, reverse), each
+/// `literal N` or `delta N`, base85 lines, then a blank line. Every block
+/// is decoded and inflated (streaming, nothing kept) to check that it
+/// unpacks to exactly its declared size, and that size — for a delta, the
+/// size of the file it produces — is bounded; `unpacked` adds up the
+/// forward blocks of the whole diff.
+fn skip_binary(
+    lines: &[&str],
+    mut i: usize,
+    path: &str,
+    unpacked: &mut u64,
+) -> Result<usize, Rejection> {
     for block in 0..2 {
         let Some(l) = lines.get(i).map(|l| l.trim_end_matches('\n')) else {
             return if block == 1 {
@@ -515,14 +552,26 @@ fn skip_binary(lines: &[&str], mut i: usize) -> Result<usize, Rejection> {
         if block == 1 && l.starts_with("diff --git ") {
             return Ok(i);
         }
-        let ok = l
-            .strip_prefix("literal ")
-            .or_else(|| l.strip_prefix("delta "))
-            .is_some_and(|n| n.parse::<u64>().is_ok());
-        if !ok {
-            return Err(malformed(i, "expected `literal N` or `delta N`"));
+        let (delta, declared) = match (l.strip_prefix("literal "), l.strip_prefix("delta ")) {
+            (Some(n), _) => (false, n),
+            (_, Some(n)) => (true, n),
+            _ => return Err(malformed(i, "expected `literal N` or `delta N`")),
+        };
+        let declared: u64 = declared
+            .parse()
+            .map_err(|_| malformed(i, "expected `literal N` or `delta N`"))?;
+        let too_large = || Rejection::BinaryTooLarge {
+            path: path.to_string(),
+            declared,
+        };
+        // A delta is never larger than what it produces plus its header;
+        // the result size is checked below.
+        if declared > MAX_UNPACKED_BYTES + 64 {
+            return Err(too_large());
         }
+        let start = i;
         i += 1;
+        let mut packed = Vec::new();
         loop {
             let l = lines
                 .get(i)
@@ -532,14 +581,108 @@ fn skip_binary(lines: &[&str], mut i: usize) -> Result<usize, Rejection> {
             if l.is_empty() {
                 break;
             }
-            let first = l.as_bytes()[0];
-            let b85 = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&()*+-;<=>?@^_`{|}~".contains(&c);
-            if !first.is_ascii_alphabetic() || !l.bytes().skip(1).all(b85) {
-                return Err(malformed(i - 1, "a binary patch line is not base85"));
+            base85_line(l, &mut packed).map_err(|what| malformed(i - 1, what))?;
+        }
+        let produces =
+            inflated_size(&packed, declared, delta).map_err(|what| malformed(start, what))?;
+        if produces > MAX_UNPACKED_BYTES {
+            return Err(Rejection::BinaryTooLarge {
+                path: path.to_string(),
+                declared: produces,
+            });
+        }
+        if block == 0 {
+            *unpacked = unpacked.saturating_add(produces);
+            if *unpacked > MAX_UNPACKED_BYTES {
+                return Err(Rejection::BinaryTotalTooLarge);
             }
         }
     }
     Ok(i)
+}
+
+/// Decode one line of git's base85: a length character (`A`–`Z` for 1–26
+/// bytes, `a`–`z` for 27–52), then 5 characters per 4 bytes.
+fn base85_line(l: &str, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    const ALPHABET: &[u8; 85] =
+        b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%&()*+-;<=>?@^_`{|}~";
+    let b = l.as_bytes();
+    let len = match b.first() {
+        Some(c @ b'A'..=b'Z') => (c - b'A') as usize + 1,
+        Some(c @ b'a'..=b'z') => (c - b'a') as usize + 27,
+        _ => return Err("a binary patch line is not base85"),
+    };
+    let data = &b[1..];
+    if data.len() != len.div_ceil(4) * 5 {
+        return Err("a binary patch line's length disagrees with its data");
+    }
+    let mut left = len;
+    for group in data.chunks(5) {
+        let mut acc: u64 = 0;
+        for c in group {
+            let v = ALPHABET
+                .iter()
+                .position(|a| a == c)
+                .ok_or("a binary patch line is not base85")?;
+            acc = acc * 85 + v as u64;
+        }
+        let word = u32::try_from(acc).map_err(|_| "a base85 group overflows")?;
+        let take = left.min(4);
+        out.extend_from_slice(&word.to_be_bytes()[..take]);
+        left -= take;
+    }
+    Ok(())
+}
+
+/// Inflate `packed` without keeping the output, checking that it is
+/// exactly `declared` bytes; returns the size of the file the block
+/// produces (`declared` for a literal; a delta's result size, from its
+/// header).
+fn inflated_size(packed: &[u8], declared: u64, delta: bool) -> Result<u64, &'static str> {
+    use std::io::Read;
+    let mut z = flate2::read::ZlibDecoder::new(packed).take(declared + 1);
+    let mut head = Vec::with_capacity(20);
+    let mut buf = [0u8; 8192];
+    let mut total = 0u64;
+    loop {
+        let n = z
+            .read(&mut buf)
+            .map_err(|_| "a binary patch does not inflate (corrupt zlib data)")?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 20 {
+            let k = (20 - head.len()).min(n);
+            head.extend_from_slice(&buf[..k]);
+        }
+        total += n as u64;
+    }
+    if total != declared {
+        return Err("a binary patch does not unpack to its declared size");
+    }
+    if !delta {
+        return Ok(declared);
+    }
+    // A delta starts with two little-endian base-128 sizes: the source's,
+    // then the result's.
+    let mut sizes = [0u64; 2];
+    let mut pos = 0;
+    for size in &mut sizes {
+        let mut shift = 0;
+        loop {
+            let b = *head.get(pos).ok_or("a delta's header is cut short")?;
+            pos += 1;
+            if shift > 56 {
+                return Err("a delta's header is malformed");
+            }
+            *size |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+    Ok(sizes[1])
 }
 
 impl fmt::Display for Diff {

@@ -37,7 +37,8 @@ fn verdict(d: &str) -> Result<Diff, Rejection> {
 
 #[test]
 fn honest_diffs_pass() {
-    let binary = "diff --git a/src/data.bin b/src/data.bin\nnew file mode 100644\nindex 0000000000000000000000000000000000000000..5b2a6c9f2d0d0e1c7a2b1f0a6e1f3f1b2c3d4e5f\nGIT binary patch\nliteral 12\nTcmZ?wbaV_14Dfdk2><|+{{R30\n\nliteral 0\nHcmV?d00001\n\n";
+    // Real `git diff --binary` of a new 12-byte file (b"hello\0world\x01").
+    let binary = "diff --git a/src/data.bin b/src/data.bin\nnew file mode 100644\nindex 0000000000000000000000000000000000000000..5e1d45307b4fc5a95213bb7100a63d8f7682caec\nGIT binary patch\nliteral 12\nTcmc~u&B@7UD9<m-Nnr#49f<@!\n\nliteral 0\nHcmV?d00001\n\n";
     let chmod = "diff --git a/bin/run b/bin/run\nold mode 100644\nnew mode 100755\n";
     let delete = "diff --git a/src/old.py b/src/old.py\ndeleted file mode 100644\nindex 2222222..0000000\n--- a/src/old.py\n+++ /dev/null\n@@ -1,2 +0,0 @@\n-a\n-b\n";
     let no_newline = "diff --git a/src/a.py b/src/a.py\nindex 1111111..2222222 100644\n--- a/src/a.py\n+++ b/src/a.py\n@@ -1,2 +1,2 @@\n a\n-b\n\\ No newline at end of file\n+c\n\\ No newline at end of file\n";
