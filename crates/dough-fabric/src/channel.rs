@@ -26,6 +26,8 @@ pub enum ChannelError {
     Closed,
     #[error("no message from the guest within {0:?}")]
     Timeout(Duration),
+    #[error("the guest did not take a message within {0:?} (it stopped reading its channel)")]
+    SendTimeout(Duration),
     #[error(
         "guest agent speaks protocol {guest}, this dough speaks {PROTO_VERSION}; rebuild the image"
     )]
@@ -41,6 +43,15 @@ pub enum ChannelError {
 }
 
 impl ChannelError {
+    fn from_write(e: std::io::Error, limit: Duration) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ChannelError::SendTimeout(limit)
+            }
+            _ => ChannelError::Io(e),
+        }
+    }
+
     fn from_frame(e: FrameError) -> Self {
         match e {
             FrameError::Io(io)
@@ -74,12 +85,64 @@ pub const INLINE_STDIN: usize = 256 << 10;
 /// report it, before calling the guest unresponsive.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
+/// The most one message to the guest may take to write, when the request
+/// has no sooner deadline: a guest that stops reading its channel cannot
+/// hold the host.
+const SEND_LIMIT: Duration = Duration::from_secs(30);
+
+/// One absolute deadline over a stream: before every read or write the
+/// socket's timeout is set to the time that is left, so a guest that
+/// trickles a frame a byte at a time cannot stretch the wait past it.
+struct DeadlineIo<'a> {
+    stream: &'a UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl DeadlineIo<'_> {
+    fn arm(
+        &self,
+        set: impl Fn(&UnixStream, Option<Duration>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let left = match self.deadline {
+            None => None,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                Some(left)
+            }
+        };
+        set(self.stream, left)
+    }
+}
+
+impl std::io::Read for DeadlineIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(UnixStream::set_read_timeout)?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for DeadlineIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(UnixStream::set_write_timeout)?;
+        (&mut &*self.stream).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct HostChannel {
     stream: UnixStream,
     next_id: RequestId,
     /// Guest messages ignored because they made no sense (rate-limits warnings).
     ignored: u64,
+    /// [`SEND_LIMIT`] and [`TIMEOUT_GRACE`] (tests shorten them).
+    send_limit: Duration,
+    grace: Duration,
 }
 
 impl HostChannel {
@@ -93,6 +156,8 @@ impl HostChannel {
                         stream,
                         next_id: 1,
                         ignored: 0,
+                        send_limit: SEND_LIMIT,
+                        grace: TIMEOUT_GRACE,
                     })
                 }
                 Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
@@ -113,6 +178,8 @@ impl HostChannel {
             stream,
             next_id: 1,
             ignored: 0,
+            send_limit: SEND_LIMIT,
+            grace: TIMEOUT_GRACE,
         }
     }
 
@@ -123,11 +190,14 @@ impl HostChannel {
         port: u32,
         limit: Duration,
     ) -> Result<HostChannel, ChannelError> {
+        let deadline = Instant::now() + limit;
         let ch = HostChannel::connect(uds, limit)?;
-        let mut s = &ch.stream;
-        s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-        ch.stream
-            .set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
+        let mut s = DeadlineIo {
+            stream: &ch.stream,
+            deadline: Some(deadline),
+        };
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(|e| ChannelError::from_write(e, limit))?;
         // Read the reply byte by byte: what follows it is the guest's data.
         let mut line = Vec::new();
         let mut b = [0u8; 1];
@@ -136,7 +206,12 @@ impl HostChannel {
                 Ok(0) => return Err(ChannelError::Closed),
                 Ok(_) if b[0] == b'\n' => break,
                 Ok(_) => line.push(b[0]),
-                Err(e) => return Err(ChannelError::from_frame(FrameError::Io(e))),
+                Err(e) => {
+                    return Err(match ChannelError::from_frame(FrameError::Io(e)) {
+                        ChannelError::Timeout(_) => ChannelError::Timeout(limit),
+                        e => e,
+                    })
+                }
             }
         }
         let reply = String::from_utf8_lossy(&line).into_owned();
@@ -151,23 +226,38 @@ impl HostChannel {
         Ok(ch)
     }
 
-    fn recv(&mut self, limit: Option<Duration>) -> Result<GuestMsg, ChannelError> {
-        self.stream
-            .set_read_timeout(limit.map(|l| l.max(Duration::from_millis(1))))?;
-        match read_frame(&mut self.stream) {
+    /// The next message, by `deadline` (none: wait as long as it takes);
+    /// `limit` is what a timeout reports.
+    fn recv(
+        &mut self,
+        deadline: Option<Instant>,
+        limit: Duration,
+    ) -> Result<GuestMsg, ChannelError> {
+        let mut io = DeadlineIo {
+            stream: &self.stream,
+            deadline,
+        };
+        match read_frame(&mut io) {
             Ok(Some(payload)) => Ok(decode_guest(&payload)?),
             Ok(None) => Err(ChannelError::Closed),
             Err(e) => Err(match ChannelError::from_frame(e) {
-                ChannelError::Timeout(_) => ChannelError::Timeout(limit.unwrap_or_default()),
+                ChannelError::Timeout(_) => ChannelError::Timeout(limit),
                 e => e,
             }),
         }
     }
 
-    fn send(&mut self, msg: &HostMsg) -> Result<(), ChannelError> {
+    /// Write one message by `deadline`, and at most within [`SEND_LIMIT`].
+    fn send(&mut self, msg: &HostMsg, deadline: Option<Instant>) -> Result<(), ChannelError> {
         let frame = dough_proto::encode(msg)?;
-        self.stream.write_all(&frame)?;
-        Ok(())
+        let own = Instant::now() + self.send_limit;
+        let deadline = deadline.map_or(own, |d| d.min(own));
+        let mut io = DeadlineIo {
+            stream: &self.stream,
+            deadline: Some(deadline),
+        };
+        io.write_all(&frame)
+            .map_err(|e| ChannelError::from_write(e, self.send_limit))
     }
 
     /// Wait for the guest's Hello and answer with a Welcome carrying the
@@ -175,10 +265,10 @@ impl HostChannel {
     pub fn handshake(&mut self, vm_id: &str, limit: Duration) -> Result<Hello, ChannelError> {
         // Ask for a Hello. The guest greets only when asked: it may not
         // even have noticed that a previous host left.
-        self.send(&HostMsg::Attach)?;
-        let start = Instant::now();
+        let deadline = Some(Instant::now() + limit);
+        self.send(&HostMsg::Attach, deadline)?;
         let hello = loop {
-            match self.recv(Some(limit.saturating_sub(start.elapsed())))? {
+            match self.recv(deadline, limit)? {
                 GuestMsg::Hello(h) => break h,
                 // Late replies of an earlier session.
                 GuestMsg::Output { .. } | GuestMsg::Exit { .. } | GuestMsg::Pong { .. } => {}
@@ -199,12 +289,15 @@ impl HostChannel {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        self.send(&HostMsg::Welcome(Welcome {
-            proto_version: PROTO_VERSION,
-            host_time_ns: now.as_nanos() as u64,
-            entropy: Entropy::new(entropy),
-            vm_id: vm_id.to_string(),
-        }))?;
+        self.send(
+            &HostMsg::Welcome(Welcome {
+                proto_version: PROTO_VERSION,
+                host_time_ns: now.as_nanos() as u64,
+                entropy: Entropy::new(entropy),
+                vm_id: vm_id.to_string(),
+            }),
+            deadline,
+        )?;
         Ok(hello)
     }
 
@@ -216,22 +309,29 @@ impl HostChannel {
     ) -> Result<ExitStatus, ChannelError> {
         let id = self.next_id;
         self.next_id += 1;
+        // One deadline for the whole request: sending it, its stdin, and
+        // every message of its output.
+        let limit = req.timeout.map(|t| t + self.grace);
+        let deadline = limit.map(|l| Instant::now() + l);
         // Small stdin rides in the Exec frame; larger is streamed in chunks
         // that each fit a frame.
         let stream_stdin = req.stdin.as_ref().is_some_and(|d| d.len() > INLINE_STDIN);
-        self.send(&HostMsg::Exec(Exec {
-            id,
-            argv: req.argv.clone(),
-            env: req.env.clone(),
-            cwd: req.cwd.clone(),
-            stdin: if stream_stdin {
-                None
-            } else {
-                req.stdin.clone()
-            },
-            stdin_follows: stream_stdin,
-            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
-        }))?;
+        self.send(
+            &HostMsg::Exec(Exec {
+                id,
+                argv: req.argv.clone(),
+                env: req.env.clone(),
+                cwd: req.cwd.clone(),
+                stdin: if stream_stdin {
+                    None
+                } else {
+                    req.stdin.clone()
+                },
+                stdin_follows: stream_stdin,
+                timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+            }),
+            deadline,
+        )?;
         if stream_stdin {
             for chunk in req
                 .stdin
@@ -239,16 +339,18 @@ impl HostChannel {
                 .unwrap_or_default()
                 .chunks(INLINE_STDIN)
             {
-                self.send(&HostMsg::Input {
-                    id,
-                    data: chunk.to_vec(),
-                })?;
+                self.send(
+                    &HostMsg::Input {
+                        id,
+                        data: chunk.to_vec(),
+                    },
+                    deadline,
+                )?;
             }
-            self.send(&HostMsg::InputEnd { id })?;
+            self.send(&HostMsg::InputEnd { id }, deadline)?;
         }
-        let limit = req.timeout.map(|t| t + TIMEOUT_GRACE);
         loop {
-            match self.recv(limit)? {
+            match self.recv(deadline, limit.unwrap_or_default())? {
                 GuestMsg::Output {
                     id: got,
                     stream,
@@ -279,11 +381,10 @@ impl HostChannel {
 
     /// Round trip a Ping.
     pub fn ping(&mut self, seq: u64, limit: Duration) -> Result<(), ChannelError> {
-        self.send(&HostMsg::Ping { seq })?;
-        let start = Instant::now();
+        let deadline = Some(Instant::now() + limit);
+        self.send(&HostMsg::Ping { seq }, deadline)?;
         loop {
-            let left = limit.saturating_sub(start.elapsed());
-            if let GuestMsg::Pong { seq: s } = self.recv(Some(left))? {
+            if let GuestMsg::Pong { seq: s } = self.recv(deadline, limit)? {
                 if s == seq {
                     return Ok(());
                 }
@@ -499,6 +600,62 @@ mod tests {
         });
         let e = ch.handshake("vm", Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, ChannelError::Version { .. }), "{e}");
+    }
+
+    /// A guest that trickles a frame a byte at a time — each byte well
+    /// within any per-read timeout — cannot stretch a wait past its one
+    /// deadline: not the handshake's, not an exec's.
+    #[test]
+    fn trickled_frames_cannot_outlast_the_deadline() {
+        fn trickle(mut s: UnixStream, msg: GuestMsg) {
+            let _ = read_frame(&mut s); // the Attach or the Exec
+            let mut frame = Vec::new();
+            write_frame(&mut frame, &msg).unwrap();
+            for b in frame {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let slow_hello = GuestMsg::Hello(Hello {
+            proto_version: PROTO_VERSION,
+            agent_version: "x".repeat(200),
+            boot_id: "b".into(),
+        });
+        let mut ch = with_guest(move |s| trickle(s, slow_hello));
+        let r = ch.handshake("vm", Duration::from_millis(300));
+        assert!(matches!(r, Err(ChannelError::Timeout(_))), "{r:?}");
+
+        let slow_output = GuestMsg::Output {
+            id: 1,
+            stream: Stream::Stdout,
+            data: vec![b'x'; 200],
+        };
+        let mut ch = with_guest(move |s| trickle(s, slow_output));
+        ch.grace = Duration::ZERO;
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        };
+        let r = ch.exec(&req, &mut |_, _| {});
+        assert!(matches!(r, Err(ChannelError::Timeout(_))), "{r:?}");
+    }
+
+    /// A guest that never reads its channel cannot block the host's
+    /// writes: they end with a clear error.
+    #[test]
+    fn a_guest_that_stops_reading_cannot_block_writes() {
+        let mut ch = with_guest(|_s| std::thread::sleep(Duration::from_secs(30)));
+        ch.send_limit = Duration::from_millis(300);
+        let req = ExecRequest {
+            argv: vec!["cat".into()],
+            stdin: Some(vec![0u8; 16 << 20]),
+            ..Default::default()
+        };
+        let r = ch.exec(&req, &mut |_, _| {});
+        assert!(matches!(r, Err(ChannelError::SendTimeout(_))), "{r:?}");
     }
 
     #[test]

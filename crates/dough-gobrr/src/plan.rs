@@ -44,6 +44,11 @@ pub struct Plan {
     /// Seconds a gate check may run.
     #[serde(default = "default_check_timeout")]
     pub check_timeout_secs: u64,
+    /// Seconds each of dough's own steps in a clone may run (shipping the
+    /// tree, writing the work order, taking the diff): the guest decides
+    /// how long they take, so they have a deadline too.
+    #[serde(default = "default_check_timeout")]
+    pub step_timeout_secs: u64,
     /// Command printing the exported signatures of the files given as
     /// arguments (run in the gate VM; embedded in dependents' work orders).
     #[serde(default = "default_signatures")]

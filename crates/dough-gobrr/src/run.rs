@@ -41,14 +41,34 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// How long a command may take when nothing else says: the guest controls
+/// how long any command takes — an agent can replace `git` with `sleep` —
+/// so every command has a deadline; there is no "wait forever". The plan's
+/// `step_timeout_secs` bounds dough's own steps (shipping a tree, writing
+/// the work order, taking the diff).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A command for a sandbox.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Cmd {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
     pub stdin: Option<Vec<u8>>,
-    pub timeout: Option<Duration>,
+    /// Always set: [`STEP_TIMEOUT`] unless the plan says otherwise.
+    pub timeout: Duration,
+}
+
+impl Default for Cmd {
+    fn default() -> Self {
+        Cmd {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            stdin: None,
+            timeout: STEP_TIMEOUT,
+        }
+    }
 }
 
 /// Output of a command (capped).
@@ -396,6 +416,7 @@ impl Runner<'_> {
             &Cmd {
                 argv: sh(SHIP_RO),
                 stdin: Some(tree.to_vec()),
+                timeout: Duration::from_secs(plan.step_timeout_secs),
                 ..Cmd::default()
             },
             1 << 16,
@@ -409,7 +430,7 @@ impl Runner<'_> {
                         argv: sh(check),
                         env: gate_env(),
                         cwd: Some(REPO.into()),
-                        timeout: Some(Duration::from_secs(plan.check_timeout_secs)),
+                        timeout: Duration::from_secs(plan.check_timeout_secs),
                         ..Cmd::default()
                     },
                     1 << 20,
@@ -574,6 +595,7 @@ impl Runner<'_> {
             &Cmd {
                 argv: sh(SHIP),
                 stdin: Some(base_tar.to_vec()),
+                timeout: Duration::from_secs(plan.step_timeout_secs),
                 ..Cmd::default()
             },
             1 << 16,
@@ -585,6 +607,7 @@ impl Runner<'_> {
             &Cmd {
                 argv: sh(&format!("cat > {ORDER}")),
                 stdin: Some(order.as_bytes().to_vec()),
+                timeout: Duration::from_secs(plan.step_timeout_secs),
                 ..Cmd::default()
             },
             1 << 16,
@@ -614,7 +637,7 @@ impl Runner<'_> {
                 argv,
                 env,
                 cwd: Some(REPO.into()),
-                timeout: Some(Duration::from_secs(plan.agent_timeout_secs)),
+                timeout: Duration::from_secs(plan.agent_timeout_secs),
                 ..Cmd::default()
             },
             1 << 20,
@@ -640,6 +663,7 @@ impl Runner<'_> {
         let raw = match vm.run(
             &Cmd {
                 argv: sh(TAKE_DIFF),
+                timeout: Duration::from_secs(plan.step_timeout_secs),
                 ..Cmd::default()
             },
             MAX_DIFF_BYTES,
@@ -648,7 +672,13 @@ impl Runner<'_> {
             Ok(o) => {
                 return fail(
                     a,
-                    format!("taking the diff failed: {}", shared.tail(&o.stderr)),
+                    format!(
+                        "taking the diff failed ({}): {}",
+                        o.exit
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "no exit status".into()),
+                        shared.tail(&o.stderr)
+                    ),
                 )
             }
             Err(e) => return fail(a, format!("taking the diff failed: {e}")),
@@ -723,7 +753,7 @@ impl Runner<'_> {
                     argv,
                     env: gate_env(),
                     cwd: Some(REPO.into()),
-                    timeout: Some(Duration::from_secs(60)),
+                    timeout: Duration::from_secs(60),
                     ..Cmd::default()
                 },
                 1 << 16,

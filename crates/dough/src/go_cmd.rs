@@ -71,7 +71,7 @@ impl Sandbox for VmSandbox {
             env: cmd.env.clone(),
             cwd: cmd.cwd.clone(),
             stdin: cmd.stdin.clone(),
-            timeout: cmd.timeout,
+            timeout: Some(cmd.timeout),
         };
         let status = self
             .0

@@ -138,6 +138,7 @@ check = "true"
 retries = 0
 concurrency = 2
 egress = "none"
+step_timeout_secs = 20
 
 [[tasks]]
 id = "outside"
@@ -169,6 +170,18 @@ chmod +x /usr/local/bin/git
 """
 
 [[tasks]]
+id = "hang"
+title = "Makes taking the diff hang (git replaced by sleep)"
+work = "w"
+allow = ["src/hang.py"]
+script = """
+echo 'hang = 1' > src/hang.py
+mkdir -p /usr/local/bin
+printf '#!/bin/sh\\nexec sleep 100000\\n' > /usr/local/bin/git
+chmod +x /usr/local/bin/git
+"""
+
+[[tasks]]
 id = "good"
 title = "An honest sibling"
 work = "w"
@@ -195,6 +208,11 @@ fn vm_go_hostile_agents_fail_with_the_reason_and_siblings_land() {
         reason("hooks").contains("\".git/hooks/post-commit\" is or is inside a `.git` directory"),
         "{}",
         reason("hooks")
+    );
+    assert!(
+        reason("hang").contains("taking the diff failed (timed out)"),
+        "{}",
+        reason("hang")
     );
     assert_eq!(task(&run, "good")["outcome"], "green");
     for r in [
