@@ -37,6 +37,8 @@ pub enum FabricError {
     VmmExited {
         backend: Backend,
         vm: String,
+        /// The exit status, and the reason the VMM's log gives when dough
+        /// recognises it.
         status: String,
         vmm_tail: String,
         serial_tail: String,
@@ -397,12 +399,15 @@ impl Vm {
             remove();
             e
         };
-        let exited = |st: std::process::ExitStatus| FabricError::VmmExited {
-            backend: opts.backend,
-            vm: id.clone(),
-            status: st.to_string(),
-            vmm_tail: vmm_impl.log_tail(&paths, 10),
-            serial_tail: tail(&paths.serial, TAIL_LINES),
+        let exited = |st: std::process::ExitStatus| {
+            let vmm_tail = vmm_impl.log_tail(&paths, 10);
+            FabricError::VmmExited {
+                backend: opts.backend,
+                vm: id.clone(),
+                status: format!("{st}{}", exit_reason(&vmm_tail)),
+                vmm_tail,
+                serial_tail: tail(&paths.serial, TAIL_LINES),
+            }
         };
         let left = |start: Instant| {
             opts.deadline
@@ -667,4 +672,32 @@ pub fn net_scope(vms: &Path) -> String {
     let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
     let h = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
     hex::encode(&h[..3])
+}
+
+/// The reason a VMM's log gives for a guest that died, in words, when it
+/// is one dough recognises (empty otherwise).
+fn exit_reason(vmm_tail: &str) -> String {
+    if vmm_tail.contains("KVM_EXIT_INTERNAL_ERROR") {
+        ": KVM stopped the guest's vCPU with KVM_EXIT_INTERNAL_ERROR — this host's KVM cannot \
+         run the guest (nested or paravirtual KVM often cannot; `dough doctor` checks)"
+            .into()
+    } else if vmm_tail.contains("kvm_buf_set_msrs") {
+        ": QEMU's KVM setup failed (kvm_buf_set_msrs) — this host's KVM cannot run the guest; \
+         use --accel tcg"
+            .into()
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_kvm_internal_error_is_named() {
+        // Real Firecracker v1.16.1's last log lines on a host whose KVM
+        // cannot run its guest.
+        let fc = "[anonymous-instance:fc_vcpu 0] Received KVM_EXIT_INTERNAL_ERROR signal\n[anonymous-instance:main] Firecracker exiting with error. exit_code=1";
+        assert!(super::exit_reason(fc).contains("this host's KVM cannot run the guest"));
+        assert_eq!(super::exit_reason("qemu: something else"), "");
+    }
 }

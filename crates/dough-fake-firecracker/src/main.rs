@@ -17,8 +17,12 @@
 //! snapshots, GC); what only a real guest can show is tested by
 //! `crates/dough/tests/fc_real.rs` where Firecracker and KVM work.
 //!
+//! Its API replies are the bytes real Firecracker v1.16.1 sends (see
+//! dough-vmm's `firecracker::fake`), and like the real one it exits with
+//! status 1 after a failed `snapshot/load`.
+//!
 //! Environment: `DOUGH_FAKE_FC_VERSION` (what `--version` and
-//! `GET /version` report, default 1.16.0), `DOUGH_FAKE_FC_REFUSE=/path`
+//! `GET /version` report, default 1.16.1), `DOUGH_FAKE_FC_REFUSE=/path`
 //! (answer that API path with a 400 and a `fault_message`).
 
 use std::io::{Read, Write};
@@ -40,7 +44,7 @@ fn usage_error(msg: &str) -> ! {
 }
 
 fn main() {
-    let version = std::env::var("DOUGH_FAKE_FC_VERSION").unwrap_or_else(|_| "1.16.0".into());
+    let version = std::env::var("DOUGH_FAKE_FC_VERSION").unwrap_or_else(|_| "1.16.1".into());
     let mut api = None;
     let mut log = None;
     let mut args = std::env::args().skip(1);
@@ -78,6 +82,10 @@ fn main() {
 fn guest(fake: &FakeFirecracker) -> ! {
     let mut running: Option<(String, PathBuf)> = None;
     loop {
+        // A failed snapshot load ends the real process (status 1).
+        if let Some(code) = fake.exit_code() {
+            std::process::exit(code);
+        }
         if fake.state() != FakeState::Running {
             std::thread::sleep(Duration::from_millis(5));
             continue;

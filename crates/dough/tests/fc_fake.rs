@@ -112,7 +112,7 @@ fn bake_up_exec_ps_kill_down_through_the_firecracker_backend() {
         meta["inputs"]["firecracker"]
             .as_str()
             .unwrap()
-            .contains("v1.16.0"),
+            .contains("v1.16.1"),
         "the Firecracker version is part of the key: {meta}"
     );
     assert!(meta["inputs"].get("qemu").is_none(), "{meta}");
@@ -251,7 +251,7 @@ fn bake_up_exec_ps_kill_down_through_the_firecracker_backend() {
         .unwrap());
     let err = text(&out.stderr);
     assert!(
-        err.contains("firecracker") && err.contains("v1.16.0") && err.contains("v1.17.0"),
+        err.contains("firecracker") && err.contains("v1.16.1") && err.contains("v1.17.0"),
         "{err}"
     );
     assert_eq!(snapshot_metas(h).len(), 2);
@@ -300,7 +300,7 @@ fn firecracker_failures_are_reported_and_leave_nothing_behind() {
     let err = text(&out.stderr);
     assert!(
         err.contains(
-            "Firecracker refused PUT /snapshot/load (400): fake refusal of PUT /snapshot/load"
+            "Firecracker refused PUT /snapshot/load (400): dough's fake refuses this (DOUGH_FAKE_FC_REFUSE=/snapshot/load)"
         ),
         "{err}"
     );
@@ -316,7 +316,10 @@ fn firecracker_failures_are_reported_and_leave_nothing_behind() {
         .unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("fake refusal of PUT /actions"), "{err}");
+    assert!(
+        err.contains("Firecracker refused PUT /actions (400): dough's fake refuses this"),
+        "{err}"
+    );
     assert!(snapshot_metas(fresh.path()).is_empty());
     assert!(vm_dirs(fresh.path()).is_empty());
 

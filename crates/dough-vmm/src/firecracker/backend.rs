@@ -278,6 +278,18 @@ impl FcProcess {
         self.client.resume()
     }
 
+    /// Wait up to `limit` for the process to exit by itself (e.g. after a
+    /// refused `snapshot/load`, which ends a real Firecracker with status
+    /// 1); its status, or None if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        crate::process::wait_until(limit, || {
+            status = self.process.try_wait();
+            status.is_some()
+        });
+        status
+    }
+
     /// SIGKILL by verified pid and reap.
     pub fn kill(mut self) {
         let _ = self.process.kill_and_wait(Duration::from_secs(10));
