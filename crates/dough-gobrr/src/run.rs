@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::diff::{Diff, MAX_DIFF_BYTES};
 use crate::plan::ValidPlan;
 use crate::secrets::{Redactor, Value};
-use crate::stack::{commit_message, StackError, Worktree};
+use crate::stack::{commit_message, Stack, StackError};
 
 /// How a command in a sandbox ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +150,9 @@ pub struct RunResult {
     /// The plan's check on each round's stacked result (run when a round
     /// stacked two or more tasks: each was gated alone, not together).
     pub round_checks: Vec<RoundCheck>,
+    /// Why the run stopped early, if it did (what finished before is kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,7 +204,7 @@ const TAKE_DIFF: &str = "cd /work/repo && git add -A && git diff --binary --cach
 pub struct Runner<'a> {
     pub plan: &'a ValidPlan,
     pub pool: &'a dyn Pool,
-    pub worktree: &'a Worktree,
+    pub stack: &'a Stack,
     pub secrets: Vec<Value>,
     pub run_id: String,
     /// Told every event as it happens (already redacted).
@@ -238,7 +241,10 @@ impl Shared<'_> {
 }
 
 impl Runner<'_> {
-    pub fn run(&self) -> Result<RunResult, StackError> {
+    /// Run every round. A run that fails part way (git refusing to work,
+    /// a bug) still returns what finished, with `error` saying why it
+    /// stopped.
+    pub fn run(&self) -> RunResult {
         let start = Instant::now();
         let shared = Shared {
             start,
@@ -246,9 +252,45 @@ impl Runner<'_> {
             on_event: self.on_event,
         };
         let plan = &self.plan.plan;
-        let base = self.worktree.head()?;
+        let base = self.stack.head().unwrap_or_default();
         let mut results: Vec<Option<TaskResult>> = vec![None; plan.tasks.len()];
         let mut round_checks = Vec::new();
+        let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.rounds(&shared, &mut results, &mut round_checks)
+        }));
+        let error = match rounds {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("the run stopped: {e}")),
+            Err(panic) => Some(format!(
+                "the run stopped on an internal error (a bug in dough): {}",
+                panic_message(&*panic)
+            )),
+        }
+        .map(|e| shared.redactor.redact(&e));
+        if let Some(e) = &error {
+            shared.event("run", 0, e.clone());
+        }
+        RunResult {
+            run_id: self.run_id.clone(),
+            branch: self.stack.branch.clone(),
+            goal: plan.goal.clone(),
+            head: self.stack.head().unwrap_or_else(|_| base.clone()),
+            base,
+            concurrency: plan.concurrency,
+            seconds: start.elapsed().as_secs_f64(),
+            tasks: results.into_iter().flatten().collect(),
+            round_checks,
+            error,
+        }
+    }
+
+    fn rounds(
+        &self,
+        shared: &Shared<'_>,
+        results: &mut [Option<TaskResult>],
+        round_checks: &mut Vec<RoundCheck>,
+    ) -> Result<(), StackError> {
+        let plan = &self.plan.plan;
         let mut stopped: Option<String> = None;
         for (k, round) in self.plan.rounds.iter().enumerate() {
             if let Some(why) = &stopped {
@@ -305,8 +347,8 @@ impl Runner<'_> {
                     });
                 }
             }
-            let base_tar = self.worktree.archive()?;
-            let context = self.dependency_context(&results);
+            let base_tar = self.stack.archive()?;
+            let context = self.dependency_context(results);
             // Up to `concurrency` tasks at once.
             let queue = Mutex::new(runnable.clone().into_iter());
             let done: Mutex<BTreeMap<usize, Finished>> = Mutex::new(BTreeMap::new());
@@ -316,7 +358,16 @@ impl Runner<'_> {
                         let Some(t) = queue.lock().expect("queue").next() else {
                             return;
                         };
-                        let r = self.task(t, k + 1, &base_tar, &context, &shared);
+                        // A bug in one task must not take the run down: a
+                        // panic becomes that task's failure.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.task(t, k + 1, &base_tar, &context, shared)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            let why = panic_message(&*panic);
+                            shared.event(&plan.tasks[t].id, 0, format!("internal error: {why}"));
+                            (self.internal_failure(t, k + 1, &why), None)
+                        });
                         done.lock().expect("results").insert(t, r);
                     });
                 }
@@ -324,14 +375,11 @@ impl Runner<'_> {
             // Stack the green ones in plan order.
             for (t, (mut r, diff)) in done.into_inner().expect("results") {
                 if let (Outcome::Green, Some(d)) = (&r.outcome, diff) {
-                    let stacked = self.worktree.apply(&d, &self.plan.allow[t]).and_then(|_| {
-                        self.worktree.commit(&commit_message(
-                            &r.id,
-                            &r.title,
-                            r.attempts.len() as u32,
-                            &self.run_id,
-                        ))
-                    });
+                    let stacked = self.stack.apply_and_commit(
+                        &d,
+                        &self.plan.allow[t],
+                        &commit_message(&r.id, &r.title, r.attempts.len() as u32, &self.run_id),
+                    );
                     match stacked {
                         Ok(c) => {
                             shared.event(&r.id, r.attempts.len() as u32, format!("committed {c}"));
@@ -355,7 +403,7 @@ impl Runner<'_> {
                 .filter(|&&t| results[t].as_ref().is_some_and(|r| r.commit.is_some()))
                 .count();
             if stacked >= 2 {
-                let tree = self.worktree.archive()?;
+                let tree = self.stack.archive()?;
                 let (passed, log) = match self.round_gate(&tree) {
                     Ok(log) => (true, log),
                     Err(log) => (false, log),
@@ -379,17 +427,35 @@ impl Runner<'_> {
                 });
             }
         }
-        Ok(RunResult {
-            run_id: self.run_id.clone(),
-            branch: self.worktree.branch.clone(),
-            goal: plan.goal.clone(),
-            base,
-            head: self.worktree.head()?,
-            concurrency: plan.concurrency,
-            seconds: start.elapsed().as_secs_f64(),
-            tasks: results.into_iter().flatten().collect(),
-            round_checks,
-        })
+        Ok(())
+    }
+
+    /// The result of a task whose processing hit a bug in dough.
+    fn internal_failure(&self, t: usize, round: usize, why: &str) -> TaskResult {
+        let task = &self.plan.plan.tasks[t];
+        TaskResult {
+            id: task.id.clone(),
+            title: task.title.clone(),
+            round,
+            outcome: Outcome::Failed,
+            attempts: vec![Attempt {
+                n: 1,
+                green: false,
+                failure: Some(format!(
+                    "dough hit an internal error on this task (a bug in dough, not the agent's doing): {why}"
+                )),
+                phases: BTreeMap::new(),
+                files: 0,
+                added: 0,
+                removed: 0,
+                gate_log: String::new(),
+            }],
+            commit: None,
+            changed: vec![],
+            signatures: String::new(),
+            blocked_by: vec![],
+            seconds: 0.0,
+        }
     }
 
     /// The plan's check on a whole tree in a fresh offline clone.
@@ -705,8 +771,8 @@ impl Runner<'_> {
         };
         let (files, added, removed) = diff.stats();
         (a.files, a.added, a.removed) = (files, added, removed);
-        let candidate = match self.worktree.candidate_archive(&raw, &self.plan.allow[t]) {
-            Ok(c) => c,
+        let candidate = match self.stack.candidate(&raw, &self.plan.allow[t]) {
+            Ok(c) => c.tar,
             Err(e) => return fail(a, format!("the diff does not apply to the base: {e}")),
         };
         phase(&mut a, "diff", t0);
@@ -786,6 +852,14 @@ impl Checked {
     fn changed_paths(&self) -> Vec<String> {
         self.diff.changed_paths()
     }
+}
+
+/// What a caught panic said.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 fn first_line(s: &str) -> &str {
@@ -917,6 +991,7 @@ mod tests {
             "two" if !order.contains("## Attempt 1 failed") => new_file("src/two.py", "BROKEN = 1"),
             "bad" => new_file("README.md", "pwned"),
             "leaky" => new_file("src/leaky.py", "KEY = 'sk-topsecret'"),
+            "boom" => panic!("simulated bug in dough"),
             id => new_file(&format!("src/{id}.py"), &format!("{id} = 1")),
         }
     }
@@ -1010,6 +1085,45 @@ allow = ["src/c.py"]
 deps = ["a"]
 "#;
 
+    const BOOM: &str = r#"
+goal = "one task hits a bug"
+repo = "."
+agent = ["true"]
+check = "run the tests"
+retries = 0
+concurrency = 1
+
+[[tasks]]
+id = "boom"
+title = "Hits a bug in dough"
+work = "w"
+allow = ["src/boom.py"]
+
+[[tasks]]
+id = "fine"
+title = "Fine"
+work = "w"
+allow = ["src/fine.py"]
+"#;
+
+    /// A panic while handling one task fails that task with the reason;
+    /// its sibling still lands, and the run finishes with its report.
+    #[test]
+    fn a_panic_in_one_task_fails_only_that_task() {
+        let ran = run_plan(BOOM, diff_for, vec![]);
+        let r = &ran.result;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let by_id = |id: &str| r.tasks.iter().find(|t| t.id == id).unwrap();
+        assert_eq!(by_id("boom").outcome, Outcome::Failed);
+        let why = by_id("boom").attempts[0].failure.clone().unwrap();
+        assert!(
+            why.contains("internal error") && why.contains("simulated bug in dough"),
+            "{why}"
+        );
+        assert_eq!(by_id("fine").outcome, Outcome::Green);
+        assert!(by_id("fine").commit.is_some());
+    }
+
     #[test]
     fn a_round_whose_combination_fails_stops_later_rounds() {
         let r = run_plan(PARTS, diff_parts, vec![]).result;
@@ -1029,7 +1143,7 @@ deps = ["a"]
         pool: FakePool,
         events: Vec<Event>,
         repo: tempfile::TempDir,
-        _worktree: tempfile::TempDir,
+        _scratch: tempfile::TempDir,
     }
 
     /// Run `plan` on a fresh base repo with a fake pool whose agents
@@ -1037,7 +1151,7 @@ deps = ["a"]
     fn run_plan(plan: &str, diff_for: fn(&str) -> String, secrets: Vec<Value>) -> Ran {
         let repo = base_repo();
         let wt = tempfile::tempdir().unwrap();
-        let worktree = Worktree::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
+        let stack = Stack::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
         let plan = Plan::parse(plan).unwrap().check().unwrap();
         let pool = FakePool {
             orders: Arc::new(Mutex::new(vec![])),
@@ -1050,19 +1164,18 @@ deps = ["a"]
         let result = Runner {
             plan: &plan,
             pool: &pool,
-            worktree: &worktree,
+            stack: &stack,
             secrets,
             run_id: "t1".into(),
             on_event: &on_event,
         }
-        .run()
-        .unwrap();
+        .run();
         Ran {
             result,
             pool,
             events: events.into_inner().unwrap(),
             repo,
-            _worktree: wt,
+            _scratch: wt,
         }
     }
 

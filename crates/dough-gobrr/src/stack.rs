@@ -1,16 +1,31 @@
-//! Stacking green results: accepted diffs are applied, as data, in a git
-//! worktree of dough's own (never the user's checkout) and committed one
-//! task per commit, in plan order. The base advances with each commit.
+//! Stacking green results: accepted diffs are applied, as data, to git
+//! objects of dough's own — a scratch index per step, never a checkout,
+//! never the user's working tree — and committed one task per commit, in
+//! plan order, on branch `dough/<run-id>`. The base advances with each
+//! commit.
 //!
-//! git runs with hooks disabled and without system or global config, so
-//! nothing an agent wrote — and no hook of the user's — runs on the host.
-//! Commits are deterministic: fixed identity, and dates taken from the run's
-//! base commit, so the same plan and the same agent outputs give the same
-//! commit ids.
+//! Nothing in an agent's tree changes what the host's git does with it:
+//! only plumbing that does not read attributes touches agent content
+//! (`apply --cached` writes the patch's bytes as blobs, `write-tree`,
+//! `commit-tree`), and the tree shipped to a gate is a tar dough writes
+//! itself from the tree object — no `git archive`, so no `export-ignore`,
+//! `export-subst`, eol conversion or filter. The gate sees exactly the
+//! blobs that are committed. Nothing is checked out, so no smudge filter
+//! or hook runs, and no worktree is registered in the user's repo.
+//!
+//! git runs with hooks disabled and without system or global config.
+//! Commits are deterministic: fixed identity, and dates taken from the
+//! run's base commit, so the same plan and the same agent outputs give the
+//! same commit ids.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// The most a tree shipped into a clone may hold: the sum of its files'
+/// sizes, checked from the tree object before any blob is read.
+pub const MAX_TREE_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -20,26 +35,48 @@ pub enum StackError {
     Rejected(crate::diff::Rejection),
     #[error("git {args}: {stderr}")]
     Git { args: String, stderr: String },
-    #[error("running git")]
-    Io(#[from] std::io::Error),
+    #[error("cannot run git {args}")]
+    Spawn {
+        args: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("branch {0} already exists in the repo (pick another run id)")]
     BranchExists(String),
+    #[error(
+        "the tree holds {size} bytes of files; at most {MAX_TREE_BYTES} are shipped into a clone"
+    )]
+    TreeTooLarge { size: u64 },
+    #[error("unexpected output from git {args}: {what}")]
+    Unexpected { args: String, what: String },
+    #[error("cannot write a tar of the tree")]
+    Tar(#[source] std::io::Error),
+    #[error("cannot create dough's scratch directory {path}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Identity of dough's commits.
 pub const AUTHOR: (&str, &str) = ("dough", "dough@localhost");
 
-/// A git command hardened for agent-authored content: no hooks, no
-/// fsmonitor, no system/global config, no pager or prompts.
-fn git(dir: &Path) -> Command {
+/// A git command on `git_dir`, hardened for agent-authored content: no
+/// hooks, no fsmonitor, no system/global config, no attributes file, no
+/// pager or prompts. It runs in `cwd` (dough's scratch directory: if git
+/// ever looked for a work tree, it would find that empty one).
+fn git(git_dir: &Path, cwd: &Path) -> Command {
     let mut c = Command::new("git");
-    c.current_dir(dir)
+    c.current_dir(cwd)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
+        .env("GIT_DIR", git_dir)
+        .env("GIT_WORK_TREE", cwd)
         .env_remove("GIT_INDEX_FILE")
+        .env_remove("GIT_OBJECT_DIRECTORY")
+        .env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES")
         .args([
             "-c",
             "core.hooksPath=/dev/null",
@@ -53,8 +90,17 @@ fn git(dir: &Path) -> Command {
     c
 }
 
-fn run(mut c: Command, stdin: Option<&[u8]>) -> Result<String, StackError> {
-    let args = format!("{:?}", c.get_args().collect::<Vec<_>>());
+fn args_of(c: &Command) -> String {
+    c.get_args()
+        .skip(8)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run `c` (with `stdin`, if any); its stdout as bytes.
+fn run_bytes(mut c: Command, stdin: Option<&[u8]>) -> Result<Vec<u8>, StackError> {
+    let args = args_of(&c);
     c.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -62,51 +108,60 @@ fn run(mut c: Command, stdin: Option<&[u8]>) -> Result<String, StackError> {
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = c.spawn()?;
-    if let Some(data) = stdin {
-        child.stdin.take().expect("piped").write_all(data)?;
+    let spawn = |source| StackError::Spawn {
+        args: args.clone(),
+        source,
+    };
+    let mut child = c.spawn().map_err(spawn)?;
+    // Feed stdin from a thread: git may answer before it has read it all.
+    let feeder = stdin.map(|data| {
+        let mut pipe = child.stdin.take().expect("piped");
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let out = child.wait_with_output().map_err(spawn)?;
+    if let Some(f) = feeder {
+        let _ = f.join();
     }
-    let out = child.wait_with_output()?;
     if !out.status.success() {
         return Err(StackError::Git {
             args,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(out.stdout)
+}
+
+fn run(c: Command, stdin: Option<&[u8]>) -> Result<String, StackError> {
+    run_bytes(c, stdin).map(|o| String::from_utf8_lossy(&o).trim().to_string())
 }
 
 /// Check what git itself says an applied diff changed — every path and
-/// mode of `git diff --cached --raw -z --no-renames HEAD` — against the rules
-/// and `allow`. `index` is a scratch index file, if any.
+/// mode of `git diff-index --cached --raw -z --no-renames BASE` on the
+/// scratch `index` — against the rules and `allow`.
 fn verify_cached(
-    dir: &Path,
-    index: Option<&Path>,
+    git_dir: &Path,
+    cwd: &Path,
+    index: &Path,
+    base: &str,
     allow: &[crate::glob::Glob],
 ) -> Result<(), StackError> {
     use crate::diff::{check_path, Rejection};
-    let mut c = git(dir);
-    if let Some(i) = index {
-        c.env("GIT_INDEX_FILE", i);
-    }
-    c.args([
-        "diff",
+    let mut c = git(git_dir, cwd);
+    c.env("GIT_INDEX_FILE", index).args([
+        "diff-index",
         "--cached",
         "--raw",
         "-z",
         "--no-renames",
         "--no-abbrev",
-        "HEAD",
+        base,
     ]);
-    let out = c.output()?;
-    if !out.status.success() {
-        return Err(StackError::Git {
-            args: "diff --cached --raw".into(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    let out = run_bytes(c, None)?;
     // Records: ":<old mode> <new mode> <old> <new> <status>\0<path>\0".
-    let mut fields = out.stdout.split(|b| *b == 0).filter(|f| !f.is_empty());
+    let mut fields = out.split(|b| *b == 0).filter(|f| !f.is_empty());
     while let Some(meta) = fields.next() {
         let meta = String::from_utf8_lossy(meta);
         let path = fields
@@ -135,150 +190,318 @@ fn verify_cached(
     Ok(())
 }
 
-/// dough's worktree for one run, on branch `dough/<run-id>`.
+/// A diff applied to the stack's head, not yet committed: the tree object,
+/// and the tar a gate gets — written from that tree, byte for byte.
 #[derive(Debug)]
-pub struct Worktree {
+pub struct Candidate {
+    pub tree: String,
+    pub tar: Vec<u8>,
+}
+
+/// dough's branch for one run, `dough/<run-id>`, and its scratch
+/// directory (scratch index files; nothing checked out).
+#[derive(Debug)]
+pub struct Stack {
     pub repo: PathBuf,
-    pub dir: PathBuf,
+    git_dir: PathBuf,
+    scratch: PathBuf,
     pub branch: String,
     /// Seconds since the epoch of the base commit: every commit's date.
     date: String,
 }
 
-impl Worktree {
-    /// Add a worktree at `dir` on a new branch `dough/<run_id>` at `base`.
+impl Stack {
+    /// Create branch `dough/<run_id>` at `base` in `repo`, with `scratch`
+    /// (created here) as dough's own directory for it.
     pub fn create(
         repo: &Path,
-        dir: &Path,
+        scratch: &Path,
         base: &str,
         run_id: &str,
-    ) -> Result<Worktree, StackError> {
+    ) -> Result<Stack, StackError> {
+        std::fs::create_dir_all(scratch).map_err(|source| StackError::Scratch {
+            path: scratch.to_path_buf(),
+            source,
+        })?;
+        let scratch = std::fs::canonicalize(scratch).map_err(|source| StackError::Scratch {
+            path: scratch.to_path_buf(),
+            source,
+        })?;
+        // Where the repo's git directory is, asked in the repo itself.
+        let mut c = Command::new("git");
+        c.current_dir(repo)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env_remove("GIT_DIR")
+            .env_remove("GIT_WORK_TREE")
+            .args(["rev-parse", "--absolute-git-dir"]);
+        let git_dir = PathBuf::from(run(c, None)?);
         let branch = format!("dough/{run_id}");
-        let mut c = git(repo);
-        c.args(["rev-parse", "--verify", "--quiet"])
-            .arg(format!("refs/heads/{branch}"));
-        if run(c, None).is_ok() {
+        let g = |args: &[&str]| {
+            let mut c = git(&git_dir, &scratch);
+            c.args(args);
+            c
+        };
+        let base = run(
+            g(&[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{base}^{{commit}}"),
+            ]),
+            None,
+        )?;
+        // Create the branch only if it does not exist (old value: none).
+        let zero = "0".repeat(base.len());
+        if run(
+            g(&["update-ref", &format!("refs/heads/{branch}"), &base, &zero]),
+            None,
+        )
+        .is_err()
+        {
             return Err(StackError::BranchExists(branch));
         }
-        let mut c = git(repo);
-        c.args(["worktree", "add", "--quiet", "-b", &branch])
-            .arg(dir)
-            .arg(base);
-        run(c, None)?;
-        let mut c = git(dir);
-        c.args(["log", "-1", "--format=%ct", "HEAD"]);
-        let date = run(c, None)?;
-        Ok(Worktree {
+        let date = run(g(&["log", "-1", "--format=%ct", &base]), None)?;
+        Ok(Stack {
             repo: repo.to_path_buf(),
-            dir: dir.to_path_buf(),
+            git_dir,
+            scratch,
             branch,
             date,
         })
     }
 
+    fn git(&self) -> Command {
+        git(&self.git_dir, &self.scratch)
+    }
+
+    /// The branch's commit.
     pub fn head(&self) -> Result<String, StackError> {
-        let mut c = git(&self.dir);
-        c.args(["rev-parse", "HEAD"]);
+        let mut c = self.git();
+        c.args([
+            "rev-parse",
+            "--verify",
+            &format!("refs/heads/{}", self.branch),
+        ]);
         run(c, None)
     }
 
-    /// Apply a diff (already parsed and checked against the task's
-    /// allowlist) to the index and tree. On failure nothing is left
-    /// changed.
-    pub fn apply(&self, diff: &[u8], allow: &[crate::glob::Glob]) -> Result<(), StackError> {
-        let mut c = git(&self.dir);
-        // --index: the index must match; git apply itself also refuses to
-        // follow symlinks out of the tree.
-        c.args(["apply", "--index", "--binary", "--whitespace=nowarn", "-"]);
-        let r = run(c, Some(diff))
-            .map(drop)
-            .and_then(|_| verify_cached(&self.dir, None, allow));
-        if r.is_err() {
-            self.reset()?;
-        }
-        r
+    /// `diff` applied to the head's tree in a scratch index (the branch and
+    /// the user's repo untouched), checked again as git applied it, as a
+    /// tree object.
+    fn apply_to_head(
+        &self,
+        diff: &[u8],
+        allow: &[crate::glob::Glob],
+    ) -> Result<(String, String), StackError> {
+        let head = self.head()?;
+        let index = tempfile::NamedTempFile::new_in(&self.scratch).map_err(|source| {
+            StackError::Scratch {
+                path: self.scratch.clone(),
+                source,
+            }
+        })?;
+        let with_index = |args: &[&str]| {
+            let mut c = self.git();
+            c.env("GIT_INDEX_FILE", index.path()).args(args);
+            c
+        };
+        run(with_index(&["read-tree", &head]), None)?;
+        run(
+            with_index(&["apply", "--cached", "--binary", "--whitespace=nowarn", "-"]),
+            Some(diff),
+        )?;
+        verify_cached(&self.git_dir, &self.scratch, index.path(), &head, allow)?;
+        let tree = run(with_index(&["write-tree"]), None)?;
+        Ok((head, tree))
     }
 
-    /// Commit what is applied; returns the new commit id.
-    pub fn commit(&self, message: &str) -> Result<String, StackError> {
+    /// The head's tree with `diff` applied, and the tar of exactly that
+    /// tree (what the gate checks).
+    pub fn candidate(
+        &self,
+        diff: &[u8],
+        allow: &[crate::glob::Glob],
+    ) -> Result<Candidate, StackError> {
+        let (_, tree) = self.apply_to_head(diff, allow)?;
+        let tar = self.tar_of(&tree)?;
+        Ok(Candidate { tree, tar })
+    }
+
+    /// Apply `diff` to the head and commit the result on the branch;
+    /// returns the new commit id. On failure nothing changes.
+    pub fn apply_and_commit(
+        &self,
+        diff: &[u8],
+        allow: &[crate::glob::Glob],
+        message: &str,
+    ) -> Result<String, StackError> {
+        let (head, tree) = self.apply_to_head(diff, allow)?;
+        self.commit_tree(&head, &tree, message)
+    }
+
+    /// Commit `tree` on top of `parent` (the branch's head) and move the
+    /// branch there, only if it is still at `parent`.
+    fn commit_tree(&self, parent: &str, tree: &str, message: &str) -> Result<String, StackError> {
         let date = format!("@{} +0000", self.date);
-        let mut c = git(&self.dir);
+        let mut c = self.git();
         c.env("GIT_AUTHOR_NAME", AUTHOR.0)
             .env("GIT_AUTHOR_EMAIL", AUTHOR.1)
             .env("GIT_COMMITTER_NAME", AUTHOR.0)
             .env("GIT_COMMITTER_EMAIL", AUTHOR.1)
             .env("GIT_AUTHOR_DATE", &date)
             .env("GIT_COMMITTER_DATE", &date)
-            .args([
-                "commit",
-                "--quiet",
-                "--no-verify",
-                "--allow-empty-message",
-                "-F",
-                "-",
-            ]);
-        run(c, Some(message.as_bytes()))?;
-        self.head()
-    }
-
-    /// Throw away anything not committed.
-    pub fn reset(&self) -> Result<(), StackError> {
-        let mut c = git(&self.dir);
-        c.args(["reset", "--quiet", "--hard", "HEAD"]);
+            .args(["commit-tree", tree, "-p", parent, "-F", "-"]);
+        let commit = run(c, Some(message.as_bytes()))?;
+        let mut c = self.git();
+        c.args([
+            "update-ref",
+            &format!("refs/heads/{}", self.branch),
+            &commit,
+            parent,
+        ]);
         run(c, None)?;
-        let mut c = git(&self.dir);
-        c.args(["clean", "-fdq"]);
-        run(c, None).map(drop)
+        Ok(commit)
     }
 
-    /// The tree at HEAD as a tar stream (to ship into a VM).
+    /// The tree at the head as a tar stream (to ship into a VM).
     pub fn archive(&self) -> Result<Vec<u8>, StackError> {
-        self.tar_of("HEAD")
+        let head = self.head()?;
+        self.tar_of(&format!("{head}^{{tree}}"))
     }
 
-    /// `git archive` of a commit or tree, as bytes (binary: not through
-    /// [`run`], which returns text).
-    fn tar_of(&self, treeish: &str) -> Result<Vec<u8>, StackError> {
-        let mut c = git(&self.dir);
-        c.args(["archive", "--format=tar", treeish]);
-        let out = c.output()?;
-        if !out.status.success() {
+    /// A tar of `tree`, written by dough from the tree object: every file's
+    /// bytes as stored (no attributes apply), symlinks as symlinks,
+    /// submodules as empty directories. The total size is checked from the
+    /// tree listing before any blob is read.
+    fn tar_of(&self, tree: &str) -> Result<Vec<u8>, StackError> {
+        let mut c = self.git();
+        c.args(["ls-tree", "-r", "-z", "-l", "--full-tree", tree]);
+        let listing = run_bytes(c, None)?;
+        let unexpected = |what: &str| StackError::Unexpected {
+            args: "ls-tree".into(),
+            what: what.into(),
+        };
+        // "<mode> SP <type> SP <oid> SP+ <size>\t<path>"
+        let mut entries = Vec::new();
+        let mut total: u64 = 0;
+        for rec in listing.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            let tab = rec
+                .iter()
+                .position(|b| *b == b'\t')
+                .ok_or_else(|| unexpected("a record without a tab"))?;
+            let meta = std::str::from_utf8(&rec[..tab]).map_err(|_| unexpected("not UTF-8"))?;
+            let path = rec[tab + 1..].to_vec();
+            let mut f = meta.split_whitespace();
+            let (Some(mode), Some(kind), Some(oid), Some(size)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                return Err(unexpected(meta));
+            };
+            if kind == "blob" {
+                total = total.saturating_add(size.parse().map_err(|_| unexpected(meta))?);
+                if total > MAX_TREE_BYTES {
+                    return Err(StackError::TreeTooLarge { size: total });
+                }
+            }
+            entries.push((mode.to_string(), kind.to_string(), oid.to_string(), path));
+        }
+        // Blobs, streamed in listing order.
+        let mut c = self.git();
+        c.args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let spawn = |source| StackError::Spawn {
+            args: "cat-file --batch".into(),
+            source,
+        };
+        let mut child = c.spawn().map_err(spawn)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let oids: Vec<String> = entries
+            .iter()
+            .filter(|e| e.1 == "blob")
+            .map(|e| e.2.clone())
+            .collect();
+        let feeder = std::thread::spawn(move || {
+            for o in oids {
+                if writeln!(stdin, "{o}").is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mtime: u64 = self.date.parse().unwrap_or(0);
+        let mut tar = tar::Builder::new(Vec::new());
+        let result = (|| -> Result<(), StackError> {
+            for (mode, kind, _oid, path) in &entries {
+                let path = Path::new(std::ffi::OsStr::from_bytes(path));
+                let mut h = tar::Header::new_gnu();
+                h.set_mtime(mtime);
+                h.set_uid(0);
+                h.set_gid(0);
+                if kind != "blob" {
+                    // A submodule: an empty directory, as git archive does.
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    tar.append_data(&mut h, path, std::io::empty())
+                        .map_err(StackError::Tar)?;
+                    continue;
+                }
+                let mut line = String::new();
+                out.read_line(&mut line).map_err(StackError::Tar)?;
+                let size: u64 = line
+                    .trim_end()
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| unexpected(&line))?;
+                let mut body = (&mut out).take(size);
+                match mode.as_str() {
+                    "120000" => {
+                        let mut target = Vec::new();
+                        body.read_to_end(&mut target).map_err(StackError::Tar)?;
+                        h.set_entry_type(tar::EntryType::Symlink);
+                        h.set_mode(0o777);
+                        h.set_size(0);
+                        let target = std::ffi::OsStr::from_bytes(&target);
+                        tar.append_link(&mut h, path, target)
+                            .map_err(StackError::Tar)?;
+                    }
+                    m => {
+                        h.set_entry_type(tar::EntryType::Regular);
+                        h.set_mode(if m == "100755" { 0o755 } else { 0o644 });
+                        h.set_size(size);
+                        tar.append_data(&mut h, path, &mut body)
+                            .map_err(StackError::Tar)?;
+                    }
+                }
+                // The newline after each object.
+                let mut nl = [0u8; 1];
+                out.read_exact(&mut nl).map_err(StackError::Tar)?;
+            }
+            Ok(())
+        })();
+        drop(out);
+        let _ = feeder.join();
+        let status = child.wait().map_err(spawn)?;
+        result?;
+        if !status.success() {
             return Err(StackError::Git {
-                args: format!("archive {treeish}"),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                args: "cat-file --batch".into(),
+                stderr: status.to_string(),
             });
         }
-        Ok(out.stdout)
+        tar.into_inner().map_err(StackError::Tar)
     }
 
-    /// The tree of HEAD with `diff` applied, as a tar stream, without
-    /// touching the worktree, its index or the branch (a scratch index).
-    pub fn candidate_archive(
-        &self,
-        diff: &[u8],
-        allow: &[crate::glob::Glob],
-    ) -> Result<Vec<u8>, StackError> {
-        let index = tempfile::NamedTempFile::new()?;
-        let with_index = |args: &[&str]| {
-            let mut c = git(&self.dir);
-            c.env("GIT_INDEX_FILE", index.path()).args(args);
-            c
-        };
-        run(with_index(&["read-tree", "HEAD"]), None)?;
-        run(
-            with_index(&["apply", "--cached", "--binary", "--whitespace=nowarn", "-"]),
-            Some(diff),
-        )?;
-        verify_cached(&self.dir, Some(index.path()), allow)?;
-        let tree = run(with_index(&["write-tree"]), None)?;
-        self.tar_of(&tree)
-    }
-
-    /// Remove the worktree (the branch and its commits stay).
+    /// Remove dough's scratch directory (the branch and its commits stay).
     pub fn remove(self) -> Result<(), StackError> {
-        let mut c = git(&self.repo);
-        c.args(["worktree", "remove", "--force"]).arg(&self.dir);
-        run(c, None).map(drop)
+        std::fs::remove_dir_all(&self.scratch).map_err(|source| StackError::Scratch {
+            path: self.scratch.clone(),
+            source,
+        })
     }
 }
 
@@ -343,22 +566,60 @@ pub(crate) mod tests {
     const DIFF_A: &str = "diff --git a/src/a.py b/src/a.py\nindex 1111111..2222222 100644\n--- a/src/a.py\n+++ b/src/a.py\n@@ -1 +1 @@\n-a = 1\n+a = 2\n";
     const DIFF_B: &str = "diff --git a/src/b.py b/src/b.py\nnew file mode 100644\n--- /dev/null\n+++ b/src/b.py\n@@ -0,0 +1 @@\n+b = 1\n";
 
-    fn stack(repo: &Path, wt: &Path) -> (Worktree, Vec<String>) {
-        let w = Worktree::create(repo, wt, "main", "r1").unwrap();
+    fn stack(repo: &Path, scratch: &Path) -> (Stack, Vec<String>) {
+        let w = Stack::create(repo, scratch, "main", "r1").unwrap();
         let mut ids = Vec::new();
         for (id, d) in [("a", DIFF_A), ("b", DIFF_B)] {
-            w.apply(d.as_bytes(), &any()).unwrap();
-            ids.push(w.commit(&commit_message(id, "T", 1, "r1")).unwrap());
+            ids.push(
+                w.apply_and_commit(d.as_bytes(), &any(), &commit_message(id, "T", 1, "r1"))
+                    .unwrap(),
+            );
         }
         (w, ids)
+    }
+
+    /// Every file of a tar: path → (bytes, or the link target; mode).
+    fn untar(tar: &[u8]) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+        let mut a = tar::Archive::new(tar);
+        let mut m = std::collections::BTreeMap::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mode = e.header().mode().unwrap();
+            let body = match e.link_name().unwrap() {
+                Some(t) => t.to_string_lossy().as_bytes().to_vec(),
+                None => {
+                    let mut b = Vec::new();
+                    e.read_to_end(&mut b).unwrap();
+                    b
+                }
+            };
+            m.insert(path, (body, mode));
+        }
+        m
+    }
+
+    /// Every blob of a commit's tree, as git stores it: path → bytes.
+    fn committed(repo: &Path, commit: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        sh(repo, &["ls-tree", "-r", "--name-only", commit])
+            .lines()
+            .map(|p| {
+                let out = Command::new("git")
+                    .args(["cat-file", "blob", &format!("{commit}:{p}")])
+                    .current_dir(repo)
+                    .output()
+                    .unwrap();
+                (p.to_string(), out.stdout)
+            })
+            .collect()
     }
 
     #[test]
     fn commits_stack_in_order_deterministically_without_hooks() {
         let u = user_repo();
         let r = u.path();
-        let wt = tempfile::tempdir().unwrap();
-        let (w, ids) = stack(r, &wt.path().join("w"));
+        let scratch = tempfile::tempdir().unwrap();
+        let (w, ids) = stack(r, &scratch.path().join("w"));
         assert_eq!(
             sh(r, &["log", "--format=%s", "dough/r1"]),
             "b: T\na: T\nbase"
@@ -368,56 +629,60 @@ pub(crate) mod tests {
             "dough <dough@localhost>"
         );
         assert!(!r.join("HOOK_RAN").exists(), "no hook of the user's ran");
-        // The user's checkout is untouched.
+        // The user's checkout is untouched, and no worktree is registered.
         assert_eq!(sh(r, &["rev-parse", "--abbrev-ref", "HEAD"]), "main");
         assert_eq!(
             std::fs::read_to_string(r.join("src/a.py")).unwrap(),
             "a = 1\n"
         );
         assert!(!r.join("src/b.py").exists());
+        assert_eq!(sh(r, &["status", "--porcelain"]), "");
+        assert_eq!(sh(r, &["worktree", "list"]).lines().count(), 1);
         w.remove().unwrap();
+        assert!(!scratch.path().join("w").exists());
         // The same base and the same diffs in a clone of the repo: the
         // same commit ids.
         let copy = tempfile::tempdir().unwrap();
         sh(copy.path(), &["clone", "-q", r.to_str().unwrap(), "c"]);
         let c = copy.path().join("c");
-        let wt2 = tempfile::tempdir().unwrap();
-        let w2 = Worktree::create(&c, &wt2.path().join("w"), "main", "r1").unwrap();
-        let mut ids2 = Vec::new();
-        for (id, d) in [("a", DIFF_A), ("b", DIFF_B)] {
-            w2.apply(d.as_bytes(), &any()).unwrap();
-            ids2.push(w2.commit(&commit_message(id, "T", 1, "r1")).unwrap());
-        }
+        let scratch2 = tempfile::tempdir().unwrap();
+        let (_, ids2) = stack(&c, &scratch2.path().join("w"));
         assert_eq!(ids, ids2);
     }
 
     #[test]
     fn a_diff_that_does_not_apply_leaves_nothing_and_the_branch_can_go_on() {
         let u = user_repo();
-        let wt = tempfile::tempdir().unwrap();
-        let w = Worktree::create(u.path(), &wt.path().join("w"), "main", "r2").unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(u.path(), &scratch.path().join("w"), "main", "r2").unwrap();
         let before = w.head().unwrap();
         let bad = DIFF_A.replace("-a = 1", "-a = 9");
-        assert!(w.apply(bad.as_bytes(), &any()).is_err());
+        let e = w
+            .apply_and_commit(bad.as_bytes(), &any(), "bad")
+            .unwrap_err();
+        assert!(matches!(e, StackError::Git { .. }), "{e}");
         assert_eq!(w.head().unwrap(), before);
-        assert_eq!(
-            std::fs::read_to_string(wt.path().join("w/src/a.py")).unwrap(),
-            "a = 1\n"
+        w.apply_and_commit(DIFF_B.as_bytes(), &any(), "b").unwrap();
+        assert_ne!(w.head().unwrap(), before);
+        let e = Stack::create(u.path(), &scratch.path().join("w2"), "main", "r2").unwrap_err();
+        assert!(
+            matches!(e, StackError::BranchExists(ref b) if b == "dough/r2"),
+            "{e}"
         );
-        w.apply(DIFF_B.as_bytes(), &any()).unwrap();
-        w.commit("b").unwrap();
-        assert!(Worktree::create(u.path(), &wt.path().join("w2"), "main", "r2").is_err());
     }
 
     #[test]
     fn what_git_applies_is_checked_again() {
         let u = user_repo();
-        let wt = tempfile::tempdir().unwrap();
-        let w = Worktree::create(u.path(), &wt.path().join("w"), "main", "r4").unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(u.path(), &scratch.path().join("w"), "main", "r4").unwrap();
+        let before = w.head().unwrap();
         // A diff the parser would never pass, handed straight to the
-        // worktree: git's own report of the change is refused.
+        // stack: git's own report of the change is refused.
         let outside = "diff --git a/README.md b/README.md\nnew file mode 100644\n--- /dev/null\n+++ b/README.md\n@@ -0,0 +1 @@\n+x\n";
-        let e = w.apply(outside.as_bytes(), &any()).unwrap_err();
+        let e = w
+            .apply_and_commit(outside.as_bytes(), &any(), "x")
+            .unwrap_err();
         assert!(
             matches!(
                 e,
@@ -425,9 +690,9 @@ pub(crate) mod tests {
             ),
             "{e}"
         );
-        assert!(!wt.path().join("w/README.md").exists(), "rolled back");
+        assert_eq!(w.head().unwrap(), before, "nothing committed");
         let link = "diff --git a/src/l b/src/l\nnew file mode 120000\n--- /dev/null\n+++ b/src/l\n@@ -0,0 +1 @@\n+/etc\n\\ No newline at end of file\n";
-        let e = w.candidate_archive(link.as_bytes(), &any()).unwrap_err();
+        let e = w.candidate(link.as_bytes(), &any()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -435,15 +700,110 @@ pub(crate) mod tests {
             ),
             "{e}"
         );
-        assert_eq!(sh(&wt.path().join("w"), &["status", "--porcelain"]), "");
+        assert_eq!(sh(u.path(), &["status", "--porcelain"]), "");
     }
 
     #[test]
-    fn archive_is_a_tar_of_head() {
+    fn archive_is_a_tar_of_head_with_symlinks_and_modes() {
         let u = user_repo();
-        let wt = tempfile::tempdir().unwrap();
-        let w = Worktree::create(u.path(), &wt.path().join("w"), "main", "r3").unwrap();
-        let tar = w.archive().unwrap();
-        assert!(tar.len() >= 1024 && tar.windows(8).any(|x| x == b"src/a.py"));
+        let r = u.path();
+        std::os::unix::fs::symlink("src/a.py", r.join("link")).unwrap();
+        std::fs::write(r.join("run.sh"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(r.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        sh(r, &["add", "-A"]);
+        sh(r, &["commit", "-qm", "more"]);
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(r, &scratch.path().join("w"), "main", "r3").unwrap();
+        let files = untar(&w.archive().unwrap());
+        assert_eq!(files["src/a.py"], (b"a = 1\n".to_vec(), 0o644));
+        assert_eq!(files["run.sh"].1, 0o755);
+        assert_eq!(files["link"].0, b"src/a.py");
+        // GNU tar unpacks it as the guest will.
+        let out = tempfile::tempdir().unwrap();
+        let mut tar = Command::new("tar")
+            .args(["-x", "-C"])
+            .arg(out.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tar.stdin
+            .take()
+            .unwrap()
+            .write_all(&w.archive().unwrap())
+            .unwrap();
+        assert!(tar.wait().unwrap().success());
+        assert_eq!(
+            std::fs::read_link(out.path().join("link")).unwrap(),
+            Path::new("src/a.py")
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("src/a.py")).unwrap(),
+            "a = 1\n"
+        );
+    }
+
+    /// An agent's `.gitattributes` cannot hide files from the gate or
+    /// change their bytes (export-ignore, export-subst, eol, ident): the
+    /// gate's tar holds exactly the blobs that are committed.
+    #[test]
+    fn agent_attributes_change_nothing_between_gate_and_commit() {
+        let u = user_repo();
+        let r = u.path();
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(r, &scratch.path().join("w"), "main", "r5").unwrap();
+        let file = |path: &str, body: &str| {
+            let lines: String = body.lines().map(|l| format!("+{l}\n")).collect();
+            format!(
+                "diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,{} @@\n{lines}",
+                body.lines().count()
+            )
+        };
+        let diff = file(
+            "src/.gitattributes",
+            "hidden.py export-ignore\nsubst.py export-subst\n* text eol=crlf ident\n",
+        ) + &file("src/hidden.py", "import os; os.system('evil')\n")
+            + &file("src/subst.py", "version = '$Format:%H$'\nid = '$Id$'\n");
+        let allow = any();
+        let cand = w.candidate(diff.as_bytes(), &allow).unwrap();
+        let gate = untar(&cand.tar);
+        assert_eq!(
+            gate["src/hidden.py"].0, b"import os; os.system('evil')\n",
+            "export-ignore hid nothing"
+        );
+        assert_eq!(
+            gate["src/subst.py"].0, b"version = '$Format:%H$'\nid = '$Id$'\n",
+            "no substitution, no eol conversion"
+        );
+        let commit = w
+            .apply_and_commit(diff.as_bytes(), &allow, "attrs")
+            .unwrap();
+        assert_eq!(
+            sh(r, &["rev-parse", &format!("{commit}^{{tree}}")]),
+            cand.tree
+        );
+        let stored = committed(r, &commit);
+        let seen: std::collections::BTreeMap<String, Vec<u8>> =
+            gate.into_iter().map(|(p, (b, _))| (p, b)).collect();
+        assert_eq!(seen, stored, "the gate saw exactly what was committed");
+    }
+
+    /// A tree too large to ship is refused from its listing, before any
+    /// blob is read.
+    #[test]
+    fn a_tree_too_large_is_refused_before_it_is_read() {
+        let u = user_repo();
+        let r = u.path();
+        let f = std::fs::File::create(r.join("big.bin")).unwrap();
+        f.set_len(MAX_TREE_BYTES + 1).unwrap();
+        sh(r, &["add", "-A"]);
+        sh(r, &["commit", "-qm", "big"]);
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(r, &scratch.path().join("w"), "main", "r6").unwrap();
+        let e = w.archive().unwrap_err();
+        assert!(
+            matches!(e, StackError::TreeTooLarge { size } if size > MAX_TREE_BYTES),
+            "{e}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox};
 use dough_gobrr::secrets::Redactor;
-use dough_gobrr::stack::Worktree;
+use dough_gobrr::stack::Stack;
 use dough_proto::{ExitStatus, Stream};
 
 use crate::cli::Ctx;
@@ -178,9 +178,12 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
     let run_dir = ctx.home.join("runs").join(&run_id);
     std::fs::create_dir_all(&run_dir)?;
-    let worktree = Worktree::create(&repo, &run_dir.join("worktree"), &plan.plan.base, &run_id)
-        .context("creating dough's worktree")?;
-    let tree = worktree.archive()?.len();
+    // dough's branch and scratch directory; nothing is checked out and no
+    // worktree is registered in the user's repo. Removed whatever happens.
+    let stack = Stack::create(&repo, &run_dir.join("scratch"), &plan.plan.base, &run_id)
+        .context("creating dough's branch")?;
+    let stack = RemoveOnDrop(Some(stack));
+    let tree = stack.get().archive()?.len();
     anyhow::ensure!(
         tree <= MAX_SHIP,
         "the repo's tree is {tree} bytes as a tar; dough ships at most {MAX_SHIP} bytes into a clone today"
@@ -218,12 +221,12 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     let runner = Runner {
         plan: &plan,
         pool: &pool,
-        worktree: &worktree,
+        stack: stack.get(),
         secrets: secrets.clone(),
         run_id: run_id.clone(),
         on_event: &on_event,
     };
-    let result = runner.run()?;
+    let result = runner.run();
     let redactor = Redactor::new(&secrets);
     std::fs::write(
         run_dir.join("run.json"),
@@ -231,7 +234,10 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     )?;
     let report = redactor.redact(&report(&result));
     std::fs::write(run_dir.join("report.md"), &report)?;
-    worktree.remove()?;
+    drop(stack);
+    if let Some(e) = &result.error {
+        eprintln!("dough: {}", redactor.redact(e));
+    }
     let green = result
         .tasks
         .iter()
@@ -244,11 +250,31 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     );
     println!("branch: dough/{run_id}");
     println!("report: {}", run_dir.join("report.md").display());
-    Ok(if green == result.tasks.len() {
+    Ok(if result.error.is_none() && green == result.tasks.len() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// dough's stack for a run, whose scratch directory goes away on every
+/// way out (errors and panics included).
+struct RemoveOnDrop(Option<Stack>);
+
+impl RemoveOnDrop {
+    fn get(&self) -> &Stack {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            if let Err(e) = s.remove() {
+                tracing::warn!("cannot remove dough's scratch directory: {e}");
+            }
+        }
+    }
 }
 
 /// `report.md`.
@@ -263,6 +289,9 @@ fn report(r: &RunResult) -> String {
         r.seconds,
         r.concurrency
     );
+    if let Some(e) = &r.error {
+        s += &format!("**The run stopped early**: {e}\n\nWhat finished before is below.\n\n");
+    }
     s += "| task | round | outcome | attempts | files | +/- | seconds | commit |\n|---|---|---|---|---|---|---|---|\n";
     for t in &r.tasks {
         let last = t.attempts.last();

@@ -182,6 +182,18 @@ chmod +x /usr/local/bin/git
 """
 
 [[tasks]]
+id = "hide"
+title = "Hides a file from the gate with .gitattributes export-ignore"
+work = "w"
+allow = ["hide/**"]
+check = "test ! -e hide/hidden.py"
+script = """
+mkdir -p hide
+echo 'hidden.py export-ignore' > hide/.gitattributes
+echo 'import os' > hide/hidden.py
+"""
+
+[[tasks]]
 id = "good"
 title = "An honest sibling"
 work = "w"
@@ -213,6 +225,13 @@ fn vm_go_hostile_agents_fail_with_the_reason_and_siblings_land() {
         reason("hang").contains("taking the diff failed (timed out)"),
         "{}",
         reason("hang")
+    );
+    // The gate saw the file the agent tried to hide (its check failed).
+    assert_eq!(task(&run, "hide")["outcome"], "failed");
+    assert!(
+        reason("hide").contains("the gate check failed"),
+        "{}",
+        reason("hide")
     );
     assert_eq!(task(&run, "good")["outcome"], "green");
     for r in [
