@@ -58,6 +58,14 @@ pub struct Plan {
     pub tasks: Vec<Task>,
 }
 
+/// A path a plan may name: relative, and without `..` (so it stays inside
+/// the plan's directory; symlinks are checked when it is opened).
+fn inside(p: &Path) -> bool {
+    p.is_relative()
+        && p.components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir))
+}
+
 fn default_base() -> String {
     "HEAD".into()
 }
@@ -297,6 +305,27 @@ impl Plan {
                     s.name
                 )));
             }
+            // A plan is untrusted input: it may not name any host file.
+            if let Some(f) = &s.file {
+                if !inside(f) {
+                    problems.push(Problem::BadSecret(format!(
+                        "secret {:?}: file {:?} must be inside the plan's directory (a relative path without `..`)",
+                        s.name, f
+                    )));
+                }
+            }
+            if s.prefix.is_empty() {
+                problems.push(Problem::BadSecret(format!(
+                    "secret {:?} has no prefix: set `prefix` to how its value starts (e.g. \"sk-ant-\"), so that a wrong value is refused before it is sent anywhere",
+                    s.name
+                )));
+            }
+        }
+        if !inside(&self.repo) {
+            problems.push(Problem::BadSetting(format!(
+                "repo {:?} must be inside the plan's directory (a relative path without `..`); to run a plan on another repository, give it with `dough go --repo PATH`",
+                self.repo
+            )));
         }
 
         // Ids.
@@ -632,9 +661,32 @@ deps = ["parser"]
             vec!["task \"parser\" wants secret \"TOKEN\", which the plan does not define"]
         );
         assert_eq!(
-            problems(|p| p.secrets[0].file = Some("/k".into())),
+            problems(|p| p.secrets[0].file = Some("k".into())),
             vec!["secret \"API_KEY\" needs exactly one source: env or file"]
         );
+        // A plan may not name host files outside its directory, and every
+        // secret has a prefix.
+        for file in ["/etc/shadow", "../../root/.ssh/id_rsa"] {
+            assert_eq!(
+                problems(|p| {
+                    p.secrets[0].env = None;
+                    p.secrets[0].file = Some(file.into());
+                }),
+                vec![format!(
+                    "secret \"API_KEY\": file {file:?} must be inside the plan's directory (a relative path without `..`)"
+                )]
+            );
+        }
+        assert_eq!(
+            problems(|p| p.secrets[0].prefix = String::new()),
+            vec!["secret \"API_KEY\" has no prefix: set `prefix` to how its value starts (e.g. \"sk-ant-\"), so that a wrong value is refused before it is sent anywhere"]
+        );
+        for repo in ["/root/private", "../other"] {
+            assert_eq!(
+                problems(|p| p.repo = repo.into()),
+                vec![format!("repo {repo:?} must be inside the plan's directory (a relative path without `..`); to run a plan on another repository, give it with `dough go --repo PATH`")]
+            );
+        }
         assert_eq!(
             problems(|p| p.concurrency = 0),
             vec!["concurrency must be 1 to 64, not 0"]

@@ -21,6 +21,12 @@ pub enum SecretError {
     Prefix { name: String, prefix: String },
     #[error("secret {name} is empty")]
     Empty { name: String },
+    #[error("secret {name}: {path} is outside the plan's directory {base} (a plan may only name its own files)")]
+    Outside {
+        name: String,
+        path: String,
+        base: String,
+    },
 }
 
 /// A secret's value, which never appears in `Debug` output.
@@ -53,7 +59,23 @@ pub fn resolve(
                 })?,
                 (None, Some(file)) => {
                     let p = base.join(file);
-                    std::fs::read_to_string(&p)
+                    // Symlinks resolved: the file must really be inside.
+                    let real = |q: &Path| {
+                        std::fs::canonicalize(q).map_err(|e| SecretError::File {
+                            name: s.name.clone(),
+                            path: q.display().to_string(),
+                            why: e.kind().to_string(),
+                        })
+                    };
+                    let (rp, rb) = (real(&p)?, real(base)?);
+                    if !rp.starts_with(&rb) {
+                        return Err(SecretError::Outside {
+                            name: s.name.clone(),
+                            path: p.display().to_string(),
+                            base: rb.display().to_string(),
+                        });
+                    }
+                    std::fs::read_to_string(&rp)
                         .map_err(|e| SecretError::File {
                             name: s.name.clone(),
                             path: p.display().to_string(),
@@ -182,6 +204,22 @@ mod tests {
             file: file.map(Into::into),
             prefix: prefix.into(),
         }
+    }
+
+    /// A plan names its own files only: a symlink out of its directory (to
+    /// any root-readable host file) is refused, naming no value.
+    #[test]
+    fn a_secret_file_must_really_be_inside_the_plan_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("host-key"), "sk-host-only\n").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("host-key"), d.path().join("key")).unwrap();
+        let e = resolve(&[secret("K", None, Some("key"), "sk-")], d.path(), &|_| {
+            None
+        })
+        .unwrap_err();
+        assert!(matches!(e, SecretError::Outside { .. }), "{e}");
+        assert!(!e.to_string().contains("sk-host-only"));
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub struct GoArgs {
     /// branch is `dough/<run-id>`.
     #[arg(long)]
     pub run_id: Option<String>,
+    /// Run the plan on this repository instead of the plan's `repo`. A plan
+    /// is untrusted input, so on its own it may only name a repository
+    /// inside its own directory; this is how you point it elsewhere.
+    #[arg(long, value_name = "PATH")]
+    pub repo: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
 }
@@ -162,9 +167,24 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from("."));
     let secrets =
         dough_gobrr::secrets::resolve(&plan.plan.secrets, &plan_dir, &|k| std::env::var(k).ok())?;
-    let repo = plan_dir.join(&plan.plan.repo);
-    let repo = std::fs::canonicalize(&repo)
-        .with_context(|| format!("the plan's repo {} does not exist", repo.display()))?;
+    let repo = match &args.repo {
+        Some(r) => std::fs::canonicalize(r)
+            .with_context(|| format!("--repo {} does not exist", r.display()))?,
+        None => {
+            let repo = plan_dir.join(&plan.plan.repo);
+            let repo = std::fs::canonicalize(&repo)
+                .with_context(|| format!("the plan's repo {} does not exist", repo.display()))?;
+            // Symlinks resolved: the plan may not reach outside its directory.
+            let dir = std::fs::canonicalize(&plan_dir)?;
+            anyhow::ensure!(
+                repo.starts_with(&dir),
+                "the plan's repo resolves to {}, outside the plan's directory {}; to run a plan on another repository, give it with --repo",
+                repo.display(),
+                dir.display()
+            );
+            repo
+        }
+    };
     anyhow::ensure!(
         repo.join(".git").exists(),
         "the plan's repo {} is not a git repository",

@@ -80,3 +80,58 @@ deps = [\"a\"]
     assert!(e.contains("nothing will run"), "{e}");
     assert!(out.stdout.is_empty());
 }
+
+/// A plan may not reach host files or repositories outside its directory,
+/// not even through a symlink; `--repo` is the user's explicit choice.
+#[test]
+fn go_refuses_a_plan_that_reaches_outside_its_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        assert!(std::process::Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@u"])
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success());
+    };
+    git(elsewhere.path(), &["init", "-q"]);
+    git(
+        elsewhere.path(),
+        &["commit", "-q", "--allow-empty", "-m", "private"],
+    );
+    std::os::unix::fs::symlink(elsewhere.path(), d.path().join("repo")).unwrap();
+    let plan = d.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "goal = \"g\"\nrepo = \"repo\"\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dough"))
+        .arg("go")
+        .arg(&plan)
+        .env("DOUGH_HOME", d.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("outside the plan's directory") && err.contains("--repo"),
+        "{err}"
+    );
+    // Nothing was created in the other repository.
+    let branches = std::process::Command::new("git")
+        .args(["branch", "--list", "dough/*"])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(text(&branches.stdout).trim().is_empty());
+    // An absolute path in the plan is a plan problem, named by check.
+    let abs = check(&format!(
+        "goal = \"g\"\nrepo = {:?}\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
+        elsewhere.path()
+    ));
+    assert_eq!(abs.status.code(), Some(1));
+    assert!(text(&abs.stderr).contains("must be inside the plan's directory"));
+}
