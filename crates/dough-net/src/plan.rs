@@ -238,6 +238,13 @@ impl fmt::Display for Egress {
     }
 }
 
+/// Destinations no clone may reach under any egress policy (the host
+/// itself, the pool and other clones are denied by their own rules).
+pub const ALWAYS_DENIED: [Ipv4Net; 1] = [Ipv4Net {
+    addr: Ipv4Addr::new(169, 254, 0, 0),
+    prefix: 16,
+}];
+
 /// The link between a clone's netns and the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transfer {
@@ -419,21 +426,19 @@ impl NetPlan {
                 Verdict::Drop,
             ),
         ];
+        // Never reachable under any policy, before any accept: link-local
+        // (cloud metadata endpoints live there) is not "the network beyond
+        // the host", whatever an allow list says.
+        for net in ALWAYS_DENIED {
+            rules.push(r(
+                Chain::Forward,
+                vec![Match::Iif(v.clone()), Match::Daddr(net)],
+                Verdict::Drop,
+            ));
+        }
         match &self.egress {
             Egress::None => {}
             Egress::Nat => {
-                // Link-local (cloud metadata endpoints live there) is not
-                // "the network beyond the host".
-                rules.push(r(
-                    Chain::Forward,
-                    vec![
-                        Match::Iif(v.clone()),
-                        Match::Daddr(
-                            Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16).expect("valid"),
-                        ),
-                    ],
-                    Verdict::Drop,
-                ));
                 rules.push(r(
                     Chain::Forward,
                     vec![Match::Iif(v.clone())],
@@ -838,6 +843,40 @@ mod tests {
             .unwrap();
         let first_accept = fwd.iter().position(|r| r.contains("dport")).unwrap();
         assert!(pool_drop < first_accept);
+    }
+
+    /// Under every policy with a way out — nat, and any allow list, even
+    /// `0.0.0.0/0` — link-local is dropped before anything is accepted.
+    #[test]
+    fn link_local_is_denied_before_any_accept_under_every_policy() {
+        let used = InUse::default();
+        let mut policies: Vec<Egress> = vec![Egress::Nat];
+        for a in [
+            "allow=0.0.0.0/0",
+            "allow=169.254.169.254/32:80",
+            "allow=169.254.0.0/16",
+            "allow=10.0.0.0/8:443,0.0.0.0/1,128.0.0.0/1",
+        ] {
+            policies.push(a.parse().unwrap());
+        }
+        for egress in policies {
+            let p = NetPlan::new("s1", "vm-l", egress.clone(), pool(), 0, &used).unwrap();
+            let fwd: Vec<String> = p
+                .host_rules(pool())
+                .iter()
+                .filter(|r| r.chain == Chain::Forward)
+                .map(Rule::to_nft)
+                .collect();
+            let deny = fwd
+                .iter()
+                .position(|r| r.contains("ip daddr 169.254.0.0/16 drop"))
+                .unwrap_or_else(|| panic!("{egress}: no link-local drop in {fwd:#?}"));
+            let first_accept = fwd
+                .iter()
+                .position(|r| r.contains(" accept ") && r.starts_with("iifname"))
+                .unwrap();
+            assert!(deny < first_accept, "{egress}: {fwd:#?}");
+        }
     }
 
     #[test]
