@@ -57,16 +57,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
-    let text: String = String::from_utf8_lossy(&buf)
-        .chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
-                '\u{fffd}'
-            } else {
-                c
-            }
-        })
-        .collect();
+    let text = printable(&String::from_utf8_lossy(&buf));
     let all: Vec<&str> = text.lines().collect();
     let t = all[all.len().saturating_sub(lines)..].join("\n");
     if t.trim().is_empty() {
@@ -76,8 +67,69 @@ pub fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// The most a VM's console log (and anything else its VMM writes) may grow
+/// to: a guest decides how much it prints. The boot output is kept; what
+/// comes after the cap is dropped.
+pub const CONSOLE_LOG_MAX: u64 = 8 << 20;
+
+/// Create (or truncate) a file only its owner can read: VM logs hold
+/// whatever a guest printed, secrets included.
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode on open: set it.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Text a guest controls, made safe to print on a terminal: control
+/// characters other than newline and tab (escape sequences: colours,
+/// cursor moves, OSC 52 clipboard writes, title changes) and bidirectional
+/// overrides become U+FFFD.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if (c.is_control() && c != '\n' && c != '\t') || bidi {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a guest sends, nothing printed can start an escape
+        /// sequence or reorder text; newlines, tabs and other text stay.
+        #[test]
+        fn printable_leaves_no_terminal_controls(s in any::<String>()) {
+            let p = super::printable(&s);
+            prop_assert!(p.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'));
+            let bidi = p.contains('\u{202e}') || p.contains('\u{2066}');
+            prop_assert!(!bidi, "bidi control left in {:?}", p);
+            prop_assert_eq!(p.chars().count(), s.chars().count());
+        }
+    }
+
+    #[test]
+    fn printable_keeps_text_and_drops_osc52() {
+        assert_eq!(
+            super::printable("a\tb\n\u{1b}]52;c;cHduZWQ=\u{7}ok é"),
+            "a\tb\n\u{fffd}]52;c;cHduZWQ=\u{fffd}ok é"
+        );
+    }
+
     use super::*;
     use std::io::Write;
 

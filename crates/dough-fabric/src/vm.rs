@@ -358,6 +358,12 @@ impl Vm {
                 return Err(state_err(e));
             }
         };
+        // A clone's guest may run anything: what its VMM writes (the console
+        // log above all) is capped. A bake writes the snapshot's memory
+        // file, and runs only dough's own agent: no cap.
+        if !matches!(launch, Launch::Bake { .. }) {
+            dough_vmm::process::cap_file_size(&mut cmd, crate::serial::CONSOLE_LOG_MAX);
+        }
         let start = Instant::now();
         tracing::info!(vm = %id, accel = %opts.accel, backend = %opts.backend, "spawning the VMM");
         // No teardown on a signal may run between the spawn and the record.

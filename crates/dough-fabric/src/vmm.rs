@@ -163,7 +163,9 @@ impl Vmm for QemuVmm {
     /// says everything else on stdout/stderr (`vmm.log`).
     fn command(&self, s: &Start<'_>) -> std::io::Result<Command> {
         let opts = s.opts;
-        let log = std::fs::File::create(&s.paths.vmm_log)?;
+        let log = crate::serial::private_file(&s.paths.vmm_log)?;
+        // QEMU's file chardev opens this without changing its mode.
+        crate::serial::private_file(&s.paths.serial)?;
         let (memory, incoming, start_paused) = match s.launch {
             Launch::Cold => (Memory::Anonymous, None, false),
             Launch::Bake { mem, .. } => (
@@ -353,13 +355,13 @@ impl Vmm for FirecrackerVmm {
     /// Firecracker's stdout *is* the serial console (`serial.log`); its
     /// stderr goes to `vmm.log` and its own log to `firecracker.log`.
     fn command(&self, s: &Start<'_>) -> std::io::Result<Command> {
-        let log = std::fs::File::create(&s.paths.vmm_log)?;
+        let log = crate::serial::private_file(&s.paths.vmm_log)?;
         let fc_log = fc_log_path(s.paths);
-        std::fs::File::create(&fc_log)?;
+        crate::serial::private_file(&fc_log)?;
         let mut c = s.opts.firecracker.command(&s.paths.api);
         c.arg("--log-path")
             .arg(&fc_log)
-            .stdout(std::fs::File::create(&s.paths.serial)?)
+            .stdout(crate::serial::private_file(&s.paths.serial)?)
             .stderr(log);
         Ok(c)
     }

@@ -199,3 +199,56 @@ mod tests {
         assert!(matches!(imposter.kill(), Err(ProcessError::NotOurs(_))));
     }
 }
+
+/// Cap every file `cmd`'s process writes at `bytes` (`RLIMIT_FSIZE`), and
+/// ignore `SIGXFSZ` so a write past the cap fails (EFBIG) instead of
+/// killing the process. For a VMM whose guest controls how much it writes
+/// to its console file.
+pub fn cap_file_size(cmd: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    let lim = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes two async-signal-safe system calls on values it owns; it
+    // allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::cap_file_size;
+
+    /// A process that writes far past the cap keeps running; its file
+    /// stops at the cap.
+    #[test]
+    fn writes_stop_at_the_cap_and_the_writer_survives() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("console.log");
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg("head -c 5000000 /dev/zero > \"$1\"; echo wrote=$?")
+            .arg("sh")
+            .arg(&f);
+        cap_file_size(&mut cmd, 1 << 20);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.starts_with("wrote=") && !said.starts_with("wrote=0"),
+            "{said}"
+        );
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 1 << 20);
+    }
+}

@@ -226,13 +226,12 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     );
     let events = Mutex::new(std::fs::File::create(run_dir.join("events.jsonl"))?);
     let on_event = |e: &Event| {
+        // Events quote agent output: printable only on the terminal.
+        let what = dough_fabric::serial::printable(&e.what);
         if e.attempt > 0 {
-            eprintln!(
-                "dough: [{:>6.1}s] {} #{}: {}",
-                e.t, e.task, e.attempt, e.what
-            );
+            eprintln!("dough: [{:>6.1}s] {} #{}: {what}", e.t, e.task, e.attempt);
         } else {
-            eprintln!("dough: [{:>6.1}s] {}: {}", e.t, e.task, e.what);
+            eprintln!("dough: [{:>6.1}s] {}: {what}", e.t, e.task);
         }
         if let Ok(line) = serde_json::to_string(e) {
             let _ = writeln!(events.lock().expect("events"), "{line}");
@@ -252,7 +251,7 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         run_dir.join("run.json"),
         redactor.redact(&serde_json::to_string_pretty(&result)?),
     )?;
-    let report = redactor.redact(&report(&result));
+    let report = dough_fabric::serial::printable(&redactor.redact(&report(&result)));
     std::fs::write(run_dir.join("report.md"), &report)?;
     drop(stack);
     if let Some(e) = &result.error {

@@ -26,9 +26,11 @@ fn main() -> ExitCode {
             std::thread::park();
         },
         Err(e) => {
-            eprintln!("dough: error: {e}");
+            // Errors can carry what a guest said: printable only.
+            let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());
+            eprintln!("dough: error: {}", p(&e));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", p(cause));
             }
             ExitCode::from(125)
         }

@@ -229,6 +229,8 @@ pub fn exec(ctx: &Ctx, args: ExecCmdArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    use dough_fabric::serial::printable;
+    use std::io::Read;
     let dir = dough_fabric::state::VmDir::open(&ctx.vms, &args.id)?;
     let rec = dir.read()?;
     let mut out = std::io::stdout().lock();
@@ -237,17 +239,24 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
         match snap {
             Some(s) => {
                 eprintln!("dough: -- boot console of snapshot {key} --");
-                out.write_all(&std::fs::read(&s.boot_log).unwrap_or_default())?;
+                let boot = std::fs::read(&s.boot_log).unwrap_or_default();
+                out.write_all(printable(&String::from_utf8_lossy(&boot)).as_bytes())?;
                 out.flush()?;
                 eprintln!("dough: -- {} since restore --", rec.id);
             }
             None => eprintln!("dough: (snapshot {key} is gone; its boot log with it)"),
         }
     }
-    // Streamed: a guest decides how big its console log is.
+    // A guest decides what its console says: it is bounded (its VMM may
+    // write at most CONSOLE_LOG_MAX) and made printable (no escape
+    // sequences reach the terminal).
     let mut serial = std::fs::File::open(&dir.paths.serial)
         .with_context(|| format!("reading {}", dir.paths.serial.display()))?;
-    std::io::copy(&mut serial, &mut out)?;
+    let mut text = Vec::new();
+    std::io::Read::by_ref(&mut serial)
+        .take(dough_fabric::serial::CONSOLE_LOG_MAX)
+        .read_to_end(&mut text)?;
+    out.write_all(printable(&String::from_utf8_lossy(&text)).as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -78,6 +78,47 @@ fn vm_clones_have_their_own_entropy_clock_and_id() {
     down_all(home.path());
 }
 
+/// A guest's console log is private (0600), bounded (its VMM cannot write
+/// past CONSOLE_LOG_MAX) and printed without the escape sequences the
+/// guest put in it (an OSC 52 clipboard write, colours).
+#[test]
+fn vm_console_log_is_private_bounded_and_printable() {
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 1, &[]);
+    let id = &ids[0];
+    let (_, err, code) = exec(
+        h,
+        id,
+        "printf '\\033]52;c;cHduZWQ=\\007\\033[31mhello-console\\033[0m\\n' > /dev/ttyS0",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let serial = h.join("vms").join(id).join("serial.log");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&serial).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let raw = std::fs::read(&serial).unwrap();
+    assert!(raw.contains(&0x1b), "the guest did write escapes");
+    let out = run(h, &["logs", id]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("hello-console"), "{shown}");
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+    // The VMM runs with its files capped.
+    let pid = ps(h)[0]["vmm"]["pid"].as_i64().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .unwrap();
+    assert!(line.contains(&(8u64 << 20).to_string()), "{line}");
+    down_all(h);
+}
+
 #[test]
 fn vm_concurrent_execs_get_their_own_output() {
     let home = private_home();
