@@ -772,9 +772,35 @@ impl Runner<'_> {
         let (files, added, removed) = diff.stats();
         (a.files, a.added, a.removed) = (files, added, removed);
         let candidate = match self.stack.candidate(&raw, &self.plan.allow[t]) {
-            Ok(c) => c.tar,
+            Ok(c) => c,
             Err(e) => return fail(a, format!("the diff does not apply to the base: {e}")),
         };
+        // What would be committed — every added or modified file's bytes as
+        // git stores them (a binary patch's inflated data included) and its
+        // path as git names it — must not hold a secret's value either: the
+        // diff's text can encode it (compression, path escapes).
+        match candidate.changed_files() {
+            Ok(files) => {
+                for v in &self.secrets {
+                    let needle = v.value.as_bytes();
+                    let hit = files.iter().find(|(p, body)| {
+                        p.contains(&v.value) || body.windows(needle.len()).any(|w| w == needle)
+                    });
+                    if let Some((p, _)) = hit {
+                        return fail(
+                            a,
+                            format!(
+                                "{} (as it would be committed) contains the value of secret {}; secrets must never be committed",
+                                shared.redactor.redact(p),
+                                v.name
+                            ),
+                        );
+                    }
+                }
+            }
+            Err(e) => return fail(a, format!("reading the candidate tree failed: {e}")),
+        }
+        let candidate = candidate.tar;
         phase(&mut a, "diff", t0);
         // The gate: offline, read-only tree, no secrets.
         let t0 = Instant::now();
@@ -1084,6 +1110,98 @@ work = "w"
 allow = ["src/c.py"]
 deps = ["a"]
 "#;
+
+    /// `git diff --binary` of a new file, made by real git.
+    fn git_binary_new_file(path: &str, content: &[u8]) -> String {
+        let d = tempfile::tempdir().unwrap();
+        sh(d.path(), &["init", "-q"]);
+        let f = d.path().join(path);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, content).unwrap();
+        sh(d.path(), &["add", "-A"]);
+        let out = std::process::Command::new("git")
+            .args(["diff", "--cached", "--binary"])
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn diff_encoded(order: &str) -> String {
+        match task_of(order) {
+            // The key inside a binary file: compressed in the diff.
+            "zipped" => {
+                let mut body = b"\0\0\0header\0".to_vec();
+                body.extend_from_slice(b"sk-topsecret");
+                body.extend_from_slice(&[0u8; 64]);
+                git_binary_new_file("bin/zipped.bin", &body)
+            }
+            // The key as a file name, one letter escaped in octal.
+            "named" => "diff --git \"a/src/\\163k-topsecret\" \"b/src/\\163k-topsecret\"\nnew file mode 100644\n--- /dev/null\n+++ \"b/src/\\163k-topsecret\"\n@@ -0,0 +1 @@\n+x\n".into(),
+            id => new_file(&format!("src/{id}.py"), "x = 1"),
+        }
+    }
+
+    const ENCODED: &str = r#"
+goal = "secrets in encodings"
+repo = "."
+agent = ["true"]
+check = "run the tests"
+retries = 0
+
+[[secrets]]
+name = "API_KEY"
+env = "X"
+prefix = "sk-"
+
+[[tasks]]
+id = "zipped"
+title = "Key in a binary file"
+work = "w"
+allow = ["bin/zipped.bin"]
+secrets = ["API_KEY"]
+
+[[tasks]]
+id = "named"
+title = "Key as a file name"
+work = "w"
+allow = ["src/**"]
+secrets = ["API_KEY"]
+"#;
+
+    /// A secret that reaches the diff only encoded — compressed in a binary
+    /// patch, or in an escaped path — is still found in what would be
+    /// committed, and refused.
+    #[test]
+    fn a_secret_hidden_by_an_encoding_is_refused() {
+        for id in ["zipped", "named"] {
+            let raw = diff_encoded(&format!("# Task {id}: x"));
+            assert!(!raw.contains("sk-topsecret"), "{id}: the diff hides it");
+        }
+        let ran = run_plan(
+            ENCODED,
+            diff_encoded,
+            vec![Value {
+                name: "API_KEY".into(),
+                value: "sk-topsecret".into(),
+            }],
+        );
+        let r = &ran.result;
+        for id in ["zipped", "named"] {
+            let t = r.tasks.iter().find(|t| t.id == id).unwrap();
+            assert_eq!(t.outcome, Outcome::Failed, "{id}");
+            let why = t.attempts[0].failure.clone().unwrap();
+            assert!(
+                why.contains("(as it would be committed) contains the value of secret API_KEY"),
+                "{id}: {why}"
+            );
+            assert!(!why.contains("sk-topsecret"), "{why}");
+        }
+        assert_eq!(
+            sh(ran.repo.path(), &["log", "--format=%s", "dough/t1"]),
+            "base"
+        );
+    }
 
     const BOOM: &str = r#"
 goal = "one task hits a bug"

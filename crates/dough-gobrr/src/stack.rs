@@ -140,14 +140,15 @@ fn run(c: Command, stdin: Option<&[u8]>) -> Result<String, StackError> {
 
 /// Check what git itself says an applied diff changed — every path and
 /// mode of `git diff-index --cached --raw -z --no-renames BASE` on the
-/// scratch `index` — against the rules and `allow`.
+/// scratch `index` — against the rules and `allow`. Returns the paths that
+/// exist after the change (added or modified), as git names them.
 fn verify_cached(
     git_dir: &Path,
     cwd: &Path,
     index: &Path,
     base: &str,
     allow: &[crate::glob::Glob],
-) -> Result<(), StackError> {
+) -> Result<Vec<String>, StackError> {
     use crate::diff::{check_path, Rejection};
     let mut c = git(git_dir, cwd);
     c.env("GIT_INDEX_FILE", index).args([
@@ -162,6 +163,7 @@ fn verify_cached(
     let out = run_bytes(c, None)?;
     // Records: ":<old mode> <new mode> <old> <new> <status>\0<path>\0".
     let mut fields = out.split(|b| *b == 0).filter(|f| !f.is_empty());
+    let mut present = Vec::new();
     while let Some(meta) = fields.next() {
         let meta = String::from_utf8_lossy(meta);
         let path = fields
@@ -173,6 +175,9 @@ fn verify_cached(
             return Err(StackError::Rejected(Rejection::NotAllowed { path }));
         }
         let modes: Vec<&str> = meta.trim_start_matches(':').split(' ').take(2).collect();
+        if modes.get(1).is_some_and(|m| *m != "000000") {
+            present.push(path.clone());
+        }
         for m in modes {
             match m {
                 "000000" | "100644" | "100755" => {}
@@ -187,7 +192,7 @@ fn verify_cached(
             }
         }
     }
-    Ok(())
+    Ok(present)
 }
 
 /// A diff applied to the stack's head, not yet committed: the tree object,
@@ -196,6 +201,31 @@ fn verify_cached(
 pub struct Candidate {
     pub tree: String,
     pub tar: Vec<u8>,
+    /// Paths the diff added or modified, as git names them.
+    pub changed: Vec<String>,
+}
+
+impl Candidate {
+    /// Files of the candidate the diff added or modified, with their bytes
+    /// exactly as the gate gets them and as they would be committed.
+    pub fn changed_files(&self) -> Result<Vec<(String, Vec<u8>)>, StackError> {
+        let mut a = tar::Archive::new(&self.tar[..]);
+        let mut out = Vec::new();
+        for e in a.entries().map_err(StackError::Tar)? {
+            let mut e = e.map_err(StackError::Tar)?;
+            let path = e
+                .path()
+                .map_err(StackError::Tar)?
+                .to_string_lossy()
+                .into_owned();
+            if self.changed.contains(&path) {
+                let mut body = Vec::new();
+                e.read_to_end(&mut body).map_err(StackError::Tar)?;
+                out.push((path, body));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// dough's branch for one run, `dough/<run-id>`, and its scratch
@@ -293,7 +323,7 @@ impl Stack {
         &self,
         diff: &[u8],
         allow: &[crate::glob::Glob],
-    ) -> Result<(String, String), StackError> {
+    ) -> Result<(String, String, Vec<String>), StackError> {
         let head = self.head()?;
         let index = tempfile::NamedTempFile::new_in(&self.scratch).map_err(|source| {
             StackError::Scratch {
@@ -311,9 +341,9 @@ impl Stack {
             with_index(&["apply", "--cached", "--binary", "--whitespace=nowarn", "-"]),
             Some(diff),
         )?;
-        verify_cached(&self.git_dir, &self.scratch, index.path(), &head, allow)?;
+        let changed = verify_cached(&self.git_dir, &self.scratch, index.path(), &head, allow)?;
         let tree = run(with_index(&["write-tree"]), None)?;
-        Ok((head, tree))
+        Ok((head, tree, changed))
     }
 
     /// The head's tree with `diff` applied, and the tar of exactly that
@@ -323,9 +353,9 @@ impl Stack {
         diff: &[u8],
         allow: &[crate::glob::Glob],
     ) -> Result<Candidate, StackError> {
-        let (_, tree) = self.apply_to_head(diff, allow)?;
+        let (_, tree, changed) = self.apply_to_head(diff, allow)?;
         let tar = self.tar_of(&tree)?;
-        Ok(Candidate { tree, tar })
+        Ok(Candidate { tree, tar, changed })
     }
 
     /// Apply `diff` to the head and commit the result on the branch;
@@ -336,7 +366,7 @@ impl Stack {
         allow: &[crate::glob::Glob],
         message: &str,
     ) -> Result<String, StackError> {
-        let (head, tree) = self.apply_to_head(diff, allow)?;
+        let (head, tree, _) = self.apply_to_head(diff, allow)?;
         self.commit_tree(&head, &tree, message)
     }
 
