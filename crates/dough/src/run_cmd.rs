@@ -129,9 +129,16 @@ pub struct ExecArgs {
     /// Kill the command after SECS seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
-    /// Set an environment variable in the command (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    /// Set an environment variable in the command (repeatable). `-e KEY`
+    /// alone takes KEY's value from dough's own environment: use it (or
+    /// --env-file) for secrets, since a KEY=VALUE argument is visible in
+    /// `ps` to every user of this host.
+    #[arg(short, long = "env", value_name = "KEY[=VALUE]", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Read variables from FILE: one KEY=VALUE per line; blank lines and
+    /// lines starting with # are skipped (repeatable; -e wins over a file).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Working directory inside the guest (default /root).
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
@@ -146,8 +153,37 @@ pub struct ExecArgs {
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+        Some(_) => Err(format!("expected KEY=VALUE or KEY, got {s:?}")),
+        // KEY alone: the value comes from dough's environment, so it never
+        // appears on a command line.
+        None if !s.is_empty() => std::env::var(s)
+            .map(|v| (s.to_string(), v))
+            .map_err(|_| format!("-e {s}: {s} is not set in dough's environment")),
+        None => Err("expected KEY=VALUE or KEY".into()),
     }
+}
+
+/// Variables from an `--env-file`: `KEY=VALUE` lines; blank lines and
+/// `#` comments skipped; a malformed line is an error naming it.
+fn read_env_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --env-file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let l = line.trim_start();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        match l.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => out.push((k.trim().to_string(), v.to_string())),
+            _ => anyhow::bail!(
+                "--env-file {} line {}: expected KEY=VALUE",
+                path.display(),
+                n + 1
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// The image to boot: the one named, else the current one, else build it.
@@ -296,9 +332,15 @@ impl ExecArgs {
             Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
             None => None,
         };
+        let mut env = Vec::new();
+        for f in &self.env_file {
+            env.extend(read_env_file(f)?);
+        }
+        // Later entries win in the guest; -e comes last.
+        env.extend(self.env.iter().cloned());
         Ok(ExecRequest {
             argv: self.command.clone(),
-            env: self.env.clone(),
+            env,
             cwd: self.workdir.clone(),
             stdin,
             timeout,

@@ -321,3 +321,35 @@ fn vm_run_streams_stdin_larger_than_a_frame() {
     );
     assert_eq!(got.lines().nth(1), Some("3145728"));
 }
+
+/// Secrets need not be on dough's command line (where `ps` shows them):
+/// `-e KEY` takes the value from dough's environment, `--env-file` from a
+/// file; `-e` wins over a file; a missing variable is an error naming it.
+#[test]
+fn vm_run_takes_variables_from_its_environment_and_files() {
+    let home = shared_home();
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("vars");
+    std::fs::write(&f, "# comment\n\nFROM_FILE=file value\nBOTH=from-file\n").unwrap();
+    let out = dough(&home)
+        .args(["run", "-e", "DOUGH_TEST_TOKEN", "--env-file"])
+        .arg(&f)
+        .args(["-e", "BOTH=from-flag", "--", "sh", "-c"])
+        .arg("echo \"$DOUGH_TEST_TOKEN|$FROM_FILE|$BOTH\"")
+        .env("DOUGH_TEST_TOKEN", "tok-123")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "tok-123|file value|from-flag\n");
+    let out = dough(&home)
+        .args(["run", "-e", "DOUGH_TEST_UNSET_VAR", "--", "true"])
+        .env_remove("DOUGH_TEST_UNSET_VAR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("DOUGH_TEST_UNSET_VAR is not set in dough's environment"),
+        "{}",
+        text(&out.stderr)
+    );
+}
