@@ -30,8 +30,6 @@ const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// How long a finished command's pipes may stay open (held by its
 /// background children) before the agent stops waiting for them.
 const PIPE_GRACE: Duration = Duration::from_secs(2);
-/// How long a write may wait for the host to drain the port.
-const WRITE_STALL: Duration = Duration::from_secs(10);
 
 /// Find `/dev/<port>` whose sysfs name is [`PORT_NAME`].
 fn find_port() -> Option<PathBuf> {
@@ -59,6 +57,14 @@ struct Shared {
 
 impl Shared {
     /// Send `msg` if connection `generation` is still the current one.
+    ///
+    /// A frame is never abandoned half-written while its connection lasts:
+    /// a slow host only slows the command down (backpressure), it never
+    /// gets a cut frame or loses an `Exit`. The write gives up only when
+    /// the connection is gone (the generation moved on, or the port
+    /// fails): the rest of the frame then reaches nobody, and the next
+    /// host starts on a frame boundary. How long to wait is the host's
+    /// decision; it has its own deadlines.
     fn send(&self, generation: u64, msg: &GuestMsg) {
         if self.generation.load(Ordering::SeqCst) != generation {
             return;
@@ -69,13 +75,13 @@ impl Shared {
         };
         let mut port = self.port.lock().unwrap_or_else(|p| p.into_inner());
         let mut off = 0;
-        let start = Instant::now();
         while off < frame.len() {
             match port.write(&frame[off..]) {
                 Ok(n) => off += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if start.elapsed() > WRITE_STALL {
-                        return log("host stopped reading; dropping a reply");
+                    if self.generation.load(Ordering::SeqCst) != generation {
+                        // The host left while this frame was going out.
+                        return;
                     }
                     let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLOUT)];
                     let _ = poll(&mut fds, PollTimeout::from(100u16));
@@ -174,7 +180,7 @@ fn serve_vsock() {
             None => shared.insert(new_shared(writer)).clone(),
         };
         session(&sh, &file);
-        sh.kill_running();
+        sh.end_session();
     }
 }
 
@@ -215,7 +221,7 @@ fn serve_serial() {
         wait_for_host(&reader);
         session(&shared, &reader);
         // The host went away: its requests cannot be answered any more.
-        shared.kill_running();
+        shared.end_session();
     }
 }
 
@@ -234,6 +240,13 @@ impl Shared {
             }),
         );
         generation
+    }
+
+    /// The host went away: a writer waiting for it gives up (the rest of
+    /// its frame reaches nobody), and its requests are killed.
+    fn end_session(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.kill_running();
     }
 
     fn kill_running(&self) {

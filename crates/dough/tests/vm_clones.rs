@@ -330,3 +330,47 @@ fn vm_sigkill_of_dough_during_up_is_reclaimed_by_the_next_command() {
     assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
     assert_eq!(text(&out.stdout).lines().count(), 1, "only the header");
 }
+
+/// Backpressure never corrupts the stream: a reader that stops for longer
+/// than the agent used to wait (10 s) still gets every byte, in order,
+/// and the exit status.
+#[test]
+fn vm_a_slow_reader_loses_nothing() {
+    use std::io::Read;
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 1, &[]);
+    let mut child = dough(h)
+        .args(["exec", &ids[0], "--", "sh", "-c"])
+        .arg("seq 1 3000000; exit 7")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = vec![0u8; 1 << 16];
+    out.read_exact(&mut first).unwrap();
+    // Stall well past the old 10 s write limit while the guest keeps
+    // writing into a full channel.
+    std::thread::sleep(Duration::from_secs(13));
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(7), "{err}");
+    first.extend(rest);
+    let text = String::from_utf8(first).unwrap();
+    let mut n = 0u64;
+    for line in text.lines() {
+        n += 1;
+        assert_eq!(line, n.to_string(), "line {n} out of order or cut");
+    }
+    assert_eq!(n, 3_000_000);
+    down_all(h);
+}
