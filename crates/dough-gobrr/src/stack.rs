@@ -292,6 +292,10 @@ impl Stack {
             return Err(StackError::BranchExists(branch));
         }
         let date = run(g(&["log", "-1", "--format=%ct", &base]), None)?;
+        std::fs::create_dir_all(scratch.join("objects")).map_err(|source| StackError::Scratch {
+            path: scratch.join("objects"),
+            source,
+        })?;
         Ok(Stack {
             repo: repo.to_path_buf(),
             git_dir,
@@ -301,7 +305,22 @@ impl Stack {
         })
     }
 
+    /// git on dough's own object store: objects it writes (blobs of every
+    /// attempt, trees, commits) land in the scratch directory; the user's
+    /// objects are read through it as an alternate. Only what is accepted
+    /// is copied into the user's repo ([`Stack::commit_tree`]).
     fn git(&self) -> Command {
+        let mut c = git(&self.git_dir, &self.scratch);
+        c.env("GIT_OBJECT_DIRECTORY", self.scratch.join("objects"))
+            .env(
+                "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+                self.git_dir.join("objects"),
+            );
+        c
+    }
+
+    /// git on the user's repo itself (its own object store).
+    fn user_git(&self) -> Command {
         git(&self.git_dir, &self.scratch)
     }
 
@@ -383,7 +402,16 @@ impl Stack {
             .env("GIT_COMMITTER_DATE", &date)
             .args(["commit-tree", tree, "-p", parent, "-F", "-"]);
         let commit = run(c, Some(message.as_bytes()))?;
+        // Accepted: copy the commit and what it adds into the user's repo
+        // (a pack of `commit ^parent` from dough's store), then move the
+        // branch there — its ref is checked against the user's own store.
         let mut c = self.git();
+        c.args(["pack-objects", "--revs", "--stdout", "-q"]);
+        let pack = run_bytes(c, Some(format!("{commit}\n^{parent}\n").as_bytes()))?;
+        let mut c = self.user_git();
+        c.args(["index-pack", "--stdin", "--fix-thin"]);
+        run(c, Some(&pack))?;
+        let mut c = self.user_git();
         c.args([
             "update-ref",
             &format!("refs/heads/{}", self.branch),
@@ -816,6 +844,49 @@ pub(crate) mod tests {
         let seen: std::collections::BTreeMap<String, Vec<u8>> =
             gate.into_iter().map(|(p, (b, _))| (p, b)).collect();
         assert_eq!(seen, stored, "the gate saw exactly what was committed");
+    }
+
+    /// Attempts write into dough's own object store; only an accepted
+    /// commit (and what it adds) reaches the user's repo, and it is
+    /// complete there once dough's scratch directory is gone.
+    #[test]
+    fn only_accepted_objects_reach_the_users_repo() {
+        let u = user_repo();
+        let r = u.path();
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(r, &scratch.path().join("w"), "main", "r7").unwrap();
+        let oid_of = |content: &str| {
+            let out = Command::new("git")
+                .args(["hash-object", "--stdin"])
+                .current_dir(r)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    c.stdin.take().unwrap().write_all(content.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let in_user_repo = |oid: &str| {
+            Command::new("git")
+                .args(["cat-file", "-e", oid])
+                .current_dir(r)
+                .status()
+                .unwrap()
+                .success()
+        };
+        let rejected = "diff --git a/src/r.py b/src/r.py\nnew file mode 100644\n--- /dev/null\n+++ b/src/r.py\n@@ -0,0 +1 @@\n+rejected attempt 1234\n";
+        let c = w.candidate(rejected.as_bytes(), &any()).unwrap();
+        assert!(!in_user_repo(&oid_of("rejected attempt 1234\n")));
+        assert!(!in_user_repo(&c.tree));
+        let commit = w.apply_and_commit(DIFF_B.as_bytes(), &any(), "b").unwrap();
+        w.remove().unwrap();
+        assert!(in_user_repo(&commit));
+        assert!(in_user_repo(&oid_of("b = 1\n")));
+        assert_eq!(sh(r, &["show", "dough/r7:src/b.py"]), "b = 1");
+        assert_eq!(sh(r, &["fsck", "--no-dangling"]), "");
     }
 
     /// A tree too large to ship is refused from its listing, before any
