@@ -54,11 +54,10 @@ fn response(s: &mut UnixStream) -> Vec<u8> {
     buf
 }
 
-/// Whether the peer still holds the connection open (no EOF within a
-/// moment).
-fn still_open(s: &mut UnixStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+/// Whether the peer still holds the connection open (no EOF within
+/// `wait`).
+fn open_after(s: &mut UnixStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
     let mut b = [0u8; 1];
     let open = match s.read(&mut b) {
         Ok(0) => false,
@@ -112,7 +111,7 @@ fn the_fake_answers_every_recorded_exchange_with_the_recorded_bytes() {
             if alive {
                 assert_eq!(fake.exit_code(), None, "{what}: the fake exited");
                 assert_eq!(
-                    still_open(&mut conn),
+                    open_after(&mut conn, Duration::from_millis(200)),
                     e["connection_open_after"].as_bool().unwrap(),
                     "{what}: keep-alive"
                 );
@@ -120,7 +119,7 @@ fn the_fake_answers_every_recorded_exchange_with_the_recorded_bytes() {
                 let want = e["exit_status"].as_i64().map(|c| c as i32);
                 assert_eq!(fake.exit_code(), want, "{what}: exit status");
                 assert!(
-                    !still_open(&mut conn),
+                    !open_after(&mut conn, Duration::from_secs(10)),
                     "{what}: an exited process's connection"
                 );
                 assert!(

@@ -84,6 +84,9 @@ pub enum Command {
     Bench(bench_cmd::BenchCmd),
     /// Check that this host has what dough needs, and say what to install.
     Doctor(doctor::DoctorArgs),
+    /// (internal) Outlive a dough process and reclaim its VMs if it dies.
+    #[command(hide = true)]
+    Watchdog(crate::watchdog::WatchdogArgs),
 }
 
 pub fn init_tracing(verbose: u8) {
@@ -204,8 +207,19 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx { home, vms };
     // Every command that deals with VMs first cleans up after crashed
     // doughs and notices dead clones.
-    if !matches!(cli.command, Command::Image(_) | Command::Plan(_)) {
+    if !matches!(
+        cli.command,
+        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
+    ) {
         run_cmd::sweep(&ctx.vms);
+    }
+    // Commands that own VMs while they run: their VMs must not outlive
+    // them, even if they are killed.
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Up(_) | Command::Go(_) | Command::Bake(_) | Command::Bench(_)
+    ) {
+        crate::watchdog::arm(&ctx.home, &ctx.vms);
     }
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&ctx.home, cmd),
@@ -220,6 +234,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
+        Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),
     }
 }
 

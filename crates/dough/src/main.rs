@@ -8,6 +8,7 @@ mod image_cmd;
 mod plan_cmd;
 mod run_cmd;
 mod vm_cmds;
+mod watchdog;
 
 use std::process::ExitCode;
 

@@ -374,8 +374,7 @@ fn firecracker_clones_of_a_killed_up_are_reclaimed_by_the_next_command() {
         .filter_map(|r| r["vmm"]["pid"].as_i64())
         .collect();
     assert_eq!(pids.len(), 2, "{seen}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    common::kill_dough_and_its_watchdog(&mut child);
     assert!(pids.iter().all(|p| !process_gone(*p)), "VMMs outlive dough");
 
     let out = common::run(h, &["ps"]);

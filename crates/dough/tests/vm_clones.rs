@@ -306,8 +306,7 @@ fn vm_sigkill_of_dough_during_up_is_reclaimed_by_the_next_command() {
         .filter_map(|r| r["vmm"]["pid"].as_i64())
         .collect();
     assert_eq!(pids.len(), 4, "{seen}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_dough_and_its_watchdog(&mut child);
     assert!(
         pids.iter().all(|p| !process_gone(*p)),
         "QEMUs outlive dough"

@@ -209,8 +209,7 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
     let plans: Vec<serde_json::Value> = records(h).iter().map(|r| r["net"].clone()).collect();
     assert_eq!(plans.len(), 3, "{seen}");
     assert_eq!(net_objects(h, &plans).len(), 9);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_dough_and_its_watchdog(&mut child);
     let out = run(h, &["ps"]);
     assert_eq!(
         text(&out.stderr).matches("reclaimed orphaned VM").count(),
@@ -243,8 +242,7 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
         2,
         "netns and veth exist, no rules yet: {present:?}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_dough_and_its_watchdog(&mut child);
     let out = run(h, &["ps"]);
     assert!(
         text(&out.stderr).contains("reclaimed orphaned VM"),

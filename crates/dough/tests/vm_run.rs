@@ -203,8 +203,11 @@ fn no_ready_line(home: &std::path::Path, cold: bool) {
     );
 }
 
+/// A SIGKILLed `dough run` leaves nothing running: its watchdog notices the
+/// owner is gone and reclaims the VM — VMM killed by its recorded identity,
+/// directory and network removed — without any other dough command.
 #[test]
-fn vm_orphans_of_a_killed_dough_are_reclaimed() {
+fn vm_orphans_of_a_killed_dough_are_reclaimed_by_its_watchdog() {
     let home = private_home();
     let mut victim = dough(home.path())
         .args(["run", "--", "sleep", "600"])
@@ -215,9 +218,33 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed() {
     let qemu_pid = wait_for_ready_vm(home.path());
     victim.kill().unwrap();
     victim.wait().unwrap();
+    let reclaimed = dough_vmm::process::wait_until(Duration::from_secs(30), || {
+        process_gone(qemu_pid) && vm_dirs(home.path()).is_empty()
+    });
+    assert!(
+        reclaimed,
+        "QEMU {qemu_pid} gone: {}, VM dirs left: {:?}",
+        process_gone(qemu_pid),
+        vm_dirs(home.path())
+    );
+}
+
+/// Where the watchdog could not help (it was killed too), the next dough
+/// command reclaims the orphan and says so.
+#[test]
+fn vm_orphans_whose_watchdog_died_too_are_reclaimed_by_the_next_command() {
+    let home = private_home();
+    let mut victim = dough(home.path())
+        .args(["run", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let qemu_pid = wait_for_ready_vm(home.path());
+    kill_dough_and_its_watchdog(&mut victim);
     assert!(
         std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(),
-        "QEMU outlives a SIGKILLed dough"
+        "with no watchdog, QEMU outlives a SIGKILLed dough"
     );
 
     let out = run(home.path(), &["run", "--", "true"]);
@@ -232,14 +259,10 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed() {
         "{}",
         text(&out.stderr)
     );
-    let gone = (0..100).any(|_| {
-        let gone = process_gone(qemu_pid);
-        if !gone {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        gone
-    });
-    assert!(gone, "orphaned QEMU {qemu_pid} was killed");
+    assert!(
+        dough_vmm::process::wait_until(Duration::from_secs(5), || process_gone(qemu_pid)),
+        "orphaned QEMU {qemu_pid} was killed"
+    );
     assert!(
         vm_dirs(home.path()).is_empty(),
         "{:?}",

@@ -178,3 +178,31 @@ pub fn sh(ch: &mut dough_fabric::HostChannel, script: &str) -> String {
     );
     String::from_utf8_lossy(&out).trim().to_string()
 }
+
+/// SIGKILL a dough process *and* its watchdog (`dough watchdog --owner
+/// PID`), so that nothing reclaims its VMs until the next dough command:
+/// how the tests of that path make it happen.
+pub fn kill_dough_and_its_watchdog(child: &mut std::process::Child) {
+    let owner = child.id().to_string();
+    let watchdogs: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.iter().any(|a| *a == b"watchdog")
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--owner" && w[1] == owner.as_bytes())
+        })
+        .collect();
+    assert_eq!(watchdogs.len(), 1, "one watchdog for dough pid {owner}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watchdogs[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
