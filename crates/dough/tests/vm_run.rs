@@ -203,19 +203,24 @@ fn no_ready_line(home: &std::path::Path, cold: bool) {
     );
 }
 
+/// A `dough run -- sleep 600` whose VM is ready, and its VMM's pid.
+fn running_dough(home: &std::path::Path) -> (std::process::Child, i64) {
+    let victim = dough(home)
+        .args(["run", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (victim, wait_for_ready_vm(home))
+}
+
 /// A SIGKILLed `dough run` leaves nothing running: its watchdog notices the
 /// owner is gone and reclaims the VM — VMM killed by its recorded identity,
 /// directory and network removed — without any other dough command.
 #[test]
 fn vm_orphans_of_a_killed_dough_are_reclaimed_by_its_watchdog() {
     let home = private_home();
-    let mut victim = dough(home.path())
-        .args(["run", "--", "sleep", "600"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let qemu_pid = wait_for_ready_vm(home.path());
+    let (mut victim, qemu_pid) = running_dough(home.path());
     victim.kill().unwrap();
     victim.wait().unwrap();
     let reclaimed = dough_vmm::process::wait_until(Duration::from_secs(30), || {
@@ -234,13 +239,7 @@ fn vm_orphans_of_a_killed_dough_are_reclaimed_by_its_watchdog() {
 #[test]
 fn vm_orphans_whose_watchdog_died_too_are_reclaimed_by_the_next_command() {
     let home = private_home();
-    let mut victim = dough(home.path())
-        .args(["run", "--", "sleep", "600"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let qemu_pid = wait_for_ready_vm(home.path());
+    let (mut victim, qemu_pid) = running_dough(home.path());
     kill_dough_and_its_watchdog(&mut victim);
     assert!(
         std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(),
