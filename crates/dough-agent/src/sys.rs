@@ -31,15 +31,28 @@ pub fn finit_module(file: &std::fs::File) -> io::Result<()> {
     check(r)
 }
 
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 0x03, int[2])
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
+// The ioctl numbers below come from nix's request-code macros (the
+// kernel's _IO/_IOW) or libc's constants, never typed in by hand; the one
+// kernel struct libc does not have for glibc targets (`rtentry`) is mirrored
+// with a compile-time size check, for the only architecture the agent is
+// built for.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("dough-agent's kernel structs are laid out for x86_64 only");
 
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])` (include/uapi/linux/random.h).
+const RNDADDENTROPY: libc::Ioctl =
+    nix::request_code_write!(b'R', 0x03, std::mem::size_of::<[libc::c_int; 2]>()) as libc::Ioctl;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::Ioctl = nix::request_code_none!(b'R', 0x07) as libc::Ioctl;
+
+/// `struct rand_pool_info` with its 64-byte buffer in place.
 #[repr(C)]
 struct RandPoolInfo {
     entropy_count: libc::c_int,
     buf_size: libc::c_int,
     buf: [u8; 64],
 }
+const _: () = assert!(std::mem::size_of::<RandPoolInfo>() == 8 + 64);
 
 /// Credit `bytes` to the kernel's entropy pool and force the CRNG to reseed,
 /// so that clones of one snapshot diverge immediately.
@@ -64,44 +77,35 @@ pub fn add_entropy(random: &std::fs::File, bytes: &[u8; 64]) -> io::Result<()> {
     check(r.into())
 }
 
-const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
-const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
-const SIOCSIFADDR: libc::c_ulong = 0x8916;
-const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
-const SIOCADDRT: libc::c_ulong = 0x890b;
-
-/// `struct ifreq` with the members we use (the union is 24 bytes).
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    data: [u8; 24],
+/// A `struct ifreq` for `ifname` (libc's definition), all else zero.
+fn ifreq(ifname: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data (a name and a union of plain data); all
+    // zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if ifname.len() >= ifr.ifr_name.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(ifr)
 }
 
-impl IfReq {
-    fn new(ifname: &str) -> io::Result<Self> {
-        if ifname.len() >= 16 {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        let mut name = [0u8; 16];
-        name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-        Ok(IfReq {
-            name,
-            data: [0; 24],
-        })
-    }
-
-    fn set_addr(&mut self, a: std::net::Ipv4Addr) {
-        let sa = sockaddr_in(a);
-        // sockaddr_in is 16 bytes; lay it into the union.
-        self.data[..16].copy_from_slice(&sa);
-    }
-}
-
-fn sockaddr_in(a: std::net::Ipv4Addr) -> [u8; 16] {
-    let mut sa = [0u8; 16];
-    sa[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-    sa[4..8].copy_from_slice(&a.octets());
-    sa
+/// `struct sockaddr` holding an IPv4 address (a `sockaddr_in`).
+fn sockaddr_in(a: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    const _: () =
+        assert!(std::mem::size_of::<libc::sockaddr_in>() == std::mem::size_of::<libc::sockaddr>());
+    // SAFETY: sockaddr_in and sockaddr have the same size (checked above)
+    // and both are plain data: this is how the kernel API reinterprets them.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
 fn inet_socket() -> io::Result<OwnedFd> {
@@ -113,21 +117,22 @@ fn inet_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn ifreq_ioctl(sock: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
-    // SAFETY: the SIOC*IF* requests used here read/write a struct ifreq,
-    // which `IfReq` matches in size and layout.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), req, ifr as *mut IfReq) };
+fn ifreq_ioctl(sock: &OwnedFd, req: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: the SIOC*IF* requests used here read/write one struct ifreq,
+    // which `ifr` is (libc's definition) and which outlives the call.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), req, ifr as *mut libc::ifreq) };
     check(r.into())
 }
 
 /// Bring an interface up (`ip link set IF up`).
 pub fn link_up(ifname: &str) -> io::Result<()> {
     let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifreq_ioctl(&s, SIOCGIFFLAGS, &mut ifr)?;
-    let flags = i16::from_ne_bytes([ifr.data[0], ifr.data[1]]) | libc::IFF_UP as i16;
-    ifr.data[..2].copy_from_slice(&flags.to_ne_bytes());
-    ifreq_ioctl(&s, SIOCSIFFLAGS, &mut ifr)
+    let mut ifr = ifreq(ifname)?;
+    ifreq_ioctl(&s, libc::SIOCGIFFLAGS as libc::Ioctl, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ifreq_ioctl(&s, libc::SIOCSIFFLAGS as libc::Ioctl, &mut ifr)
 }
 
 /// Give an interface an IPv4 address and netmask.
@@ -137,21 +142,23 @@ pub fn set_ipv4(
     mask: std::net::Ipv4Addr,
 ) -> io::Result<()> {
     let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_addr(addr);
-    ifreq_ioctl(&s, SIOCSIFADDR, &mut ifr)?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_addr(mask);
-    ifreq_ioctl(&s, SIOCSIFNETMASK, &mut ifr)
+    let mut ifr = ifreq(ifname)?;
+    ifr.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    ifreq_ioctl(&s, libc::SIOCSIFADDR as libc::Ioctl, &mut ifr)?;
+    let mut ifr = ifreq(ifname)?;
+    ifr.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+    ifreq_ioctl(&s, libc::SIOCSIFNETMASK as libc::Ioctl, &mut ifr)
 }
 
-/// Kernel `struct rtentry` (include/uapi/linux/route.h), x86_64 layout.
+/// Kernel `struct rtentry` (include/uapi/linux/route.h): libc has it only
+/// for musl and uClibc targets, so it is mirrored here for x86_64, with its
+/// size checked at compile time.
 #[repr(C)]
 struct RtEntry {
     rt_pad1: libc::c_ulong,
-    rt_dst: [u8; 16],
-    rt_gateway: [u8; 16],
-    rt_genmask: [u8; 16],
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
     rt_flags: libc::c_ushort,
     rt_pad2: libc::c_short,
     rt_pad3: libc::c_ulong,
@@ -162,6 +169,7 @@ struct RtEntry {
     rt_window: libc::c_ulong,
     rt_irtt: libc::c_ushort,
 }
+const _: () = assert!(std::mem::size_of::<RtEntry>() == 120);
 
 /// Add a default route via `gw`.
 pub fn add_default_route(gw: std::net::Ipv4Addr) -> io::Result<()> {
@@ -172,7 +180,7 @@ pub fn add_default_route(gw: std::net::Ipv4Addr) -> io::Result<()> {
         rt_dst: sockaddr_in(any),
         rt_gateway: sockaddr_in(gw),
         rt_genmask: sockaddr_in(any),
-        rt_flags: 0x0001 | 0x0002, // RTF_UP | RTF_GATEWAY
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
         rt_pad2: 0,
         rt_pad3: 0,
         rt_pad4: std::ptr::null_mut(),
@@ -182,8 +190,40 @@ pub fn add_default_route(gw: std::net::Ipv4Addr) -> io::Result<()> {
         rt_window: 0,
         rt_irtt: 0,
     };
-    // SAFETY: SIOCADDRT reads one struct rtentry, which `RtEntry` mirrors;
-    // the null rt_dev lets the kernel pick the device from the gateway.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCADDRT, &rt as *const RtEntry) };
+    // SAFETY: SIOCADDRT reads one struct rtentry, which `RtEntry` mirrors
+    // (size checked); the null rt_dev lets the kernel pick the device from
+    // the gateway.
+    let r = unsafe {
+        libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCADDRT as libc::Ioctl,
+            &rt as *const RtEntry,
+        )
+    };
     check(r.into())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The request codes nix computes are the kernel's (as printed by
+    /// `printf("%#lx", RNDADDENTROPY)` against linux/random.h on x86_64).
+    #[test]
+    fn request_codes_are_the_kernels() {
+        assert_eq!(super::RNDADDENTROPY, 0x4008_5203);
+        assert_eq!(super::RNDRESEEDCRNG, 0x5207);
+        assert_eq!(libc::SIOCADDRT, 0x890b);
+    }
+
+    #[test]
+    fn sockaddr_in_lays_out_an_ipv4_address() {
+        let sa = super::sockaddr_in(std::net::Ipv4Addr::new(172, 16, 0, 1));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        // Port 0, then the address in network order.
+        assert_eq!(
+            &sa.sa_data[..6],
+            &[0, 0, 172, 16, 0, 1].map(|b| b as libc::c_char)
+        );
+        let long = super::ifreq("a-name-far-too-long-for-ifreq");
+        assert!(matches!(long, Err(e) if e.kind() == std::io::ErrorKind::InvalidInput));
+    }
 }

@@ -428,7 +428,11 @@ mod tests {
         );
         assert_eq!(d.read().unwrap().state, Ready);
         // A second VM with the same id cannot be created over it.
-        assert!(VmDir::create(vms.path(), &rec).is_err());
+        let e = VmDir::create(vms.path(), &rec).unwrap_err();
+        assert!(
+            matches!(&e, StateError::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty)),
+            "{e:?}"
+        );
         assert_eq!(d.read().unwrap().state, Ready);
     }
 

@@ -96,12 +96,11 @@ async fn need_index(h: &Handle, name: &str) -> Result<u32, rtnetlink::Error> {
         .ok_or_else(|| rtnetlink::Error::NamespaceError(format!("no interface {name}")))
 }
 
-// TUN ioctls (linux/if_tun.h).
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, libc::ifreq);
-nix::ioctl_write_int_bad!(tun_set_persist, 0x4004_54cb);
-nix::ioctl_write_int_bad!(tun_set_owner, 0x4004_54cc);
+// TUN ioctls (linux/if_tun.h): libc's request codes and flags. TUNSETIFF
+// is declared `_IOW('T', 202, int)` although it takes a `struct ifreq`.
+nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
+nix::ioctl_write_int_bad!(tun_set_owner, libc::TUNSETOWNER);
 
 fn make_tap(name: &str, owner: u32) -> Result<(), NetError> {
     let op = format!("creating TAP {name}");
@@ -118,7 +117,7 @@ fn make_tap(name: &str, owner: u32) -> Result<(), NetError> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
     let fd = tun.as_raw_fd();
     // SAFETY: fd is an open /dev/net/tun; req is a valid ifreq that outlives the call.
     unsafe { tun_set_iff(fd, &req) }.map_err(|e| NetError::op(op.clone(), e))?;

@@ -759,7 +759,8 @@ mod tests {
             "transfer pool 10.9.0.0/29 is exhausted: all 2 /30 subnets are in use by live clones"
         );
         // `none` needs no subnet, so it still works.
-        assert!(NetPlan::new("s1", "vm-c", Egress::None, small, 0, &used).is_ok());
+        let none = NetPlan::new("s1", "vm-c", Egress::None, small, 0, &used).unwrap();
+        assert!(none.transfer.is_none());
         let tiny: Ipv4Net = "10.9.0.0/31".parse().unwrap();
         assert_eq!(
             NetPlan::new("s1", "vm-d", Egress::Nat, tiny, 0, &InUse::default()),
