@@ -76,10 +76,10 @@ pub fn choose(
             let rec = match cached {
                 Some(r) if r.host_boot_id == boot_id && r.kernel_key == image.kernel_key => r,
                 _ => {
-                    eprintln!(
-                        "dough: /dev/kvm is present; checking that it boots a guest within {}s (once per host boot)",
+                    crate::notice::notice(&format!(
+                        "/dev/kvm is present; checking that it boots a guest within {}s (once per host boot)",
                         KVM_PROBE_DEADLINE.as_secs()
-                    );
+                    ));
                     let r = probe(home, image, qemu, boot_id);
                     if let Ok(bytes) = serde_json::to_vec(&r) {
                         let _ = std::fs::write(&record_path, bytes);

@@ -38,7 +38,7 @@ pub enum ChannelError {
     Refused { id: RequestId, message: String },
     #[error(transparent)]
     Frame(#[from] FrameError),
-    #[error("channel I/O")]
+    #[error("the channel's socket failed")]
     Io(#[from] std::io::Error),
 }
 

@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod channel;
 pub mod gc;
+pub mod notice;
 pub mod pool;
 pub mod serial;
 pub mod snapshot;

@@ -428,7 +428,9 @@ impl SnapshotStore {
                     Err(e) if attempt < opts.retries && !e.is_permanent() => {
                         attempt += 1;
                         tracing::warn!("bake boot failed, retrying: {e}");
-                        eprintln!("dough: bake boot attempt {attempt} failed; retrying once more");
+                        crate::notice::notice(&format!(
+                            "bake boot attempt {attempt} failed; retrying once more"
+                        ));
                         let _ = std::fs::remove_file(&mem);
                     }
                     Err(e) => return Err(e.into()),

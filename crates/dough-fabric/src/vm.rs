@@ -97,7 +97,7 @@ pub enum FabricError {
         #[source]
         source: NetSetupError,
     },
-    #[error("VM {vm}: {source}; last serial console lines:\n{serial_tail}")]
+    #[error("VM {vm}: its agent's channel failed; last serial console lines:\n{serial_tail}")]
     Channel {
         vm: String,
         #[source]
@@ -123,7 +123,7 @@ pub enum FabricError {
 pub enum NetSetupError {
     #[error(transparent)]
     Plan(#[from] dough_net::PlanError),
-    #[error("{0} (network namespaces, TAPs and nftables need root; see `dough doctor`)")]
+    #[error("building the network failed (network namespaces, TAPs and nftables need root; see `dough doctor`)")]
     Ops(#[from] dough_net::NetError),
 }
 
@@ -268,7 +268,9 @@ impl Vm {
                 Err(e) if attempt < opts.retries && !e.is_permanent() => {
                     attempt += 1;
                     tracing::warn!("start failed, retrying ({attempt}/{}): {e}", opts.retries);
-                    eprintln!("dough: VM start attempt {attempt} failed; retrying once more");
+                    crate::notice::notice(&format!(
+                        "VM start attempt {attempt} failed; retrying once more"
+                    ));
                 }
                 Err(e) => return Err(e),
             }

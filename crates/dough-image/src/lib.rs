@@ -51,7 +51,7 @@ pub enum ImageError {
     UnknownImage(String),
     #[error("no image has been built yet; run `dough image build`")]
     NoImage,
-    #[error("I/O")]
+    #[error("reading or writing the image's files failed")]
     Io(#[from] std::io::Error),
     #[error("image manifest {path}")]
     Manifest {

@@ -21,7 +21,7 @@ pub enum FrameError {
     Decode(#[source] postcard::Error),
     #[error("message does not fit in a frame")]
     Encode(#[source] postcard::Error),
-    #[error("channel I/O")]
+    #[error("reading or writing the channel's stream failed")]
     Io(#[from] io::Error),
 }
 

@@ -19,7 +19,7 @@ pub enum QmpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("QMP I/O")]
+    #[error("talking to QEMU over its QMP socket failed")]
     Io(#[from] std::io::Error),
     #[error("QMP peer closed the connection")]
     Closed,

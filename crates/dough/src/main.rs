@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     }
     let args = <cli::Cli as clap::Parser>::parse_from(argv);
     cli::init_tracing(args.verbose);
+    dough_fabric::notice::set_sink(|m| eprintln!("dough: {}", dough_fabric::serial::printable(m)));
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(_) if run_cmd::tearing_down() => loop {

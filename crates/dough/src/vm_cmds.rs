@@ -153,10 +153,11 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("dough: error: a clone failed to start: {e}");
+                let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());
+                eprintln!("dough: error: a clone failed to start: {}", p(&e));
                 let mut src = std::error::Error::source(&e);
                 while let Some(c) = src {
-                    eprintln!("  caused by: {c}");
+                    eprintln!("  caused by: {}", p(c));
                     src = c.source();
                 }
             }
