@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::Args;
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
 use dough_gobrr::plan::Plan;
-use dough_gobrr::run::{Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox};
+use dough_gobrr::run::{
+    Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError,
+};
 use dough_gobrr::secrets::Redactor;
 use dough_gobrr::stack::Stack;
 use dough_proto::{ExitStatus, Stream};
@@ -68,7 +70,7 @@ fn new_run_id() -> String {
 struct VmSandbox(Vm);
 
 impl Sandbox for VmSandbox {
-    fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, String> {
+    fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, SandboxError> {
         let mut out = Output::default();
         let mut too_big = false;
         let req = ExecRequest {
@@ -91,9 +93,9 @@ impl Sandbox for VmSandbox {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SandboxError::Exec(Box::new(e)))?;
         if too_big {
-            return Err(format!("its output exceeded {max_stdout} bytes"));
+            return Err(SandboxError::TooMuchOutput { limit: max_stdout });
         }
         out.exit = Some(match status {
             ExitStatus::Exited(c) => Exit::Code(c),
@@ -112,31 +114,27 @@ struct ClonePool<'a> {
 }
 
 impl ClonePool<'_> {
-    fn clone_with(&self, egress: dough_net::Egress) -> Result<Box<dyn Sandbox>, String> {
+    fn clone_with(&self, egress: dough_net::Egress) -> Result<Box<dyn Sandbox>, SandboxError> {
         let opts = BootOptions {
             egress,
             ..self.opts.clone()
         };
         Vm::restore(self.vms, self.snap, VmKind::Run, &opts)
             .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
-            .map_err(|e| {
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(c) = src {
-                    s += &format!(": {c}");
-                    src = c.source();
-                }
-                s
-            })
+            .map_err(|e| SandboxError::NoClone(Box::new(e)))
     }
 }
 
 impl Pool for ClonePool<'_> {
-    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, String> {
-        self.clone_with(egress.parse().map_err(|e| format!("{e}"))?)
+    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.clone_with(
+            egress
+                .parse()
+                .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?,
+        )
     }
 
-    fn gate(&self) -> Result<Box<dyn Sandbox>, String> {
+    fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.clone_with(dough_net::Egress::None)
     }
 }

@@ -5,172 +5,30 @@
 //!
 //! VMs are behind [`Pool`]/[`Sandbox`], so the orchestration is unit-tested
 //! with a scripted fake; dough's binary implements them over its clones.
+//!
+//! The module, by concern: [`sandbox`] (what a clone must do for gobrr),
+//! [`report`] (what a run produces), `guest` (the shell gobrr runs in
+//! clones), `order` (work orders), `attempt` (one task: attempts, diff,
+//! gate); the scheduler (rounds) is here.
+
+mod attempt;
+mod guest;
+mod order;
+pub mod report;
+pub mod sandbox;
+
+pub use guest::{ORDER, REPO};
+pub use report::{Attempt, Event, Outcome, RoundCheck, RunResult, TaskResult};
+pub use sandbox::{Cmd, Exit, Output, Pool, Sandbox, SandboxError, STEP_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::Serialize;
-
-use crate::diff::{Diff, MAX_DIFF_BYTES};
 use crate::plan::ValidPlan;
 use crate::secrets::{Redactor, Value};
 use crate::stack::{commit_message, Stack, StackError};
-
-/// How a command in a sandbox ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    TimedOut,
-    Failed(String),
-}
-
-impl Exit {
-    pub fn ok(&self) -> bool {
-        *self == Exit::Code(0)
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Exit::Code(c) => write!(f, "exit code {c}"),
-            Exit::TimedOut => f.write_str("timed out"),
-            Exit::Failed(w) => write!(f, "could not run: {w}"),
-        }
-    }
-}
-
-/// How long a command may take when nothing else says: the guest controls
-/// how long any command takes — an agent can replace `git` with `sleep` —
-/// so every command has a deadline; there is no "wait forever". The plan's
-/// `step_timeout_secs` bounds dough's own steps (shipping a tree, writing
-/// the work order, taking the diff).
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// A command for a sandbox.
-#[derive(Debug, Clone)]
-pub struct Cmd {
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub cwd: Option<String>,
-    pub stdin: Option<Vec<u8>>,
-    /// Always set: [`STEP_TIMEOUT`] unless the plan says otherwise.
-    pub timeout: Duration,
-}
-
-impl Default for Cmd {
-    fn default() -> Self {
-        Cmd {
-            argv: Vec::new(),
-            env: Vec::new(),
-            cwd: None,
-            stdin: None,
-            timeout: STEP_TIMEOUT,
-        }
-    }
-}
-
-/// Output of a command (capped).
-#[derive(Debug, Clone, Default)]
-pub struct Output {
-    pub exit: Option<Exit>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-}
-
-/// One fresh clone.
-pub trait Sandbox: Send {
-    /// Run a command; stdout beyond `max_stdout` bytes is an error.
-    fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, String>;
-}
-
-/// Where clones come from.
-pub trait Pool: Sync {
-    /// A clone for an agent, with the plan's egress policy.
-    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, String>;
-    /// A clone for a gate: egress `none`, never given a secret.
-    fn gate(&self) -> Result<Box<dyn Sandbox>, String>;
-}
-
-/// Where the tree lives inside a clone.
-pub const REPO: &str = "/work/repo";
-pub const ORDER: &str = "/work/order.md";
-
-/// One attempt at a task.
-#[derive(Debug, Clone, Serialize)]
-pub struct Attempt {
-    pub n: u32,
-    pub green: bool,
-    /// Why it failed, redacted.
-    pub failure: Option<String>,
-    /// Seconds per phase: restore, ship, agent, diff, gate.
-    pub phases: BTreeMap<&'static str, f64>,
-    pub files: usize,
-    pub added: u64,
-    pub removed: u64,
-    /// Tail of the gate's output, redacted.
-    pub gate_log: String,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Green,
-    Failed,
-    /// Not run: a dependency did not go green.
-    Blocked,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TaskResult {
-    pub id: String,
-    pub title: String,
-    pub round: usize,
-    pub outcome: Outcome,
-    pub attempts: Vec<Attempt>,
-    pub commit: Option<String>,
-    pub changed: Vec<String>,
-    /// Exported signatures of the changed files (for dependents).
-    pub signatures: String,
-    pub blocked_by: Vec<String>,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunResult {
-    pub run_id: String,
-    pub branch: String,
-    pub goal: String,
-    pub base: String,
-    pub head: String,
-    pub concurrency: u32,
-    pub seconds: f64,
-    pub tasks: Vec<TaskResult>,
-    /// The plan's check on each round's stacked result (run when a round
-    /// stacked two or more tasks: each was gated alone, not together).
-    pub round_checks: Vec<RoundCheck>,
-    /// Why the run stopped early, if it did (what finished before is kept).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RoundCheck {
-    pub round: usize,
-    pub passed: bool,
-    /// Tail of its output, redacted.
-    pub log: String,
-}
-
-/// Progress events (also the JSON-lines log), already redacted.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub t: f64,
-    pub task: String,
-    pub attempt: u32,
-    pub what: String,
-}
+use attempt::Finished;
 
 const LOG_TAIL: usize = 4000;
 
@@ -182,23 +40,6 @@ fn tail(b: &[u8]) -> String {
         .unwrap_or(s.len());
     s[start..].to_string()
 }
-
-fn sh(script: &str) -> Vec<String> {
-    vec!["sh".into(), "-c".into(), script.into()]
-}
-
-/// Unpack a tar on stdin as the repo, and make it a git repo whose HEAD is
-/// that tree (the agent's diff is taken against it).
-const SHIP: &str = "set -e; rm -rf /work/repo; mkdir -p /work/repo; cd /work/repo; tar -x; \
-git init -q; git add -A; git -c user.name=dough -c user.email=dough@localhost commit -qm base --allow-empty";
-
-/// Unpack the candidate tree and make it read-only (HOME and /tmp stay
-/// writable tmpfs).
-const SHIP_RO: &str =
-    "set -e; rm -rf /work/repo; mkdir -p /work/repo /tmp/home; cd /work/repo; tar -x; \
-mount --bind /work/repo /work/repo; mount -o remount,bind,ro /work/repo";
-
-const TAKE_DIFF: &str = "cd /work/repo && git add -A && git diff --binary --cached HEAD";
 
 /// The runner's inputs.
 pub struct Runner<'a> {
@@ -299,18 +140,7 @@ impl Runner<'_> {
                 for &t in round {
                     let task = &plan.tasks[t];
                     shared.event(&task.id, 0, format!("blocked by {why}"));
-                    results[t] = Some(TaskResult {
-                        id: task.id.clone(),
-                        title: task.title.clone(),
-                        round: k + 1,
-                        outcome: Outcome::Blocked,
-                        attempts: vec![],
-                        commit: None,
-                        changed: vec![],
-                        signatures: String::new(),
-                        blocked_by: vec![why.clone()],
-                        seconds: 0.0,
-                    });
+                    results[t] = Some(TaskResult::blocked(task, k + 1, vec![why.clone()]));
                 }
                 continue;
             }
@@ -333,18 +163,7 @@ impl Runner<'_> {
                     runnable.push(t);
                 } else {
                     shared.event(&task.id, 0, format!("blocked by {}", blocked_by.join(", ")));
-                    results[t] = Some(TaskResult {
-                        id: task.id.clone(),
-                        title: task.title.clone(),
-                        round: k + 1,
-                        outcome: Outcome::Blocked,
-                        attempts: vec![],
-                        commit: None,
-                        changed: vec![],
-                        signatures: String::new(),
-                        blocked_by,
-                        seconds: 0.0,
-                    });
+                    results[t] = Some(TaskResult::blocked(task, k + 1, blocked_by));
                 }
             }
             let base_tar = self.stack.archive()?;
@@ -429,455 +248,6 @@ impl Runner<'_> {
         }
         Ok(())
     }
-
-    /// The result of a task whose processing hit a bug in dough.
-    fn internal_failure(&self, t: usize, round: usize, why: &str) -> TaskResult {
-        let task = &self.plan.plan.tasks[t];
-        TaskResult {
-            id: task.id.clone(),
-            title: task.title.clone(),
-            round,
-            outcome: Outcome::Failed,
-            attempts: vec![Attempt {
-                n: 1,
-                green: false,
-                failure: Some(format!(
-                    "dough hit an internal error on this task (a bug in dough, not the agent's doing): {why}"
-                )),
-                phases: BTreeMap::new(),
-                files: 0,
-                added: 0,
-                removed: 0,
-                gate_log: String::new(),
-            }],
-            commit: None,
-            changed: vec![],
-            signatures: String::new(),
-            blocked_by: vec![],
-            seconds: 0.0,
-        }
-    }
-
-    /// The plan's check on a whole tree in a fresh offline clone.
-    fn round_gate(&self, tree: &[u8]) -> Result<String, String> {
-        self.offline_checks(tree, "the stacked tree", &[&self.plan.plan.check])
-            .map(|(_, log)| log)
-    }
-
-    /// In a fresh gate clone (no network, no secrets): unpack `tree`
-    /// read-only and run `checks` in order at its root. Ok((the clone, the
-    /// log)) when all pass; Err(the log so far) otherwise.
-    fn offline_checks(
-        &self,
-        tree: &[u8],
-        what: &str,
-        checks: &[&String],
-    ) -> Result<(Box<dyn Sandbox>, String), String> {
-        let plan = &self.plan.plan;
-        let mut vm = self
-            .pool
-            .gate()
-            .map_err(|e| format!("no clone for the gate: {e}"))?;
-        let shipped = vm.run(
-            &Cmd {
-                argv: sh(SHIP_RO),
-                stdin: Some(tree.to_vec()),
-                timeout: Duration::from_secs(plan.step_timeout_secs),
-                ..Cmd::default()
-            },
-            1 << 16,
-        );
-        check_ok(shipped, &format!("shipping {what}"))?;
-        let mut log = String::new();
-        for check in checks {
-            let o = vm
-                .run(
-                    &Cmd {
-                        argv: sh(check),
-                        env: gate_env(),
-                        cwd: Some(REPO.into()),
-                        timeout: Duration::from_secs(plan.check_timeout_secs),
-                        ..Cmd::default()
-                    },
-                    1 << 20,
-                )
-                .map_err(|e| format!("the check could not run: {e}"))?;
-            log += &format!("$ {check}\n{}{}", tail(&o.stdout), tail(&o.stderr));
-            match o.exit {
-                Some(e) if e.ok() => {}
-                Some(e) => return Err(format!("{log}\n({e})")),
-                None => return Err(log),
-            }
-        }
-        Ok((vm, log))
-    }
-
-    /// What each green task so far exported: changed files and signatures.
-    fn dependency_context(&self, results: &[Option<TaskResult>]) -> BTreeMap<String, String> {
-        results
-            .iter()
-            .flatten()
-            .filter(|r| r.outcome == Outcome::Green)
-            .map(|r| {
-                (
-                    r.id.clone(),
-                    format!(
-                        "### {} ({})\nChanged files: {}\n\nSignatures:\n```\n{}\n```\n",
-                        r.id,
-                        r.title,
-                        r.changed.join(", "),
-                        r.signatures.trim_end()
-                    ),
-                )
-            })
-            .collect()
-    }
-
-    fn work_order(
-        &self,
-        t: usize,
-        context: &BTreeMap<String, String>,
-        feedback: &[String],
-    ) -> String {
-        let plan = &self.plan.plan;
-        let task = &plan.tasks[t];
-        let mut w = format!(
-            "# Task {}: {}\n\nGoal of the whole run: {}\n\n{}\n\nYou may change only files matching: {}\n",
-            task.id,
-            task.title,
-            plan.goal,
-            task.work.trim_end(),
-            task.allow.join(", ")
-        );
-        let deps: Vec<&String> = task.deps.iter().filter_map(|d| context.get(d)).collect();
-        if !deps.is_empty() {
-            w += "\n## What your dependencies built\n\n";
-            for d in deps {
-                w += d;
-            }
-        }
-        for (i, f) in feedback.iter().enumerate() {
-            w += &format!("\n## Attempt {} failed\n\n{}\n", i + 1, f.trim_end());
-        }
-        w
-    }
-
-    fn task(
-        &self,
-        t: usize,
-        round: usize,
-        base_tar: &[u8],
-        context: &BTreeMap<String, String>,
-        shared: &Shared<'_>,
-    ) -> Finished {
-        let plan = &self.plan.plan;
-        let task = &plan.tasks[t];
-        let started = Instant::now();
-        let mut attempts = Vec::new();
-        let mut feedback = Vec::new();
-        let mut green = None;
-        for n in 1..=plan.retries + 1 {
-            shared.event(&task.id, n, "starting".into());
-            let order = self.work_order(t, context, &feedback);
-            let (attempt, diff) = self.attempt(t, n, base_tar, &order, shared);
-            let ok = attempt.green;
-            if let Some(f) = &attempt.failure {
-                shared.event(&task.id, n, format!("failed: {}", first_line(f)));
-                feedback.push(f.clone());
-            }
-            attempts.push(attempt);
-            if ok {
-                shared.event(&task.id, n, "green".into());
-                green = diff;
-                break;
-            }
-        }
-        let outcome = if green.is_some() {
-            Outcome::Green
-        } else {
-            Outcome::Failed
-        };
-        let (changed, signatures) = green
-            .as_ref()
-            .map(|(d, sig)| (d.changed_paths(), sig.clone()))
-            .unwrap_or_default();
-        (
-            TaskResult {
-                id: task.id.clone(),
-                title: task.title.clone(),
-                round,
-                outcome,
-                attempts,
-                commit: None,
-                changed,
-                signatures,
-                blocked_by: vec![],
-                seconds: started.elapsed().as_secs_f64(),
-            },
-            green.map(|(d, _)| d.raw),
-        )
-    }
-
-    /// One attempt: agent clone, diff, checks, gate.
-    fn attempt(
-        &self,
-        t: usize,
-        n: u32,
-        base_tar: &[u8],
-        order: &str,
-        shared: &Shared<'_>,
-    ) -> (Attempt, Option<(Checked, String)>) {
-        let plan = &self.plan.plan;
-        let task = &plan.tasks[t];
-        let mut a = Attempt {
-            n,
-            green: false,
-            failure: None,
-            phases: BTreeMap::new(),
-            files: 0,
-            added: 0,
-            removed: 0,
-            gate_log: String::new(),
-        };
-        let phase = |a: &mut Attempt, name: &'static str, since: Instant| {
-            a.phases.insert(
-                name,
-                (since.elapsed().as_secs_f64() * 100.0).round() / 100.0,
-            );
-        };
-        let fail = |mut a: Attempt, why: String| {
-            a.failure = Some(shared.redactor.redact(&why));
-            (a, None)
-        };
-        // Agent clone.
-        let t0 = Instant::now();
-        let mut vm = match self.pool.agent(&plan.egress) {
-            Ok(v) => v,
-            Err(e) => return fail(a, format!("no clone for the agent: {e}")),
-        };
-        phase(&mut a, "restore", t0);
-        let t0 = Instant::now();
-        let shipped = vm.run(
-            &Cmd {
-                argv: sh(SHIP),
-                stdin: Some(base_tar.to_vec()),
-                timeout: Duration::from_secs(plan.step_timeout_secs),
-                ..Cmd::default()
-            },
-            1 << 16,
-        );
-        if let Err(e) = check_ok(shipped, "shipping the repo") {
-            return fail(a, e);
-        }
-        let wrote = vm.run(
-            &Cmd {
-                argv: sh(&format!("cat > {ORDER}")),
-                stdin: Some(order.as_bytes().to_vec()),
-                timeout: Duration::from_secs(plan.step_timeout_secs),
-                ..Cmd::default()
-            },
-            1 << 16,
-        );
-        if let Err(e) = check_ok(wrote, "writing the work order") {
-            return fail(a, e);
-        }
-        phase(&mut a, "ship", t0);
-        // The agent, with its secrets (only here: never in a gate).
-        let t0 = Instant::now();
-        let mut env: Vec<(String, String)> = vec![("WORK_ORDER".into(), ORDER.into())];
-        for name in &task.secrets {
-            if let Some(v) = self.secrets.iter().find(|s| &s.name == name) {
-                env.push((v.name.clone(), v.value.clone()));
-            }
-        }
-        let argv = match &task.script {
-            Some(script) => sh(script),
-            None => plan
-                .agent
-                .iter()
-                .map(|x| x.replace("{work_order}", ORDER))
-                .collect(),
-        };
-        let out = vm.run(
-            &Cmd {
-                argv,
-                env,
-                cwd: Some(REPO.into()),
-                timeout: Duration::from_secs(plan.agent_timeout_secs),
-                ..Cmd::default()
-            },
-            1 << 20,
-        );
-        phase(&mut a, "agent", t0);
-        match out {
-            Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => {}
-            Ok(o) => {
-                return fail(
-                    a,
-                    format!(
-                        "the agent failed ({}); its output ended with:\n{}{}",
-                        o.exit.map(|e| e.to_string()).unwrap_or_default(),
-                        shared.tail(&o.stdout),
-                        shared.tail(&o.stderr)
-                    ),
-                )
-            }
-            Err(e) => return fail(a, format!("the agent could not run: {e}")),
-        }
-        // The diff, as data.
-        let t0 = Instant::now();
-        let raw = match vm.run(
-            &Cmd {
-                argv: sh(TAKE_DIFF),
-                timeout: Duration::from_secs(plan.step_timeout_secs),
-                ..Cmd::default()
-            },
-            MAX_DIFF_BYTES,
-        ) {
-            Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => o.stdout,
-            Ok(o) => {
-                return fail(
-                    a,
-                    format!(
-                        "taking the diff failed ({}): {}",
-                        o.exit
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "no exit status".into()),
-                        shared.tail(&o.stderr)
-                    ),
-                )
-            }
-            Err(e) => return fail(a, format!("taking the diff failed: {e}")),
-        };
-        drop(vm);
-        // A secret the agent wrote into a file would be committed, gated
-        // and shipped to every later task: refuse the diff.
-        if let Some(v) = self
-            .secrets
-            .iter()
-            .find(|v| raw.windows(v.value.len()).any(|w| w == v.value.as_bytes()))
-        {
-            return fail(
-                a,
-                format!(
-                    "the diff contains the value of secret {}; secrets must never be committed",
-                    v.name
-                ),
-            );
-        }
-        let diff = match Diff::parse(&raw).and_then(|d| d.check(&self.plan.allow[t]).map(|_| d)) {
-            Ok(d) => d,
-            Err(e) => return fail(a, format!("the diff was rejected: {e}")),
-        };
-        let (files, added, removed) = diff.stats();
-        (a.files, a.added, a.removed) = (files, added, removed);
-        let candidate = match self.stack.candidate(&raw, &self.plan.allow[t]) {
-            Ok(c) => c,
-            Err(e) => return fail(a, format!("the diff does not apply to the base: {e}")),
-        };
-        // What would be committed — every added or modified file's bytes as
-        // git stores them (a binary patch's inflated data included) and its
-        // path as git names it — must not hold a secret's value either: the
-        // diff's text can encode it (compression, path escapes).
-        match candidate.changed_files() {
-            Ok(files) => {
-                for v in &self.secrets {
-                    let needle = v.value.as_bytes();
-                    let hit = files.iter().find(|(p, body)| {
-                        p.contains(&v.value) || body.windows(needle.len()).any(|w| w == needle)
-                    });
-                    if let Some((p, _)) = hit {
-                        return fail(
-                            a,
-                            format!(
-                                "{} (as it would be committed) contains the value of secret {}; secrets must never be committed",
-                                shared.redactor.redact(p),
-                                v.name
-                            ),
-                        );
-                    }
-                }
-            }
-            Err(e) => return fail(a, format!("reading the candidate tree failed: {e}")),
-        }
-        let candidate = candidate.tar;
-        phase(&mut a, "diff", t0);
-        // The gate: offline, read-only tree, no secrets.
-        let t0 = Instant::now();
-        let gate = self.gate(t, &candidate, &diff.changed_paths());
-        phase(&mut a, "gate", t0);
-        match gate {
-            Ok((log, signatures)) => {
-                a.gate_log = shared.redactor.redact(&log);
-                a.green = true;
-                (
-                    a,
-                    Some((Checked { raw, diff }, shared.redactor.redact(&signatures))),
-                )
-            }
-            Err(log) => {
-                a.gate_log = shared.redactor.redact(&log);
-                fail(a, format!("the gate check failed:\n{log}"))
-            }
-        }
-    }
-
-    /// Run the checks on the candidate tree; Ok((log, signatures)) when
-    /// they pass, Err(log) otherwise.
-    fn gate(
-        &self,
-        t: usize,
-        candidate: &[u8],
-        changed: &[String],
-    ) -> Result<(String, String), String> {
-        let plan = &self.plan.plan;
-        let checks: Vec<&String> = std::iter::once(&plan.check)
-            .chain(plan.tasks[t].check.as_ref())
-            .collect();
-        let (mut vm, log) = self.offline_checks(candidate, "the candidate", &checks)?;
-        // `sh -c CMD signatures FILE...`: the files are CMD's "$@".
-        let mut argv = sh(&plan.signatures);
-        argv.push("signatures".into());
-        argv.extend(changed.iter().cloned());
-        let sig = vm
-            .run(
-                &Cmd {
-                    argv,
-                    env: gate_env(),
-                    cwd: Some(REPO.into()),
-                    timeout: Duration::from_secs(60),
-                    ..Cmd::default()
-                },
-                1 << 16,
-            )
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        Ok((log, sig))
-    }
-}
-
-/// Environment of commands in a gate: HOME on the guest's tmpfs, and no
-/// bytecode written next to the read-only tree.
-fn gate_env() -> Vec<(String, String)> {
-    vec![
-        ("HOME".to_string(), "/tmp/home".to_string()),
-        ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
-    ]
-}
-
-/// A task's result and, when green, the diff to stack.
-type Finished = (TaskResult, Option<Vec<u8>>);
-
-/// A diff that passed the checks, with its bytes.
-struct Checked {
-    raw: Vec<u8>,
-    diff: Diff,
-}
-
-impl Checked {
-    fn changed_paths(&self) -> Vec<String> {
-        self.diff.changed_paths()
-    }
 }
 
 /// What a caught panic said.
@@ -888,24 +258,9 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
-}
-
-fn check_ok(r: Result<Output, String>, what: &str) -> Result<(), String> {
-    match r {
-        Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => Ok(()),
-        Ok(o) => Err(format!(
-            "{what} failed ({}): {}",
-            o.exit.map(|e| e.to_string()).unwrap_or_default(),
-            tail(&o.stderr)
-        )),
-        Err(e) => Err(format!("{what} failed: {e}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::guest::{SHIP_RO, TAKE_DIFF};
     use super::*;
     use crate::plan::Plan;
     use crate::stack::tests::{base_repo, sh};
@@ -930,7 +285,7 @@ mod tests {
     }
 
     impl Sandbox for FakeVm {
-        fn run(&mut self, cmd: &Cmd, _max: usize) -> Result<Output, String> {
+        fn run(&mut self, cmd: &Cmd, _max: usize) -> Result<Output, SandboxError> {
             let script = cmd.argv.get(2).cloned().unwrap_or_default();
             let ok = |stdout: Vec<u8>| {
                 Ok(Output {
@@ -989,10 +344,10 @@ mod tests {
     }
 
     impl Pool for FakePool {
-        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, String> {
+        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
             Ok(self.vm(false))
         }
-        fn gate(&self) -> Result<Box<dyn Sandbox>, String> {
+        fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
             *self.gates.lock().unwrap() += 1;
             Ok(self.vm(true))
         }
