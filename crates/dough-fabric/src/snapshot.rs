@@ -79,6 +79,20 @@ pub struct SnapshotSpec {
 pub use crate::vmm::FC_DEVICE_SET;
 
 impl SnapshotSpec {
+    /// Everything that shapes the snapshot VMs booted with `opts` from
+    /// `image` would be restored from (asks the VMM for its version).
+    pub fn for_boot(image: &Image, opts: &BootOptions) -> Result<SnapshotSpec, SnapshotError> {
+        Ok(SnapshotSpec {
+            image: image.clone(),
+            accel: opts.accel,
+            mem_mib: opts.mem_mib,
+            cpus: opts.cpus,
+            extra_cmdline: opts.extra_cmdline.clone(),
+            backend: opts.backend,
+            vmm_version: vmm_version(opts)?,
+        })
+    }
+
     /// The labelled inputs, as shown when explaining a re-bake.
     pub fn inputs(&self) -> BTreeMap<String, String> {
         let i = &self.image;

@@ -18,9 +18,9 @@ use dough_vmm::{Incoming, Memory, ProcessId, QemuArgs, Qmp};
 use serde_json::{json, Value};
 
 use crate::cli::Ctx;
-use crate::run_cmd::{
-    boot_options, ensure_snapshot, install_teardown_on_signal, resolve_image, VmArgs,
-};
+use crate::snapshots::ensure_snapshot;
+use crate::teardown::install_teardown_on_signal;
+use crate::vm_args::{boot_options, resolve_image, VmArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
@@ -195,7 +195,7 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     install_teardown_on_signal(&ctx.vms);
     let image = resolve_image(&ctx.home, &a.vm)?;
     anyhow::ensure!(
-        a.vm.backend == crate::run_cmd::BackendArg::Qemu,
+        a.vm.backend == crate::vm_args::BackendArg::Qemu,
         "`dough bench clones` compares dough's restore with a raw QEMU restore of the same snapshot; it measures the QEMU backend only"
     );
     let opts = boot_options(&ctx.home, &image, &a.vm)?;

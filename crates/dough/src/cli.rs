@@ -211,7 +211,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
     ) {
-        run_cmd::sweep(&ctx.vms);
+        crate::teardown::sweep(&ctx.vms);
     }
     // Commands that own VMs while they run: their VMs must not outlive
     // them, even if they are killed.

@@ -13,7 +13,7 @@ pub struct DoctorArgs {
     /// binary (DOUGH_FIRECRACKER) and KVM that boots guests (probed once
     /// per host boot with the current image). Exits non-zero if missing.
     #[arg(long, value_enum)]
-    pub backend: Option<crate::run_cmd::BackendArg>,
+    pub backend: Option<crate::vm_args::BackendArg>,
 }
 
 struct Check {
@@ -177,7 +177,7 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "firecracker".into());
     let fc_version = dough_vmm::firecracker::backend::version(&fc).ok();
-    let want_fc = args.backend == Some(crate::run_cmd::BackendArg::Firecracker);
+    let want_fc = args.backend == Some(crate::vm_args::BackendArg::Firecracker);
     checks.push(Check {
         name: "firecracker",
         ok: fc_version.is_some(),

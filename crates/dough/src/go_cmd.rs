@@ -18,9 +18,9 @@ use dough_gobrr::stack::Stack;
 use dough_proto::{ExitStatus, Stream};
 
 use crate::cli::Ctx;
-use crate::run_cmd::{
-    boot_options, ensure_snapshot, install_teardown_on_signal, resolve_image, VmArgs,
-};
+use crate::snapshots::ensure_snapshot;
+use crate::teardown::install_teardown_on_signal;
+use crate::vm_args::{boot_options, resolve_image, VmArgs};
 
 #[derive(Debug, Args)]
 pub struct GoArgs {

@@ -3,10 +3,14 @@
 mod bench_cmd;
 mod cli;
 mod doctor;
+mod exec_args;
 mod go_cmd;
 mod image_cmd;
 mod plan_cmd;
 mod run_cmd;
+mod snapshots;
+mod teardown;
+mod vm_args;
 mod vm_cmds;
 mod watchdog;
 
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
     dough_fabric::notice::set_sink(|m| eprintln!("dough: {}", dough_fabric::serial::printable(m)));
     match cli::dispatch(args) {
         Ok(code) => code,
-        Err(_) if run_cmd::tearing_down() => loop {
+        Err(_) if teardown::tearing_down() => loop {
             // The signal thread finishes the teardown and exits.
             std::thread::park();
         },

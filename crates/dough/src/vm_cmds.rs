@@ -12,10 +12,10 @@ use dough_fabric::snapshot::Ensured;
 use dough_fabric::{Vm, VmKind};
 
 use crate::cli::Ctx;
-use crate::run_cmd::{
-    boot_options, ensure_snapshot, exit_code, install_teardown_on_signal, resolve_image,
-    stream_sink, ExecArgs, VmArgs,
-};
+use crate::exec_args::{exit_code, stream_sink, ExecArgs};
+use crate::snapshots::ensure_snapshot;
+use crate::teardown::install_teardown_on_signal;
+use crate::vm_args::{boot_options, resolve_image, VmArgs};
 
 #[derive(Debug, Args)]
 pub struct BakeArgs {

@@ -1,0 +1,171 @@
+//! The options every command that boots a VM shares (`VmArgs`), and how
+//! they become an image and boot options.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use dough_fabric::BootOptions;
+use dough_image::{Image, Store};
+use dough_vmm::{Accel, Backend, Resolved};
+
+use crate::image_cmd::{self, AgentArg, BuildArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when it is present and boots a guest in time, else TCG.
+    Auto,
+    /// Hardware virtualisation (the only real isolation boundary).
+    Kvm,
+    /// Software emulation: works everywhere, is not a security boundary.
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// QEMU microvm: KVM when usable, else TCG; runs everywhere.
+    Qemu,
+    /// Firecracker: needs usable KVM and a firecracker binary
+    /// (--firecracker / DOUGH_FIRECRACKER); docs/firecracker.md.
+    Firecracker,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Qemu => Backend::Qemu,
+            BackendArg::Firecracker => Backend::Firecracker,
+        }
+    }
+}
+
+impl From<AccelArg> for Accel {
+    fn from(a: AccelArg) -> Accel {
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+/// Options shared by every command that boots a VM.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Which VMM runs the VMs. Snapshots are baked per backend; clones
+    /// restore with the backend of their snapshot.
+    #[arg(long, value_enum, default_value = "qemu", env = "DOUGH_BACKEND")]
+    pub backend: BackendArg,
+    /// Firecracker binary (for --backend firecracker); no registry ships
+    /// one, so point dough at a release binary.
+    #[arg(
+        long,
+        default_value = "firecracker",
+        env = "DOUGH_FIRECRACKER",
+        value_name = "PATH"
+    )]
+    pub firecracker: PathBuf,
+    /// Start Firecracker with `--enable-pci` (virtio over PCI instead of
+    /// MMIO; Firecracker 1.13+). Part of the snapshot key.
+    #[arg(long, env = "DOUGH_FIRECRACKER_PCI")]
+    pub firecracker_pci: bool,
+    /// Accelerator (QEMU; Firecracker always uses KVM).
+    #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
+    pub accel: AccelArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Seconds one boot attempt may take before it counts as failed (one retry follows).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", env = "DOUGH_QEMU")]
+    pub qemu: PathBuf,
+    /// Image id to boot (default: the current image; built if there is none).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Extra kernel command-line argument (repeatable), e.g. `ignore_loglevel`
+    /// to see every kernel message in `serial.log`.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    pub kernel_args: Vec<String>,
+    /// What the VM's network may reach: `nat` (anything, through NAT),
+    /// `none` (no way out), or `allow=CIDR[:PORT],...` (only those).
+    #[arg(long, default_value = "nat", env = "DOUGH_NET", value_name = "POLICY")]
+    pub net: dough_net::Egress,
+    /// Pool the per-clone /30 transfer subnets are taken from.
+    #[arg(long, default_value = dough_net::plan::DEFAULT_POOL, env = "DOUGH_NET_POOL", value_name = "CIDR")]
+    pub net_pool: dough_net::Ipv4Net,
+    #[command(flatten)]
+    pub agent: AgentArg,
+}
+
+/// The image to boot: the one named, else the current one, else build it.
+pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
+    let store = Store::new(home);
+    if let Some(id) = &vm.image {
+        return Ok(store.get(id)?);
+    }
+    match store.current() {
+        Ok(img) => Ok(img),
+        Err(dough_image::ImageError::NoImage) => {
+            eprintln!("dough: no guest image yet; building one (first time only)");
+            image_cmd::build(
+                home,
+                &BuildArgs {
+                    agent: vm.agent.clone(),
+                    packages: vec![],
+                    mirror: None,
+                },
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
+pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
+    let base = BootOptions {
+        backend: vm.backend.into(),
+        qemu: vm.qemu.clone(),
+        firecracker: dough_vmm::firecracker::backend::FcConfig {
+            binary: vm.firecracker.clone(),
+            extra_args: if vm.firecracker_pci {
+                vec!["--enable-pci".into()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        },
+        mem_mib: vm.mem,
+        cpus: vm.cpus,
+        deadline: Duration::from_secs(vm.boot_timeout),
+        extra_cmdline: vm.kernel_args.clone(),
+        egress: vm.net.clone(),
+        net_pool: vm.net_pool,
+        ..BootOptions::default()
+    };
+    if base.backend == Backend::Firecracker {
+        anyhow::ensure!(
+            vm.accel != AccelArg::Tcg,
+            "--accel tcg: Firecracker runs guests under KVM only (use --backend qemu for TCG)"
+        );
+        return Ok(BootOptions {
+            accel: Resolved::Kvm,
+            ..base
+        });
+    }
+    let choice = dough_fabric::accel::choose(vm.accel.into(), home, image, &vm.qemu)?;
+    if let Some(why) = &choice.fallback_reason {
+        eprintln!("dough: KVM is not usable here ({why}); using TCG");
+    }
+    if choice.accel == Resolved::Tcg {
+        eprintln!("dough: warning: {}", dough_vmm::accel::TCG_WARNING);
+    }
+    Ok(BootOptions {
+        accel: choice.accel,
+        ..base
+    })
+}
