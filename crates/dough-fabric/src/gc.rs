@@ -19,15 +19,6 @@ use dough_vmm::ProcessId;
 
 use crate::state::{read_record, StateError, VmDir, VmRecord, VmState};
 
-/// Identity of this dough process.
-pub fn me() -> ProcessId {
-    let pid = std::process::id() as i32;
-    ProcessId::of(pid).unwrap_or(ProcessId {
-        pid,
-        start_ticks: 0,
-    })
-}
-
 /// Something the sweep did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Swept {
@@ -158,19 +149,19 @@ pub fn sweep(vms: &Path) -> Vec<Swept> {
 /// (and veths any dough abandoned half-made). Skipped, with a log line,
 /// where networking is not available (not root).
 fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
-    let _net = crate::vm::net_lock()
+    let _net = crate::host::net_lock()
         .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
         .ok()?;
     let live = crate::state::list_ids(vms);
     let mut ops = dough_net::linux::LinuxNet::default();
-    let scope = crate::vm::net_scope(vms);
+    let scope = crate::host::net_scope(vms);
     let found = dough_net::find_leftovers(&mut ops, &scope, &live)
         .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
         .ok()?;
     let mut found = found;
     // Scopes whose VM directory no longer exists (a deleted dough home):
     // nothing of theirs can be live.
-    for e in std::fs::read_dir(crate::vm::SCOPES_DIR)
+    for e in std::fs::read_dir(crate::host::SCOPES_DIR)
         .into_iter()
         .flatten()
         .flatten()
@@ -249,19 +240,14 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
     None
 }
 
-/// Held (shared) by a thread from spawning a VMM until its identity is
-/// recorded; [`reclaim_mine`] takes it exclusively, so it never reads a
-/// record whose VMM is running but not yet written down.
-pub(crate) static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
 /// Tear down every VM this process owns (on Ctrl-C). Threads still
 /// starting VMs are blocked from spawning more while it runs.
 pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
     // VM directories appear under the network lock: holding it, no thread
     // of ours can create one behind this sweep's back.
-    let _no_creation = crate::vm::net_lock().ok();
-    let _no_spawns = SPAWNING.write();
-    let me = me();
+    let _no_creation = crate::host::net_lock().ok();
+    let _no_spawns = crate::host::SPAWNING.write();
+    let me = crate::host::me();
     let mut out = Vec::new();
     for id in crate::state::list_ids(vms) {
         let dir = VmDir::at(vms, &id);
@@ -298,13 +284,13 @@ mod tests {
     fn vm(vms: &Path, id: &str, f: impl FnOnce(&mut VmRecord)) -> VmDir {
         let mut rec = VmRecord::new(id, VmKind::Clone, Resolved::Tcg, 256, 1);
         f(&mut rec);
-        VmDir::create(vms, &rec).unwrap()
+        VmDir::create(vms, &rec, |p| p.channel.clone()).unwrap()
     }
 
     fn dead_owner() -> ProcessId {
         ProcessId {
-            pid: me().pid,
-            start_ticks: me().start_ticks + 1,
+            pid: crate::host::me().pid,
+            start_ticks: crate::host::me().start_ticks + 1,
         }
     }
 

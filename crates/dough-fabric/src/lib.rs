@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod channel;
 pub mod gc;
+pub mod host;
 pub mod notice;
 pub mod pool;
 pub mod serial;
@@ -17,21 +18,7 @@ pub mod vm;
 pub mod vmm;
 
 pub use channel::{ChannelError, ExecRequest, HostChannel};
+pub use host::{fill_random, new_vm_id};
 pub use snapshot::{Snapshot, SnapshotSpec, SnapshotStore};
 pub use state::{VmKind, VmRecord, VmState};
 pub use vm::{BootOptions, FabricError, Vm};
-
-/// A fresh VM id: `vm-` and 8 random hex digits.
-pub fn new_vm_id() -> String {
-    let mut b = [0u8; 4];
-    fill_random(&mut b);
-    format!("vm-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
-}
-
-/// Fill `buf` from the kernel's CSPRNG.
-pub fn fill_random(buf: &mut [u8]) {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .expect("reading /dev/urandom");
-}

@@ -133,7 +133,7 @@ pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> 
         }
         // This dough now answers for it: if it dies half-way, the next
         // sweep sees an orphan and finishes the job; a live one is left be.
-        r.owner = Some(crate::gc::me());
+        r.owner = Some(crate::host::me());
         Ok(r.clone())
     })?;
     Ok((rec.id.clone(), crate::gc::stop_and_remove(&dir, &rec)?))
@@ -143,7 +143,7 @@ pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> 
 /// for (a running `dough run`, an `up` still restoring, a bake), and those
 /// it skipped with the owner's pid.
 pub fn unowned_ids(vms: &Path) -> (Vec<String>, Vec<(String, i32)>) {
-    let me = crate::gc::me();
+    let me = crate::host::me();
     let mut free = Vec::new();
     let mut busy = Vec::new();
     for r in crate::state::list(vms) {

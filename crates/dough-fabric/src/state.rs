@@ -176,7 +176,7 @@ impl VmRecord {
             cpus,
             image: String::new(),
             snapshot: None,
-            owner: Some(crate::gc::me()),
+            owner: Some(crate::host::me()),
             vmm: None,
             dead_reason: None,
             net: None,
@@ -215,9 +215,15 @@ pub struct VmDir {
 impl VmDir {
     /// Create `<vms>/<id>/` holding `record`, atomically: a concurrent dough
     /// never sees the directory without its record (and owner).
-    pub fn create(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
+    /// `longest_socket` names the longest Unix socket path the VM will use
+    /// (its backend knows), checked against `sun_path` first.
+    pub fn create(
+        vms: &Path,
+        record: &VmRecord,
+        longest_socket: impl Fn(&VmPaths) -> PathBuf,
+    ) -> Result<VmDir, StateError> {
         let dir = vms.join(&record.id);
-        let longest = crate::vmm::vmm(record.backend).longest_socket(&VmPaths::new(&dir));
+        let longest = longest_socket(&VmPaths::new(&dir));
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(StateError::PathTooLong(longest));
         }
@@ -416,7 +422,7 @@ mod tests {
     fn records_round_trip_and_refuse_bad_transitions() {
         let vms = tempfile::tempdir().unwrap();
         let rec = VmRecord::new("vm-00000001", VmKind::Clone, Resolved::Tcg, 256, 1);
-        let d = VmDir::create(vms.path(), &rec).unwrap();
+        let d = VmDir::create(vms.path(), &rec, |p| p.channel.clone()).unwrap();
         assert!(!vms.path().join(".new-vm-00000001").exists());
         assert_eq!(d.read().unwrap(), rec);
         d.set_state(Starting).unwrap();
@@ -428,7 +434,7 @@ mod tests {
         );
         assert_eq!(d.read().unwrap().state, Ready);
         // A second VM with the same id cannot be created over it.
-        let e = VmDir::create(vms.path(), &rec).unwrap_err();
+        let e = VmDir::create(vms.path(), &rec, |p| p.channel.clone()).unwrap_err();
         assert!(
             matches!(&e, StateError::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty)),
             "{e:?}"
@@ -441,7 +447,7 @@ mod tests {
         let vms = tempfile::tempdir().unwrap();
         let deep = vms.path().join("x".repeat(100));
         let rec = VmRecord::new("vm-00000001", VmKind::Clone, Resolved::Tcg, 256, 1);
-        let e = VmDir::create(&deep, &rec).unwrap_err();
+        let e = VmDir::create(&deep, &rec, |p| p.channel.clone()).unwrap_err();
         assert!(matches!(e, StateError::PathTooLong(_)), "{e}");
         assert!(!deep.exists(), "nothing created");
     }
@@ -453,6 +459,7 @@ mod tests {
             VmDir::create(
                 vms.path(),
                 &VmRecord::new(id, VmKind::Clone, Resolved::Tcg, 1, 1),
+                |p| p.channel.clone(),
             )
             .unwrap();
         }

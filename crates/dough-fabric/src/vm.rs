@@ -104,6 +104,8 @@ pub enum FabricError {
         source: ChannelError,
         serial_tail: String,
     },
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     #[error("VM state directory {path}")]
     StateDir {
         path: PathBuf,
@@ -303,7 +305,7 @@ impl Vm {
         };
         // Planning, recording and building a network claim names and
         // subnets on the host: one dough (of any home) at a time.
-        let _net = net_lock()?;
+        let _net = crate::host::net_lock()?;
         let (dir, plan) = {
             let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())
                 .map_err(|e| net_err(e.into()))?;
@@ -312,12 +314,19 @@ impl Vm {
                     used.add(p);
                 }
             }
-            let plan = NetPlan::new(&net_scope(vms_dir), &id, egress, opts.net_pool, 0, &used)
-                .map_err(|e| net_err(e.into()))?;
+            let plan = NetPlan::new(
+                &crate::host::net_scope(vms_dir),
+                &id,
+                egress,
+                opts.net_pool,
+                0,
+                &used,
+            )
+            .map_err(|e| net_err(e.into()))?;
             rec.net = Some(plan.clone());
-            let dir = VmDir::create(vms_dir, &rec)?;
+            let dir = create_dir(vms_dir, &rec)?;
             // Now that the directory exists, its canonical path is known.
-            register_scope(vms_dir);
+            crate::host::register_scope(vms_dir);
             (dir, plan)
         };
         let paths = dir.paths.clone();
@@ -369,7 +378,7 @@ impl Vm {
         let start = Instant::now();
         tracing::info!(vm = %id, accel = %opts.accel, backend = %opts.backend, "spawning the VMM");
         // No teardown on a signal may run between the spawn and the record.
-        let spawning = crate::gc::SPAWNING.read();
+        let spawning = crate::host::SPAWNING.read();
         // Spawned from a thread inside the clone's netns, the VMM lives
         // there and opens the TAP there.
         let spawned = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()));
@@ -634,52 +643,11 @@ fn setup_net(plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
     dough_net::setup(&mut ops, plan, pool)
 }
 
-/// Where the host-wide network lock lives.
-pub const NET_LOCK: &str = "/run/dough/net.lock";
-
-/// Serialises claiming network names and subnets across every dough on
-/// this host (and the leftover sweep, which must not see a network that is
-/// half-built or not yet recorded).
-pub fn net_lock() -> Result<nix::fcntl::Flock<std::fs::File>, FabricError> {
-    let path = Path::new(NET_LOCK);
-    let io = |source| FabricError::StateDir {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(io)?;
-    let f = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io)?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io(std::io::Error::from(e)))
-}
-
-/// Where each scope's VM directory is noted (`<scope>` → its path), so a
-/// sweep can tell a scope whose directory is gone: everything in it is
-/// left over.
-pub const SCOPES_DIR: &str = "/run/dough/scopes";
-
-/// Note `vms` under its scope (call with the network lock held).
-pub(crate) fn register_scope(vms: &Path) {
-    let scope = net_scope(vms);
-    let file = Path::new(SCOPES_DIR).join(&scope);
-    if !file.exists() {
-        let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
-        let _ = std::fs::create_dir_all(SCOPES_DIR)
-            .and_then(|_| std::fs::write(&file, canon.as_os_str().as_encoded_bytes()));
-    }
-}
-
-/// A short name for a VM directory, part of its clones' netns names and
-/// rule tags, so doughs with different homes never sweep each other's.
-pub fn net_scope(vms: &Path) -> String {
-    use sha2::Digest;
-    let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
-    let h = sha2::Sha256::digest(canon.as_os_str().as_encoded_bytes());
-    hex::encode(&h[..3])
+/// Create a VM's directory for `record`, checking its backend's longest
+/// socket path.
+pub fn create_dir(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
+    let backend = crate::vmm::vmm(record.backend);
+    VmDir::create(vms, record, |p| backend.longest_socket(p))
 }
 
 /// The reason a VMM's log gives for a guest that died, in words, when it

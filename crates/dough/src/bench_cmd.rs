@@ -73,7 +73,7 @@ fn net(a: NetArgs) -> anyhow::Result<ExitCode> {
     let scope = format!("bn{}", std::process::id() % 100_000);
     let mut times: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     let mut steps: [std::collections::BTreeMap<&'static str, f64>; 2] = Default::default();
-    let _net = dough_fabric::vm::net_lock()?;
+    let _net = dough_fabric::host::net_lock()?;
     let used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
     for i in 0..a.count {
         for which in [i % 2, (i + 1) % 2] {
@@ -353,17 +353,17 @@ fn raw_one(
     rec.snapshot = Some(snap.key.clone());
     // The snapshot has a NIC, so the raw clone needs a TAP too (in its own
     // netns, no way out), built like dough's but outside its timing.
-    let net_guard = dough_fabric::vm::net_lock()?;
+    let net_guard = dough_fabric::host::net_lock()?;
     let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
     for r in dough_fabric::state::list(&ctx.vms) {
         if let Some(p) = &r.net {
             used.add(p);
         }
     }
-    let scope = dough_fabric::vm::net_scope(&ctx.vms);
+    let scope = dough_fabric::host::net_scope(&ctx.vms);
     let plan = NetPlan::new(&scope, &id, Egress::None, pool, 0, &used)?;
     rec.net = Some(plan.clone());
-    let dir = VmDir::create(&ctx.vms, &rec)?;
+    let dir = dough_fabric::vm::create_dir(&ctx.vms, &rec)?;
     dough_net::setup(&mut LinuxNet::default(), &plan, pool)?;
     drop(net_guard);
     let args = QemuArgs {

@@ -67,7 +67,7 @@ fn network_summary(vms: &Path) -> Result<String, dough_net::NetError> {
         .into_iter()
         .filter(|n| n.starts_with(dough_net::plan::NETNS_PREFIX))
         .collect();
-    let scope = dough_fabric::vm::net_scope(vms);
+    let scope = dough_fabric::host::net_scope(vms);
     let mine = netns
         .iter()
         .filter(|n| n.starts_with(&format!("{}{scope}-", dough_net::plan::NETNS_PREFIX)))

@@ -58,7 +58,7 @@ fn netns_of(pid: i64) -> String {
 fn netns_left(home: &Path) -> Vec<String> {
     let vms = home.join("vms");
     std::fs::create_dir_all(&vms).unwrap();
-    let scope = dough_fabric::vm::net_scope(&vms);
+    let scope = dough_fabric::host::net_scope(&vms);
     std::fs::read_dir("/run/netns")
         .into_iter()
         .flatten()
