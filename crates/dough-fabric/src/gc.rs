@@ -85,7 +85,7 @@ pub fn teardown_net(rec: &VmRecord) {
 pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, StateError> {
     let mut killed = None;
     if let Some(vmm) = rec.vmm.filter(|v| v.is_alive()) {
-        crate::vmm::vmm(rec.backend).ask_to_quit(&dir.paths, &mut || !vmm.is_alive());
+        crate::backend::vmm(rec.backend).ask_to_quit(&dir.paths, &mut || !vmm.is_alive());
         killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
     }
     teardown_net(rec);

@@ -6,19 +6,21 @@
 //! lifecycle by the state machine in [`state`].
 
 pub mod accel;
+pub mod backend;
 pub mod channel;
 pub mod gc;
 pub mod host;
 pub mod notice;
+pub mod options;
 pub mod pool;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
 pub mod vm;
-pub mod vmm;
 
 pub use channel::{ChannelError, ExecRequest, HostChannel};
 pub use host::{fill_random, new_vm_id};
+pub use options::BootOptions;
 pub use snapshot::{Snapshot, SnapshotSpec, SnapshotStore};
 pub use state::{VmKind, VmRecord, VmState};
-pub use vm::{BootOptions, FabricError, Vm};
+pub use vm::{FabricError, Vm};

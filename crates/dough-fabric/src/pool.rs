@@ -112,7 +112,7 @@ pub fn exec(
         serial_tail: tail(&dir.paths.serial, 25),
     };
     let vmm = rec.vmm;
-    let mut ch = crate::vmm::open_channel(&dir.paths, rec.backend, limit, &mut || {
+    let mut ch = crate::backend::open_channel(&dir.paths, rec.backend, limit, &mut || {
         !vmm.is_some_and(|v| v.is_alive())
     })
     .map_err(chan_err)?;

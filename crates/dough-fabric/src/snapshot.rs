@@ -28,8 +28,10 @@ use dough_vmm::{Backend, Resolved};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{BackendError, Launch, RestoreFrom};
+use crate::options::BootOptions;
 use crate::state::{now_unix, VmKind};
-use crate::vm::{BootOptions, FabricError, Launch, Vm};
+use crate::vm::{FabricError, Vm};
 
 const META: &str = "meta.json";
 
@@ -37,20 +39,13 @@ const META: &str = "meta.json";
 pub enum SnapshotError {
     #[error("baking the snapshot")]
     Bake(#[from] FabricError),
-    #[error("cannot run {qemu} --version")]
-    QemuVersion {
-        qemu: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    FirecrackerVersion(Box<dough_vmm::firecracker::FcError>),
-    #[error("VM {vm}: {what}")]
-    Firecracker {
+    #[error("cannot tell the VMM's version")]
+    Version(#[source] BackendError),
+    #[error("VM {vm}: saving its state failed")]
+    Save {
         vm: String,
-        what: &'static str,
         #[source]
-        source: Box<dough_vmm::firecracker::FcError>,
+        source: BackendError,
     },
     #[error("snapshot metadata {path}")]
     Meta {
@@ -76,7 +71,7 @@ pub struct SnapshotSpec {
     pub vmm_version: String,
 }
 
-pub use crate::vmm::FC_DEVICE_SET;
+pub use crate::backend::FC_DEVICE_SET;
 
 impl SnapshotSpec {
     /// Everything that shapes the snapshot VMs booted with `opts` from
@@ -96,7 +91,7 @@ impl SnapshotSpec {
     /// The labelled inputs, as shown when explaining a re-bake.
     pub fn inputs(&self) -> BTreeMap<String, String> {
         let i = &self.image;
-        let (device_set, version_label) = crate::vmm::vmm(self.backend).key_labels();
+        let (device_set, version_label) = crate::backend::vmm(self.backend).key_labels();
         [
             ("kernel", i.kernel_key.clone()),
             ("rootfs", i.rootfs_key.clone()),
@@ -179,26 +174,11 @@ fn disk_usage(dir: &Path) -> u64 {
         .sum()
 }
 
-/// `qemu --version`'s first line.
-pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
-    let out = std::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .map_err(|source| SnapshotError::QemuVersion {
-            qemu: qemu.display().to_string(),
-            source,
-        })?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
-}
-
 /// The version of the VMM `opts` would run, for the snapshot key.
 pub fn vmm_version(opts: &BootOptions) -> Result<String, SnapshotError> {
-    crate::vmm::vmm(opts.backend).version(opts)
+    crate::backend::vmm(opts.backend)
+        .version(opts)
+        .map_err(SnapshotError::Version)
 }
 
 /// Why a bake is happening.
@@ -452,7 +432,14 @@ impl SnapshotStore {
             };
             // The host has seen the agent alive; now leave it idle and freeze it.
             vm.close_channel();
-            crate::vmm::vmm(spec.backend).freeze(&vm, &state, &mem)?;
+            let backend = crate::backend::vmm(spec.backend);
+            let save_err = |source| SnapshotError::Save {
+                vm: vm.id.clone(),
+                source,
+            };
+            backend.pause(&vm.paths).map_err(save_err)?;
+            vm.set_state(crate::state::VmState::Paused)?;
+            backend.save(&vm.paths, &state, &mem).map_err(save_err)?;
             std::fs::copy(&vm.paths.serial, tmp.join("boot-serial.log"))?;
             vm.destroy()?;
             let meta = SnapshotMeta {
@@ -486,6 +473,48 @@ impl SnapshotStore {
         self.get(&key)
             .ok_or_else(|| std::io::Error::other(format!("snapshot {key} vanished after baking")))
             .map_err(SnapshotError::Io)
+    }
+}
+
+impl Vm {
+    /// Restore a clone of `snap`. The snapshot fixes the image, memory,
+    /// vCPUs, accelerator and kernel command line; `opts` gives the QEMU
+    /// binary, deadline and retries. A `Clone` outlives this process once
+    /// [`Vm::detach`]ed; a `Run` does not.
+    pub fn restore(
+        vms_dir: &Path,
+        snap: &Snapshot,
+        kind: VmKind,
+        opts: &BootOptions,
+    ) -> Result<Vm, FabricError> {
+        if snap.meta.backend != opts.backend {
+            return Err(FabricError::WrongBackend {
+                key: snap.key.clone(),
+                snapshot: snap.meta.backend,
+                wanted: opts.backend,
+            });
+        }
+        let opts = BootOptions {
+            accel: snap.meta.accel,
+            mem_mib: snap.meta.mem_mib,
+            cpus: snap.meta.cpus,
+            extra_cmdline: snap.meta.extra_cmdline.clone(),
+            ..opts.clone()
+        };
+        Self::with_retries(&opts, || {
+            Self::launch(
+                vms_dir,
+                &snap.meta.image,
+                &opts,
+                kind,
+                Launch::Restore(RestoreFrom {
+                    key: snap.key.clone(),
+                    state: snap.state.clone(),
+                    mem: snap.mem.clone(),
+                    tsc_khz: snap.meta.tsc_khz,
+                }),
+            )
+        })
     }
 }
 

@@ -7,16 +7,14 @@ use std::time::{Duration, Instant};
 use dough_image::Image;
 use dough_net::linux::LinuxNet;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
-use dough_vmm::firecracker::backend::FcConfig;
-use dough_vmm::firecracker::FcError;
 use dough_vmm::process::wait_until;
-use dough_vmm::{Backend, QmpError, Resolved, VmPaths, VmmProcess};
+use dough_vmm::{Backend, Resolved, VmPaths, VmmProcess};
 
+use crate::backend::{BackendError, Launch, Start};
 use crate::channel::{ChannelError, ExecRequest, HostChannel};
+pub use crate::options::BootOptions;
 use crate::serial::{tail, SerialWatch};
-use crate::snapshot::Snapshot;
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
-use crate::vmm::Start;
 use dough_net::{Egress, Ipv4Net, NetPlan};
 
 /// Lines of serial console shown in boot errors.
@@ -50,14 +48,6 @@ pub enum FabricError {
         #[source]
         source: std::io::Error,
     },
-    #[error("VM {vm}: {what}; Firecracker said:\n{vmm_tail}")]
-    Firecracker {
-        vm: String,
-        what: &'static str,
-        #[source]
-        source: Box<FcError>,
-        vmm_tail: String,
-    },
     #[error("snapshot {key} was baked for {snapshot}, not {wanted}")]
     WrongBackend {
         key: String,
@@ -71,19 +61,11 @@ pub enum FabricError {
         source: ChannelError,
         serial_tail: String,
     },
-    #[error("VM {vm}: restoring the snapshot failed; QEMU said:\n{vmm_tail}")]
-    Restore {
+    #[error("VM {vm}: its VMM failed")]
+    Backend {
         vm: String,
         #[source]
-        source: QmpError,
-        vmm_tail: String,
-    },
-    #[error("VM {vm}: {what}")]
-    Qmp {
-        vm: String,
-        what: &'static str,
-        #[source]
-        source: QmpError,
+        source: BackendError,
     },
     #[error("VM {id} is dead: {reason} (`dough logs {id}` shows its console, `dough down {id}` removes it)")]
     Dead { id: String, reason: String },
@@ -143,58 +125,6 @@ impl FabricError {
     }
 }
 
-/// How to boot.
-#[derive(Debug, Clone)]
-pub struct BootOptions {
-    /// Which VMM boots and bakes (a restore uses its snapshot's).
-    pub backend: Backend,
-    pub qemu: PathBuf,
-    /// The Firecracker binary and its arguments (`--backend firecracker`).
-    pub firecracker: FcConfig,
-    pub accel: Resolved,
-    pub mem_mib: u32,
-    pub cpus: u32,
-    /// Deadline for one boot attempt (QEMU start → ready line → handshake).
-    pub deadline: Duration,
-    /// Attempts after the first one failed.
-    pub retries: u32,
-    pub extra_cmdline: Vec<String>,
-    /// What the VM's network may reach (bakes always get `none`).
-    pub egress: Egress,
-    /// Transfer subnets for clones' veths are taken from here.
-    pub net_pool: Ipv4Net,
-}
-
-impl Default for BootOptions {
-    fn default() -> Self {
-        BootOptions {
-            backend: Backend::Qemu,
-            qemu: "qemu-system-x86_64".into(),
-            firecracker: FcConfig::default(),
-            accel: Resolved::Tcg,
-            mem_mib: 256,
-            cpus: 1,
-            deadline: Duration::from_secs(60),
-            retries: 1,
-            extra_cmdline: Vec::new(),
-            egress: Egress::Nat,
-            net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
-        }
-    }
-}
-
-/// How a VM comes up.
-#[derive(Debug, Clone)]
-pub(crate) enum Launch<'a> {
-    /// Boot the image; RAM is anonymous.
-    Cold,
-    /// Boot the image with RAM in the shared file `mem`, to be snapshotted
-    /// (the TSC rate is recorded with the snapshot).
-    Bake { mem: PathBuf, tsc_khz: Option<u64> },
-    /// Restore a snapshot: RAM mapped privately from its memory file.
-    Restore(&'a Snapshot),
-}
-
 /// A running VM whose agent has said hello.
 #[derive(Debug)]
 pub struct Vm {
@@ -224,42 +154,7 @@ impl Vm {
         })
     }
 
-    /// Restore a clone of `snap`. The snapshot fixes the image, memory,
-    /// vCPUs, accelerator and kernel command line; `opts` gives the QEMU
-    /// binary, deadline and retries. A `Clone` outlives this process once
-    /// [`Vm::detach`]ed; a `Run` does not.
-    pub fn restore(
-        vms_dir: &Path,
-        snap: &Snapshot,
-        kind: VmKind,
-        opts: &BootOptions,
-    ) -> Result<Vm, FabricError> {
-        if snap.meta.backend != opts.backend {
-            return Err(FabricError::WrongBackend {
-                key: snap.key.clone(),
-                snapshot: snap.meta.backend,
-                wanted: opts.backend,
-            });
-        }
-        let opts = BootOptions {
-            accel: snap.meta.accel,
-            mem_mib: snap.meta.mem_mib,
-            cpus: snap.meta.cpus,
-            extra_cmdline: snap.meta.extra_cmdline.clone(),
-            ..opts.clone()
-        };
-        Self::with_retries(&opts, || {
-            Self::launch(
-                vms_dir,
-                &snap.meta.image,
-                &opts,
-                kind,
-                Launch::Restore(snap),
-            )
-        })
-    }
-
-    fn with_retries(
+    pub(crate) fn with_retries(
         opts: &BootOptions,
         mut once: impl FnMut() -> Result<Vm, FabricError>,
     ) -> Result<Vm, FabricError> {
@@ -284,14 +179,14 @@ impl Vm {
         image: &Image,
         opts: &BootOptions,
         kind: VmKind,
-        launch: Launch<'_>,
+        launch: Launch,
     ) -> Result<Vm, FabricError> {
         let id = crate::new_vm_id();
         let mut rec = VmRecord::new(&id, kind, opts.accel, opts.mem_mib, opts.cpus);
         rec.image = image.id.clone();
         rec.backend = opts.backend;
-        if let Launch::Restore(snap) = &launch {
-            rec.snapshot = Some(snap.key.clone());
+        if let Launch::Restore(from) = &launch {
+            rec.snapshot = Some(from.key.clone());
         }
         // A bake must reach nothing; its NIC exists only so that clones
         // restored from it have one.
@@ -345,9 +240,8 @@ impl Vm {
             }
             let _ = std::fs::remove_dir_all(&paths.dir);
         };
-        let vmm_impl = crate::vmm::vmm(opts.backend);
+        let vmm_impl = crate::backend::vmm(opts.backend);
         let start_info = Start {
-            id: &id,
             opts,
             image,
             plan: &plan,
@@ -432,7 +326,14 @@ impl Vm {
                 .max(Duration::from_secs(5))
         };
 
-        if let Err(e) = vmm_impl.start(&start_info, &mut process, &exited) {
+        if let Err(e) = vmm_impl.start(&start_info, &mut process) {
+            let e = match e {
+                BackendError::Exited(st) => exited(st),
+                source => FabricError::Backend {
+                    vm: id.clone(),
+                    source,
+                },
+            };
             return Err(fail(&mut process, e));
         }
         if let Launch::Cold | Launch::Bake { .. } = launch {
@@ -520,7 +421,7 @@ impl Vm {
     pub fn reconnect(&mut self, limit: Duration) -> Result<Hello, FabricError> {
         self.channel.shutdown();
         let process = &mut self.process;
-        let r = crate::vmm::open_channel(&self.paths, self.backend, limit, &mut || {
+        let r = crate::backend::open_channel(&self.paths, self.backend, limit, &mut || {
             process.try_wait().is_some()
         })
         .and_then(|mut ch| {
@@ -588,7 +489,7 @@ impl Vm {
         let _ = self.dir.set_state(VmState::Stopping);
         if self.process.try_wait().is_none() {
             let process = &mut self.process;
-            crate::vmm::vmm(self.backend)
+            crate::backend::vmm(self.backend)
                 .ask_to_quit(&self.paths, &mut || process.try_wait().is_some());
         }
         let r = self
@@ -646,7 +547,7 @@ fn setup_net(plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
 /// Create a VM's directory for `record`, checking its backend's longest
 /// socket path.
 pub fn create_dir(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
-    let backend = crate::vmm::vmm(record.backend);
+    let backend = crate::backend::vmm(record.backend);
     VmDir::create(vms, record, |p| backend.longest_socket(p))
 }
 

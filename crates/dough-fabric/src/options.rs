@@ -1,0 +1,48 @@
+//! How VMs boot: the options every layer above the record store reads.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dough_net::{Egress, Ipv4Net};
+use dough_vmm::firecracker::backend::FcConfig;
+use dough_vmm::{Backend, Resolved};
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Which VMM boots and bakes (a restore uses its snapshot's).
+    pub backend: Backend,
+    pub qemu: PathBuf,
+    /// The Firecracker binary and its arguments (`--backend firecracker`).
+    pub firecracker: FcConfig,
+    pub accel: Resolved,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// Deadline for one boot attempt (QEMU start → ready line → handshake).
+    pub deadline: Duration,
+    /// Attempts after the first one failed.
+    pub retries: u32,
+    pub extra_cmdline: Vec<String>,
+    /// What the VM's network may reach (bakes always get `none`).
+    pub egress: Egress,
+    /// Transfer subnets for clones' veths are taken from here.
+    pub net_pool: Ipv4Net,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            backend: Backend::Qemu,
+            qemu: "qemu-system-x86_64".into(),
+            firecracker: FcConfig::default(),
+            accel: Resolved::Tcg,
+            mem_mib: 256,
+            cpus: 1,
+            deadline: Duration::from_secs(60),
+            retries: 1,
+            extra_cmdline: Vec::new(),
+            egress: Egress::Nat,
+            net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
+        }
+    }
+}
