@@ -17,6 +17,7 @@ use std::time::Duration;
 use dough_vmm::process::wait_until;
 use dough_vmm::ProcessId;
 
+use crate::host::HostNet;
 use crate::state::{read_record, StateError, VmDir, VmRecord, VmState};
 
 /// Something the sweep did.
@@ -71,9 +72,9 @@ pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
 
 /// Remove a VM's network (netns, veth, tagged rules), logging failures:
 /// the leftover sweep retries what this could not do.
-pub fn teardown_net(rec: &VmRecord) {
+pub fn teardown_net(rec: &VmRecord, net: &HostNet) {
     if let Some(plan) = &rec.net {
-        if let Err(e) = dough_net::teardown(&mut dough_net::linux::LinuxNet::default(), plan) {
+        if let Err(e) = dough_net::teardown(&mut **net.ops(), plan) {
             tracing::warn!(vm = %rec.id, "network teardown: {e}");
         }
     }
@@ -82,13 +83,17 @@ pub fn teardown_net(rec: &VmRecord) {
 /// Stop a VM exactly: ask its VMM to quit (QEMU: QMP `quit`), then SIGKILL the
 /// recorded pid if it is still our process, then remove its directory.
 /// The caller has moved the record to `stopping`.
-pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, StateError> {
+pub fn stop_and_remove(
+    dir: &VmDir,
+    rec: &VmRecord,
+    net: &HostNet,
+) -> Result<Option<i32>, StateError> {
     let mut killed = None;
     if let Some(vmm) = rec.vmm.filter(|v| v.is_alive()) {
         crate::backend::vmm(rec.backend).ask_to_quit(&dir.paths, &mut || !vmm.is_alive());
         killed = kill_vmm(Some(&vmm)).or(Some(vmm.pid));
     }
-    teardown_net(rec);
+    teardown_net(rec, net);
     match std::fs::remove_dir_all(dir.dir()) {
         Ok(()) => Ok(killed),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed),
@@ -101,7 +106,7 @@ pub fn stop_and_remove(dir: &VmDir, rec: &VmRecord) -> Result<Option<i32>, State
 
 /// Look at every VM under `vms` and clean up as described in the module
 /// documentation. VMs owned by live dough processes are left alone.
-pub fn sweep(vms: &Path) -> Vec<Swept> {
+pub fn sweep(vms: &Path, net: &HostNet) -> Vec<Swept> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(vms) else {
         return out;
@@ -135,11 +140,11 @@ pub fn sweep(vms: &Path) -> Vec<Swept> {
             }
             continue;
         }
-        if let Some(s) = sweep_one(&dir) {
+        if let Some(s) = sweep_one(&dir, net) {
             out.push(s);
         }
     }
-    if let Some(l) = sweep_network(vms) {
+    if let Some(l) = sweep_network(vms, net) {
         out.push(Swept::Network(l));
     }
     out
@@ -148,20 +153,21 @@ pub fn sweep(vms: &Path) -> Vec<Swept> {
 /// Remove this VM directory's network objects that no VM record names
 /// (and veths any dough abandoned half-made). Skipped, with a log line,
 /// where networking is not available (not root).
-fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
-    let _net = crate::host::net_lock()
+fn sweep_network(vms: &Path, net: &HostNet) -> Option<dough_net::Leftovers> {
+    let _net = net
+        .lock()
         .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
         .ok()?;
     let live = crate::state::list_ids(vms);
-    let mut ops = dough_net::linux::LinuxNet::default();
+    let mut ops = net.ops();
     let scope = crate::host::net_scope(vms);
-    let found = dough_net::find_leftovers(&mut ops, &scope, &live)
+    let found = dough_net::find_leftovers(&mut **ops, &scope, &live)
         .map_err(|e| tracing::debug!("network sweep skipped: {e}"))
         .ok()?;
     let mut found = found;
     // Scopes whose VM directory no longer exists (a deleted dough home):
     // nothing of theirs can be live.
-    for e in std::fs::read_dir(crate::host::SCOPES_DIR)
+    for e in std::fs::read_dir(net.scopes_dir())
         .into_iter()
         .flatten()
         .flatten()
@@ -175,7 +181,7 @@ fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
             .is_some_and(|p| matches!(p.try_exists(), Ok(false)));
         let s = e.file_name().to_string_lossy().into_owned();
         if gone_dir && s != scope {
-            if let Ok(l) = dough_net::find_leftovers(&mut ops, &s, &[]) {
+            if let Ok(l) = dough_net::find_leftovers(&mut **ops, &s, &[]) {
                 found.netns.extend(l.netns);
                 found.tags.extend(l.tags);
             }
@@ -185,7 +191,7 @@ fn sweep_network(vms: &Path) -> Option<dough_net::Leftovers> {
     if found.is_empty() {
         return None;
     }
-    if let Err(e) = dough_net::remove_leftovers(&mut ops, &found) {
+    if let Err(e) = dough_net::remove_leftovers(&mut **ops, &found) {
         tracing::warn!("removing leftover network objects: {e}");
     }
     Some(found)
@@ -201,7 +207,7 @@ fn old_enough(p: &Path) -> bool {
         .is_none_or(|age| age > Duration::from_secs(30))
 }
 
-fn sweep_one(dir: &VmDir) -> Option<Swept> {
+fn sweep_one(dir: &VmDir, net: &HostNet) -> Option<Swept> {
     let Ok(_lock) = dir.lock() else {
         return None;
     };
@@ -218,7 +224,7 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
     let orphan = rec.owner.is_some_and(|o| !o.is_alive());
     if orphan {
         let killed_vmm = kill_vmm(rec.vmm.as_ref());
-        teardown_net(&rec);
+        teardown_net(&rec, net);
         return std::fs::remove_dir_all(dir.dir())
             .ok()
             .map(|_| Swept::Reclaimed {
@@ -242,10 +248,10 @@ fn sweep_one(dir: &VmDir) -> Option<Swept> {
 
 /// Tear down every VM this process owns (on Ctrl-C). Threads still
 /// starting VMs are blocked from spawning more while it runs.
-pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
+pub fn reclaim_mine(vms: &Path, net: &HostNet) -> Vec<Swept> {
     // VM directories appear under the network lock: holding it, no thread
     // of ours can create one behind this sweep's back.
-    let _no_creation = crate::host::net_lock().ok();
+    let _no_creation = net.lock().ok();
     let _no_spawns = crate::host::SPAWNING.write();
     let me = crate::host::me();
     let mut out = Vec::new();
@@ -257,7 +263,7 @@ pub fn reclaim_mine(vms: &Path) -> Vec<Swept> {
         let Ok(rec) = dir.read() else { continue };
         if rec.owner == Some(me) {
             let killed_vmm = kill_vmm(rec.vmm.as_ref());
-            teardown_net(&rec);
+            teardown_net(&rec, net);
             if std::fs::remove_dir_all(dir.dir()).is_ok() {
                 out.push(Swept::Reclaimed { id, killed_vmm });
             }
@@ -331,7 +337,8 @@ mod tests {
         // Another dough is creating this one right now: left alone.
         std::fs::create_dir(v.join(".new-vm-busy")).unwrap();
 
-        let mut got = sweep(v);
+        let (_run, _fake, net) = crate::host::fake_host_net();
+        let mut got = sweep(v, &net);
         got.sort_by_key(|s| format!("{s:?}"));
         assert_eq!(
             got,
@@ -364,9 +371,9 @@ mod tests {
         );
         assert!(v.join(".new-vm-busy").exists());
         // A second sweep has nothing left to do.
-        assert_eq!(sweep(v), vec![]);
+        assert_eq!(sweep(v, &net), vec![]);
 
-        let mine = reclaim_mine(v);
+        let mine = reclaim_mine(v, &net);
         assert_eq!(
             mine,
             vec![Swept::Reclaimed {
@@ -391,8 +398,9 @@ mod tests {
                 ..real
             });
         });
+        let (_run, _fake, net) = crate::host::fake_host_net();
         assert_eq!(
-            sweep(vms.path()),
+            sweep(vms.path(), &net),
             vec![Swept::Reclaimed {
                 id: "vm-x".into(),
                 killed_vmm: None
@@ -401,5 +409,48 @@ mod tests {
         assert!(real.is_alive(), "the unrelated process must survive");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// The sweep against a fake host network: an orphan's recorded network
+    /// is torn down with it, and network objects of this VM directory's
+    /// scope that no record names are found and removed.
+    #[test]
+    fn sweep_removes_orphan_and_leftover_networks() {
+        use dough_net::{Egress, InUse, NetPlan};
+        let vms = tempfile::tempdir().unwrap();
+        let v = vms.path();
+        let (_run, fake, net) = crate::host::fake_host_net();
+        let pool = dough_net::plan::DEFAULT_POOL.parse().unwrap();
+        let scope = crate::host::net_scope(v);
+        let mut used = InUse::default();
+        let orphan = NetPlan::new(&scope, "vm-orphan", Egress::Nat, pool, 0, &used).unwrap();
+        used.add(&orphan);
+        let ghost = NetPlan::new(&scope, "vm-ghost", Egress::Nat, pool, 0, &used).unwrap();
+        for p in [&orphan, &ghost] {
+            dough_net::setup(&mut **net.ops(), p, pool).unwrap();
+        }
+        vm(v, "vm-orphan", |r| {
+            r.state = VmState::Ready;
+            r.owner = Some(dead_owner());
+            r.net = Some(orphan.clone());
+        });
+        assert!(!fake.lock().unwrap().is_clean());
+        let got = sweep(v, &net);
+        assert!(
+            got.contains(&Swept::Reclaimed {
+                id: "vm-orphan".into(),
+                killed_vmm: None
+            }),
+            "{got:?}"
+        );
+        let Some(Swept::Network(l)) = got.iter().find(|s| matches!(s, Swept::Network(_))) else {
+            panic!("the ghost's network was not found: {got:?}");
+        };
+        assert_eq!(l.netns, vec![ghost.netns.clone()]);
+        assert!(
+            fake.lock().unwrap().is_clean(),
+            "{:?}",
+            fake.lock().unwrap()
+        );
     }
 }

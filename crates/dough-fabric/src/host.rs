@@ -4,7 +4,11 @@
 //! spawn, and the scope a VM directory's network objects are named in.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use dough_net::linux::LinuxNet;
+use dough_net::{NetError, NetOps};
 use dough_vmm::ProcessId;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,43 +35,117 @@ pub fn me() -> ProcessId {
 /// record whose VMM is running but not yet written down.
 pub static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// Where the host-wide network lock lives.
-pub const NET_LOCK: &str = "/run/dough/net.lock";
+/// Where dough keeps host-wide state (the network lock, the scope
+/// registry) on a real host.
+pub const RUN_DIR: &str = "/run/dough";
 
-/// Serialises claiming network names and subnets across every dough on
-/// this host (and the leftover sweep, which must not see a network that is
-/// half-built or not yet recorded).
-pub fn net_lock() -> Result<nix::fcntl::Flock<std::fs::File>, HostError> {
-    let path = Path::new(NET_LOCK);
-    let io = |source| HostError::Lock {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(io)?;
-    let f = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io)?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io(std::io::Error::from(e)))
+/// The host's network as the fabric uses it — every privileged effect a
+/// VM's network needs: the operations (netns, veth, TAP, addresses,
+/// nftables), spawning a VMM inside a clone's namespace, and the directory
+/// for host-wide network state. [`HostNet::linux`] is the real one; a test
+/// gives dough-net's `FakeNet`, a spawn that enters no namespace and a
+/// private directory, and the same code runs without root.
+#[derive(Clone)]
+pub struct HostNet {
+    ops: Arc<Mutex<Box<dyn NetOps + Send>>>,
+    spawn: SpawnIn,
+    run_dir: PathBuf,
 }
 
-/// Where each scope's VM directory is noted (`<scope>` → its path), so a
-/// sweep can tell a scope whose directory is gone: everything in it is
-/// left over.
-pub const SCOPES_DIR: &str = "/run/dough/scopes";
+/// Spawn `cmd` inside network namespace `netns` (None: the host's). The
+/// outer error is entering the namespace; the inner one, the spawn.
+pub type SpawnIn = fn(Option<&str>, &mut Command) -> Result<std::io::Result<Child>, NetError>;
 
-/// Note `vms` under its scope (call with the network lock held).
-pub fn register_scope(vms: &Path) {
-    let scope = net_scope(vms);
-    let file = Path::new(SCOPES_DIR).join(&scope);
-    if !file.exists() {
-        let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
-        let _ = std::fs::create_dir_all(SCOPES_DIR)
-            .and_then(|_| std::fs::write(&file, canon.as_os_str().as_encoded_bytes()));
+impl std::fmt::Debug for HostNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostNet({})", self.run_dir.display())
     }
+}
+
+impl Default for HostNet {
+    fn default() -> Self {
+        HostNet::linux()
+    }
+}
+
+impl HostNet {
+    /// This host's real network (rtnetlink, nftables, `/run/dough`).
+    pub fn linux() -> HostNet {
+        HostNet::new(LinuxNet::default(), spawn_in_netns, RUN_DIR)
+    }
+
+    pub fn new(
+        ops: impl NetOps + Send + 'static,
+        spawn: SpawnIn,
+        run_dir: impl Into<PathBuf>,
+    ) -> HostNet {
+        HostNet {
+            ops: Arc::new(Mutex::new(Box::new(ops))),
+            spawn,
+            run_dir: run_dir.into(),
+        }
+    }
+
+    /// The network operations (one caller at a time).
+    pub fn ops(&self) -> MutexGuard<'_, Box<dyn NetOps + Send>> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Spawn `cmd` inside `netns`.
+    pub fn spawn_in(
+        &self,
+        netns: Option<&str>,
+        cmd: &mut Command,
+    ) -> Result<std::io::Result<Child>, NetError> {
+        (self.spawn)(netns, cmd)
+    }
+
+    /// Serialise claiming network names and subnets across every dough on
+    /// this host (and the leftover sweep, which must not see a network that
+    /// is half-built or not yet recorded).
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, HostError> {
+        let path = self.run_dir.join("net.lock");
+        let io = |source| HostError::Lock {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.run_dir).map_err(io)?;
+        let f = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io(std::io::Error::from(e)))
+    }
+
+    /// Where each scope's VM directory is noted (`<scope>` → its path), so
+    /// a sweep can tell a scope whose directory is gone: everything in it
+    /// is left over.
+    pub fn scopes_dir(&self) -> PathBuf {
+        self.run_dir.join("scopes")
+    }
+
+    /// Note `vms` under its scope (call with the network lock held).
+    pub fn register_scope(&self, vms: &Path) {
+        let dir = self.scopes_dir();
+        let file = dir.join(net_scope(vms));
+        if !file.exists() {
+            let canon = std::fs::canonicalize(vms).unwrap_or_else(|_| vms.to_path_buf());
+            let _ = std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(&file, canon.as_os_str().as_encoded_bytes()));
+        }
+    }
+}
+
+/// The real spawn: from a thread inside the namespace, so the VMM lives
+/// there and opens the clone's TAP there.
+fn spawn_in_netns(
+    netns: Option<&str>,
+    cmd: &mut Command,
+) -> Result<std::io::Result<Child>, NetError> {
+    dough_net::linux::in_netns(netns, || Ok(cmd.spawn()))
 }
 
 /// A short name for a VM directory, part of its clones' netns names and
@@ -92,4 +170,25 @@ pub fn fill_random(buf: &mut [u8]) {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(buf))
         .expect("reading /dev/urandom");
+}
+
+/// A host network for tests: dough-net's `FakeNet` (shared, so the test
+/// can look at it), spawns that enter no namespace, and a private run
+/// directory. No root needed, nothing of the real host touched.
+#[cfg(test)]
+pub(crate) fn fake_host_net() -> (
+    tempfile::TempDir,
+    Arc<Mutex<dough_net::ops::FakeNet>>,
+    HostNet,
+) {
+    fn spawn_here(
+        _netns: Option<&str>,
+        cmd: &mut Command,
+    ) -> Result<std::io::Result<Child>, NetError> {
+        Ok(cmd.spawn())
+    }
+    let run = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Mutex::new(dough_net::ops::FakeNet::default()));
+    let net = HostNet::new(fake.clone(), spawn_here, run.path());
+    (run, fake, net)
 }

@@ -7,6 +7,8 @@ use dough_net::{Egress, Ipv4Net};
 use dough_vmm::firecracker::backend::FcConfig;
 use dough_vmm::{Backend, Resolved};
 
+use crate::host::HostNet;
+
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct BootOptions {
@@ -27,6 +29,8 @@ pub struct BootOptions {
     pub egress: Egress,
     /// Transfer subnets for clones' veths are taken from here.
     pub net_pool: Ipv4Net,
+    /// The host network VMs are built on (the real one by default).
+    pub net: HostNet,
 }
 
 impl Default for BootOptions {
@@ -43,6 +47,7 @@ impl Default for BootOptions {
             extra_cmdline: Vec::new(),
             egress: Egress::Nat,
             net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
+            net: HostNet::linux(),
         }
     }
 }

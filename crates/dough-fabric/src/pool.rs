@@ -125,7 +125,11 @@ pub fn exec(
 /// Tear down VM `id` exactly (see [`crate::gc::stop_and_remove`]). Works
 /// in any state, dead included. Returns the VM's full id and the VMM pid
 /// that was stopped.
-pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> {
+pub fn down(
+    vms: &Path,
+    id: &str,
+    net: &crate::host::HostNet,
+) -> Result<(String, Option<i32>), FabricError> {
     let dir = VmDir::open(vms, id)?;
     let rec = dir.update(|r| {
         if r.state != VmState::Stopping {
@@ -136,7 +140,7 @@ pub fn down(vms: &Path, id: &str) -> Result<(String, Option<i32>), FabricError> 
         r.owner = Some(crate::host::me());
         Ok(r.clone())
     })?;
-    Ok((rec.id.clone(), crate::gc::stop_and_remove(&dir, &rec)?))
+    Ok((rec.id.clone(), crate::gc::stop_and_remove(&dir, &rec, net)?))
 }
 
 /// Ids of every VM under `vms` that no other live dough is responsible

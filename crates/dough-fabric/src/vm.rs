@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dough_image::Image;
-use dough_net::linux::LinuxNet;
 use dough_proto::{ExitStatus, Hello, Stream, READY_LINE};
 use dough_vmm::process::wait_until;
 use dough_vmm::{Backend, Resolved, VmPaths, VmmProcess};
 
-use crate::backend::{BackendError, Launch, Start};
+use crate::backend::{BackendError, Endpoint, Launch, Start, Vmm};
 use crate::channel::{ChannelError, ExecRequest, HostChannel};
+use crate::host::HostNet;
 pub use crate::options::BootOptions;
 use crate::serial::{tail, SerialWatch};
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
@@ -140,6 +140,7 @@ pub struct Vm {
     /// Kept here as well as in the record: teardown must not depend on
     /// the directory still being readable.
     net: NetPlan,
+    host_net: HostNet,
     process: VmmProcess,
     channel: HostChannel,
     torn_down: bool,
@@ -181,6 +182,28 @@ impl Vm {
         kind: VmKind,
         launch: Launch,
     ) -> Result<Vm, FabricError> {
+        Self::launch_on(
+            crate::backend::vmm(opts.backend),
+            vms_dir,
+            image,
+            opts,
+            kind,
+            launch,
+        )
+    }
+
+    /// Bring a VM up on `backend`, in named steps — claim the network and
+    /// the record, spawn the VMM in the clone's namespace, bring the guest
+    /// up — with an [`Unwind`] guard: whatever fails, everything already
+    /// made (process, network, directory) is undone when it drops.
+    pub(crate) fn launch_on(
+        backend: &dyn Vmm,
+        vms_dir: &Path,
+        image: &Image,
+        opts: &BootOptions,
+        kind: VmKind,
+        launch: Launch,
+    ) -> Result<Vm, FabricError> {
         let id = crate::new_vm_id();
         let mut rec = VmRecord::new(&id, kind, opts.accel, opts.mem_mib, opts.cpus);
         rec.image = image.id.clone();
@@ -188,59 +211,9 @@ impl Vm {
         if let Launch::Restore(from) = &launch {
             rec.snapshot = Some(from.key.clone());
         }
-        // A bake must reach nothing; its NIC exists only so that clones
-        // restored from it have one.
-        let egress = match launch {
-            Launch::Bake { .. } => Egress::None,
-            _ => opts.egress.clone(),
-        };
-        let net_err = |source: NetSetupError| FabricError::Net {
-            vm: id.clone(),
-            source,
-        };
-        // Planning, recording and building a network claim names and
-        // subnets on the host: one dough (of any home) at a time.
-        let _net = crate::host::net_lock()?;
-        let (dir, plan) = {
-            let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())
-                .map_err(|e| net_err(e.into()))?;
-            for r in crate::state::list(vms_dir) {
-                if let Some(p) = &r.net {
-                    used.add(p);
-                }
-            }
-            let plan = NetPlan::new(
-                &crate::host::net_scope(vms_dir),
-                &id,
-                egress,
-                opts.net_pool,
-                0,
-                &used,
-            )
-            .map_err(|e| net_err(e.into()))?;
-            rec.net = Some(plan.clone());
-            let dir = create_dir(vms_dir, &rec)?;
-            // Now that the directory exists, its canonical path is known.
-            crate::host::register_scope(vms_dir);
-            (dir, plan)
-        };
+        let mut undo = Unwind::new(&opts.net);
+        let (dir, plan) = claim_network(backend, vms_dir, &mut rec, opts, &launch, &mut undo)?;
         let paths = dir.paths.clone();
-        if let Err(e) = setup_net(&plan, opts.net_pool) {
-            let _ = std::fs::remove_dir_all(&paths.dir);
-            return Err(net_err(e.into()));
-        }
-        drop(_net);
-        let state_err = |source| FabricError::StateDir {
-            path: paths.dir.clone(),
-            source,
-        };
-        let remove = || {
-            if let Err(e) = dough_net::teardown(&mut LinuxNet::default(), &plan) {
-                tracing::warn!(vm = %id, "network teardown: {e}");
-            }
-            let _ = std::fs::remove_dir_all(&paths.dir);
-        };
-        let vmm_impl = crate::backend::vmm(opts.backend);
         let start_info = Start {
             opts,
             image,
@@ -248,143 +221,13 @@ impl Vm {
             launch: &launch,
             paths: &paths,
         };
-        // Made before the spawn: a guest may connect as soon as it runs.
-        let endpoint = match vmm_impl.endpoint(&paths) {
-            Ok(e) => e,
-            Err(e) => {
-                remove();
-                return Err(state_err(e));
-            }
-        };
-        let mut cmd = match vmm_impl.command(&start_info) {
-            Ok(c) => c,
-            Err(e) => {
-                remove();
-                return Err(state_err(e));
-            }
-        };
-        // A clone's guest may run anything: what its VMM writes (the console
-        // log above all) is capped. A bake writes the snapshot's memory
-        // file, and runs only dough's own agent: no cap.
-        if !matches!(launch, Launch::Bake { .. }) {
-            dough_vmm::process::cap_file_size(&mut cmd, crate::serial::CONSOLE_LOG_MAX);
-        }
         let start = Instant::now();
-        tracing::info!(vm = %id, accel = %opts.accel, backend = %opts.backend, "spawning the VMM");
-        // No teardown on a signal may run between the spawn and the record.
-        let spawning = crate::host::SPAWNING.read();
-        // Spawned from a thread inside the clone's netns, the VMM lives
-        // there and opens the TAP there.
-        let spawned = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()));
-        let child = match spawned {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => {
-                remove();
-                let (vmm, hint) = vmm_impl.binary(opts);
-                return Err(FabricError::Spawn {
-                    vmm: vmm.display().to_string(),
-                    hint,
-                    source,
-                });
-            }
-            Err(e) => {
-                remove();
-                return Err(net_err(e.into()));
-            }
-        };
-        let mut process = VmmProcess::from_child(child);
-        let vmm = process.id;
-        let recorded = dir.update(|r| {
-            r.vmm = Some(vmm);
-            r.transition(VmState::Starting)
-        });
-        drop(spawning);
-        if let Err(e) = recorded {
-            let _ = process.kill_and_wait(Duration::from_secs(10));
-            remove();
-            return Err(e.into());
-        }
-
-        let fail = |process: &mut VmmProcess, e: FabricError| {
-            let _ = process.kill_and_wait(Duration::from_secs(10));
-            remove();
-            e
-        };
-        let exited = |st: std::process::ExitStatus| {
-            let vmm_tail = vmm_impl.log_tail(&paths, 10);
-            FabricError::VmmExited {
-                backend: opts.backend,
-                vm: id.clone(),
-                status: format!("{st}{}", exit_reason(&vmm_tail)),
-                vmm_tail,
-                serial_tail: tail(&paths.serial, TAIL_LINES),
-            }
-        };
-        let left = |start: Instant| {
-            opts.deadline
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_secs(5))
-        };
-
-        if let Err(e) = vmm_impl.start(&start_info, &mut process) {
-            let e = match e {
-                BackendError::Exited(st) => exited(st),
-                source => FabricError::Backend {
-                    vm: id.clone(),
-                    source,
-                },
-            };
-            return Err(fail(&mut process, e));
-        }
-        if let Launch::Cold | Launch::Bake { .. } = launch {
-            let mut watch = SerialWatch::new(&paths.serial);
-            let mut status = None;
-            let ready = wait_until(opts.deadline, || {
-                if let Some(st) = process.try_wait() {
-                    status = Some(st);
-                    return true;
-                }
-                watch.saw(READY_LINE)
-            });
-            if let Some(st) = status {
-                let e = exited(st);
-                return Err(fail(&mut process, e));
-            }
-            if !ready {
-                let e = FabricError::BootTimeout {
-                    vm: id.clone(),
-                    secs: opts.deadline.as_secs(),
-                    accel: opts.accel,
-                    serial_tail: tail(&paths.serial, TAIL_LINES),
-                };
-                return Err(fail(&mut process, e));
-            }
-        }
-        let limit = left(start);
-        let connected = endpoint.open(limit, &mut || process.try_wait().is_some());
-        let handshake = connected.and_then(|mut ch| {
-            let hello = ch.handshake(&id, limit)?;
-            Ok((ch, hello))
-        });
-        let (channel, hello) = match handshake {
-            Ok(x) => x,
-            Err(source) => {
-                let e = match process.try_wait() {
-                    Some(st) => exited(st),
-                    None => FabricError::Handshake {
-                        vm: id.clone(),
-                        source,
-                        serial_tail: tail(&paths.serial, TAIL_LINES),
-                    },
-                };
-                return Err(fail(&mut process, e));
-            }
-        };
-        if let Err(e) = dir.set_state(VmState::Ready) {
-            return Err(fail(&mut process, e.into()));
-        }
+        let (endpoint, process) = spawn_vmm(backend, &start_info, &dir, &mut undo)?;
+        let (channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
+        dir.set_state(VmState::Ready)?;
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");
+        let process = undo.keep();
         Ok(Vm {
             id,
             kind,
@@ -395,6 +238,7 @@ impl Vm {
             boot_time,
             dir,
             net: plan,
+            host_net: opts.net.clone(),
             process,
             channel,
             torn_down: false,
@@ -499,7 +343,7 @@ impl Vm {
                 vm: self.id.clone(),
                 source,
             });
-        if let Err(e) = dough_net::teardown(&mut LinuxNet::default(), &self.net) {
+        if let Err(e) = dough_net::teardown(&mut **self.host_net.ops(), &self.net) {
             tracing::warn!(vm = %self.id, "network teardown: {e}");
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
@@ -515,15 +359,235 @@ impl Drop for Vm {
     }
 }
 
+/// What a launch has made so far. Dropped before [`Unwind::keep`], it
+/// undoes all of it: kills the VMM by its identity, tears the network
+/// down, removes the VM directory.
+pub(crate) struct Unwind<'a> {
+    net: &'a HostNet,
+    dir: Option<PathBuf>,
+    plan: Option<NetPlan>,
+    process: Option<VmmProcess>,
+}
+
+impl<'a> Unwind<'a> {
+    pub(crate) fn new(net: &'a HostNet) -> Self {
+        Unwind {
+            net,
+            dir: None,
+            plan: None,
+            process: None,
+        }
+    }
+
+    /// The launch succeeded: keep everything; the VMM process is handed
+    /// to the caller.
+    pub(crate) fn keep(mut self) -> VmmProcess {
+        self.dir = None;
+        self.plan = None;
+        self.process
+            .take()
+            .expect("a launch that got this far has a VMM")
+    }
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill_and_wait(Duration::from_secs(10));
+        }
+        if let Some(plan) = self.plan.take() {
+            if let Err(e) = dough_net::teardown(&mut **self.net.ops(), &plan) {
+                tracing::warn!("network teardown: {e}");
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Step 1: plan the VM's network, record the VM (its directory), and build
+/// the network — under the host-wide network lock, since planning claims
+/// names and subnets.
+fn claim_network(
+    backend: &dyn Vmm,
+    vms_dir: &Path,
+    rec: &mut VmRecord,
+    opts: &BootOptions,
+    launch: &Launch,
+    undo: &mut Unwind<'_>,
+) -> Result<(VmDir, NetPlan), FabricError> {
+    let net_err = |source: NetSetupError| FabricError::Net {
+        vm: rec.id.clone(),
+        source,
+    };
+    // A bake must reach nothing; its NIC exists only so that clones
+    // restored from it have one.
+    let egress = match launch {
+        Launch::Bake { .. } => Egress::None,
+        _ => opts.egress.clone(),
+    };
+    let _lock = opts.net.lock()?;
+    let mut used =
+        dough_net::in_use_on_host(&mut **opts.net.ops()).map_err(|e| net_err(e.into()))?;
+    for r in crate::state::list(vms_dir) {
+        if let Some(p) = &r.net {
+            used.add(p);
+        }
+    }
+    let plan = NetPlan::new(
+        &crate::host::net_scope(vms_dir),
+        &rec.id,
+        egress,
+        opts.net_pool,
+        0,
+        &used,
+    )
+    .map_err(|e| net_err(e.into()))?;
+    rec.net = Some(plan.clone());
+    let dir = VmDir::create(vms_dir, rec, |p| backend.longest_socket(p))?;
+    undo.dir = Some(dir.paths.dir.clone());
+    // Now that the directory exists, its canonical path is known.
+    opts.net.register_scope(vms_dir);
+    // A failed setup rolls itself back; a finished one is undone by `undo`.
+    setup_net(&opts.net, &plan, opts.net_pool).map_err(|e| net_err(e.into()))?;
+    undo.plan = Some(plan.clone());
+    Ok((dir, plan))
+}
+
+/// Step 2: the endpoint (before the guest can run), the VMM's command, and
+/// the VMM spawned inside the clone's namespace and recorded by identity.
+fn spawn_vmm<'u>(
+    backend: &dyn Vmm,
+    s: &Start<'_>,
+    dir: &VmDir,
+    undo: &'u mut Unwind<'_>,
+) -> Result<(Endpoint, &'u mut VmmProcess), FabricError> {
+    let state_err = |source| FabricError::StateDir {
+        path: s.paths.dir.clone(),
+        source,
+    };
+    // Made before the spawn: a guest may connect as soon as it runs.
+    let endpoint = backend.endpoint(s.paths).map_err(state_err)?;
+    let mut cmd = backend.command(s).map_err(state_err)?;
+    // A clone's guest may run anything: what its VMM writes (the console
+    // log above all) is capped. A bake writes the snapshot's memory file,
+    // and runs only dough's own agent: no cap.
+    if !matches!(s.launch, Launch::Bake { .. }) {
+        dough_vmm::process::cap_file_size(&mut cmd, crate::serial::CONSOLE_LOG_MAX);
+    }
+    tracing::info!(vm = %dir.id, accel = %s.opts.accel, backend = %s.opts.backend, "spawning the VMM");
+    // No teardown on a signal may run between the spawn and the record.
+    let spawning = crate::host::SPAWNING.read();
+    // Spawned inside the clone's netns, the VMM lives there and opens the
+    // TAP there.
+    let child = match s.opts.net.spawn_in(Some(&s.plan.netns), &mut cmd) {
+        Ok(Ok(c)) => c,
+        Ok(Err(source)) => {
+            let (vmm, hint) = backend.binary(s.opts);
+            return Err(FabricError::Spawn {
+                vmm: vmm.display().to_string(),
+                hint,
+                source,
+            });
+        }
+        Err(e) => {
+            return Err(FabricError::Net {
+                vm: dir.id.clone(),
+                source: e.into(),
+            })
+        }
+    };
+    let process = undo.process.insert(VmmProcess::from_child(child));
+    let vmm = process.id;
+    let recorded = dir.update(|r| {
+        r.vmm = Some(vmm);
+        r.transition(VmState::Starting)
+    });
+    drop(spawning);
+    recorded?;
+    Ok((endpoint, process))
+}
+
+/// Step 3: bring the guest up (the backend's start; for a boot, the ready
+/// line) and shake hands with its agent, all within the boot deadline.
+fn bring_up(
+    backend: &dyn Vmm,
+    s: &Start<'_>,
+    id: &str,
+    endpoint: Endpoint,
+    process: &mut VmmProcess,
+    start: Instant,
+) -> Result<(HostChannel, Hello), FabricError> {
+    let paths = s.paths;
+    let opts = s.opts;
+    let exited = |st: std::process::ExitStatus| {
+        let vmm_tail = backend.log_tail(paths, 10);
+        FabricError::VmmExited {
+            backend: opts.backend,
+            vm: id.to_string(),
+            status: format!("{st}{}", exit_reason(&vmm_tail)),
+            vmm_tail,
+            serial_tail: tail(&paths.serial, TAIL_LINES),
+        }
+    };
+    backend.start(s, process).map_err(|e| match e {
+        BackendError::Exited(st) => exited(st),
+        source => FabricError::Backend {
+            vm: id.to_string(),
+            source,
+        },
+    })?;
+    if let Launch::Cold | Launch::Bake { .. } = s.launch {
+        let mut watch = SerialWatch::new(&paths.serial);
+        let mut status = None;
+        let ready = wait_until(opts.deadline, || {
+            if let Some(st) = process.try_wait() {
+                status = Some(st);
+                return true;
+            }
+            watch.saw(READY_LINE)
+        });
+        if let Some(st) = status {
+            return Err(exited(st));
+        }
+        if !ready {
+            return Err(FabricError::BootTimeout {
+                vm: id.to_string(),
+                secs: opts.deadline.as_secs(),
+                accel: opts.accel,
+                serial_tail: tail(&paths.serial, TAIL_LINES),
+            });
+        }
+    }
+    let limit = opts
+        .deadline
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_secs(5));
+    let connected = endpoint.open(limit, &mut || process.try_wait().is_some());
+    let handshake = connected.and_then(|mut ch| {
+        let hello = ch.handshake(id, limit)?;
+        Ok((ch, hello))
+    });
+    handshake.map_err(|source| match process.try_wait() {
+        Some(st) => exited(st),
+        None => FabricError::Handshake {
+            vm: id.to_string(),
+            source,
+            serial_tail: tail(&paths.serial, TAIL_LINES),
+        },
+    })
+}
+
 /// Build a VM's network. `DOUGH_TEST_HOLD_IN_NET_SETUP=N` stops (forever)
 /// before the N-th step, for the test that SIGKILLs dough mid-setup.
-fn setup_net(plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
+fn setup_net(net: &HostNet, plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
     let hold_at: Option<usize> = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
         .ok()
         .and_then(|v| v.parse().ok());
-    let mut linux = LinuxNet::default();
+    let mut ops = net.ops();
     let Some(hold_at) = hold_at else {
-        return dough_net::setup(&mut linux, plan, pool);
+        return dough_net::setup(&mut **ops, plan, pool);
     };
     let mut step = 0;
     let mut hook = |op: &'static str, done: bool| {
@@ -537,11 +601,11 @@ fn setup_net(plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
             step += 1;
         }
     };
-    let mut ops = dough_net::ops::Observed {
-        inner: &mut linux,
+    let mut observed = dough_net::ops::Observed {
+        inner: &mut **ops,
         hook: &mut hook,
     };
-    dough_net::setup(&mut ops, plan, pool)
+    dough_net::setup(&mut observed, plan, pool)
 }
 
 /// Create a VM's directory for `record`, checking its backend's longest
@@ -569,6 +633,9 @@ fn exit_reason(vmm_tail: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     #[test]
     fn a_kvm_internal_error_is_named() {
         // Real Firecracker v1.16.1's last log lines on a host whose KVM
@@ -576,5 +643,214 @@ mod tests {
         let fc = "[anonymous-instance:fc_vcpu 0] Received KVM_EXIT_INTERNAL_ERROR signal\n[anonymous-instance:main] Firecracker exiting with error. exit_code=1";
         assert!(super::exit_reason(fc).contains("this host's KVM cannot run the guest"));
         assert_eq!(super::exit_reason("qemu: something else"), "");
+    }
+
+    /// Where a launch is made to fail.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum FailAt {
+        Endpoint,
+        Command,
+        Spawn,
+        Start,
+        VmmExits,
+        NoReadyLine,
+        Handshake,
+    }
+
+    /// A backend that fails where it is told to; its VMM is a `sleep`
+    /// with a marker duration, so the test can tell whether it is left.
+    struct FakeVmm {
+        fail: FailAt,
+        marker: String,
+    }
+
+    impl Vmm for FakeVmm {
+        fn binary<'a>(&self, _opts: &'a BootOptions) -> (&'a Path, &'static str) {
+            (Path::new("/nonexistent/fake-vmm"), "a test double")
+        }
+        fn endpoint(&self, paths: &VmPaths) -> std::io::Result<Endpoint> {
+            if self.fail == FailAt::Endpoint {
+                return Err(std::io::Error::other("no endpoint"));
+            }
+            Ok(Endpoint::Connect(paths.channel.clone()))
+        }
+        fn command(&self, s: &Start<'_>) -> std::io::Result<std::process::Command> {
+            let mut c = std::process::Command::new("sh");
+            match self.fail {
+                FailAt::Command => return Err(std::io::Error::other("no command")),
+                FailAt::Spawn => return Ok(std::process::Command::new("/nonexistent/fake-vmm")),
+                FailAt::VmmExits => c.args(["-c", "exit 3"]),
+                // The ready line, then nobody on the channel.
+                FailAt::Handshake => c.args([
+                    "-c",
+                    &format!("echo '{READY_LINE}' > \"$1\"; exec sleep {}", self.marker),
+                    "sh",
+                    &s.paths.serial.display().to_string(),
+                ]),
+                _ => c.args(["-c", &format!("exec sleep {}", self.marker)]),
+            };
+            Ok(c)
+        }
+        fn start(&self, _s: &Start<'_>, _p: &mut VmmProcess) -> Result<(), BackendError> {
+            if self.fail == FailAt::Start {
+                return Err(BackendError::NoSnapshotFile("/nonexistent/state".into()));
+            }
+            Ok(())
+        }
+        fn pause(&self, _paths: &VmPaths) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn save(&self, _paths: &VmPaths, _s: &Path, _m: &Path) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn ask_to_quit(&self, _paths: &VmPaths, _gone: &mut dyn FnMut() -> bool) {}
+        fn log_tail(&self, paths: &VmPaths, lines: usize) -> String {
+            tail(&paths.vmm_log, lines)
+        }
+        fn longest_socket(&self, paths: &VmPaths) -> PathBuf {
+            paths.channel.clone()
+        }
+        fn version(&self, _opts: &BootOptions) -> Result<String, BackendError> {
+            Ok("fake".into())
+        }
+        fn key_labels(&self) -> (&'static str, &'static str) {
+            ("fake", "fake")
+        }
+    }
+
+    fn image() -> Image {
+        Image {
+            id: "img".into(),
+            created_unix: 0,
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+            rootfs: "/nonexistent/rootfs".into(),
+            kernel_release: String::new(),
+            kernel_package: String::new(),
+            suite: String::new(),
+            packages: vec![],
+            kernel_key: String::new(),
+            rootfs_key: String::new(),
+            initrd_key: String::new(),
+            agent_sha256: String::new(),
+        }
+    }
+
+    /// Whether a process with `sleep <marker>` on its command line lives.
+    fn sleeper_alive(marker: &str) -> bool {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+            !zombie && cmd.split(|b| *b == 0).any(|a| a == marker.as_bytes())
+        })
+    }
+
+    /// A launch that fails at any step — in the backend or half-way
+    /// through building the network — leaves nothing: no VMM process, no
+    /// network object (the fake network is clean), no VM directory, and
+    /// says which step failed. No root, no real VM, no real network.
+    #[test]
+    fn a_failed_launch_undoes_every_step() {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let cases = [
+            (FailAt::Endpoint, "VM state directory"),
+            (FailAt::Command, "VM state directory"),
+            (FailAt::Spawn, "cannot start /nonexistent/fake-vmm"),
+            (FailAt::Start, "its VMM failed"),
+            (FailAt::VmmExits, "exited during boot"),
+            (FailAt::NoReadyLine, "did not print its ready line"),
+            (FailAt::Handshake, "channel handshake failed"),
+        ];
+        for (fail, says) in cases {
+            let vms = tempfile::tempdir().unwrap();
+            let (_run, fake, net) = crate::host::fake_host_net();
+            let marker = format!(
+                "{}.{}",
+                7000 + std::process::id() % 1000,
+                N.fetch_add(1, Ordering::SeqCst)
+            );
+            let backend = FakeVmm {
+                fail,
+                marker: marker.clone(),
+            };
+            let opts = BootOptions {
+                deadline: Duration::from_millis(300),
+                net,
+                ..BootOptions::default()
+            };
+            let e = Vm::launch_on(
+                &backend,
+                vms.path(),
+                &image(),
+                &opts,
+                VmKind::Run,
+                Launch::Cold,
+            )
+            .unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(says), "{fail:?}: {text}");
+            assert!(
+                !sleeper_alive(&marker),
+                "{fail:?}: the VMM was left running"
+            );
+            assert!(
+                fake.lock().unwrap().is_clean(),
+                "{fail:?}: {:?}",
+                fake.lock().unwrap()
+            );
+            assert_eq!(
+                crate::state::list_ids(vms.path()),
+                Vec::<String>::new(),
+                "{fail:?}"
+            );
+            assert!(
+                std::fs::read_dir(vms.path()).unwrap().next().is_none(),
+                "{fail:?}: a directory was left"
+            );
+        }
+        // The network failing at each of its steps rolls back too.
+        let mut net_failures = 0;
+        for k in 0..12 {
+            let vms = tempfile::tempdir().unwrap();
+            let (_run, fake, net) = crate::host::fake_host_net();
+            fake.lock().unwrap().fail_at = Some(k);
+            let backend = FakeVmm {
+                fail: FailAt::NoReadyLine,
+                marker: "7999.5".into(),
+            };
+            let opts = BootOptions {
+                deadline: Duration::from_millis(200),
+                net,
+                ..BootOptions::default()
+            };
+            let e = Vm::launch_on(
+                &backend,
+                vms.path(),
+                &image(),
+                &opts,
+                VmKind::Run,
+                Launch::Cold,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, FabricError::Net { .. } | FabricError::BootTimeout { .. }),
+                "step {k}: {e}"
+            );
+            net_failures += usize::from(matches!(e, FabricError::Net { .. }));
+            assert!(
+                fake.lock().unwrap().is_clean(),
+                "step {k}: {:?}",
+                fake.lock().unwrap()
+            );
+            assert!(
+                std::fs::read_dir(vms.path()).unwrap().next().is_none(),
+                "step {k}"
+            );
+        }
+        assert!(
+            net_failures >= 6,
+            "only {net_failures} network steps failed"
+        );
     }
 }

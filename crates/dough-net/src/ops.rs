@@ -354,6 +354,77 @@ impl NetOps for Observed<'_> {
     }
 }
 
+/// Operations on a shared implementation: a test keeps one handle to a
+/// [`FakeNet`] and gives the other to the code under test, then looks at
+/// what it did.
+impl<T: NetOps + ?Sized> NetOps for std::sync::Arc<std::sync::Mutex<T>> {
+    fn create_netns(&mut self, n: &str) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .create_netns(n)
+    }
+    fn delete_netns(&mut self, n: &str) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delete_netns(n)
+    }
+    fn create_tap(&mut self, ns: &str, n: &str, u: u32) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .create_tap(ns, n, u)
+    }
+    fn create_veth(&mut self, h: &str, ns: &str, p: &str) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .create_veth(h, ns, p)
+    }
+    fn delete_link(&mut self, n: &str) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delete_link(n)
+    }
+    fn add_addr(&mut self, ns: Option<&str>, i: &str, a: Ipv4Addr, p: u8) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_addr(ns, i, a, p)
+    }
+    fn link_up(&mut self, ns: Option<&str>, i: &str) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .link_up(ns, i)
+    }
+    fn add_default_route(&mut self, ns: &str, v: Ipv4Addr) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_default_route(ns, v)
+    }
+    fn enable_forwarding(&mut self, ns: Option<&str>) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enable_forwarding(ns)
+    }
+    fn add_rules(&mut self, ns: Option<&str>, r: &[Rule]) -> Result<(), NetError> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_rules(ns, r)
+    }
+    fn flush_tag(&mut self, t: &str) -> Result<usize, NetError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).flush_tag(t)
+    }
+    fn list_netns(&mut self) -> Result<Vec<String>, NetError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).list_netns()
+    }
+    fn list_links(&mut self) -> Result<Vec<HostLink>, NetError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).list_links()
+    }
+    fn host_addrs(&mut self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).host_addrs()
+    }
+    fn list_tags(&mut self) -> Result<Vec<String>, NetError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).list_tags()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,7 +73,7 @@ fn net(a: NetArgs) -> anyhow::Result<ExitCode> {
     let scope = format!("bn{}", std::process::id() % 100_000);
     let mut times: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     let mut steps: [std::collections::BTreeMap<&'static str, f64>; 2] = Default::default();
-    let _net = dough_fabric::host::net_lock()?;
+    let _net = dough_fabric::host::HostNet::linux().lock()?;
     let used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
     for i in 0..a.count {
         for which in [i % 2, (i + 1) % 2] {
@@ -333,7 +333,7 @@ impl Drop for RawClone {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Ok(rec) = self.dir.read() {
-            dough_fabric::gc::teardown_net(&rec);
+            dough_fabric::gc::teardown_net(&rec, &dough_fabric::host::HostNet::linux());
         }
         let _ = std::fs::remove_dir_all(self.dir.dir());
     }
@@ -353,7 +353,7 @@ fn raw_one(
     rec.snapshot = Some(snap.key.clone());
     // The snapshot has a NIC, so the raw clone needs a TAP too (in its own
     // netns, no way out), built like dough's but outside its timing.
-    let net_guard = dough_fabric::host::net_lock()?;
+    let net_guard = dough_fabric::host::HostNet::linux().lock()?;
     let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
     for r in dough_fabric::state::list(&ctx.vms) {
         if let Some(p) = &r.net {

@@ -8,7 +8,7 @@ use dough_fabric::gc;
 /// Reclaim what crashed dough processes left behind and mark clones whose
 /// VMM died, saying what was done.
 pub fn sweep(vms: &Path) {
-    for s in gc::sweep(vms) {
+    for s in gc::sweep(vms, &dough_fabric::host::HostNet::linux()) {
         eprintln!("dough: {s}");
     }
 }
@@ -38,7 +38,7 @@ pub fn install_teardown_on_signal(vms: &Path) {
         if let Ok(sig) = set.wait() {
             TEARING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("dough: {sig}; tearing down");
-            gc::reclaim_mine(&vms);
+            gc::reclaim_mine(&vms, &dough_fabric::host::HostNet::linux());
             std::process::exit(130);
         }
     });

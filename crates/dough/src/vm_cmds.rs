@@ -278,7 +278,7 @@ pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
     }
     let mut failed = false;
     for id in ids {
-        match pool::down(&ctx.vms, &id) {
+        match pool::down(&ctx.vms, &id, &dough_fabric::host::HostNet::linux()) {
             Ok((id, Some(pid))) => eprintln!("dough: {id} stopped (VMM pid {pid}) and removed"),
             Ok((id, None)) => eprintln!("dough: {id} removed (its VMM had already exited)"),
             Err(e) => {

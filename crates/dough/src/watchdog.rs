@@ -92,7 +92,7 @@ pub fn run(vms: &Path, args: WatchdogArgs) -> anyhow::Result<ExitCode> {
     dough_vmm::process::wait_until(Duration::from_secs(30), || {
         owner.is_none_or(|o| !o.is_alive())
     });
-    for s in gc::sweep(vms) {
+    for s in gc::sweep(vms, &dough_fabric::host::HostNet::linux()) {
         eprintln!("dough (watchdog of pid {}): {s}", args.owner);
     }
     Ok(ExitCode::SUCCESS)
