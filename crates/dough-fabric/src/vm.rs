@@ -211,8 +211,14 @@ impl Vm {
         if let Launch::Restore(from) = &launch {
             rec.snapshot = Some(from.key.clone());
         }
+        // A bake must reach nothing; its NIC exists only so that clones
+        // restored from it have one.
+        let egress = match launch {
+            Launch::Bake { .. } => Egress::None,
+            _ => opts.egress.clone(),
+        };
         let mut undo = Unwind::new(&opts.net);
-        let (dir, plan) = claim_network(backend, vms_dir, &mut rec, opts, &launch, &mut undo)?;
+        let (dir, plan) = claim_network(backend, vms_dir, &mut rec, opts, egress, &mut undo)?;
         let paths = dir.paths.clone();
         let start_info = Start {
             opts,
@@ -388,6 +394,12 @@ impl<'a> Unwind<'a> {
             .take()
             .expect("a launch that got this far has a VMM")
     }
+
+    /// Keep the directory and network (no VMM was spawned here).
+    fn keep_claim(mut self) {
+        self.dir = None;
+        self.plan = None;
+    }
 }
 
 impl Drop for Unwind<'_> {
@@ -414,18 +426,12 @@ fn claim_network(
     vms_dir: &Path,
     rec: &mut VmRecord,
     opts: &BootOptions,
-    launch: &Launch,
+    egress: Egress,
     undo: &mut Unwind<'_>,
 ) -> Result<(VmDir, NetPlan), FabricError> {
     let net_err = |source: NetSetupError| FabricError::Net {
         vm: rec.id.clone(),
         source,
-    };
-    // A bake must reach nothing; its NIC exists only so that clones
-    // restored from it have one.
-    let egress = match launch {
-        Launch::Bake { .. } => Egress::None,
-        _ => opts.egress.clone(),
     };
     let _lock = opts.net.lock()?;
     let mut used =
@@ -608,11 +614,27 @@ fn setup_net(net: &HostNet, plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_n
     dough_net::setup(&mut observed, plan, pool)
 }
 
-/// Create a VM's directory for `record`, checking its backend's longest
-/// socket path.
-pub fn create_dir(vms: &Path, record: &VmRecord) -> Result<VmDir, StateError> {
-    let backend = crate::backend::vmm(record.backend);
-    VmDir::create(vms, record, |p| backend.longest_socket(p))
+/// A launch's first step alone, for a VMM dough does not drive itself (the
+/// benchmark's raw QEMU): plan and build `rec`'s network with `egress`
+/// and record the VM. On success the caller owns teardown (the record
+/// names everything, so a sweep can too); on failure nothing is left.
+pub fn claim(
+    vms_dir: &Path,
+    rec: &mut VmRecord,
+    opts: &BootOptions,
+    egress: Egress,
+) -> Result<(VmDir, NetPlan), FabricError> {
+    let mut undo = Unwind::new(&opts.net);
+    let claimed = claim_network(
+        crate::backend::vmm(rec.backend),
+        vms_dir,
+        rec,
+        opts,
+        egress,
+        &mut undo,
+    )?;
+    undo.keep_claim();
+    Ok(claimed)
 }
 
 /// The reason a VMM's log gives for a guest that died, in words, when it

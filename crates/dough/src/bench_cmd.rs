@@ -352,20 +352,13 @@ fn raw_one(
     let mut rec = VmRecord::new(&id, VmKind::Run, m.accel, m.mem_mib, m.cpus);
     rec.snapshot = Some(snap.key.clone());
     // The snapshot has a NIC, so the raw clone needs a TAP too (in its own
-    // netns, no way out), built like dough's but outside its timing.
-    let net_guard = dough_fabric::host::HostNet::linux().lock()?;
-    let mut used = dough_net::in_use_on_host(&mut LinuxNet::default())?;
-    for r in dough_fabric::state::list(&ctx.vms) {
-        if let Some(p) = &r.net {
-            used.add(p);
-        }
-    }
-    let scope = dough_fabric::host::net_scope(&ctx.vms);
-    let plan = NetPlan::new(&scope, &id, Egress::None, pool, 0, &used)?;
-    rec.net = Some(plan.clone());
-    let dir = dough_fabric::vm::create_dir(&ctx.vms, &rec)?;
-    dough_net::setup(&mut LinuxNet::default(), &plan, pool)?;
-    drop(net_guard);
+    // netns, no way out), built by dough's own first launch step but
+    // outside the timing.
+    let opts = dough_fabric::BootOptions {
+        net_pool: pool,
+        ..dough_fabric::BootOptions::default()
+    };
+    let (dir, plan) = dough_fabric::vm::claim(&ctx.vms, &mut rec, &opts, Egress::None)?;
     let args = QemuArgs {
         accel: m.accel,
         mem_mib: m.mem_mib,
@@ -396,7 +389,9 @@ fn raw_one(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
-    let child = dough_net::linux::in_netns(Some(&plan.netns), || Ok(cmd.spawn()))?
+    let child = opts
+        .net
+        .spawn_in(Some(&plan.netns), &mut cmd)?
         .with_context(|| format!("starting {}", qemu.display()))?;
     let vmm = ProcessId::of(child.id() as i32);
     let raw = RawClone { dir, child };
