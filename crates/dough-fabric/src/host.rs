@@ -50,7 +50,12 @@ pub struct HostNet {
     ops: Arc<Mutex<Box<dyn NetOps + Send>>>,
     spawn: SpawnIn,
     run_dir: PathBuf,
+    /// Told `(step, done)` around every step of building a VM's network.
+    observer: Option<Observer>,
 }
+
+/// See [`HostNet::observed`].
+type Observer = Arc<Mutex<Box<dyn FnMut(&'static str, bool) + Send>>>;
 
 /// Spawn `cmd` inside network namespace `netns` (None: the host's). The
 /// outer error is entering the namespace; the inner one, the spawn.
@@ -83,6 +88,35 @@ impl HostNet {
             ops: Arc::new(Mutex::new(Box::new(ops))),
             spawn,
             run_dir: run_dir.into(),
+            observer: None,
+        }
+    }
+
+    /// Call `hook(step, false)` before and `hook(step, true)` after each
+    /// step of building a VM's network (to time the steps, or to stop at
+    /// one).
+    pub fn observed(mut self, hook: impl FnMut(&'static str, bool) + Send + 'static) -> Self {
+        self.observer = Some(Arc::new(Mutex::new(Box::new(hook))));
+        self
+    }
+
+    /// Build the network `plan` describes (see `dough_net::setup`).
+    pub fn setup(
+        &self,
+        plan: &dough_net::NetPlan,
+        pool: dough_net::Ipv4Net,
+    ) -> Result<(), NetError> {
+        let mut ops = self.ops();
+        match &self.observer {
+            None => dough_net::setup(&mut **ops, plan, pool),
+            Some(o) => {
+                let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+                let mut observed = dough_net::ops::Observed {
+                    inner: &mut **ops,
+                    hook: &mut **o,
+                };
+                dough_net::setup(&mut observed, plan, pool)
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use crate::host::HostNet;
 pub use crate::options::BootOptions;
 use crate::serial::{tail, SerialWatch};
 use crate::state::{StateError, VmDir, VmKind, VmRecord, VmState};
-use dough_net::{Egress, Ipv4Net, NetPlan};
+use dough_net::{Egress, NetPlan};
 
 /// Lines of serial console shown in boot errors.
 const TAIL_LINES: usize = 25;
@@ -456,7 +456,9 @@ fn claim_network(
     // Now that the directory exists, its canonical path is known.
     opts.net.register_scope(vms_dir);
     // A failed setup rolls itself back; a finished one is undone by `undo`.
-    setup_net(&opts.net, &plan, opts.net_pool).map_err(|e| net_err(e.into()))?;
+    opts.net
+        .setup(&plan, opts.net_pool)
+        .map_err(|e| net_err(e.into()))?;
     undo.plan = Some(plan.clone());
     Ok((dir, plan))
 }
@@ -583,35 +585,6 @@ fn bring_up(
             serial_tail: tail(&paths.serial, TAIL_LINES),
         },
     })
-}
-
-/// Build a VM's network. `DOUGH_TEST_HOLD_IN_NET_SETUP=N` stops (forever)
-/// before the N-th step, for the test that SIGKILLs dough mid-setup.
-fn setup_net(net: &HostNet, plan: &NetPlan, pool: Ipv4Net) -> Result<(), dough_net::NetError> {
-    let hold_at: Option<usize> = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let mut ops = net.ops();
-    let Some(hold_at) = hold_at else {
-        return dough_net::setup(&mut **ops, plan, pool);
-    };
-    let mut step = 0;
-    let mut hook = |op: &'static str, done: bool| {
-        if !done {
-            if step == hold_at {
-                eprintln!("dough: test hook: holding network setup before {op}");
-                loop {
-                    std::thread::park();
-                }
-            }
-            step += 1;
-        }
-    };
-    let mut observed = dough_net::ops::Observed {
-        inner: &mut **ops,
-        hook: &mut hook,
-    };
-    dough_net::setup(&mut observed, plan, pool)
 }
 
 /// A launch's first step alone, for a VMM dough does not drive itself (the

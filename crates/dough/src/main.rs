@@ -25,12 +25,16 @@ fn main() -> ExitCode {
     let args = <cli::Cli as clap::Parser>::parse_from(argv);
     cli::init_tracing(args.verbose);
     dough_fabric::notice::set_sink(|m| eprintln!("dough: {}", dough_fabric::serial::printable(m)));
-    match cli::dispatch(args) {
-        Ok(code) => code,
-        Err(_) if teardown::tearing_down() => loop {
-            // The signal thread finishes the teardown and exits.
+    let result = cli::dispatch(args);
+    match result {
+        // A signal is tearing this process's VMs down: whatever the main
+        // thread ended with (an error, or a run that finished early
+        // because its clones vanished) is a consequence; the signal thread
+        // finishes the teardown and exits 130.
+        _ if teardown::tearing_down() => loop {
             std::thread::park();
         },
+        Ok(code) => code,
         Err(e) => {
             // Errors can carry what a guest said: printable only.
             let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());

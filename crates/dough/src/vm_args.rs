@@ -125,6 +125,33 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
     }
 }
 
+/// The host network VMs are built on: the real one. A test build
+/// (`--features test-hooks`) can be told to stop for good before the N-th
+/// step of building a network (`DOUGH_TEST_HOLD_IN_NET_SETUP=N`), for the
+/// test that SIGKILLs dough there; a release build has no such switch.
+fn host_net() -> dough_fabric::host::HostNet {
+    let net = dough_fabric::host::HostNet::linux();
+    #[cfg(feature = "test-hooks")]
+    if let Some(hold_at) = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let mut step = 0;
+        return net.observed(move |op, done| {
+            if !done {
+                if step == hold_at {
+                    eprintln!("dough: test hook: holding network setup before {op}");
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                step += 1;
+            }
+        });
+    }
+    net
+}
+
 /// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
 pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
     let base = BootOptions {
@@ -145,6 +172,7 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         extra_cmdline: vm.kernel_args.clone(),
         egress: vm.net.clone(),
         net_pool: vm.net_pool,
+        net: host_net(),
         ..BootOptions::default()
     };
     if base.backend == Backend::Firecracker {

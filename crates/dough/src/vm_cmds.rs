@@ -132,6 +132,8 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
             .map(|h| h.join().expect("restore thread panicked"))
             .collect()
     });
+    // Built only with `--features test-hooks` (the test suite's build).
+    #[cfg(feature = "test-hooks")]
     if std::env::var_os("DOUGH_TEST_HOLD_BEFORE_HANDOVER").is_some() {
         // For the crash test: stop where a SIGKILL must leave nothing behind.
         eprintln!("dough: test hook: holding the clones before handover");

@@ -351,6 +351,10 @@ fn firecracker_failures_are_reported_and_leave_nothing_behind() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "stops dough with a test hook: needs --features dough/test-hooks (scripts/test has it)"
+)]
 fn firecracker_clones_of_a_killed_up_are_reclaimed_by_the_next_command() {
     let home = common::private_home_own_snapshots();
     let h = home.path();

@@ -288,6 +288,10 @@ fn vm_dead_clone_is_marked_and_down_all_leaves_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "stops dough with a test hook: needs --features dough/test-hooks (scripts/test has it)"
+)]
 fn vm_sigkill_of_dough_during_up_is_reclaimed_by_the_next_command() {
     let home = private_home();
     let h = home.path();

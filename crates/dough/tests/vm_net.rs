@@ -197,6 +197,10 @@ fn vm_net_sixteen_clones_leave_nothing_behind() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "stops dough with a test hook: needs --features dough/test-hooks (scripts/test has it)"
+)]
 fn vm_net_sigkill_mid_up_is_reclaimed() {
     let home = private_home();
     let h = home.path();
@@ -221,6 +225,10 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "stops dough with a test hook: needs --features dough/test-hooks (scripts/test has it)"
+)]
 fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
     let home = private_home();
     let h = home.path();
