@@ -116,7 +116,11 @@ fn the_fake_answers_every_recorded_exchange_with_the_recorded_bytes() {
                     "{what}: keep-alive"
                 );
             } else {
+                // The process answers, then exits: wait for it (bounded).
                 let want = e["exit_status"].as_i64().map(|c| c as i32);
+                dough_vmm::process::wait_until(Duration::from_secs(10), || {
+                    fake.exit_code().is_some()
+                });
                 assert_eq!(fake.exit_code(), want, "{what}: exit status");
                 assert!(
                     !open_after(&mut conn, Duration::from_secs(10)),
