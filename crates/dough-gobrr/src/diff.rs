@@ -12,7 +12,7 @@ use crate::glob::Glob;
 pub const MAX_DIFF_BYTES: usize = 16 << 20;
 
 /// The most one binary patch — and all of a diff's binary patches together
-/// — may unpack to. A `GIT binary patch` is zlib-compressed: a few hundred
+/// (both blocks of each, and what deltas produce) — may unpack to. A `GIT binary patch` is zlib-compressed: a few hundred
 /// KiB of diff can declare gigabytes, which `git apply` would allocate.
 /// Every declared size (a `literal`'s, and the result size a `delta`
 /// carries inside its compressed data) is checked before git sees it.
@@ -591,11 +591,13 @@ fn skip_binary(
                 declared: produces,
             });
         }
-        if block == 0 {
-            *unpacked = unpacked.saturating_add(produces);
-            if *unpacked > MAX_UNPACKED_BYTES {
-                return Err(Rejection::BinaryTotalTooLarge);
-            }
+        // What git allocates for this block: `git apply` reads every
+        // file's patch before applying any, inflating both blocks (each to
+        // its declared size), and a forward delta's result on top.
+        let allocates = declared.saturating_add(if delta && block == 0 { produces } else { 0 });
+        *unpacked = unpacked.saturating_add(allocates);
+        if *unpacked > MAX_UNPACKED_BYTES {
+            return Err(Rejection::BinaryTotalTooLarge);
         }
     }
     Ok(i)

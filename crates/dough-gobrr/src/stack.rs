@@ -27,6 +27,10 @@ use std::process::{Command, Stdio};
 /// sizes, checked from the tree object before any blob is read.
 pub const MAX_TREE_BYTES: u64 = 32 << 20;
 
+/// The most entries such a tree may have (each costs a 512-byte tar
+/// header and more, whatever its size).
+pub const MAX_TREE_ENTRIES: usize = 65_536;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
     /// What git actually changed breaks a rule (defence in depth behind
@@ -47,6 +51,8 @@ pub enum StackError {
         "the tree holds {size} bytes of files; at most {MAX_TREE_BYTES} are shipped into a clone"
     )]
     TreeTooLarge { size: u64 },
+    #[error("the tree has more than {MAX_TREE_ENTRIES} entries; no more are shipped into a clone")]
+    TooManyEntries,
     #[error("unexpected output from git {args}: {what}")]
     Unexpected { args: String, what: String },
     #[error("cannot write a tar of the tree")]
@@ -74,6 +80,10 @@ fn git(git_dir: &Path, cwd: &Path) -> Command {
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_DIR", git_dir)
         .env("GIT_WORK_TREE", cwd)
+        // Replace refs and grafts would make `cat-file` (the gate's tar)
+        // disagree with the trees that are committed.
+        .env("GIT_NO_REPLACE_OBJECTS", "1")
+        .env_remove("GIT_GRAFT_FILE")
         .env_remove("GIT_INDEX_FILE")
         .env_remove("GIT_OBJECT_DIRECTORY")
         .env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES")
@@ -209,6 +219,8 @@ impl Candidate {
     /// Files of the candidate the diff added or modified, with their bytes
     /// exactly as the gate gets them and as they would be committed.
     pub fn changed_files(&self) -> Result<Vec<(String, Vec<u8>)>, StackError> {
+        let changed: std::collections::HashSet<&str> =
+            self.changed.iter().map(String::as_str).collect();
         let mut a = tar::Archive::new(&self.tar[..]);
         let mut out = Vec::new();
         for e in a.entries().map_err(StackError::Tar)? {
@@ -218,7 +230,7 @@ impl Candidate {
                 .map_err(StackError::Tar)?
                 .to_string_lossy()
                 .into_owned();
-            if self.changed.contains(&path) {
+            if changed.contains(path.as_str()) {
                 let mut body = Vec::new();
                 e.read_to_end(&mut body).map_err(StackError::Tar)?;
                 out.push((path, body));
@@ -264,8 +276,15 @@ impl Stack {
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env_remove("GIT_DIR")
             .env_remove("GIT_WORK_TREE")
-            .args(["rev-parse", "--absolute-git-dir"]);
-        let git_dir = PathBuf::from(run(c, None)?);
+            .args(["rev-parse", "--git-common-dir"]);
+        // The common directory (a linked worktree's own git dir has no
+        // objects of its own); branches live there too.
+        let common = PathBuf::from(run(c, None)?);
+        let git_dir =
+            std::fs::canonicalize(repo.join(&common)).map_err(|source| StackError::Scratch {
+                path: repo.join(&common),
+                source,
+            })?;
         let branch = format!("dough/{run_id}");
         let g = |args: &[&str]| {
             let mut c = git(&git_dir, &scratch);
@@ -292,10 +311,25 @@ impl Stack {
             return Err(StackError::BranchExists(branch));
         }
         let date = run(g(&["log", "-1", "--format=%ct", &base]), None)?;
-        std::fs::create_dir_all(scratch.join("objects")).map_err(|source| StackError::Scratch {
-            path: scratch.join("objects"),
-            source,
-        })?;
+        // dough's own object store, reading the user's through an
+        // alternates file (not the environment variable, which splits on
+        // `:` and would break a repo path containing one).
+        let info = scratch.join("objects/info");
+        std::fs::create_dir_all(&info)
+            .and_then(|_| {
+                std::fs::write(
+                    info.join("alternates"),
+                    [
+                        git_dir.join("objects").as_os_str().as_encoded_bytes(),
+                        b"\n",
+                    ]
+                    .concat(),
+                )
+            })
+            .map_err(|source| StackError::Scratch {
+                path: info.clone(),
+                source,
+            })?;
         Ok(Stack {
             repo: repo.to_path_buf(),
             git_dir,
@@ -311,11 +345,7 @@ impl Stack {
     /// is copied into the user's repo ([`Stack::commit_tree`]).
     fn git(&self) -> Command {
         let mut c = git(&self.git_dir, &self.scratch);
-        c.env("GIT_OBJECT_DIRECTORY", self.scratch.join("objects"))
-            .env(
-                "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-                self.git_dir.join("objects"),
-            );
+        c.env("GIT_OBJECT_DIRECTORY", self.scratch.join("objects"));
         c
     }
 
@@ -463,6 +493,9 @@ impl Stack {
                 }
             }
             entries.push((mode.to_string(), kind.to_string(), oid.to_string(), path));
+            if entries.len() > MAX_TREE_ENTRIES {
+                return Err(StackError::TooManyEntries);
+            }
         }
         // Blobs, streamed in listing order.
         let mut c = self.git();
@@ -887,6 +920,52 @@ pub(crate) mod tests {
         assert!(in_user_repo(&oid_of("b = 1\n")));
         assert_eq!(sh(r, &["show", "dough/r7:src/b.py"]), "b = 1");
         assert_eq!(sh(r, &["fsck", "--no-dangling"]), "");
+    }
+
+    /// The user's repo may be a linked worktree, live under a path with a
+    /// `:` in it, and have replace refs: the stack still reads its objects
+    /// (through the common directory's store), and what the gate gets is
+    /// what is committed, not what a replace ref says.
+    #[test]
+    fn linked_worktrees_colons_and_replace_refs() {
+        let parent = tempfile::tempdir().unwrap();
+        let main = parent.path().join("a:b");
+        std::fs::create_dir(&main).unwrap();
+        sh(&main, &["init", "-q", "-b", "main"]);
+        std::fs::create_dir_all(main.join("src")).unwrap();
+        std::fs::write(main.join("src/a.py"), "a = 1\n").unwrap();
+        sh(&main, &["add", "-A"]);
+        sh(&main, &["commit", "-qm", "base"]);
+        // A replace ref that swaps src/a.py's blob for another.
+        let real = sh(&main, &["rev-parse", "HEAD:src/a.py"]);
+        std::fs::write(main.join("fake.txt"), "replaced!\n").unwrap();
+        let fake = sh(&main, &["hash-object", "-w", "fake.txt"]);
+        std::fs::remove_file(main.join("fake.txt")).unwrap();
+        sh(&main, &["replace", &real, &fake]);
+        let linked = parent.path().join("linked");
+        sh(
+            &main,
+            &[
+                "worktree",
+                "add",
+                "-q",
+                "-b",
+                "side",
+                linked.to_str().unwrap(),
+            ],
+        );
+        let scratch = tempfile::tempdir().unwrap();
+        let w = Stack::create(&linked, &scratch.path().join("w"), "main", "r8").unwrap();
+        let cand = w.candidate(DIFF_B.as_bytes(), &any()).unwrap();
+        assert_eq!(
+            untar(&cand.tar)["src/a.py"].0,
+            b"a = 1\n",
+            "not the replacement"
+        );
+        let commit = w.apply_and_commit(DIFF_B.as_bytes(), &any(), "b").unwrap();
+        w.remove().unwrap();
+        assert_eq!(sh(&main, &["rev-parse", "dough/r8"]), commit);
+        assert_eq!(sh(&main, &["show", "dough/r8:src/b.py"]), "b = 1");
     }
 
     /// A tree too large to ship is refused from its listing, before any

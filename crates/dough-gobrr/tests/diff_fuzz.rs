@@ -200,6 +200,19 @@ fn a_compressed_zero_bomb_is_refused() {
         Diff::parse(liar.as_bytes()),
         Err(Rejection::Malformed { .. })
     ));
+    // The reverse block counts too: git inflates both.
+    let half = vec![0u8; (MAX_UNPACKED_BYTES / 2 + 1) as usize];
+    let both = format!(
+        "diff --git a/src/r.bin b/src/r.bin\nindex 1111111..2222222 100644\nGIT binary patch\nliteral {}\n{}\nliteral {}\n{}\n",
+        half.len(),
+        base85(&zlib(&half)),
+        half.len(),
+        base85(&zlib(&half))
+    );
+    assert_eq!(
+        Diff::parse(both.as_bytes()).unwrap_err(),
+        Rejection::BinaryTotalTooLarge
+    );
     // Many patches each under the limit: the total is bounded.
     let each = vec![0u8; (MAX_UNPACKED_BYTES / 2 + 1) as usize];
     let many: String = (0..3)
