@@ -61,9 +61,8 @@ impl Shared {
     /// A frame is never abandoned half-written while its connection lasts:
     /// a slow host only slows the command down (backpressure), it never
     /// gets a cut frame or loses an `Exit`. The write gives up only when
-    /// the connection is gone (the generation moved on, or the port
-    /// fails): the rest of the frame then reaches nobody, and the next
-    /// host starts on a frame boundary. How long to wait is the host's
+    /// the connection is gone (the generation moved on, the port reports
+    /// the host gone, or it fails). How long to wait is the host's
     /// decision; it has its own deadlines.
     fn send(&self, generation: u64, msg: &GuestMsg) {
         if self.generation.load(Ordering::SeqCst) != generation {
@@ -85,6 +84,16 @@ impl Shared {
                     }
                     let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLOUT)];
                     let _ = poll(&mut fds, PollTimeout::from(100u16));
+                    // A virtio-serial port whose host is gone reports
+                    // POLLHUP and blocks writes: the writer notices by
+                    // itself, since the session loop may be waiting for
+                    // this very lock to answer the host.
+                    if fds[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+                    {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return, // host went away; the session loop notices

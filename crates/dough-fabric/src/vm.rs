@@ -257,13 +257,21 @@ impl Vm {
         req: &ExecRequest,
         sink: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, FabricError> {
-        self.channel
-            .exec(req, sink)
-            .map_err(|source| FabricError::Channel {
+        self.channel.exec(req, sink).map_err(|source| {
+            // A deadline that ran out mid-frame leaves the stream out of
+            // step: nothing more may be read from this connection.
+            if matches!(
+                source,
+                ChannelError::Timeout(_) | ChannelError::SendTimeout(_)
+            ) {
+                self.channel.shutdown();
+            }
+            FabricError::Channel {
                 vm: self.id.clone(),
                 source,
                 serial_tail: tail(&self.paths.serial, TAIL_LINES),
-            })
+            }
+        })
     }
 
     /// Close the channel and open a new connection with a fresh handshake.

@@ -325,13 +325,16 @@ fn dough_round(
 /// Welcome, no exec.
 struct RawClone {
     dir: VmDir,
-    child: std::process::Child,
+    /// None until spawned: the guard exists from the claim on.
+    child: Option<std::process::Child>,
 }
 
 impl Drop for RawClone {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         if let Ok(rec) = self.dir.read() {
             dough_fabric::gc::teardown_net(&rec, &dough_fabric::host::HostNet::linux());
         }
@@ -359,6 +362,8 @@ fn raw_one(
         ..dough_fabric::BootOptions::default()
     };
     let (dir, plan) = dough_fabric::vm::claim(&ctx.vms, &mut rec, &opts, Egress::None)?;
+    // From here on, whatever fails leaves nothing behind.
+    let mut raw = RawClone { dir, child: None };
     let args = QemuArgs {
         accel: m.accel,
         mem_mib: m.mem_mib,
@@ -371,7 +376,7 @@ fn raw_one(
             .chain(m.extra_cmdline.iter().cloned())
             .collect(),
         tsc_khz: m.tsc_khz,
-        paths: dir.paths.clone(),
+        paths: raw.dir.paths.clone(),
         memory: Memory::File {
             path: snap.mem.clone(),
             shared: false,
@@ -389,16 +394,17 @@ fn raw_one(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
-    let child = opts
-        .net
-        .spawn_in(Some(&plan.netns), &mut cmd)?
-        .with_context(|| format!("starting {}", qemu.display()))?;
+    // No teardown on a signal may run between the spawn and the record.
+    let spawning = dough_fabric::host::SPAWNING.read();
+    let spawned = opts.net.spawn_in(Some(&plan.netns), &mut cmd);
+    let child = spawned?.with_context(|| format!("starting {}", qemu.display()))?;
     let vmm = ProcessId::of(child.id() as i32);
-    let raw = RawClone { dir, child };
+    raw.child = Some(child);
     raw.dir.update(|r| {
         r.vmm = vmm;
         r.transition(VmState::Starting)
     })?;
+    drop(spawning);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut q = loop {
         match Qmp::connect(&raw.dir.paths.qmp, Duration::from_secs(10)) {
@@ -467,7 +473,10 @@ fn raw_round(
         ms.push(t);
     }
     std::thread::sleep(settle);
-    let pids: Vec<i32> = raws.iter().map(|r| r.child.id() as i32).collect();
+    let pids: Vec<i32> = raws
+        .iter()
+        .filter_map(|r| r.child.as_ref().map(|c| c.id() as i32))
+        .collect();
     let pss = mean_pss_kib(&pids);
     drop(raws);
     Ok((summary(ms, wall), pss))

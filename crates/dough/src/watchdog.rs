@@ -31,6 +31,10 @@ pub struct WatchdogArgs {
     /// The pid of the dough process this watchdog outlives.
     #[arg(long)]
     pub owner: i32,
+    /// Its start time (clock ticks after boot), so a reused pid is never
+    /// mistaken for it.
+    #[arg(long)]
+    pub owner_start: u64,
 }
 
 /// Start this process's watchdog (once). Failing to start it is not
@@ -50,12 +54,19 @@ pub fn arm(home: &Path, vms: &Path) {
         Err(e) => return tracing::warn!("no watchdog ({e}); orphans wait for the next sweep"),
     };
     use std::os::unix::process::CommandExt;
+    let me = dough_fabric::host::me();
     let spawned = Command::new(exe)
         .arg("--home")
         .arg(home)
         .arg("--vms-dir")
         .arg(vms)
-        .args(["watchdog", "--owner", &std::process::id().to_string()])
+        .args([
+            "watchdog",
+            "--owner",
+            &me.pid.to_string(),
+            "--owner-start",
+            &me.start_ticks.to_string(),
+        ])
         .stdin(Stdio::from(read))
         .stdout(Stdio::null())
         // What it reclaims is worth saying where the user is looking.
@@ -88,10 +99,11 @@ pub fn run(vms: &Path, args: WatchdogArgs) -> anyhow::Result<ExitCode> {
     }
     // EOF comes as the owner exits; the sweep only takes VMs whose owner
     // is really gone (not a zombie in its last moment either).
-    let owner = dough_vmm::ProcessId::of(args.owner);
-    dough_vmm::process::wait_until(Duration::from_secs(30), || {
-        owner.is_none_or(|o| !o.is_alive())
-    });
+    let owner = dough_vmm::ProcessId {
+        pid: args.owner,
+        start_ticks: args.owner_start,
+    };
+    dough_vmm::process::wait_until(Duration::from_secs(30), || !owner.is_alive());
     for s in gc::sweep(vms, &dough_fabric::host::HostNet::linux()) {
         eprintln!("dough (watchdog of pid {}): {s}", args.owner);
     }
