@@ -749,13 +749,56 @@ mod tests {
         })
     }
 
+    /// Launch on a fake backend failing at `fail` and a fake network that
+    /// fails its `net_fail_at`-th step; the error, and whether anything was
+    /// left: a live VMM, a network object, a directory.
+    fn failed_launch(fail: FailAt, net_fail_at: Option<usize>) -> (FabricError, Vec<String>) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let vms = tempfile::tempdir().unwrap();
+        let (_run, fake, net) = crate::host::fake_host_net();
+        fake.lock().unwrap().fail_at = net_fail_at;
+        let marker = format!(
+            "{}.{}",
+            7000 + std::process::id() % 1000,
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let backend = FakeVmm {
+            fail,
+            marker: marker.clone(),
+        };
+        let opts = BootOptions {
+            deadline: Duration::from_millis(300),
+            net,
+            ..BootOptions::default()
+        };
+        let e = Vm::launch_on(
+            &backend,
+            vms.path(),
+            &image(),
+            &opts,
+            VmKind::Run,
+            Launch::Cold,
+        )
+        .unwrap_err();
+        let mut left = Vec::new();
+        if sleeper_alive(&marker) {
+            left.push("a running VMM".to_string());
+        }
+        if !fake.lock().unwrap().is_clean() {
+            left.push(format!("network objects: {:?}", fake.lock().unwrap()));
+        }
+        if std::fs::read_dir(vms.path()).unwrap().next().is_some() {
+            left.push("a VM directory".to_string());
+        }
+        (e, left)
+    }
+
     /// A launch that fails at any step — in the backend or half-way
     /// through building the network — leaves nothing: no VMM process, no
     /// network object (the fake network is clean), no VM directory, and
     /// says which step failed. No root, no real VM, no real network.
     #[test]
     fn a_failed_launch_undoes_every_step() {
-        static N: AtomicU64 = AtomicU64::new(0);
         let cases = [
             (FailAt::Endpoint, "VM state directory"),
             (FailAt::Command, "VM state directory"),
@@ -766,90 +809,20 @@ mod tests {
             (FailAt::Handshake, "channel handshake failed"),
         ];
         for (fail, says) in cases {
-            let vms = tempfile::tempdir().unwrap();
-            let (_run, fake, net) = crate::host::fake_host_net();
-            let marker = format!(
-                "{}.{}",
-                7000 + std::process::id() % 1000,
-                N.fetch_add(1, Ordering::SeqCst)
-            );
-            let backend = FakeVmm {
-                fail,
-                marker: marker.clone(),
-            };
-            let opts = BootOptions {
-                deadline: Duration::from_millis(300),
-                net,
-                ..BootOptions::default()
-            };
-            let e = Vm::launch_on(
-                &backend,
-                vms.path(),
-                &image(),
-                &opts,
-                VmKind::Run,
-                Launch::Cold,
-            )
-            .unwrap_err();
-            let text = e.to_string();
-            assert!(text.contains(says), "{fail:?}: {text}");
-            assert!(
-                !sleeper_alive(&marker),
-                "{fail:?}: the VMM was left running"
-            );
-            assert!(
-                fake.lock().unwrap().is_clean(),
-                "{fail:?}: {:?}",
-                fake.lock().unwrap()
-            );
-            assert_eq!(
-                crate::state::list_ids(vms.path()),
-                Vec::<String>::new(),
-                "{fail:?}"
-            );
-            assert!(
-                std::fs::read_dir(vms.path()).unwrap().next().is_none(),
-                "{fail:?}: a directory was left"
-            );
+            let (e, left) = failed_launch(fail, None);
+            assert!(e.to_string().contains(says), "{fail:?}: {e}");
+            assert!(left.is_empty(), "{fail:?} left {left:?}");
         }
         // The network failing at each of its steps rolls back too.
         let mut net_failures = 0;
         for k in 0..12 {
-            let vms = tempfile::tempdir().unwrap();
-            let (_run, fake, net) = crate::host::fake_host_net();
-            fake.lock().unwrap().fail_at = Some(k);
-            let backend = FakeVmm {
-                fail: FailAt::NoReadyLine,
-                marker: "7999.5".into(),
-            };
-            let opts = BootOptions {
-                deadline: Duration::from_millis(200),
-                net,
-                ..BootOptions::default()
-            };
-            let e = Vm::launch_on(
-                &backend,
-                vms.path(),
-                &image(),
-                &opts,
-                VmKind::Run,
-                Launch::Cold,
-            )
-            .unwrap_err();
+            let (e, left) = failed_launch(FailAt::NoReadyLine, Some(k));
             assert!(
                 matches!(e, FabricError::Net { .. } | FabricError::BootTimeout { .. }),
                 "step {k}: {e}"
             );
             net_failures += usize::from(matches!(e, FabricError::Net { .. }));
-            assert!(
-                fake.lock().unwrap().is_clean(),
-                "step {k}: {:?}",
-                fake.lock().unwrap()
-            );
-            assert!(
-                std::fs::read_dir(vms.path()).unwrap().next().is_none(),
-                "step {k}"
-            );
+            assert!(left.is_empty(), "step {k} left {left:?}");
         }
         assert!(
             net_failures >= 6,
