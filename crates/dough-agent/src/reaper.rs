@@ -22,11 +22,17 @@ fn waiters() -> &'static Mutex<HashMap<i32, Sender<WaitStatus>>> {
 /// blocks SIGCHLD in the calling thread and threads inherit that mask
 /// (children get a clean mask from std's spawn).
 pub fn start() {
+    // SIGIO is blocked here too, for every thread to inherit: the serving
+    // thread takes it with `sys::wait_signal` (the virtio console driver
+    // sends it when the host opens or closes its end of the port).
+    let mut all = SigSet::empty();
+    all.add(Signal::SIGCHLD);
+    all.add(Signal::SIGIO);
+    if let Err(e) = all.thread_block() {
+        crate::log(&format!("blocking SIGCHLD and SIGIO: {e}"));
+    }
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    if let Err(e) = set.thread_block() {
-        crate::log(&format!("blocking SIGCHLD: {e}"));
-    }
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || loop {

@@ -223,6 +223,11 @@ fn serve_serial() {
         }
     };
     let reader = file.try_clone().expect("dup port fd");
+    // The driver tells us when the host comes and goes (SIGIO): an idle
+    // agent sleeps instead of polling.
+    if let Err(e) = sys::notify_sigio(&reader) {
+        log(&format!("no SIGIO on the port ({e}); polling instead"));
+    }
     let shared = new_shared(file);
     println!("{READY_LINE}");
     let _ = std::io::stdout().flush();
@@ -271,19 +276,24 @@ impl Shared {
 }
 
 /// Block until the host side of the port is connected. While it is not,
-/// poll reports POLLHUP at once, so back off between checks.
+/// poll reports POLLHUP at once, so the agent sleeps until the driver's
+/// SIGIO says the host side changed — a waiting clone costs nothing — and
+/// looks again at least every second in case a notification was missed.
+/// (It used to poll every 20 ms: 50 emulated wake-ups a second per idle
+/// clone.)
 fn wait_for_host(port: &File) {
-    let mut backoff = Duration::from_millis(1);
+    let mut sigio = nix::sys::signal::SigSet::empty();
+    sigio.add(Signal::SIGIO);
     loop {
         let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::from(1000u16)).is_ok() {
+        if poll(&mut fds, PollTimeout::ZERO).is_ok() {
             let re = fds[0].revents().unwrap_or(PollFlags::empty());
             if !re.contains(PollFlags::POLLHUP) {
                 return;
             }
         }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(20));
+        // A SIGIO that came since the poll is still pending: no race.
+        sys::wait_signal(&sigio, Duration::from_secs(1));
     }
 }
 

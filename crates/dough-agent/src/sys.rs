@@ -22,6 +22,32 @@ pub fn set_process_name(name: &str) -> io::Result<()> {
     check(r.into())
 }
 
+/// Wait up to `timeout` for one of `set`'s signals (which the caller has
+/// blocked); whether one came.
+pub fn wait_signal(set: &nix::sys::signal::SigSet, timeout: std::time::Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is a valid sigset_t for the call's duration, `ts` a
+    // valid timespec; a null siginfo pointer is allowed.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    r > 0
+}
+
+/// Ask the kernel to send SIGIO to this process when `fd`'s state changes
+/// (`F_SETOWN` + `O_ASYNC`).
+pub fn notify_sigio(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on an fd the caller owns, with plain integer arguments.
+    check(unsafe { libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) }.into())?;
+    // SAFETY: as above; F_GETFL/F_SETFL only read and set the fd's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    check(flags.into())?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC) }.into())
+}
+
 /// Load a kernel module from an open file (`finit_module(2)`).
 pub fn finit_module(file: &std::fs::File) -> io::Result<()> {
     let params = c"";
