@@ -1,5 +1,6 @@
-//! `dough bench clones`: dough's restore path against a raw QEMU restore
-//! of the same snapshot, measured side by side in one run, printed as JSON.
+//! Benchmarks that print JSON: `dough bench clones` (dough's restore path
+//! against a raw QEMU restore of the same snapshot, side by side in one
+//! run), `dough bench density` (what idle clones cost), `dough bench net`.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -29,6 +30,12 @@ pub enum BenchCmd {
     /// (`-incoming` of the same snapshot, time to the agent's first
     /// message). Prints JSON on stdout; progress on stderr.
     Clones(ClonesArgs),
+    /// Bring up N idle clones (as `dough up` leaves them), let them settle,
+    /// and report what they cost: host CPU while idle (total and per
+    /// clone), memory (PSS) per clone, `exec true` latency on a sample
+    /// next to a lone clone measured in the same run, then teardown time
+    /// and anything left behind. Prints JSON, with the targets it checks.
+    Density(DensityArgs),
     /// Per-clone network setup and teardown (netns, TAP, veth, addresses,
     /// routes, forwarding, nftables rules): dough's netlink implementation
     /// against the same plan applied by spawning `ip` and `nft`. Needs root.
@@ -46,6 +53,24 @@ pub struct NetArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DensityArgs {
+    /// Idle clones to bring up.
+    #[arg(long, default_value_t = 128)]
+    pub clones: usize,
+    /// Seconds to let them go idle before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub settle: u64,
+    /// Seconds over which idle CPU is measured.
+    #[arg(long, default_value_t = 10)]
+    pub window: u64,
+    /// Clones (spread over all of them) that get an `exec true`.
+    #[arg(long, default_value_t = 16)]
+    pub sample: usize,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct ClonesArgs {
     /// Clone counts to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
@@ -60,6 +85,7 @@ pub struct ClonesArgs {
 pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Clones(a) => clones(ctx, a),
+        BenchCmd::Density(a) => density(ctx, a),
         BenchCmd::Net(a) => net(a),
     }
 }
@@ -256,6 +282,196 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
         "clones_that_fit_in_available_memory": match (avail, last_pss) {
             (Some(m), Some(p)) if p > 0 => json!(m / p),
             _ => Value::Null,
+        },
+    });
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// CPU time (user + system) of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = stat.rsplit(") ").next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Clones handed over by the density benchmark, taken down whatever
+/// happens.
+struct Handed<'a> {
+    vms: &'a std::path::Path,
+    ids: Vec<String>,
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        let net = dough_fabric::host::HostNet::linux();
+        for id in self.ids.drain(..) {
+            let _ = dough_fabric::pool::down(self.vms, &id, &net);
+        }
+    }
+}
+
+fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!((1..=512).contains(&a.clones), "--clones must be 1 to 512");
+    anyhow::ensure!(a.window >= 1, "--window must be at least 1 second");
+    install_teardown_on_signal(&ctx.vms);
+    let image = resolve_image(&ctx.home, &a.vm)?;
+    let opts = boot_options(&ctx.home, &image, &a.vm)?;
+    let got = ensure_snapshot(ctx, &image, &opts, false)?;
+    let snap = got.snapshot().clone();
+    let req = ExecRequest {
+        argv: vec!["true".into()],
+        ..ExecRequest::default()
+    };
+    let exec_ms = |id: &str| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        dough_fabric::pool::exec(&ctx.vms, id, &req, &mut |_, _| {}, &mut |_| {})?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    // The baseline: one clone alone on the host, handed over like the
+    // others, a few `exec true` after a first one.
+    eprintln!("dough: bench: a lone clone");
+    let lone_id = Vm::restore(&ctx.vms, &snap, VmKind::Clone, &opts)?.detach()?;
+    let lone = Handed {
+        vms: &ctx.vms,
+        ids: vec![lone_id.clone()],
+    };
+    let lone_first = exec_ms(&lone_id)?;
+    let mut lone_ms: Vec<f64> = (0..9)
+        .map(|_| exec_ms(&lone_id))
+        .collect::<Result<_, _>>()?;
+    drop(lone);
+    lone_ms.sort_by(f64::total_cmp);
+    let lone_p50 = lone_ms[lone_ms.len() / 2];
+
+    eprintln!("dough: bench: bringing up {} clones", a.clones);
+    let up = Instant::now();
+    let mut handed = Handed {
+        vms: &ctx.vms,
+        ids: Vec::new(),
+    };
+    // A few at a time: the point is the steady state, not the stampede.
+    for chunk in (0..a.clones).collect::<Vec<_>>().chunks(8) {
+        let got: Vec<anyhow::Result<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = chunk
+                .iter()
+                .map(|_| {
+                    s.spawn(|| -> anyhow::Result<String> {
+                        Ok(Vm::restore(&ctx.vms, &snap, VmKind::Clone, &opts)?.detach()?)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("bench thread"))
+                .collect()
+        });
+        for r in got {
+            handed.ids.push(r.context("a clone failed to come up")?);
+        }
+    }
+    let up_secs = up.elapsed().as_secs_f64();
+    eprintln!("dough: bench: letting them settle for {}s", a.settle);
+    std::thread::sleep(Duration::from_secs(a.settle));
+    let pids: Vec<i32> = dough_fabric::state::list(&ctx.vms)
+        .iter()
+        .filter(|r| handed.ids.contains(&r.id))
+        .filter_map(|r| r.vmm.map(|v| v.pid))
+        .collect();
+    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(a.window));
+    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_core_pct = (after - before) as f64 / hz / window.elapsed().as_secs_f64() * 100.0;
+    let idle_pss = mean_pss_kib(&pids);
+    eprintln!(
+        "dough: bench: exec true on {} of them",
+        a.sample.min(a.clones)
+    );
+    let step = (a.clones / a.sample.clamp(1, a.clones)).max(1);
+    let sampled: Vec<String> = handed
+        .ids
+        .iter()
+        .step_by(step)
+        .take(a.sample)
+        .cloned()
+        .collect();
+    // Each sampled clone's first exec (its first host in a while, pages
+    // touched for the first time), then a second one: the steady state,
+    // compared with the lone clone's.
+    let (mut first, mut ms) = (Vec::new(), Vec::new());
+    for id in &sampled {
+        first.push(exec_ms(id)?);
+        ms.push(exec_ms(id)?);
+    }
+    first.sort_by(f64::total_cmp);
+    ms.sort_by(f64::total_cmp);
+    let sampled_pids: Vec<i32> = dough_fabric::state::list(&ctx.vms)
+        .iter()
+        .filter(|r| sampled.contains(&r.id))
+        .filter_map(|r| r.vmm.map(|v| v.pid))
+        .collect();
+    let pss_after_exec = mean_pss_kib(&sampled_pids);
+    eprintln!("dough: bench: tearing down");
+    let down = Instant::now();
+    drop(handed);
+    let down_secs = down.elapsed().as_secs_f64();
+    let dirs_left = dough_fabric::state::list(&ctx.vms).len();
+    let net_left = dough_net::find_leftovers(
+        &mut LinuxNet::default(),
+        &dough_fabric::host::net_scope(&ctx.vms),
+        &dough_fabric::state::list_ids(&ctx.vms),
+    )
+    .map(|l| l.netns.len() + l.veths.len() + l.tags.len())
+    .ok();
+    let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q / 100.0).round() as usize];
+    let p50 = pct(&ms, 50.0);
+    let per_clone_pct = idle_core_pct / a.clones as f64;
+    let out = json!({
+        "bench": "density",
+        "host": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "mem_available_kib": mem_available_kib(),
+        },
+        "accel": opts.accel.to_string(),
+        "backend": opts.backend.to_string(),
+        "clones": a.clones,
+        "up_secs": round(up_secs),
+        "idle": {
+            "settle_secs": a.settle,
+            "window_secs": a.window,
+            "cpu_pct_of_one_core_total": round(idle_core_pct),
+            "cpu_pct_of_one_core_per_clone": (per_clone_pct * 1000.0).round() / 1000.0,
+            "pss_kib_per_clone": idle_pss,
+        },
+        "exec_true_ms": {
+            "sampled": ms.len(),
+            "first_p50": round(pct(&first, 50.0)),
+            "first_p90": round(pct(&first, 90.0)),
+            "lone_clone_first": round(lone_first),
+            "p50": round(p50),
+            "p90": round(pct(&ms, 90.0)),
+            "lone_clone_p50": round(lone_p50),
+            "ratio_p50_over_lone": (p50 / lone_p50 * 100.0).round() / 100.0,
+            "pss_kib_per_clone_after_exec": pss_after_exec,
+        },
+        "teardown": {
+            "secs": round(down_secs),
+            "vm_dirs_left": dirs_left,
+            "network_objects_left": net_left,
+        },
+        // Issue 15's targets for 128 clones on a 2-core host.
+        "targets": {
+            "idle_cpu_total_le_10pct": idle_core_pct <= 10.0,
+            "exec_p50_le_1_5x_lone": p50 <= 1.5 * lone_p50,
+            "pss_after_exec_le_24mib": pss_after_exec.map(|k| k <= 24 << 10),
         },
     });
     let mut stdout = std::io::stdout().lock();
