@@ -587,6 +587,22 @@ impl Stack {
         tar.into_inner().map_err(StackError::Tar)
     }
 
+    /// Delete the branch if nothing was ever committed on it (a run that
+    /// failed before it started), leaving the user's repo as it was.
+    pub fn discard_if_empty(&self, base: &str) -> Result<(), StackError> {
+        if self.head()? != base {
+            return Ok(());
+        }
+        let mut c = self.user_git();
+        c.args([
+            "update-ref",
+            "-d",
+            &format!("refs/heads/{}", self.branch),
+            base,
+        ]);
+        run(c, None).map(drop)
+    }
+
     /// Remove dough's scratch directory (the branch and its commits stay).
     pub fn remove(self) -> Result<(), StackError> {
         std::fs::remove_dir_all(&self.scratch).map_err(|source| StackError::Scratch {

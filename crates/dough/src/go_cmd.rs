@@ -200,7 +200,11 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     // worktree is registered in the user's repo. Removed whatever happens.
     let stack = Stack::create(&repo, &run_dir.join("scratch"), &plan.plan.base, &run_id)
         .context("creating dough's branch")?;
-    let stack = RemoveOnDrop(Some(stack));
+    let base = stack.head()?;
+    let mut stack = RemoveOnDrop {
+        stack: Some(stack),
+        unused_base: Some(base),
+    };
     let tree = stack.get().archive()?.len();
     anyhow::ensure!(
         tree <= MAX_SHIP,
@@ -235,6 +239,8 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
             let _ = writeln!(events.lock().expect("events"), "{line}");
         }
     };
+    // From here on the branch is the run's result, even if empty.
+    stack.unused_base = None;
     let runner = Runner {
         plan: &plan,
         pool: &pool,
@@ -275,18 +281,27 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// dough's stack for a run, whose scratch directory goes away on every
-/// way out (errors and panics included).
-struct RemoveOnDrop(Option<Stack>);
+/// way out (errors and panics included) — and whose branch goes too if the
+/// run never started (`unused_base` is still set).
+struct RemoveOnDrop {
+    stack: Option<Stack>,
+    unused_base: Option<String>,
+}
 
 impl RemoveOnDrop {
     fn get(&self) -> &Stack {
-        self.0.as_ref().expect("present until dropped")
+        self.stack.as_ref().expect("present until dropped")
     }
 }
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
+        if let Some(s) = self.stack.take() {
+            if let Some(base) = self.unused_base.take() {
+                if let Err(e) = s.discard_if_empty(&base) {
+                    tracing::warn!("cannot remove the unused branch {}: {e}", s.branch);
+                }
+            }
             if let Err(e) = s.remove() {
                 tracing::warn!("cannot remove dough's scratch directory: {e}");
             }

@@ -135,3 +135,44 @@ fn go_refuses_a_plan_that_reaches_outside_its_directory() {
     assert_eq!(abs.status.code(), Some(1));
     assert!(text(&abs.stderr).contains("must be inside the plan's directory"));
 }
+
+/// A run that fails before it starts (here: an image that does not exist) leaves no
+/// branch behind in the user's repo.
+#[test]
+fn go_that_fails_before_starting_leaves_no_branch() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@u"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    git(&["init", "-q"]);
+    git(&["commit", "-q", "--allow-empty", "-m", "base"]);
+    let plan = d.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "goal = \"g\"\nrepo = \"repo\"\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dough"))
+        .arg("go")
+        .arg(&plan)
+        .args(["--image", "no-such-image"])
+        .env("DOUGH_HOME", d.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        git(&["branch", "--list", "dough/*"]).trim(),
+        "",
+        "{}",
+        text(&out.stderr)
+    );
+}
