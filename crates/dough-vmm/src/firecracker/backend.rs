@@ -295,3 +295,11 @@ impl FcProcess {
         let _ = self.process.kill_and_wait(Duration::from_secs(10));
     }
 }
+
+/// A process nobody killed (an error path, a panicking test) is killed
+/// when its handle goes: a Firecracker never outlives its owner's handle.
+impl Drop for FcProcess {
+    fn drop(&mut self) {
+        let _ = self.process.kill_and_wait(Duration::from_secs(10));
+    }
+}
