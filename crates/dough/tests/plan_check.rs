@@ -81,6 +81,24 @@ deps = [\"a\"]
     assert!(out.stdout.is_empty());
 }
 
+/// `dough go` on a one-task plan in `dir` whose repo is `dir/repo`, with a
+/// home of its own under `dir`.
+fn go_one_task_plan(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let plan = dir.join("plan.toml");
+    std::fs::write(
+        &plan,
+        "goal = \"g\"\nrepo = \"repo\"\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
+    )
+    .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_dough"))
+        .arg("go")
+        .arg(&plan)
+        .args(args)
+        .env("DOUGH_HOME", dir.join("home"))
+        .output()
+        .unwrap()
+}
+
 /// A plan may not reach host files or repositories outside its directory,
 /// not even through a symlink; `--repo` is the user's explicit choice.
 #[test]
@@ -102,18 +120,7 @@ fn go_refuses_a_plan_that_reaches_outside_its_directory() {
         &["commit", "-q", "--allow-empty", "-m", "private"],
     );
     std::os::unix::fs::symlink(elsewhere.path(), d.path().join("repo")).unwrap();
-    let plan = d.path().join("plan.toml");
-    std::fs::write(
-        &plan,
-        "goal = \"g\"\nrepo = \"repo\"\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dough"))
-        .arg("go")
-        .arg(&plan)
-        .env("DOUGH_HOME", d.path().join("home"))
-        .output()
-        .unwrap();
+    let out = go_one_task_plan(d.path(), &[]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -155,19 +162,7 @@ fn go_that_fails_before_starting_leaves_no_branch() {
     };
     git(&["init", "-q"]);
     git(&["commit", "-q", "--allow-empty", "-m", "base"]);
-    let plan = d.path().join("plan.toml");
-    std::fs::write(
-        &plan,
-        "goal = \"g\"\nrepo = \"repo\"\nagent = [\"true\"]\ncheck = \"true\"\n\n[[tasks]]\nid = \"a\"\ntitle = \"A\"\nwork = \"w\"\nallow = [\"a.py\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dough"))
-        .arg("go")
-        .arg(&plan)
-        .args(["--image", "no-such-image"])
-        .env("DOUGH_HOME", d.path().join("home"))
-        .output()
-        .unwrap();
+    let out = go_one_task_plan(d.path(), &["--image", "no-such-image"]);
     assert!(!out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         git(&["branch", "--list", "dough/*"]).trim(),
