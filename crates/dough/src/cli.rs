@@ -89,6 +89,18 @@ pub enum Command {
     Watchdog(crate::watchdog::WatchdogArgs),
 }
 
+/// Print `dough: error: <headline><e>` and each cause on its own line.
+/// Errors can carry what a guest said: printable text only.
+pub fn print_error(headline: &str, e: &(dyn std::error::Error + 'static)) {
+    let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());
+    eprintln!("dough: error: {headline}{}", p(e));
+    let mut src = e.source();
+    while let Some(c) = src {
+        eprintln!("  caused by: {}", p(c));
+        src = c.source();
+    }
+}
+
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
         0 => "warn",

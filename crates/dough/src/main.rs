@@ -36,12 +36,7 @@ fn main() -> ExitCode {
         },
         Ok(code) => code,
         Err(e) => {
-            // Errors can carry what a guest said: printable only.
-            let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());
-            eprintln!("dough: error: {}", p(&e));
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {}", p(cause));
-            }
+            cli::print_error("", e.as_ref());
             ExitCode::from(125)
         }
     }

@@ -155,13 +155,7 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 failed += 1;
-                let p = |x: &dyn std::fmt::Display| dough_fabric::serial::printable(&x.to_string());
-                eprintln!("dough: error: a clone failed to start: {}", p(&e));
-                let mut src = std::error::Error::source(&e);
-                while let Some(c) = src {
-                    eprintln!("  caused by: {}", p(c));
-                    src = c.source();
-                }
+                crate::cli::print_error("a clone failed to start: ", &e);
             }
         }
     }
