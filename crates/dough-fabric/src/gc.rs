@@ -59,8 +59,8 @@ impl std::fmt::Display for Swept {
     }
 }
 
-/// Kill a VM's VMM by its verified identity and wait for it to go.
-/// Returns the pid when something was killed.
+/// Kill a VM's VMM (or gateway) by its verified identity and wait for it
+/// to go. Returns the pid when something was killed.
 pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
     let vmm = vmm?;
     if vmm.kill().is_err() {
@@ -70,9 +70,11 @@ pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
     Some(vmm.pid)
 }
 
-/// Remove a VM's network (netns, veth, tagged rules), logging failures:
-/// the leftover sweep retries what this could not do.
+/// Remove a VM's network — its gateway process (by verified identity),
+/// netns, veth, tagged rules — logging failures: the leftover sweep
+/// retries what this could not do.
 pub fn teardown_net(rec: &VmRecord, net: &HostNet) {
+    kill_vmm(rec.gateway.as_ref());
     if let Some(plan) = &rec.net {
         if let Err(e) = dough_net::teardown(&mut **net.ops(), plan) {
             tracing::warn!(vm = %rec.id, "network teardown: {e}");

@@ -3,8 +3,10 @@
 //! every dough on the host, the marker that keeps a sweep from racing a
 //! spawn, and the scope a VM directory's network objects are named in.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dough_net::linux::LinuxNet;
@@ -52,7 +54,30 @@ pub struct HostNet {
     run_dir: PathBuf,
     /// Told `(step, done)` around every step of building a VM's network.
     observer: Option<Observer>,
+    /// Starts a clone's egress gateway; without one, only `--net none`
+    /// clones can be made.
+    gateway: Option<GatewayLaunch>,
+    /// Names every gateway answers before asking the host's resolver.
+    gateway_hosts: BTreeMap<String, Vec<Ipv4Addr>>,
 }
+
+/// What starting one clone's gateway needs.
+#[derive(Debug)]
+pub struct GatewayStart<'a> {
+    /// The clone's network namespace, where its sockets are made.
+    pub netns: &'a str,
+    /// Its configuration (`gateway.json` in the VM directory).
+    pub config: &'a Path,
+    /// Where its own diagnostics (stderr) go.
+    pub stderr: &'a Path,
+}
+
+/// Start a clone's gateway process (see `dough-gateway`).
+pub type GatewayLaunch = Arc<dyn Fn(&GatewayStart<'_>) -> Result<Child, NetError> + Send + Sync>;
+
+/// Most bytes a gateway process may write to any file (its audit log
+/// caps itself below this).
+pub const GATEWAY_FILE_MAX: u64 = 32 << 20;
 
 /// See [`HostNet::observed`].
 type Observer = Arc<Mutex<Box<dyn FnMut(&'static str, bool) + Send>>>;
@@ -89,6 +114,44 @@ impl HostNet {
             spawn,
             run_dir: run_dir.into(),
             observer: None,
+            gateway: None,
+            gateway_hosts: BTreeMap::new(),
+        }
+    }
+
+    /// Give clones with egress a gateway: `exe gateway --config FILE`
+    /// (dough itself), started with its listening sockets already made
+    /// inside the clone's netns.
+    pub fn with_gateway(self, exe: PathBuf) -> Self {
+        self.with_gateway_launch(Arc::new(move |s: &GatewayStart<'_>| {
+            launch_gateway(&exe, s)
+        }))
+    }
+
+    /// Start gateways with `launch` (tests stand one in).
+    pub fn with_gateway_launch(mut self, launch: GatewayLaunch) -> Self {
+        self.gateway = Some(launch);
+        self
+    }
+
+    /// Names the gateways answer themselves (an `/etc/hosts` of their own).
+    pub fn with_gateway_hosts(mut self, hosts: BTreeMap<String, Vec<Ipv4Addr>>) -> Self {
+        self.gateway_hosts = hosts;
+        self
+    }
+
+    pub fn gateway_hosts(&self) -> &BTreeMap<String, Vec<Ipv4Addr>> {
+        &self.gateway_hosts
+    }
+
+    /// Start a clone's gateway; an error when this host network has none.
+    pub fn start_gateway(&self, s: &GatewayStart<'_>) -> Result<Child, NetError> {
+        match &self.gateway {
+            Some(launch) => launch(s),
+            None => Err(NetError::op(
+                "starting the egress gateway",
+                "this dough has no gateway program configured (only --net none is possible)",
+            )),
         }
     }
 
@@ -182,6 +245,26 @@ fn spawn_in_netns(
     dough_net::linux::in_netns(netns, || Ok(cmd.spawn()))
 }
 
+/// The real gateway start: bind its sockets on the TAP's address inside
+/// the clone's netns (from a thread that has joined it), then spawn `exe`
+/// on the host with them as its only inherited descriptors.
+fn launch_gateway(exe: &Path, s: &GatewayStart<'_>) -> Result<Child, NetError> {
+    use dough_net::plan::{GATEWAY_TCP_PORT, GUEST_GW};
+    let sockets = dough_net::linux::in_netns(Some(s.netns), || {
+        dough_gateway::server::Sockets::bind(GUEST_GW, GATEWAY_TCP_PORT)
+            .map_err(|e| NetError::io("binding the gateway's sockets in the clone's netns", e))
+    })?;
+    let stderr = std::fs::File::create(s.stderr)
+        .map_err(|e| NetError::io(format!("creating {}", s.stderr.display()), e))?;
+    let mut cmd = sockets.command(exe, s.config);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    dough_vmm::process::cap_file_size(&mut cmd, GATEWAY_FILE_MAX);
+    cmd.spawn()
+        .map_err(|e| NetError::io(format!("starting the gateway {}", exe.display()), e))
+}
+
 /// A short name for a VM directory, part of its clones' netns names and
 /// rule tags, so doughs with different homes never sweep each other's.
 pub fn net_scope(vms: &Path) -> String {
@@ -223,6 +306,26 @@ pub(crate) fn fake_host_net() -> (
     }
     let run = tempfile::tempdir().expect("tempdir");
     let fake = Arc::new(Mutex::new(dough_net::ops::FakeNet::default()));
-    let net = HostNet::new(fake.clone(), spawn_here, run.path());
+    // A stand-in gateway: a sleep whose argv[0] is its config path, so a
+    // test can find it.
+    // Each start is noted in `gateways` in the run directory.
+    let noted = run.path().join("gateways");
+    let net = HostNet::new(fake.clone(), spawn_here, run.path()).with_gateway_launch(Arc::new(
+        move |s: &GatewayStart<'_>| {
+            use std::io::Write;
+            let mut f = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&noted)
+                .map_err(|e| NetError::io("fake gateway", e))?;
+            let _ = writeln!(f, "{}", s.config.display());
+            use std::os::unix::process::CommandExt;
+            Command::new("sleep")
+                .arg0(s.config)
+                .arg("3600")
+                .spawn()
+                .map_err(|e| NetError::io("fake gateway", e))
+        },
+    ));
     (run, fake, net)
 }

@@ -134,6 +134,10 @@ pub struct VmRecord {
     /// Its VMM (records written before there was a choice are QEMU's).
     #[serde(default)]
     pub backend: dough_vmm::Backend,
+    /// Its egress gateway process, by pid and start time (clones with
+    /// egress only).
+    #[serde(default)]
+    pub gateway: Option<ProcessId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +185,7 @@ impl VmRecord {
             dead_reason: None,
             net: None,
             backend: dough_vmm::Backend::Qemu,
+            gateway: None,
         }
     }
 

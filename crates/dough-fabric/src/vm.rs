@@ -142,6 +142,8 @@ pub struct Vm {
     net: NetPlan,
     host_net: HostNet,
     process: VmmProcess,
+    /// Its egress gateway (every policy but `none`).
+    gateway: Option<VmmProcess>,
     channel: HostChannel,
     torn_down: bool,
 }
@@ -228,12 +230,14 @@ impl Vm {
             paths: &paths,
         };
         let start = Instant::now();
-        let (endpoint, process) = spawn_vmm(backend, &start_info, &dir, &mut undo)?;
+        let endpoint = spawn_vmm(backend, &start_info, &dir, &mut undo)?;
+        start_gateway(&start_info, &dir, &mut undo)?;
+        let process = undo.process.as_mut().expect("spawn_vmm recorded the VMM");
         let (channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
         dir.set_state(VmState::Ready)?;
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");
-        let process = undo.keep();
+        let (process, gateway) = undo.keep();
         Ok(Vm {
             id,
             kind,
@@ -246,6 +250,7 @@ impl Vm {
             net: plan,
             host_net: opts.net.clone(),
             process,
+            gateway,
             channel,
             torn_down: false,
         })
@@ -357,6 +362,11 @@ impl Vm {
                 vm: self.id.clone(),
                 source,
             });
+        if let Some(g) = &mut self.gateway {
+            if let Err(e) = g.kill_and_wait(Duration::from_secs(5)) {
+                tracing::warn!(vm = %self.id, "stopping the gateway: {e}");
+            }
+        }
         if let Err(e) = dough_net::teardown(&mut **self.host_net.ops(), &self.net) {
             tracing::warn!(vm = %self.id, "network teardown: {e}");
         }
@@ -381,6 +391,7 @@ pub(crate) struct Unwind<'a> {
     dir: Option<PathBuf>,
     plan: Option<NetPlan>,
     process: Option<VmmProcess>,
+    gateway: Option<VmmProcess>,
 }
 
 impl<'a> Unwind<'a> {
@@ -390,17 +401,20 @@ impl<'a> Unwind<'a> {
             dir: None,
             plan: None,
             process: None,
+            gateway: None,
         }
     }
 
-    /// The launch succeeded: keep everything; the VMM process is handed
-    /// to the caller.
-    pub(crate) fn keep(mut self) -> VmmProcess {
+    /// The launch succeeded: keep everything; the VMM process (and the
+    /// gateway's, if any) is handed to the caller.
+    pub(crate) fn keep(mut self) -> (VmmProcess, Option<VmmProcess>) {
         self.dir = None;
         self.plan = None;
-        self.process
+        let vmm = self
+            .process
             .take()
-            .expect("a launch that got this far has a VMM")
+            .expect("a launch that got this far has a VMM");
+        (vmm, self.gateway.take())
     }
 
     /// Keep the directory and network (no VMM was spawned here).
@@ -414,6 +428,9 @@ impl Drop for Unwind<'_> {
     fn drop(&mut self) {
         if let Some(mut p) = self.process.take() {
             let _ = p.kill_and_wait(Duration::from_secs(10));
+        }
+        if let Some(mut g) = self.gateway.take() {
+            let _ = g.kill_and_wait(Duration::from_secs(5));
         }
         if let Some(plan) = self.plan.take() {
             if let Err(e) = dough_net::teardown(&mut **self.net.ops(), &plan) {
@@ -473,12 +490,12 @@ fn claim_network(
 
 /// Step 2: the endpoint (before the guest can run), the VMM's command, and
 /// the VMM spawned inside the clone's namespace and recorded by identity.
-fn spawn_vmm<'u>(
+fn spawn_vmm(
     backend: &dyn Vmm,
     s: &Start<'_>,
     dir: &VmDir,
-    undo: &'u mut Unwind<'_>,
-) -> Result<(Endpoint, &'u mut VmmProcess), FabricError> {
+    undo: &mut Unwind<'_>,
+) -> Result<Endpoint, FabricError> {
     let state_err = |source| FabricError::StateDir {
         path: s.paths.dir.clone(),
         source,
@@ -522,8 +539,60 @@ fn spawn_vmm<'u>(
     });
     drop(spawning);
     recorded?;
-    Ok((endpoint, process))
+    Ok(endpoint)
 }
+
+/// Step 2b: the clone's egress gateway (every policy but `none`), told
+/// its policy and its VMM (it exits when the VMM does), recorded by
+/// identity like the VMM. Its sockets exist before the guest runs, so no
+/// connection of the guest's can miss it.
+fn start_gateway(s: &Start<'_>, dir: &VmDir, undo: &mut Unwind<'_>) -> Result<(), FabricError> {
+    if !s.plan.egress.has_gateway() {
+        return Ok(());
+    }
+    let net_err = |source: dough_net::NetError| FabricError::Net {
+        vm: dir.id.clone(),
+        source: source.into(),
+    };
+    let vmm = undo.process.as_ref().map(|p| p.id);
+    let config = dough_gateway::Config {
+        vm: dir.id.clone(),
+        egress: s.plan.egress.clone(),
+        deny: vec![s.opts.net_pool],
+        log: s.paths.dir.join(GATEWAY_AUDIT_LOG),
+        hosts: s.opts.net.gateway_hosts().clone(),
+        vmm: vmm.map(|v| (v.pid, v.start_ticks)),
+    };
+    let config_path = s.paths.dir.join("gateway.json");
+    config
+        .write(&config_path)
+        .map_err(|source| FabricError::StateDir {
+            path: config_path.clone(),
+            source,
+        })?;
+    let spawning = crate::host::SPAWNING.read();
+    let child = s
+        .opts
+        .net
+        .start_gateway(&crate::host::GatewayStart {
+            netns: &s.plan.netns,
+            config: &config_path,
+            stderr: &s.paths.dir.join("gateway.stderr"),
+        })
+        .map_err(net_err)?;
+    let gateway = undo.gateway.insert(VmmProcess::from_child(child));
+    let id = gateway.id;
+    let recorded = dir.update(|r| {
+        r.gateway = Some(id);
+        Ok(())
+    });
+    drop(spawning);
+    recorded?;
+    Ok(())
+}
+
+/// The gateway's audit log (JSON lines) in a VM's directory.
+pub const GATEWAY_AUDIT_LOG: &str = "net.log";
 
 /// Step 3: bring the guest up (the backend's start; for a boot, the ready
 /// line) and shake hands with its agent, all within the boot deadline.
@@ -755,7 +824,7 @@ mod tests {
     fn failed_launch(fail: FailAt, net_fail_at: Option<usize>) -> (FabricError, Vec<String>) {
         static N: AtomicU64 = AtomicU64::new(0);
         let vms = tempfile::tempdir().unwrap();
-        let (_run, fake, net) = crate::host::fake_host_net();
+        let (run, fake, net) = crate::host::fake_host_net();
         fake.lock().unwrap().fail_at = net_fail_at;
         let marker = format!(
             "{}.{}",
@@ -790,6 +859,15 @@ mod tests {
         if std::fs::read_dir(vms.path()).unwrap().next().is_some() {
             left.push("a VM directory".to_string());
         }
+        let gateways = std::fs::read_to_string(run.path().join("gateways")).unwrap_or_default();
+        for g in gateways.lines() {
+            if sleeper_alive(g) {
+                left.push(format!("a running gateway ({g})"));
+            }
+        }
+        if !gateways.is_empty() {
+            left.push("gateway started".to_string());
+        }
         (e, left)
     }
 
@@ -809,8 +887,16 @@ mod tests {
             (FailAt::Handshake, "channel handshake failed"),
         ];
         for (fail, says) in cases {
-            let (e, left) = failed_launch(fail, None);
+            let (e, mut left) = failed_launch(fail, None);
             assert!(e.to_string().contains(says), "{fail:?}: {e}");
+            // Once the VMM is running, the clone's gateway is started too
+            // (and must be gone again).
+            let started = left.iter().position(|l| l == "gateway started");
+            let vmm_ran = !matches!(fail, FailAt::Endpoint | FailAt::Command | FailAt::Spawn);
+            assert_eq!(started.is_some(), vmm_ran, "{fail:?}: {left:?}");
+            if let Some(i) = started {
+                left.remove(i);
+            }
             assert!(left.is_empty(), "{fail:?} left {left:?}");
         }
         // The network failing at each of its steps rolls back too.
@@ -822,6 +908,7 @@ mod tests {
                 "step {k}: {e}"
             );
             net_failures += usize::from(matches!(e, FabricError::Net { .. }));
+            let left: Vec<&String> = left.iter().filter(|l| *l != "gateway started").collect();
             assert!(left.is_empty(), "step {k} left {left:?}");
         }
         assert!(

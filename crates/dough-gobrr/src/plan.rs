@@ -35,8 +35,10 @@ pub struct Plan {
     /// Tasks of a round running at once (each in its own clone).
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
-    /// Egress policy of agent clones (`none`, `nat`, `allow=...`).
-    #[serde(default = "default_egress")]
+    /// Egress policy of agent clones: `none`, `nat`, `allow=RULE,...`, or
+    /// a list of rules (`["api.anthropic.com", "*.github.com:443",
+    /// "10.0.0.0/8"]`, the same as `allow=` with them).
+    #[serde(default = "default_egress", deserialize_with = "egress_spec")]
     pub egress: String,
     /// Seconds the agent may run.
     #[serde(default = "default_agent_timeout")]
@@ -77,6 +79,22 @@ fn default_concurrency() -> u32 {
 }
 fn default_egress() -> String {
     "nat".into()
+}
+
+/// `egress` as written: one policy string, or a list of allow rules
+/// (normalised to `allow=a,b,...`; checked later, with the other settings).
+fn egress_spec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Spec {
+        One(String),
+        Rules(Vec<String>),
+    }
+    Ok(match Spec::deserialize(d)? {
+        Spec::One(s) => s,
+        Spec::Rules(r) if r.is_empty() => "none".into(),
+        Spec::Rules(r) => format!("allow={}", r.join(",")),
+    })
 }
 fn default_agent_timeout() -> u64 {
     1800
@@ -279,11 +297,8 @@ impl Plan {
         if self.check.trim().is_empty() {
             problems.push(Problem::BadSetting("check must be a command".into()));
         }
-        if self.egress.parse::<EgressName>().is_err() {
-            problems.push(Problem::BadSetting(format!(
-                "egress {:?} is not none, nat or allow=CIDR[:PORT],...",
-                self.egress
-            )));
+        if let Err(e) = self.egress.parse::<dough_net::Egress>() {
+            problems.push(Problem::BadSetting(format!("egress: {e}")));
         }
         let mut secret_names = BTreeSet::new();
         for s in &self.secrets {
@@ -434,21 +449,6 @@ impl Plan {
     }
 }
 
-/// Just enough of an egress policy's syntax to validate it here (dough-net
-/// parses it for real).
-struct EgressName;
-
-impl std::str::FromStr for EgressName {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "none" | "nat" => Ok(EgressName),
-            s if s.starts_with("allow=") && s.len() > 6 => Ok(EgressName),
-            _ => Err(()),
-        }
-    }
-}
-
 /// A cycle in the dependency graph (`deps[i]` = what `i` depends on), as
 /// the task indices along it.
 fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
@@ -584,6 +584,22 @@ allow = ["calc/cli.py", "calc/parser.py"]
 deps = ["parser"]
 "#;
 
+    #[test]
+    fn egress_is_a_policy_or_a_list_of_rules() {
+        let list = format!(
+            "egress = [\"api.anthropic.com\", \"*.github.com:443\", \"10.0.0.0/8\"]\n{GOOD}"
+        );
+        let p = Plan::parse(&list).unwrap();
+        assert_eq!(
+            p.egress,
+            "allow=api.anthropic.com,*.github.com:443,10.0.0.0/8"
+        );
+        assert!(p.check().is_ok());
+        let one = format!("egress = \"none\"\n{GOOD}");
+        assert_eq!(Plan::parse(&one).unwrap().egress, "none");
+        assert_eq!(Plan::parse(GOOD).unwrap().egress, "nat");
+    }
+
     fn with(edit: impl FnOnce(&mut Plan)) -> Result<ValidPlan, Problems> {
         let mut p = Plan::parse(GOOD).unwrap();
         edit(&mut p);
@@ -693,7 +709,11 @@ deps = ["parser"]
         );
         assert_eq!(
             problems(|p| p.egress = "open".into()),
-            vec!["egress \"open\" is not none, nat or allow=CIDR[:PORT],..."]
+            vec!["egress: \"open\" is not an egress policy (expected none, nat or allow=RULE,... where a rule is NAME[:PORT], *.DOMAIN[:PORT] or CIDR[:PORT])"]
+        );
+        assert_eq!(
+            problems(|p| p.egress = "allow=*.com".into()),
+            vec!["egress: \"*.com\" is not an allow rule (expected a host name, *.domain or CIDR, each with an optional :PORT, e.g. api.example.com, *.github.com:443, 10.0.0.0/8:443)"]
         );
         assert_eq!(problems(|p| p.tasks.clear()), vec!["the plan has no tasks"]);
         // parser and cli overlap on calc/parser.py, but cli depends on

@@ -13,7 +13,7 @@ pub mod plan;
 pub mod testing;
 
 pub use ops::{HostLink, NetError, NetOps};
-pub use plan::{Egress, InUse, Ipv4Net, NetPlan, PlanError};
+pub use plan::{Allow, Egress, InUse, Ipv4Net, NamePattern, NetPlan, PlanError};
 
 use plan::{Chain, GUEST_GW, GUEST_PREFIX, NS_VETH};
 
@@ -38,7 +38,8 @@ fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<()
     ops.add_addr(ns, &plan.tap, GUEST_GW, GUEST_PREFIX)?;
     ops.link_up(ns, &plan.tap)?;
     let Some(t) = &plan.transfer else {
-        return Ok(());
+        // Nothing forwarded: at most the gateway's redirects.
+        return ops.add_rules(ns, &plan.ns_rules());
     };
     ops.create_veth(&t.host_veth, &plan.netns, NS_VETH)?;
     ops.add_addr(None, &t.host_veth, t.host_addr, 30)?;
@@ -163,6 +164,6 @@ pub fn remove_leftovers(ops: &mut dyn NetOps, l: &Leftovers) -> Result<(), NetEr
 }
 
 /// The chains of dough's table, for implementations that create it.
-pub fn chains() -> [Chain; 3] {
+pub fn chains() -> [Chain; 4] {
     Chain::ALL
 }

@@ -37,6 +37,9 @@ pub const NETNS_PREFIX: &str = "dough-";
 pub const VETH_PREFIX: &str = "dv";
 /// Linux's limit on interface names (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
+/// Port of dough's gateway on [`GUEST_GW`] in each clone's netns, where
+/// the guest's TCP is redirected (its DNS goes to port 53 there).
+pub const GATEWAY_TCP_PORT: u16 = 15001;
 /// Default pool of transfer subnets.
 pub const DEFAULT_POOL: &str = "10.213.0.0/16";
 
@@ -58,9 +61,11 @@ pub enum PlanError {
     NameCollision(String),
     #[error("{0:?} is not an IPv4 network (expected a.b.c.d/n)")]
     BadNet(String),
-    #[error("{0:?} is not an allow rule (expected CIDR or CIDR:port, e.g. 10.0.0.0/8:443)")]
+    #[error("{0:?} is not an allow rule (expected a host name, *.domain or CIDR, each with an optional :PORT, e.g. api.example.com, *.github.com:443, 10.0.0.0/8:443)")]
     BadAllow(String),
-    #[error("{0:?} is not an egress policy (expected none, nat or allow=CIDR[:PORT],...)")]
+    #[error("{0:?} is not a host name pattern (expected e.g. api.example.com or *.example.com)")]
+    BadName(String),
+    #[error("{0:?} is not an egress policy (expected none, nat or allow=RULE,... where a rule is NAME[:PORT], *.DOMAIN[:PORT] or CIDR[:PORT])")]
     BadEgress(String),
 }
 
@@ -153,37 +158,144 @@ impl From<Ipv4Net> for String {
     }
 }
 
-/// One destination an `allow` clone may reach: a network and optionally a
-/// port (TCP and UDP).
+/// One destination an `allow` clone may reach: a network (TCP to any
+/// port, or TCP and UDP to `port` when given), or a host name, exact or
+/// `*.` and a domain (TCP to `ports`), checked by dough's gateway against
+/// the name the client itself sends (TLS SNI, HTTP `Host`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allow {
-    pub net: Ipv4Net,
-    pub port: Option<u16>,
+#[serde(untagged)]
+pub enum Allow {
+    Net { net: Ipv4Net, port: Option<u16> },
+    Name { name: NamePattern, ports: Vec<u16> },
+}
+
+/// Ports a name rule opens when it names none: HTTPS and HTTP.
+pub const DEFAULT_NAME_PORTS: [u16; 2] = [443, 80];
+
+/// A host name a policy allows: exact (`api.example.com`) or every name
+/// under a domain (`*.example.com`, which does not match `example.com`
+/// itself). Lower case, no trailing dot; at least two labels after any
+/// `*.`, so `*.com` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NamePattern(String);
+
+impl NamePattern {
+    /// Whether `name` (as a client sent it: any case, maybe a trailing
+    /// dot) is one this pattern allows.
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if !valid_host_name(name) {
+            return false;
+        }
+        let n = name.as_bytes();
+        match self.0.strip_prefix("*.") {
+            Some(domain) => {
+                let d = domain.as_bytes();
+                n.len() > d.len() + 1
+                    && n[n.len() - d.len() - 1] == b'.'
+                    && n[n.len() - d.len()..].eq_ignore_ascii_case(d)
+            }
+            None => n.eq_ignore_ascii_case(self.0.as_bytes()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether `s` is a host name dough accepts in a policy or from a client:
+/// 1 to 253 characters, dot-separated labels of 1 to 63 letters, digits
+/// and inner hyphens.
+pub fn valid_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl FromStr for NamePattern {
+    type Err = PlanError;
+    fn from_str(s: &str) -> Result<Self, PlanError> {
+        let bad = || PlanError::BadName(s.to_string());
+        let lower = s.to_ascii_lowercase();
+        let rest = lower.strip_prefix("*.").unwrap_or(&lower);
+        let labels = rest.split('.').count();
+        // A name is not an address: `10.0.0.1` belongs in a CIDR rule, and
+        // no top-level domain is all digits.
+        let numeric = rest
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+        // At least two labels: no bare `localhost`, and no `*.com`.
+        if !valid_host_name(rest) || numeric || labels < 2 {
+            return Err(bad());
+        }
+        Ok(NamePattern(lower))
+    }
+}
+
+impl TryFrom<String> for NamePattern {
+    type Error = PlanError;
+    fn try_from(s: String) -> Result<Self, PlanError> {
+        s.parse()
+    }
+}
+
+impl From<NamePattern> for String {
+    fn from(n: NamePattern) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl FromStr for Allow {
     type Err = PlanError;
     fn from_str(s: &str) -> Result<Self, PlanError> {
         let bad = || PlanError::BadAllow(s.to_string());
-        let (net, port) = match s.rsplit_once(':') {
+        let (target, port) = match s.rsplit_once(':') {
             Some((n, p)) => (
                 n,
                 Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
             ),
             None => (s, None),
         };
-        Ok(Allow {
-            net: net.parse().map_err(|_| bad())?,
-            port,
-        })
+        // A network starts with a digit; anything else is a name.
+        if target.starts_with(|c: char| c.is_ascii_digit()) {
+            if let Ok(net) = target.parse() {
+                return Ok(Allow::Net { net, port });
+            }
+        }
+        let name: NamePattern = target.parse().map_err(|_| bad())?;
+        let ports = match port {
+            Some(p) => vec![p],
+            None => DEFAULT_NAME_PORTS.to_vec(),
+        };
+        Ok(Allow::Name { name, ports })
     }
 }
 
 impl fmt::Display for Allow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(p) => write!(f, "{}:{p}", self.net),
-            None => write!(f, "{}", self.net),
+        match self {
+            Allow::Net { net, port: Some(p) } => write!(f, "{net}:{p}"),
+            Allow::Net { net, port: None } => write!(f, "{net}"),
+            Allow::Name { name, ports } if ports[..] == DEFAULT_NAME_PORTS => write!(f, "{name}"),
+            Allow::Name { name, ports } => {
+                let p: Vec<String> = ports.iter().map(|p| format!("{name}:{p}")).collect();
+                f.write_str(&p.join(","))
+            }
         }
     }
 }
@@ -192,13 +304,34 @@ impl fmt::Display for Allow {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Egress {
-    /// No way out at all: no veth (the offline gate uses this).
+    /// No way out at all: no veth, no gateway (the offline gate uses this).
     None,
-    /// Anything, through NAT (default).
+    /// Anything beyond the host: TCP and DNS through dough's gateway
+    /// (logged), other IPv4 through NAT (default).
     #[default]
     Nat,
-    /// Only the listed destinations, through NAT; everything else dropped.
+    /// Only the listed destinations, TCP and DNS through dough's gateway;
+    /// everything else dropped.
     Allow(Vec<Allow>),
+}
+
+impl Egress {
+    /// Whether the clone's TCP and DNS go to a gateway (every policy but
+    /// `none`).
+    pub fn has_gateway(&self) -> bool {
+        !matches!(self, Egress::None)
+    }
+
+    /// Whether anything but TCP and DNS may leave the clone, forwarded and
+    /// NATed through a veth: under `nat`, and to an allow list's networks.
+    /// A policy of names alone forwards nothing: its clone has no veth.
+    pub fn forwards(&self) -> bool {
+        match self {
+            Egress::None => false,
+            Egress::Nat => true,
+            Egress::Allow(a) => a.iter().any(|x| matches!(x, Allow::Net { .. })),
+        }
+    }
 }
 
 impl FromStr for Egress {
@@ -337,9 +470,9 @@ impl NetPlan {
         in_use: &InUse,
     ) -> Result<NetPlan, PlanError> {
         let netns = netns_name(scope, clone_id)?;
-        let transfer = match egress {
-            Egress::None => None,
-            _ => {
+        let transfer = match egress.forwards() {
+            false => None,
+            true => {
                 let count = pool.subnets(30);
                 if count == 0 {
                     return Err(PlanError::PoolTooSmall(pool));
@@ -447,13 +580,17 @@ impl NetPlan {
             }
             Egress::Allow(allows) => {
                 for a in allows {
-                    let m = vec![Match::Iif(v.clone()), Match::Daddr(a.net)];
-                    match a.port {
+                    // Names are the gateway's business: nothing forwarded.
+                    let Allow::Net { net, port } = a else {
+                        continue;
+                    };
+                    let m = vec![Match::Iif(v.clone()), Match::Daddr(*net)];
+                    match port {
                         None => rules.push(r(Chain::Forward, m, Verdict::Accept)),
                         Some(port) => {
                             for proto in [L4::Tcp, L4::Udp] {
                                 let mut m2 = m.clone();
-                                m2.push(Match::Dport(proto, port));
+                                m2.push(Match::Dport(proto, *port));
                                 rules.push(r(Chain::Forward, m2, Verdict::Accept));
                             }
                         }
@@ -474,31 +611,94 @@ impl NetPlan {
         rules
     }
 
-    /// Rules in the `dough` table inside the clone's netns: the guest's
-    /// traffic leaves the netns under the netns's own transfer address.
+    /// Rules in the `dough` table inside the clone's netns. Under every
+    /// policy but `none`, all of the guest's TCP (any port) and DNS (UDP and
+    /// TCP 53) is redirected to dough's gateway, whose sockets live in this
+    /// netns on the TAP's address ([`GUEST_GW`]:[`GATEWAY_TCP_PORT`] and
+    /// :53): nothing the guest sends over TCP is ever forwarded. What else
+    /// may leave (UDP, ICMP under `nat` and to allowed networks) leaves
+    /// through the veth under the netns's own transfer address.
     pub fn ns_rules(&self) -> Vec<Rule> {
-        let guest = Ipv4Net::new(GUEST_IP, 32).expect("valid");
-        match &self.transfer {
-            None => Vec::new(),
-            Some(_) => vec![
-                // The guest may only use its own address.
-                Rule {
-                    chain: Chain::Forward,
-                    matches: vec![Match::Iif(TAP.to_string()), Match::NotSaddr(guest)],
-                    verdict: Verdict::Drop,
-                    comment: self.tag.clone(),
-                },
-                Rule {
-                    chain: Chain::Postrouting,
-                    matches: vec![
-                        Match::Saddr(Ipv4Net::new(GUEST_IP, GUEST_PREFIX).expect("valid")),
-                        Match::Oif(NS_VETH.to_string()),
-                    ],
-                    verdict: Verdict::Masquerade,
-                    comment: self.tag.clone(),
-                },
-            ],
+        if !self.egress.has_gateway() {
+            return Vec::new();
         }
+        let guest = Ipv4Net::new(GUEST_IP, 32).expect("valid");
+        let tap = || Match::Iif(TAP.to_string());
+        let r = |chain, matches, verdict| Rule {
+            chain,
+            matches,
+            verdict,
+            comment: self.tag.clone(),
+        };
+        let mut rules = vec![
+            r(
+                Chain::Prerouting,
+                vec![tap(), Match::Dport(L4::Udp, 53)],
+                Verdict::Redirect(53),
+            ),
+            r(
+                Chain::Prerouting,
+                vec![tap(), Match::Dport(L4::Tcp, 53)],
+                Verdict::Redirect(53),
+            ),
+            r(
+                Chain::Prerouting,
+                vec![tap(), Match::L4(L4::Tcp)],
+                Verdict::Redirect(GATEWAY_TCP_PORT),
+            ),
+            // The guest may only use its own address.
+            r(
+                Chain::Input,
+                vec![tap(), Match::NotSaddr(guest)],
+                Verdict::Drop,
+            ),
+            // Of this netns, the guest reaches the gateway's sockets only.
+            r(
+                Chain::Input,
+                vec![tap(), Match::Dport(L4::Tcp, GATEWAY_TCP_PORT)],
+                Verdict::Accept,
+            ),
+            r(
+                Chain::Input,
+                vec![tap(), Match::Dport(L4::Tcp, 53)],
+                Verdict::Accept,
+            ),
+            r(
+                Chain::Input,
+                vec![tap(), Match::Dport(L4::Udp, 53)],
+                Verdict::Accept,
+            ),
+            r(Chain::Input, vec![tap()], Verdict::Drop),
+            r(
+                Chain::Forward,
+                vec![tap(), Match::NotSaddr(guest)],
+                Verdict::Drop,
+            ),
+            // Never forwarded, whatever happens to the redirect above.
+            r(
+                Chain::Forward,
+                vec![tap(), Match::L4(L4::Tcp)],
+                Verdict::Drop,
+            ),
+            r(
+                Chain::Forward,
+                vec![tap(), Match::Dport(L4::Udp, 53)],
+                Verdict::Drop,
+            ),
+        ];
+        if self.transfer.is_none() {
+            rules.push(r(Chain::Forward, vec![tap()], Verdict::Drop));
+        } else {
+            rules.push(r(
+                Chain::Postrouting,
+                vec![
+                    Match::Saddr(Ipv4Net::new(GUEST_IP, GUEST_PREFIX).expect("valid")),
+                    Match::Oif(NS_VETH.to_string()),
+                ],
+                Verdict::Masquerade,
+            ));
+        }
+        rules
     }
 }
 
@@ -506,16 +706,23 @@ impl NetPlan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Chain {
+    Prerouting,
     Input,
     Forward,
     Postrouting,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 3] = [Chain::Input, Chain::Forward, Chain::Postrouting];
+    pub const ALL: [Chain; 4] = [
+        Chain::Prerouting,
+        Chain::Input,
+        Chain::Forward,
+        Chain::Postrouting,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Chain::Prerouting => "prerouting",
             Chain::Input => "input",
             Chain::Forward => "forward",
             Chain::Postrouting => "postrouting",
@@ -525,6 +732,7 @@ impl Chain {
     /// (type, hook, priority) of the base chain.
     pub fn base(self) -> (&'static str, &'static str, i32) {
         match self {
+            Chain::Prerouting => ("nat", "prerouting", -100),
             Chain::Input => ("filter", "input", 0),
             Chain::Forward => ("filter", "forward", 0),
             Chain::Postrouting => ("nat", "postrouting", 100),
@@ -548,6 +756,8 @@ pub enum Match {
     NotSaddr(Ipv4Net),
     Daddr(Ipv4Net),
     Dport(L4, u16),
+    /// `meta l4proto tcp|udp`
+    L4(L4),
     /// `ct state established,related`
     Established,
 }
@@ -558,6 +768,8 @@ pub enum Verdict {
     Accept,
     Drop,
     Masquerade,
+    /// To this port on the incoming interface's address (nat chains).
+    Redirect(u16),
 }
 
 /// One nftables rule, tagged with its clone.
@@ -584,17 +796,17 @@ impl Rule {
                 Match::Daddr(n) => format!("ip daddr {n}"),
                 Match::Dport(L4::Tcp, p) => format!("tcp dport {p}"),
                 Match::Dport(L4::Udp, p) => format!("udp dport {p}"),
+                Match::L4(L4::Tcp) => "meta l4proto tcp".to_string(),
+                Match::L4(L4::Udp) => "meta l4proto udp".to_string(),
                 Match::Established => "ct state established,related".to_string(),
             })
             .collect();
-        parts.push(
-            match self.verdict {
-                Verdict::Accept => "accept",
-                Verdict::Drop => "drop",
-                Verdict::Masquerade => "masquerade",
-            }
-            .to_string(),
-        );
+        parts.push(match self.verdict {
+            Verdict::Accept => "accept".to_string(),
+            Verdict::Drop => "drop".to_string(),
+            Verdict::Masquerade => "masquerade".to_string(),
+            Verdict::Redirect(p) => format!("redirect to :{p}"),
+        });
         parts.push(format!("comment \"{}\"", self.comment));
         parts.join(" ")
     }
@@ -618,6 +830,14 @@ impl Rule {
                 Match::Daddr(n) => cmp(field("ip", "daddr"), "==", prefix(n)),
                 Match::Dport(L4::Tcp, p) => cmp(field("tcp", "dport"), "==", json!(p)),
                 Match::Dport(L4::Udp, p) => cmp(field("udp", "dport"), "==", json!(p)),
+                Match::L4(p) => cmp(
+                    json!({"meta": {"key": "l4proto"}}),
+                    "==",
+                    json!(match p {
+                        L4::Tcp => "tcp",
+                        L4::Udp => "udp",
+                    }),
+                ),
                 Match::Established => cmp(
                     json!({"ct": {"key": "state"}}),
                     "in",
@@ -629,6 +849,7 @@ impl Rule {
             Verdict::Accept => json!({"accept": null}),
             Verdict::Drop => json!({"drop": null}),
             Verdict::Masquerade => json!({"masquerade": null}),
+            Verdict::Redirect(p) => json!({"redirect": {"port": p}}),
         });
         json!({"rule": {
             "family": "ip",
@@ -670,14 +891,90 @@ mod tests {
         assert_eq!("nat".parse::<Egress>().unwrap(), Egress::Nat);
         let a: Egress = "allow=10.1.0.0/16:443,192.168.1.5".parse().unwrap();
         assert_eq!(a.to_string(), "allow=10.1.0.0/16:443,192.168.1.5/32");
+        let n: Egress = "allow=API.Example.com,*.github.com:22,10.0.0.0/8"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            n.to_string(),
+            "allow=api.example.com,*.github.com:22,10.0.0.0/8"
+        );
+        let Egress::Allow(rules) = &n else {
+            panic!("{n:?}")
+        };
+        assert_eq!(
+            rules[0],
+            Allow::Name {
+                name: "api.example.com".parse().unwrap(),
+                ports: vec![443, 80]
+            }
+        );
+        assert!(n.forwards() && n.has_gateway());
+        let names_only: Egress = "allow=api.example.com".parse().unwrap();
+        assert!(!names_only.forwards() && names_only.has_gateway());
+        assert!(!Egress::None.has_gateway());
         for bad in [
             "allow=",
             "allow=10.0.0.0/8:0",
             "allow=10.0.0.0/8:x",
             "open",
             "allow=1.2.3/8",
+            "allow=*.com",
+            "allow=com",
+            "allow=exa_mple.com",
+            "allow=-a.example.com",
+            "allow=a.*.example.com",
+            "allow=*",
+            "allow=1.2.3.4.5",
+            "allow=example.com:99999",
         ] {
             assert!(bad.parse::<Egress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn name_patterns_match_names_not_tricks() {
+        let exact: NamePattern = "api.example.com".parse().unwrap();
+        let wild: NamePattern = "*.github.com".parse().unwrap();
+        assert!(exact.matches("api.example.com"));
+        assert!(exact.matches("API.example.COM."));
+        assert!(!exact.matches("api.example.com.evil.net"));
+        assert!(!exact.matches("xapi.example.com"));
+        assert!(wild.matches("codeload.github.com"));
+        assert!(wild.matches("a.b.github.com"));
+        assert!(!wild.matches("github.com"), "*. needs a label in front");
+        assert!(!wild.matches("evilgithub.com"));
+        assert!(!wild.matches("github.com.evil.net"));
+        assert!(!wild.matches(".github.com"));
+        assert!(!wild.matches("a..github.com"));
+        assert!(!wild.matches("é.github.com"));
+        assert!(!exact.matches(""));
+        // Old records (a network and a port) still read.
+        let old: Allow = serde_json::from_str(r#"{"net":"10.0.0.0/8","port":443}"#).unwrap();
+        assert_eq!(old, "10.0.0.0/8:443".parse().unwrap());
+        let back: Allow =
+            serde_json::from_value(serde_json::to_value(wild_rule()).unwrap()).unwrap();
+        assert_eq!(back, wild_rule());
+    }
+
+    fn wild_rule() -> Allow {
+        "*.github.com:443".parse().unwrap()
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends as a name, matching never panics, and a
+        /// match is always the pattern itself or a name under its domain.
+        #[test]
+        fn matching_arbitrary_names_is_total(name in "\\PC{0,80}", sub in "[a-z0-9-]{0,20}") {
+            let exact: NamePattern = "api.example.com".parse().unwrap();
+            let wild: NamePattern = "*.example.com".parse().unwrap();
+            for n in [name.clone(), format!("{sub}.example.com"), format!("{name}.example.com")] {
+                if exact.matches(&n) {
+                    proptest::prop_assert!(n.trim_end_matches('.').eq_ignore_ascii_case("api.example.com"));
+                }
+                if wild.matches(&n) {
+                    proptest::prop_assert!(n.to_ascii_lowercase().trim_end_matches('.').ends_with(".example.com"));
+                }
+            }
         }
     }
 
@@ -792,14 +1089,44 @@ mod tests {
         assert!(text.contains(&format!(
             "ip saddr 10.213.0.0/30 oifname != \"{v}\" masquerade comment \"dough:s1:vm-x\""
         )));
+        let ns: Vec<String> = nat.ns_rules().iter().map(Rule::to_nft).collect();
+        let tagged = |r: &str| format!("{r} comment \"dough:s1:vm-x\"");
         assert_eq!(
-            nat.ns_rules()[0].to_nft(),
-            "iifname \"tap0\" ip saddr != 172.16.0.2/32 drop comment \"dough:s1:vm-x\""
+            ns,
+            [
+                tagged("iifname \"tap0\" udp dport 53 redirect to :53"),
+                tagged("iifname \"tap0\" tcp dport 53 redirect to :53"),
+                tagged("iifname \"tap0\" meta l4proto tcp redirect to :15001"),
+                tagged("iifname \"tap0\" ip saddr != 172.16.0.2/32 drop"),
+                tagged("iifname \"tap0\" tcp dport 15001 accept"),
+                tagged("iifname \"tap0\" tcp dport 53 accept"),
+                tagged("iifname \"tap0\" udp dport 53 accept"),
+                tagged("iifname \"tap0\" drop"),
+                tagged("iifname \"tap0\" ip saddr != 172.16.0.2/32 drop"),
+                tagged("iifname \"tap0\" meta l4proto tcp drop"),
+                tagged("iifname \"tap0\" udp dport 53 drop"),
+                tagged("ip saddr 172.16.0.0/30 oifname \"veth0\" masquerade"),
+            ]
         );
+        // Names alone forward nothing: no veth, nothing from the TAP is
+        // forwarded, only the gateway's redirects.
+        let names = NetPlan::new(
+            "s1",
+            "vm-z",
+            "allow=api.example.com,*.github.com:22".parse().unwrap(),
+            pool(),
+            0,
+            &used,
+        )
+        .unwrap();
+        assert!(names.transfer.is_none());
+        assert!(names.host_rules(pool()).is_empty());
+        let ns: Vec<String> = names.ns_rules().iter().map(Rule::to_nft).collect();
         assert_eq!(
-            nat.ns_rules()[1].to_nft(),
-            "ip saddr 172.16.0.0/30 oifname \"veth0\" masquerade comment \"dough:s1:vm-x\""
+            ns.last().unwrap(),
+            "iifname \"tap0\" drop comment \"dough:s1:vm-z\""
         );
+        assert!(!ns.iter().any(|r| r.contains("masquerade")));
         // A forged source is dropped before anything is accepted.
         let all: Vec<String> = nat.host_rules(pool()).iter().map(Rule::to_nft).collect();
         let spoof = all
@@ -883,15 +1210,24 @@ mod tests {
     #[test]
     fn json_rules_name_table_chain_and_comment() {
         let nat = NetPlan::new("s1", "vm-x", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
-        let j = nat.ns_rules()[1].to_json("dough");
+        let rules = nat.ns_rules();
+        let j = rules.last().unwrap().to_json("dough");
         assert_eq!(j["rule"]["family"], "ip");
         assert_eq!(j["rule"]["table"], "dough");
         assert_eq!(j["rule"]["chain"], "postrouting");
         assert_eq!(j["rule"]["comment"], "dough:s1:vm-x");
         assert_eq!(j["rule"]["expr"][0]["match"]["right"]["prefix"]["len"], 30);
         assert!(j["rule"]["expr"][2].get("masquerade").is_some());
-        let d = nat.ns_rules()[0].to_json("dough");
+        let d = rules[8].to_json("dough");
         assert_eq!(d["rule"]["chain"], "forward");
         assert_eq!(d["rule"]["expr"][1]["match"]["op"], "!=");
+        let redirect = rules[2].to_json("dough");
+        assert_eq!(redirect["rule"]["chain"], "prerouting");
+        assert_eq!(
+            redirect["rule"]["expr"][1]["match"]["left"]["meta"]["key"],
+            "l4proto"
+        );
+        assert_eq!(redirect["rule"]["expr"][1]["match"]["right"], "tcp");
+        assert_eq!(redirect["rule"]["expr"][2]["redirect"]["port"], 15001);
     }
 }

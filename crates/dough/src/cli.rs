@@ -87,6 +87,28 @@ pub enum Command {
     /// (internal) Outlive a dough process and reclaim its VMs if it dies.
     #[command(hide = true)]
     Watchdog(crate::watchdog::WatchdogArgs),
+    /// (internal) One clone's egress gateway: started by dough with its
+    /// sockets already made inside the clone's network namespace.
+    #[command(hide = true)]
+    Gateway(GatewayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// The gateway's configuration (`gateway.json` in the VM directory).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// `dough gateway`: serve one clone until its VMM is gone.
+fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let config = dough_gateway::Config::read(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let sockets = dough_gateway::server::Sockets::inherited()
+        .context("the gateway's sockets (dough gateway is started by dough itself)")?;
+    dough_gateway::server::run(config, sockets).context("serving the clone")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Print `dough: error: <headline><e>` and each cause on its own line.
@@ -221,7 +243,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // doughs and notices dead clones.
     if !matches!(
         cli.command,
-        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
+        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_) | Command::Gateway(_)
     ) {
         crate::teardown::sweep(&ctx.vms);
     }
@@ -247,6 +269,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),
+        Command::Gateway(args) => gateway(args),
     }
 }
 

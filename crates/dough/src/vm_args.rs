@@ -131,6 +131,31 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
 /// test that SIGKILLs dough there; a release build has no such switch.
 fn host_net() -> dough_fabric::host::HostNet {
     let net = dough_fabric::host::HostNet::linux();
+    // Every clone with egress gets a gateway: this very program.
+    let net = match std::env::current_exe() {
+        Ok(exe) => net.with_gateway(exe),
+        Err(e) => {
+            tracing::warn!(
+                "cannot find dough's own program ({e}): clones can have --net none only"
+            );
+            net
+        }
+    };
+    // The tests' stand-in world has names no resolver knows: the gateways
+    // answer them from a table (name=ip[+ip...],...).
+    #[cfg(feature = "test-hooks")]
+    let net = match std::env::var("DOUGH_TEST_GATEWAY_HOSTS") {
+        Ok(v) => net.with_gateway_hosts(
+            v.split(',')
+                .filter_map(|e| e.split_once('='))
+                .map(|(n, ips)| {
+                    let ips = ips.split('+').filter_map(|ip| ip.parse().ok()).collect();
+                    (n.to_ascii_lowercase(), ips)
+                })
+                .collect(),
+        ),
+        Err(_) => net,
+    };
     #[cfg(feature = "test-hooks")]
     if let Some(hold_at) = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
         .ok()

@@ -58,6 +58,15 @@ pub struct ExecCmdArgs {
 pub struct LogsArgs {
     /// The VM's id (or a unique prefix of it).
     pub id: String,
+    /// Print the clone's egress log instead of its console: every DNS
+    /// query and TCP connection its gateway saw — time, name, where the
+    /// guest dialed and where the gateway connected, verdict and reason,
+    /// bytes each way.
+    #[arg(long)]
+    pub net: bool,
+    /// With --net: the raw JSON lines.
+    #[arg(long, requires = "net")]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +240,26 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let dir = dough_fabric::state::VmDir::open(&ctx.vms, &args.id)?;
     let rec = dir.read()?;
     let mut out = std::io::stdout().lock();
+    if args.net {
+        let path = dir.dir().join(dough_fabric::vm::GATEWAY_AUDIT_LOG);
+        if !rec.net.as_ref().is_some_and(|n| n.egress.has_gateway()) {
+            anyhow::bail!("{} has no egress (--net none): nothing to log", rec.id);
+        }
+        let events = match dough_gateway::audit::read(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        for e in &events {
+            let line = if args.json {
+                serde_json::to_string(e)?
+            } else {
+                net_line(e)
+            };
+            writeln!(out, "{}", printable(&line))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(key) = &rec.snapshot {
         let snap = dough_fabric::SnapshotStore::new(&ctx.home).get(key);
         match snap {
@@ -255,6 +284,46 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
         .read_to_end(&mut text)?;
     out.write_all(printable(&String::from_utf8_lossy(&text)).as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One audit event as a line: `HH:MM:SS.mmm dns|tcp VERDICT what → where (reason) bytes`.
+fn net_line(e: &dough_gateway::audit::Event) -> String {
+    use dough_gateway::audit::{Kind, Verdict};
+    let ms = e.t % 86_400_000;
+    let t = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    );
+    let verdict = match e.verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "DENY ",
+        Verdict::Fail => "fail ",
+    };
+    let mut what = match e.kind {
+        Kind::Dns => format!(
+            "dns {} {}",
+            e.what.as_deref().unwrap_or("?"),
+            e.name.as_deref().unwrap_or("?")
+        ),
+        Kind::Tcp => {
+            let mut w = format!("tcp {}", e.dialed.as_deref().unwrap_or("?"));
+            if let (Some(n), Some(how)) = (&e.name, &e.what) {
+                w += &format!(" {how}={n}");
+            }
+            w
+        }
+    };
+    if let Some(u) = &e.upstream {
+        what += &format!(" -> {u}");
+    }
+    let mut line = format!("{t} {verdict} {what} ({})", e.reason);
+    if let (Some(up), Some(down)) = (e.up, e.down) {
+        line += &format!(" up {up} B, down {down} B");
+    }
+    line
 }
 
 pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {

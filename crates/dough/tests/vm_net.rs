@@ -45,9 +45,10 @@ fn connect(home: &Path, id: &str, host: &str, port: u16) -> Option<String> {
             &port.to_string(),
         ],
     );
-    out.status
-        .success()
-        .then(|| text(&out.stdout).trim().to_string())
+    // Through the gateway a refused connection is accepted and then
+    // closed: nothing coming back is the same as no connection.
+    let got = text(&out.stdout).trim().to_string();
+    (out.status.success() && !got.is_empty()).then_some(got)
 }
 
 fn record(home: &Path, id: &str) -> serde_json::Value {
@@ -78,15 +79,22 @@ fn vm_net_clones_share_one_address_and_cannot_reach_each_other() {
         assert_eq!(connect(h, &ids[0], addr, 22), None, "A reached {addr}");
     }
     // A listener inside B's netns (on its transfer address) stays out of
-    // A's reach, while B's own netns can use it.
+    // A's reach (and B's own guest's: clones' TCP leaves through the
+    // gateway, which never connects to a clone's network), while it works
+    // from inside B's netns itself.
     let ns = b["net"]["netns"].as_str().unwrap().to_string();
     let ns_addr: Ipv4Addr = t["ns_addr"].as_str().unwrap().parse().unwrap();
     serve_in(&ns, ns_addr, 7070, b"b").unwrap();
     assert_eq!(connect(h, &ids[0], &ns_addr.to_string(), 7070), None);
-    assert_eq!(
-        connect(h, &ids[1], &ns_addr.to_string(), 7070).as_deref(),
-        Some("b")
-    );
+    assert_eq!(connect(h, &ids[1], &ns_addr.to_string(), 7070), None);
+    let inside = dough_net::linux::in_netns(Some(&ns), || {
+        let mut s = std::net::TcpStream::connect((ns_addr, 7070))
+            .map_err(|e| dough_net::NetError::io("connect", e))?;
+        let mut b = String::new();
+        std::io::Read::read_to_string(&mut s, &mut b).ok();
+        Ok(b)
+    });
+    assert_eq!(inside.unwrap(), "b");
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success());
 }
@@ -134,6 +142,19 @@ fn vm_net_egress_policies() {
     );
     assert_eq!(connect(h, allow, &w, 8080).as_deref(), Some("hello"));
     assert_eq!(connect(h, allow, &w, 9090), None);
+    // Under nat too, TCP goes through the clone's gateway and is logged;
+    // the host's own address was refused there.
+    let log = text(&run(h, &["logs", "--net", nat]).stdout);
+    assert!(
+        log.contains(&format!("allow tcp {w}:8080 -> {w}:8080")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "DENY  tcp {host_side}:{port} (never reachable: the host itself)"
+        )),
+        "{log}"
+    );
     let table = run(h, &["ps"]);
     assert!(
         text(&table.stdout).contains(&format!("allow={w}/32:8080")),
@@ -191,9 +212,15 @@ fn vm_net_sixteen_clones_leave_nothing_behind() {
     veths.dedup();
     assert_eq!(veths.len(), 16, "distinct names");
     assert_eq!(net_objects(h, &plans).len(), 16 * 3);
+    let gateways = gateway_pids(h);
+    assert_eq!(gateways.len(), 16);
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(net_objects(h, &plans), Vec::<String>::new());
+    assert!(
+        gateways.iter().all(|p| process_gone(*p)),
+        "a gateway outlived its clone"
+    );
 }
 
 #[test]
@@ -213,6 +240,8 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
     let plans: Vec<serde_json::Value> = records(h).iter().map(|r| r["net"].clone()).collect();
     assert_eq!(plans.len(), 3, "{seen}");
     assert_eq!(net_objects(h, &plans).len(), 9);
+    let gateways = gateway_pids(h);
+    assert_eq!(gateways.len(), 3);
     kill_dough_and_its_watchdog(&mut child);
     let out = run(h, &["ps"]);
     assert_eq!(
@@ -222,6 +251,18 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
         text(&out.stderr)
     );
     assert_eq!(net_objects(h, &plans), Vec::<String>::new());
+    assert!(
+        gateways.iter().all(|p| process_gone(*p)),
+        "a reclaimed clone's gateway is still running"
+    );
+}
+
+/// The gateway processes `home`'s clones recorded.
+fn gateway_pids(home: &Path) -> Vec<i64> {
+    records(home)
+        .iter()
+        .filter_map(|r| r["gateway"]["pid"].as_i64())
+        .collect()
 }
 
 #[test]
