@@ -59,6 +59,8 @@ pub struct HostNet {
     gateway: Option<GatewayLaunch>,
     /// Names every gateway answers before asking the host's resolver.
     gateway_hosts: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// Extra roots gateways trust for upstreams (PEM files).
+    gateway_roots: Vec<PathBuf>,
 }
 
 /// What starting one clone's gateway needs.
@@ -66,10 +68,12 @@ pub struct HostNet {
 pub struct GatewayStart<'a> {
     /// The clone's network namespace, where its sockets are made.
     pub netns: &'a str,
-    /// Its configuration (`gateway.json` in the VM directory).
-    pub config: &'a Path,
-    /// Where its own diagnostics (stderr) go.
-    pub stderr: &'a Path,
+    /// The VM's directory (the gateway's diagnostics go to
+    /// `gateway.stderr` there; its audit log is named in the config).
+    pub vm_dir: &'a Path,
+    /// Its configuration as JSON, written to its standard input (it may
+    /// hold secrets: never to a file).
+    pub config: &'a [u8],
 }
 
 /// Start a clone's gateway process (see `dough-gateway`).
@@ -116,6 +120,7 @@ impl HostNet {
             observer: None,
             gateway: None,
             gateway_hosts: BTreeMap::new(),
+            gateway_roots: Vec::new(),
         }
     }
 
@@ -142,6 +147,17 @@ impl HostNet {
 
     pub fn gateway_hosts(&self) -> &BTreeMap<String, Vec<Ipv4Addr>> {
         &self.gateway_hosts
+    }
+
+    /// Roots (PEM files) gateways trust for upstreams of brokered hosts,
+    /// besides webpki's and the host's bundle.
+    pub fn with_gateway_roots(mut self, roots: Vec<PathBuf>) -> Self {
+        self.gateway_roots = roots;
+        self
+    }
+
+    pub fn gateway_roots(&self) -> &[PathBuf] {
+        &self.gateway_roots
     }
 
     /// Start a clone's gateway; an error when this host network has none.
@@ -250,19 +266,35 @@ fn spawn_in_netns(
 /// on the host with them as its only inherited descriptors.
 fn launch_gateway(exe: &Path, s: &GatewayStart<'_>) -> Result<Child, NetError> {
     use dough_net::plan::{GATEWAY_TCP_PORT, GUEST_GW};
+    use std::io::Write;
     let sockets = dough_net::linux::in_netns(Some(s.netns), || {
         dough_gateway::server::Sockets::bind(GUEST_GW, GATEWAY_TCP_PORT)
             .map_err(|e| NetError::io("binding the gateway's sockets in the clone's netns", e))
     })?;
-    let stderr = std::fs::File::create(s.stderr)
-        .map_err(|e| NetError::io(format!("creating {}", s.stderr.display()), e))?;
-    let mut cmd = sockets.command(exe, s.config);
-    cmd.stdin(Stdio::null())
+    let err_path = s.vm_dir.join("gateway.stderr");
+    let stderr = std::fs::File::create(&err_path)
+        .map_err(|e| NetError::io(format!("creating {}", err_path.display()), e))?;
+    let mut cmd = sockets.command(exe);
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(stderr);
     dough_vmm::process::cap_file_size(&mut cmd, GATEWAY_FILE_MAX);
-    cmd.spawn()
-        .map_err(|e| NetError::io(format!("starting the gateway {}", exe.display()), e))
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| NetError::io(format!("starting the gateway {}", exe.display()), e))?;
+    // The configuration through a pipe, then closed: the gateway reads it
+    // to its end before serving.
+    let written = child
+        .stdin
+        .take()
+        .map(|mut w| w.write_all(s.config))
+        .unwrap_or_else(|| Err(std::io::Error::other("no pipe")));
+    if let Err(e) = written {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(NetError::io("giving the gateway its configuration", e));
+    }
+    Ok(child)
 }
 
 /// A short name for a VM directory, part of its clones' netns names and
@@ -306,7 +338,7 @@ pub(crate) fn fake_host_net() -> (
     }
     let run = tempfile::tempdir().expect("tempdir");
     let fake = Arc::new(Mutex::new(dough_net::ops::FakeNet::default()));
-    // A stand-in gateway: a sleep whose argv[0] is its config path, so a
+    // A stand-in gateway: a sleep whose argv[0] is its VM directory, so a
     // test can find it.
     // Each start is noted in `gateways` in the run directory.
     let noted = run.path().join("gateways");
@@ -318,10 +350,10 @@ pub(crate) fn fake_host_net() -> (
                 .append(true)
                 .open(&noted)
                 .map_err(|e| NetError::io("fake gateway", e))?;
-            let _ = writeln!(f, "{}", s.config.display());
+            let _ = writeln!(f, "{}", s.vm_dir.display());
             use std::os::unix::process::CommandExt;
             Command::new("sleep")
-                .arg0(s.config)
+                .arg0(s.vm_dir)
                 .arg("3600")
                 .spawn()
                 .map_err(|e| NetError::io("fake gateway", e))

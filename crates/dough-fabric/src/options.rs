@@ -31,6 +31,11 @@ pub struct BootOptions {
     pub net_pool: Ipv4Net,
     /// The host network VMs are built on (the real one by default).
     pub net: HostNet,
+    /// Secrets the clone's guest holds placeholders of; its gateway puts
+    /// the real values into requests to the hosts each one names.
+    pub brokers: Vec<dough_gateway::broker::Broker>,
+    /// dough's CA (needed with `brokers`).
+    pub ca: Option<dough_gateway::tls::CaPem>,
 }
 
 impl Default for BootOptions {
@@ -45,9 +50,13 @@ impl Default for BootOptions {
             deadline: Duration::from_secs(60),
             retries: 1,
             extra_cmdline: Vec::new(),
-            egress: Egress::Nat,
+            // Nothing leaves unless asked for (and a way out needs a
+            // gateway program: see `HostNet::with_gateway`).
+            egress: Egress::None,
             net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
             net: HostNet::linux(),
+            brokers: Vec::new(),
+            ca: None,
         }
     }
 }

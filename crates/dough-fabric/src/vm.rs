@@ -562,22 +562,18 @@ fn start_gateway(s: &Start<'_>, dir: &VmDir, undo: &mut Unwind<'_>) -> Result<()
         log: s.paths.dir.join(GATEWAY_AUDIT_LOG),
         hosts: s.opts.net.gateway_hosts().clone(),
         vmm: vmm.map(|v| (v.pid, v.start_ticks)),
+        brokers: s.opts.brokers.clone(),
+        ca: s.opts.ca.clone(),
+        upstream_roots: s.opts.net.gateway_roots().to_vec(),
     };
-    let config_path = s.paths.dir.join("gateway.json");
-    config
-        .write(&config_path)
-        .map_err(|source| FabricError::StateDir {
-            path: config_path.clone(),
-            source,
-        })?;
     let spawning = crate::host::SPAWNING.read();
     let child = s
         .opts
         .net
         .start_gateway(&crate::host::GatewayStart {
             netns: &s.plan.netns,
-            config: &config_path,
-            stderr: &s.paths.dir.join("gateway.stderr"),
+            vm_dir: &s.paths.dir,
+            config: &config.to_json(),
         })
         .map_err(net_err)?;
     let gateway = undo.gateway.insert(VmmProcess::from_child(child));
@@ -838,6 +834,7 @@ mod tests {
         let opts = BootOptions {
             deadline: Duration::from_millis(300),
             net,
+            egress: Egress::Nat,
             ..BootOptions::default()
         };
         let e = Vm::launch_on(

@@ -51,6 +51,16 @@ pub struct Event {
     pub upstream: Option<String>,
     pub verdict: Verdict,
     pub reason: String,
+    /// Brokered requests: method, path (clipped), the upstream's status,
+    /// and which secrets were put in.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub secrets: Option<Vec<String>>,
     /// Bytes guest → upstream and back (TCP, once closed).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub up: Option<u64>,
@@ -73,9 +83,21 @@ impl Event {
             upstream: None,
             verdict,
             reason: reason.into(),
+            method: None,
+            path: None,
+            status: None,
+            secrets: None,
             up: None,
             down: None,
         }
+    }
+}
+
+/// At most 200 characters of `s` (paths in the log).
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
     }
 }
 

@@ -17,14 +17,20 @@
 //! - [`sniff`]: the name a client asks for (TLS SNI, HTTP `Host`), read
 //!   from its first bytes with a bound and a deadline.
 //! - [`audit`]: every query and connection as one JSON line.
+//! - [`broker`], [`tls`], [`mitm`]: credential brokering — placeholders in
+//!   the guest, real values put into requests to the hosts a secret names,
+//!   TLS terminated with dough's CA and forwarded verified.
 //! - [`server`]: the event loop tying them together.
 
 pub mod audit;
+pub mod broker;
 pub mod config;
 pub mod dns;
 pub mod guard;
+pub mod mitm;
 pub mod policy;
 pub mod server;
 pub mod sniff;
+pub mod tls;
 
 pub use config::Config;

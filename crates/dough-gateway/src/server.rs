@@ -29,7 +29,8 @@ pub const MAX_CONNS: usize = 256;
 /// DNS questions of one clone being resolved at once; more are dropped
 /// (the guest's resolver retries).
 pub const MAX_DNS_INFLIGHT: usize = 32;
-/// A client must have sent its ClientHello or request head by then.
+/// A client must have sent its ClientHello or request head by then (and,
+/// for a brokered host, finished its TLS handshake).
 pub const SNIFF_DEADLINE: Duration = Duration::from_secs(10);
 /// Resolving a name on the host.
 pub const RESOLVE_DEADLINE: Duration = Duration::from_secs(5);
@@ -93,9 +94,9 @@ impl Sockets {
         }
     }
 
-    /// `exe gateway --config CONFIG`, with these sockets as its
-    /// [`INHERITED_FDS`] (and nothing else of ours).
-    pub fn command(&self, exe: &Path, config: &Path) -> Command {
+    /// `exe gateway` (its configuration comes on standard input), with
+    /// these sockets as its [`INHERITED_FDS`] (and nothing else of ours).
+    pub fn command(&self, exe: &Path) -> Command {
         use std::os::unix::process::CommandExt;
         let fds = [
             self.tcp.as_raw_fd(),
@@ -103,7 +104,7 @@ impl Sockets {
             self.dns_tcp.as_raw_fd(),
         ];
         let mut cmd = Command::new(exe);
-        cmd.arg("gateway").arg("--config").arg(config);
+        cmd.arg("gateway");
         // SAFETY: between fork and exec only async-signal-safe calls
         // (fcntl, dup2) on descriptors this process owns.
         unsafe {
@@ -145,23 +146,37 @@ fn unsafe_borrow(fd: RawFd) -> io::Result<std::os::fd::BorrowedFd<'static>> {
 
 /// Everything a connection or query handler reads.
 #[derive(Debug)]
-struct Ctx {
+pub(crate) struct Ctx {
     vm: String,
     policy: Policy,
-    deny: Vec<Ipv4Net>,
-    hosts: BTreeMap<String, Vec<Ipv4Addr>>,
-    audit: Audit,
+    resolver: Arc<Resolver>,
+    pub(crate) audit: Audit,
+    pub(crate) brokering: Option<crate::mitm::Brokering>,
 }
 
 impl Ctx {
-    fn event(&self, kind: Kind, verdict: Verdict, reason: impl Into<String>) -> Event {
+    pub(crate) fn event(&self, kind: Kind, verdict: Verdict, reason: impl Into<String>) -> Event {
         Event::new(&self.vm, kind, verdict, reason)
     }
 
-    /// `name`'s addresses as the host resolves them (the gateway's own
-    /// table first), less every address no clone may reach.
     async fn resolve(&self, name: &str) -> io::Result<Vec<Ipv4Addr>> {
-        let all: Vec<Ipv4Addr> = match self.hosts.get(name) {
+        self.resolver.resolve(name).await
+    }
+}
+
+/// Names resolved on the host: the gateway's own table first, then the
+/// host's resolver; addresses no clone may reach are dropped.
+#[derive(Debug)]
+pub struct Resolver {
+    pub hosts: BTreeMap<String, Vec<Ipv4Addr>>,
+    pub deny: Vec<Ipv4Net>,
+}
+
+impl Resolver {
+    /// `name`'s reachable IPv4 addresses.
+    pub async fn resolve(&self, name: &str) -> io::Result<Vec<Ipv4Addr>> {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        let all: Vec<Ipv4Addr> = match self.hosts.get(&name) {
             Some(a) => a.clone(),
             None => {
                 let found =
@@ -196,14 +211,37 @@ pub fn run(config: Config, sockets: Sockets) -> io::Result<()> {
         .max_blocking_threads(4)
         .build()?;
     let audit = Audit::open(&config.log, crate::audit::LOG_MAX)?;
-    let ctx = Arc::new(Ctx {
-        vm: config.vm.clone(),
-        policy: Policy::new(config.egress.clone()),
-        deny: config.deny.clone(),
+    let resolver = Arc::new(Resolver {
         hosts: config.hosts.clone(),
-        audit,
+        deny: config.deny.clone(),
     });
+    let vm = config.vm.clone();
+    let policy = Policy::new(config.egress.clone());
+    let vmm = config.vmm;
     rt.block_on(async move {
+        let brokering = match (config.brokers.is_empty(), &config.ca) {
+            (true, _) => None,
+            (false, None) => {
+                return Err(io::Error::other(
+                    "brokered secrets need dough's CA, and none was given",
+                ))
+            }
+            (false, Some(ca)) => {
+                let upstream = crate::tls::upstream_config(&config.upstream_roots)
+                    .map_err(io::Error::other)?;
+                Some(
+                    crate::mitm::Brokering::new(config.brokers, ca, upstream, resolver.clone())
+                        .map_err(io::Error::other)?,
+                )
+            }
+        };
+        let ctx = Arc::new(Ctx {
+            vm,
+            policy,
+            resolver,
+            audit,
+            brokering,
+        });
         for s in [&sockets.tcp, &sockets.dns_tcp] {
             s.set_nonblocking(true)?;
         }
@@ -218,7 +256,7 @@ pub fn run(config: Config, sockets: Sockets) -> io::Result<()> {
                 r = accept_dns_tcp(ctx.clone(), dns_tcp) => r,
             }
         };
-        match config.vmm {
+        match vmm {
             Some((pid, start)) => tokio::select! {
                 r = served => r,
                 r = vmm_gone(pid, start) => {
@@ -302,7 +340,7 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddrV4> {
 }
 
 /// Handle one redirected connection to its end; what to log.
-async fn connection(ctx: &Ctx, mut guest: TcpStream) -> Event {
+async fn connection(ctx: &Arc<Ctx>, mut guest: TcpStream) -> Event {
     let dialed = match original_dst(&guest) {
         Ok(d) => d,
         Err(e) => {
@@ -316,28 +354,49 @@ async fn connection(ctx: &Ctx, mut guest: TcpStream) -> Event {
     let mut ev = ctx.event(Kind::Tcp, Verdict::Deny, "");
     ev.dialed = Some(dialed.to_string());
     let mut first = Vec::new();
-    let candidates: Vec<SocketAddrV4> = match ctx.policy.route(dialed) {
-        Route::Deny(why) => {
-            ev.reason = why.to_string();
-            return ev;
+    let route = ctx.policy.route(dialed);
+    if let Route::Deny(why) = route {
+        ev.reason = why.to_string();
+        return ev;
+    }
+    // The name the client asks for: needed to route by name, and on 443
+    // whenever some secret is brokered (its hosts are intercepted under
+    // any policy that lets them through).
+    let brokering = ctx.brokering.is_some() && dialed.port() == 443;
+    let mut named = None;
+    if route == Route::ByName || brokering {
+        match read_name(&mut guest, &mut first).await {
+            Ok(n) => named = Some(n),
+            Err(why) if route == Route::ByName => {
+                ev.reason = why;
+                return ev;
+            }
+            Err(_) => {}
         }
+    }
+    if let Some((name, how)) = &named {
+        ev.name = Some(name.clone());
+        ev.what = Some(how.to_string());
+    }
+    if let (Some((name, "sni")), Some(b)) = (&named, &ctx.brokering) {
+        if b.serves(name) && ctx.policy.allows_name(name, dialed.port()) {
+            let name = name.clone();
+            return crate::mitm::serve(ctx.clone(), guest, first, name, dialed, ev).await;
+        }
+    }
+    let candidates: Vec<SocketAddrV4> = match route {
+        Route::Deny(_) => unreachable!("handled above"),
         Route::Direct(d) => {
-            if let Some(why) = crate::guard::forbidden(*d.ip(), &ctx.deny) {
+            if let Some(why) = crate::guard::forbidden(*d.ip(), &ctx.resolver.deny) {
                 ev.reason = format!("never reachable: {why}");
                 return ev;
             }
             vec![d]
         }
         Route::ByName => {
-            let (name, how) = match read_name(&mut guest, &mut first).await {
-                Ok(x) => x,
-                Err(why) => {
-                    ev.reason = why;
-                    return ev;
-                }
+            let Some((name, _)) = named else {
+                unreachable!("a by-name route returned above without a name")
             };
-            ev.name = Some(name.clone());
-            ev.what = Some(how.to_string());
             if !ctx.policy.allows_name(&name, dialed.port()) {
                 ev.reason = "name not allowed on this port".into();
                 return ev;

@@ -56,6 +56,9 @@ fn answers_by_policy_logs_and_stops_with_its_vmm() {
         .into_iter()
         .collect(),
         vmm: Some((pid, start)),
+        brokers: vec![],
+        ca: None,
+        upstream_roots: vec![],
     };
     let server = std::thread::spawn(move || run(config, sockets));
 

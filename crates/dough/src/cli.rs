@@ -94,17 +94,14 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct GatewayArgs {
-    /// The gateway's configuration (`gateway.json` in the VM directory).
-    #[arg(long)]
-    pub config: PathBuf,
-}
+pub struct GatewayArgs {}
 
-/// `dough gateway`: serve one clone until its VMM is gone.
-fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+/// `dough gateway`: serve one clone until its VMM is gone. Its
+/// configuration (which may hold secrets) comes on standard input.
+fn gateway(_args: GatewayArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let config = dough_gateway::Config::read(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
+    let config = dough_gateway::Config::read_from(std::io::stdin().lock())
+        .context("reading the gateway's configuration from standard input")?;
     let sockets = dough_gateway::server::Sockets::inherited()
         .context("the gateway's sockets (dough gateway is started by dough itself)")?;
     dough_gateway::server::run(config, sockets).context("serving the clone")?;
