@@ -594,7 +594,7 @@ deps = ["parser"]
             p.egress,
             "allow=api.anthropic.com,*.github.com:443,10.0.0.0/8"
         );
-        assert!(p.check().is_ok());
+        p.check().unwrap();
         let one = format!("egress = \"none\"\n{GOOD}");
         assert_eq!(Plan::parse(&one).unwrap().egress, "none");
         assert_eq!(Plan::parse(GOOD).unwrap().egress, "nat");
