@@ -94,6 +94,8 @@ pub enum FabricError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM {vm}: could not install dough's CA in the guest; it said: {said}")]
+    TrustCa { vm: String, said: String },
     #[error("tearing down VM {vm}")]
     Teardown {
         vm: String,
@@ -144,6 +146,9 @@ pub struct Vm {
     process: VmmProcess,
     /// Its egress gateway (every policy but `none`).
     gateway: Option<VmmProcess>,
+    /// Variables every command gets so that its TLS clients trust dough's
+    /// CA (clones with brokered secrets).
+    ca_env: Vec<(String, String)>,
     channel: HostChannel,
     torn_down: bool,
 }
@@ -233,7 +238,11 @@ impl Vm {
         let endpoint = spawn_vmm(backend, &start_info, &dir, &mut undo)?;
         start_gateway(&start_info, &dir, &mut undo)?;
         let process = undo.process.as_mut().expect("spawn_vmm recorded the VMM");
-        let (channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
+        let (mut channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
+        let ca_env = match (&opts.ca, opts.brokers.is_empty()) {
+            (Some(ca), false) => trust_ca(&mut channel, &id, &ca.cert, &paths)?,
+            _ => Vec::new(),
+        };
         dir.set_state(VmState::Ready)?;
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");
@@ -251,6 +260,7 @@ impl Vm {
             host_net: opts.net.clone(),
             process,
             gateway,
+            ca_env,
             channel,
             torn_down: false,
         })
@@ -262,6 +272,16 @@ impl Vm {
         req: &ExecRequest,
         sink: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, FabricError> {
+        let with_ca;
+        let req = if self.ca_env.is_empty() {
+            req
+        } else {
+            // The caller's own variables come last, so they win.
+            let mut r = req.clone();
+            r.env = self.ca_env.iter().cloned().chain(r.env).collect();
+            with_ca = r;
+            &with_ca
+        };
         self.channel.exec(req, sink).map_err(|source| {
             // A deadline that ran out mid-frame leaves the stream out of
             // step: nothing more may be read from this connection.
@@ -503,6 +523,14 @@ fn spawn_vmm(
     // Made before the spawn: a guest may connect as soon as it runs.
     let endpoint = backend.endpoint(s.paths).map_err(state_err)?;
     let mut cmd = backend.command(s).map_err(state_err)?;
+    // The VMM gets none of dough's environment (which may hold the very
+    // secrets a clone is only given placeholders of): a guest that broke
+    // out into its VMM would find them there.
+    let path = std::env::var_os("PATH");
+    cmd.env_clear();
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
     // A clone's guest may run anything: what its VMM writes (the console
     // log above all) is capped. A bake writes the snapshot's memory file,
     // and runs only dough's own agent: no cap.
@@ -585,6 +613,58 @@ fn start_gateway(s: &Start<'_>, dir: &VmDir, undo: &mut Unwind<'_>) -> Result<()
     drop(spawning);
     recorded?;
     Ok(())
+}
+
+/// Where a clone with brokered secrets keeps dough's CA certificate.
+pub const GUEST_CA_PATH: &str = "/etc/dough/ca.pem";
+/// The guest's system bundle, which gets dough's CA appended.
+pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Step 4 (clones with brokered secrets): make the guest trust dough's CA
+/// — its certificate into the system bundle of the clone's own writable
+/// layer and at [`GUEST_CA_PATH`] — before anything else runs; the
+/// variables that point TLS clients at them.
+fn trust_ca(
+    ch: &mut HostChannel,
+    id: &str,
+    cert_pem: &str,
+    paths: &VmPaths,
+) -> Result<Vec<(String, String)>, FabricError> {
+    let script = format!(
+        "set -e; mkdir -p /etc/dough; printf '%s\\n' \"$DOUGH_CA\" > {GUEST_CA_PATH}; \
+         mkdir -p /etc/ssl/certs; cat {GUEST_CA_PATH} >> {GUEST_BUNDLE}"
+    );
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script],
+        env: vec![("DOUGH_CA".into(), cert_pem.to_string())],
+        cwd: None,
+        stdin: None,
+        timeout: Some(Duration::from_secs(30)),
+    };
+    let mut said = Vec::new();
+    let status = ch
+        .exec(&req, &mut |_, b| {
+            said.extend_from_slice(&b[..b.len().min(4096)])
+        })
+        .map_err(|source| FabricError::Channel {
+            vm: id.to_string(),
+            source,
+            serial_tail: tail(&paths.serial, TAIL_LINES),
+        })?;
+    if status != ExitStatus::Exited(0) {
+        return Err(FabricError::TrustCa {
+            vm: id.to_string(),
+            said: crate::serial::printable(&String::from_utf8_lossy(&said)),
+        });
+    }
+    let bundle = GUEST_BUNDLE.to_string();
+    Ok(vec![
+        ("NODE_EXTRA_CA_CERTS".into(), GUEST_CA_PATH.into()),
+        ("SSL_CERT_FILE".into(), bundle.clone()),
+        ("REQUESTS_CA_BUNDLE".into(), bundle.clone()),
+        ("CURL_CA_BUNDLE".into(), bundle.clone()),
+        ("GIT_SSL_CAINFO".into(), bundle),
+    ])
 }
 
 /// The gateway's audit log (JSON lines) in a VM's directory.

@@ -299,7 +299,10 @@ mod tests {
         h.insert("x-api-key", "sk-ant-dough-PLACEHOLDER".parse().unwrap());
         h.insert("x-other", "sk-ant-dough-PLACEHOLDER".parse().unwrap());
         let mut elsewhere = h.clone();
-        assert_eq!(inject(std::slice::from_ref(&b), "api.example.com", &mut h), ["KEY"]);
+        assert_eq!(
+            inject(std::slice::from_ref(&b), "api.example.com", &mut h),
+            ["KEY"]
+        );
         assert_eq!(h["x-api-key"], "sk-ant-REALVALUE");
         assert_eq!(h["x-other"], "sk-ant-dough-PLACEHOLDER");
         assert!(inject(&[b], "evil.example.com", &mut elsewhere).is_empty());

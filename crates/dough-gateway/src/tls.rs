@@ -200,12 +200,11 @@ pub fn upstream_config(extra: &[std::path::PathBuf]) -> Result<rustls::ClientCon
             let _ = roots.add(c);
         }
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    // ALPN (h2, http/1.1) is set by the HTTPS connector that uses it.
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

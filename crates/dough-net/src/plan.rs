@@ -652,7 +652,13 @@ impl NetPlan {
                 vec![tap(), Match::NotSaddr(guest)],
                 Verdict::Drop,
             ),
-            // Of this netns, the guest reaches the gateway's sockets only.
+            // Of this netns, the guest reaches the gateway's sockets only
+            // (and answers what the netns itself opened to it).
+            r(
+                Chain::Input,
+                vec![tap(), Match::Established],
+                Verdict::Accept,
+            ),
             r(
                 Chain::Input,
                 vec![tap(), Match::Dport(L4::Tcp, GATEWAY_TCP_PORT)],
@@ -1098,6 +1104,7 @@ mod tests {
                 tagged("iifname \"tap0\" tcp dport 53 redirect to :53"),
                 tagged("iifname \"tap0\" meta l4proto tcp redirect to :15001"),
                 tagged("iifname \"tap0\" ip saddr != 172.16.0.2/32 drop"),
+                tagged("iifname \"tap0\" ct state established,related accept"),
                 tagged("iifname \"tap0\" tcp dport 15001 accept"),
                 tagged("iifname \"tap0\" tcp dport 53 accept"),
                 tagged("iifname \"tap0\" udp dport 53 accept"),
@@ -1218,7 +1225,7 @@ mod tests {
         assert_eq!(j["rule"]["comment"], "dough:s1:vm-x");
         assert_eq!(j["rule"]["expr"][0]["match"]["right"]["prefix"]["len"], 30);
         assert!(j["rule"]["expr"][2].get("masquerade").is_some());
-        let d = rules[8].to_json("dough");
+        let d = rules[9].to_json("dough");
         assert_eq!(d["rule"]["chain"], "forward");
         assert_eq!(d["rule"]["expr"][1]["match"]["op"], "!=");
         let redirect = rules[2].to_json("dough");

@@ -25,14 +25,23 @@ pub struct RunArgs {
     #[arg(long)]
     pub stats: bool,
     #[command(flatten)]
+    pub secrets: crate::broker_args::SecretArgs,
+    #[command(flatten)]
     pub exec: ExecArgs,
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
     install_teardown_on_signal(&ctx.vms);
     let image = resolve_image(&ctx.home, &args.vm)?;
-    let opts = boot_options(&ctx.home, &image, &args.vm)?;
-    let req = args.exec.request()?;
+    let mut opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let mut req = args.exec.request()?;
+    let secrets = args.secrets.resolve(&opts.egress)?;
+    if !secrets.brokers.is_empty() {
+        opts.ca = Some(crate::broker_args::dough_ca(&ctx.home)?);
+        opts.brokers = secrets.brokers;
+    }
+    // -e and --env-file win over a secret of the same name.
+    req.env = secrets.env.into_iter().chain(req.env).collect();
     let mut vm = if args.cold {
         Vm::boot(&ctx.vms, &image, &opts).context("booting the VM")?
     } else {

@@ -156,6 +156,13 @@ fn host_net() -> dough_fabric::host::HostNet {
         ),
         Err(_) => net,
     };
+    // ... and are signed by a test CA the gateways must trust (PEM files,
+    // colon separated).
+    #[cfg(feature = "test-hooks")]
+    let net = match std::env::var_os("DOUGH_TEST_GATEWAY_ROOTS") {
+        Some(v) => net.with_gateway_roots(std::env::split_paths(&v).collect()),
+        None => net,
+    };
     #[cfg(feature = "test-hooks")]
     if let Some(hold_at) = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
         .ok()

@@ -1,0 +1,377 @@
+//! VM tier: credential brokering through the gateway, with a real guest
+//! and an HTTPS world (two namespaces behind host veths, TLS certificates
+//! from a test CA the gateways are told to trust). The promise: the
+//! brokered host receives the real key; the guest holds only a
+//! placeholder — not in its environment, files or RAM — and gets the
+//! placeholder back even where the upstream echoes the key.
+#![cfg(feature = "test-hooks")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use dough_net::testing::World;
+
+const REAL_KEY: &str = "sk-test-api03-REALvalue0123456789abcdefREALvalue0123456789abcdef";
+
+/// What the world's HTTPS servers saw: (server, path, x-api-key).
+type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+fn test_ca() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "dough test world CA");
+    let cert = p.self_signed(&key).unwrap();
+    (rcgen::Issuer::new(p, key), cert.pem())
+}
+
+fn server_config(
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    name: &str,
+) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, ca)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+    )
+}
+
+/// An HTTPS/1.1 server on `world`:443 for `name`. `/check` records the
+/// request's x-api-key and echoes it; `/events` is a server-sent event
+/// stream whose second event is only sent once `/ack` was requested.
+fn serve_https(world: &World, name: &'static str, config: Arc<rustls::ServerConfig>, seen: Seen) {
+    let l = dough_net::linux::in_netns(Some(&world.ns), || {
+        TcpListener::bind((world.addr, 443)).map_err(|e| dough_net::NetError::io("bind", e))
+    })
+    .unwrap();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let ack_rx = Arc::new(Mutex::new(ack_rx));
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let (config, seen, ack_tx, ack_rx) =
+                (config.clone(), seen.clone(), ack_tx.clone(), ack_rx.clone());
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    match tls.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let mut hs = [httparse::EMPTY_HEADER; 64];
+                let mut req = httparse::Request::new(&mut hs);
+                let _ = req.parse(&head);
+                let path = req.path.unwrap_or("").to_string();
+                let key = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("x-api-key"))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                    .unwrap_or_default();
+                seen.lock()
+                    .unwrap()
+                    .push((name.to_string(), path.clone(), key.clone()));
+                let reply = |tls: &mut rustls::StreamOwned<_, _>, ctype: &str, body: &str| {
+                    let _ = write!(
+                        tls,
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.flush();
+                };
+                match path.as_str() {
+                    "/check" => reply(&mut tls, "text/plain", &format!("{name} got {key}")),
+                    "/ack" => {
+                        let _ = ack_tx.send(());
+                        reply(&mut tls, "text/plain", "acked")
+                    }
+                    "/events" => {
+                        let _ = write!(
+                            tls,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: one\n\n"
+                        );
+                        let _ = tls.flush();
+                        // The second event waits for the client to have
+                        // seen the first one (it then asks for /ack).
+                        let acked = ack_rx
+                            .lock()
+                            .unwrap()
+                            .recv_timeout(Duration::from_secs(120));
+                        if acked.is_ok() {
+                            let _ = write!(tls, "data: two\n\n");
+                            let _ = tls.flush();
+                        }
+                    }
+                    _ => reply(&mut tls, "text/plain", "?"),
+                }
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+}
+
+/// In the guest: the placeholder, the brokered and unbrokered requests,
+/// an event stream; then it waits (listening on :9999) until the host has
+/// searched its RAM — which holds its environment and its whole writable
+/// layer (a tmpfs) — for the real key.
+const GUEST_PY: &str = r#"
+import os, ssl, socket, urllib.request, sys
+key = os.environ['API_KEY']
+print('placeholder', key, flush=True)
+def get(url, ctx=None):
+    r = urllib.request.Request(url, headers={'x-api-key': key})
+    return urllib.request.urlopen(r, timeout=60, context=ctx)
+# Verified against the system bundle: dough's CA was installed in it.
+print('brokered', get('https://api.test/check').read().decode(), flush=True)
+# Not brokered: the name is allowed, TLS passes through untouched (the
+# world's own CA is not the guest's business here).
+u = ssl._create_unverified_context()
+print('other', get('https://other.test/check', u).read().decode(), flush=True)
+ev = get('https://api.test/events')
+buf = b''
+while b'\n\n' not in buf:
+    buf += ev.read1(64)
+print('event', buf.decode().strip(), flush=True)
+print('ack', get('https://api.test/ack').read().decode(), flush=True)
+while buf.count(b'\n\n') < 2:
+    chunk = ev.read1(64)
+    if not chunk: break
+    buf += chunk
+print('events', buf.decode().replace('\n', '|'), flush=True)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 9999)); s.listen(1); s.settimeout(300)
+print('SCAN-NOW', flush=True)
+s.accept()
+print('done', flush=True)
+"#;
+
+/// Every readable mapping of process `pid`, searched for `needle`.
+fn memory_contains(pid: i64, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+        if !perms.starts_with('r') {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (mut a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut carry: Vec<u8> = Vec::new();
+        while a < b {
+            let n = ((b - a) as usize).min(buf.len());
+            let Ok(got) = mem.read_at(&mut buf[..n], a) else {
+                break;
+            };
+            if got == 0 {
+                break;
+            }
+            carry.extend_from_slice(&buf[..got]);
+            if carry.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let keep = carry.len().saturating_sub(needle.len());
+            carry.drain(..keep);
+            a += got as u64;
+        }
+    }
+    false
+}
+
+#[test]
+fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
+    let home = private_home();
+    let h = home.path();
+    let s = {
+        let mut b = [0u8; 3];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+    };
+    let n = s.as_bytes()[0] % 250;
+    let a = World::new(
+        &format!("ka{s}"),
+        format!("10.195.{n}.0/30").parse().unwrap(),
+    )
+    .unwrap();
+    let b = World::new(
+        &format!("kb{s}"),
+        format!("10.194.{n}.0/30").parse().unwrap(),
+    )
+    .unwrap();
+    let (ca, ca_pem) = test_ca();
+    let roots = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(roots.path(), &ca_pem).unwrap();
+    let seen: Seen = Arc::default();
+    serve_https(&a, "api", server_config(&ca, "api.test"), seen.clone());
+    serve_https(&b, "other", server_config(&ca, "other.test"), seen.clone());
+
+    let mut child = dough(h)
+        .args([
+            "run",
+            "--net",
+            "allow=api.test,other.test",
+            "--secret",
+            "API_KEY=env:TEST_REAL_KEY",
+            "--inject",
+            "API_KEY@api.test:x-api-key",
+            "--",
+            "python3",
+            "-c",
+            GUEST_PY,
+        ])
+        .env("TEST_REAL_KEY", REAL_KEY)
+        .env(
+            "DOUGH_TEST_GATEWAY_HOSTS",
+            format!("api.test={},other.test={}", a.addr, b.addr),
+        )
+        .env("DOUGH_TEST_GATEWAY_ROOTS", roots.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("the guest stopped early: {lines:#?}\n{err}");
+        }
+        let l = l.trim_end().to_string();
+        if l == "SCAN-NOW" {
+            break;
+        }
+        lines.push(l);
+    }
+    let field = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")))
+            .unwrap_or_else(|| panic!("no {k} line in {lines:#?}"))
+            .to_string()
+    };
+    let placeholder = field("placeholder");
+    assert!(
+        placeholder.starts_with("sk-test-api03-dough-"),
+        "{placeholder}"
+    );
+    assert!(!placeholder.contains(REAL_KEY));
+
+    // While the guest waits: its RAM (the VMM's guest memory) has the
+    // placeholder and not the key; nothing dough wrote for it has the key.
+    let recs = records(h);
+    assert_eq!(recs.len(), 1);
+    let vmm = recs[0]["vmm"]["pid"].as_i64().unwrap();
+    assert!(
+        memory_contains(vmm, placeholder.as_bytes()),
+        "the scan does not see the guest's memory: the placeholder is not found"
+    );
+    assert!(
+        !memory_contains(vmm, REAL_KEY.as_bytes()),
+        "the real key is in the guest's RAM"
+    );
+    let dir = vm_dirs(h).pop().unwrap();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        if e.path().is_file() {
+            let b = std::fs::read(e.path()).unwrap_or_default();
+            assert!(
+                !b.windows(REAL_KEY.len()).any(|w| w == REAL_KEY.as_bytes()),
+                "the real key is in {}",
+                e.path().display()
+            );
+        }
+    }
+    let log = std::fs::read_to_string(dir.join("net.log")).unwrap();
+    let brokered: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["secrets"] == serde_json::json!(["API_KEY"]))
+        .collect();
+    assert!(
+        brokered.iter().any(|e| e["name"] == "api.test"
+            && e["method"] == "GET"
+            && e["path"] == "/check"
+            && e["status"] == 200),
+        "{log}"
+    );
+
+    // Let the guest finish.
+    let ns = recs[0]["net"]["netns"].as_str().unwrap().to_string();
+    dough_net::linux::in_netns(Some(&ns), || {
+        TcpStream::connect((Ipv4Addr::new(172, 16, 0, 2), 9999))
+            .map_err(|e| dough_net::NetError::io("connect", e))
+    })
+    .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{rest}\n{err}");
+    assert!(rest.contains("done"), "{rest}");
+
+    // The brokered host got the real key (and echoed it: the guest saw
+    // its placeholder instead); the other host got the placeholder.
+    assert_eq!(field("brokered"), format!("api got {placeholder}"));
+    assert_eq!(field("other"), format!("other got {placeholder}"));
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&("api".into(), "/check".into(), REAL_KEY.into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("other".into(), "/check".into(), placeholder.clone())),
+        "{seen:?}"
+    );
+    // The event stream came event by event: the second was sent only
+    // after the guest, having read the first, asked for /ack.
+    assert_eq!(field("event"), "data: one");
+    assert_eq!(field("ack"), "acked");
+    assert_eq!(field("events"), "data: one||data: two||");
+    let _ = Path::new("");
+}
