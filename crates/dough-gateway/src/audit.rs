@@ -93,6 +93,58 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The event as one line: `HH:MM:SS.mmm VERDICT dns|tcp what -> where
+    /// (reason) [method path -> status] [up N B, down N B]` (UTC time).
+    pub fn line(&self) -> String {
+        let ms = self.t % 86_400_000;
+        let t = format!(
+            "{:02}:{:02}:{:02}.{:03}",
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000
+        );
+        let verdict = match self.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "DENY ",
+            Verdict::Fail => "fail ",
+        };
+        let mut what = match self.kind {
+            Kind::Dns => format!(
+                "dns {} {}",
+                self.what.as_deref().unwrap_or("?"),
+                self.name.as_deref().unwrap_or("?")
+            ),
+            Kind::Tcp => match (&self.method, &self.name) {
+                (Some(m), Some(n)) => format!(
+                    "https {m} {n}{} -> {}",
+                    self.path.as_deref().unwrap_or(""),
+                    self.status.map(|s| s.to_string()).unwrap_or("-".into())
+                ),
+                _ => {
+                    let mut w = format!("tcp {}", self.dialed.as_deref().unwrap_or("?"));
+                    if let (Some(n), Some(how)) = (&self.name, &self.what) {
+                        w += &format!(" {how}={n}");
+                    }
+                    w
+                }
+            },
+        };
+        if let Some(u) = &self.upstream {
+            what += &format!(" -> {u}");
+        }
+        let mut line = format!("{t} {verdict} {what} ({})", self.reason);
+        if let Some(s) = &self.secrets {
+            line += &format!(" [secrets: {}]", s.join(", "));
+        }
+        if let (Some(up), Some(down)) = (self.up, self.down) {
+            line += &format!(" up {up} B, down {down} B");
+        }
+        line
+    }
+}
+
 /// At most 200 characters of `s` (paths in the log).
 pub fn clip(s: &str) -> String {
     match s.char_indices().nth(200) {

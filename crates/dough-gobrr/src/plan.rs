@@ -123,6 +123,23 @@ pub struct Secret {
     /// thing, and what redaction keys on).
     #[serde(default)]
     pub prefix: String,
+    /// Broker it: the agent gets a placeholder (this prefix and random
+    /// characters), and its clone's gateway puts the real value into the
+    /// header named here of HTTPS requests to these hosts only.
+    #[serde(default)]
+    pub inject: Option<Inject>,
+}
+
+/// Where a brokered secret is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inject {
+    /// Host names (exact or `*.domain`) that get the real value.
+    pub hosts: Vec<String>,
+    /// `x-api-key`, `authorization` (default; also for `Bearer`),
+    /// `authorization: Basic` (git over HTTPS).
+    #[serde(default)]
+    pub header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +266,34 @@ fn valid_id(id: &str) -> bool {
         && id.as_bytes()[0].is_ascii_alphanumeric()
 }
 
+/// What is wrong with a secret's `inject`: its hosts must be names the
+/// plan's egress lets through on 443, its header a header rule.
+fn inject_problems(name: &str, i: &Inject, egress: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if i.hosts.is_empty() {
+        out.push(format!("secret {name:?}: inject.hosts is empty"));
+    }
+    let egress = egress.parse::<dough_net::Egress>().ok();
+    for h in &i.hosts {
+        match h.parse::<dough_net::NamePattern>() {
+            Err(e) => out.push(format!("secret {name:?}: inject host: {e}")),
+            Ok(p) => {
+                if egress.as_ref().is_some_and(|e| !e.reaches(&p, 443)) {
+                    out.push(format!(
+                        "secret {name:?} is injected for {h}, which the plan's egress does not let agents reach on port 443 (add it to egress)"
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(hd) = &i.header {
+        if let Err(e) = hd.parse::<dough_gateway::broker::HeaderRule>() {
+            out.push(format!("secret {name:?}: inject.header: {e}"));
+        }
+    }
+    out
+}
+
 fn valid_env_name(n: &str) -> bool {
     !n.is_empty()
         && n.bytes()
@@ -334,6 +379,11 @@ impl Plan {
                     "secret {:?} has no prefix: set `prefix` to how its value starts (e.g. \"sk-ant-\"), so that a wrong value is refused before it is sent anywhere",
                     s.name
                 )));
+            }
+            if let Some(i) = &s.inject {
+                for problem in inject_problems(&s.name, i, &self.egress) {
+                    problems.push(Problem::BadSecret(problem));
+                }
             }
         }
         if !inside(&self.repo) {

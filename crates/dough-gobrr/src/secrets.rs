@@ -42,6 +42,38 @@ impl std::fmt::Debug for Value {
     }
 }
 
+/// The broker for secret `v` as `spec` injects it: a fresh random
+/// placeholder with the secret's prefix, for the hosts and header named.
+pub fn broker(
+    spec: &Secret,
+    inject: &crate::plan::Inject,
+    v: &Value,
+) -> Result<dough_gateway::broker::Broker, String> {
+    use std::io::Read;
+    let hosts = inject
+        .hosts
+        .iter()
+        .map(|h| h.parse().map_err(|e| format!("secret {}: {e}", spec.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let header = match &inject.header {
+        Some(h) => h
+            .parse()
+            .map_err(|e| format!("secret {}: {e}", spec.name))?,
+        None => Default::default(),
+    };
+    let mut random = [0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(dough_gateway::broker::Broker {
+        name: spec.name.clone(),
+        placeholder: dough_gateway::broker::placeholder(&spec.prefix, v.value.len(), &random),
+        value: v.value.clone(),
+        hosts,
+        header,
+    })
+}
+
 /// Read every secret of the plan (`env` looks up host variables), checking
 /// prefixes. Errors name the secret, never its value.
 pub fn resolve(

@@ -322,6 +322,28 @@ impl Egress {
         !matches!(self, Egress::None)
     }
 
+    /// Whether every name `host` stands for may be reached on `port` by
+    /// name (a secret brokered for `host` needs this).
+    pub fn reaches(&self, host: &NamePattern, port: u16) -> bool {
+        match self {
+            Egress::None => false,
+            Egress::Nat => true,
+            Egress::Allow(rules) => rules.iter().any(|r| match r {
+                Allow::Name { name, ports } => {
+                    ports.contains(&port)
+                        && match host.as_str().strip_prefix("*.") {
+                            Some(domain) => {
+                                name == host
+                                    || (name.as_str().starts_with("*.") && name.matches(domain))
+                            }
+                            None => name.matches(host.as_str()),
+                        }
+                }
+                Allow::Net { .. } => false,
+            }),
+        }
+    }
+
     /// Whether anything but TCP and DNS may leave the clone, forwarded and
     /// NATed through a veth: under `nat`, and to an allow list's networks.
     /// A policy of names alone forwards nothing: its clone has no veth.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use dough_gateway::broker::{Broker, HeaderRule};
-use dough_net::{Allow, Egress, NamePattern};
+use dough_net::{Egress, NamePattern};
 
 #[derive(Debug, Args)]
 pub struct SecretArgs {
@@ -81,28 +81,6 @@ pub fn visible_prefix(value: &str) -> &str {
     }
 }
 
-/// Whether `egress` lets a client reach `host` on 443 at all.
-pub fn egress_allows(egress: &Egress, host: &NamePattern) -> bool {
-    match egress {
-        Egress::None => false,
-        Egress::Nat => true,
-        Egress::Allow(rules) => rules.iter().any(|r| match r {
-            // Every name `host` stands for must be one the rule allows.
-            Allow::Name { name, ports } => {
-                ports.contains(&443)
-                    && match host.as_str().strip_prefix("*.") {
-                        Some(domain) => {
-                            name == host
-                                || (name.as_str().starts_with("*.") && name.matches(domain))
-                        }
-                        None => name.matches(host.as_str()),
-                    }
-            }
-            Allow::Net { .. } => false,
-        }),
-    }
-}
-
 impl SecretArgs {
     /// Read every secret, build the brokers, and check each brokered host
     /// is one `egress` lets through.
@@ -147,7 +125,7 @@ impl SecretArgs {
             );
             for h in &i.hosts {
                 anyhow::ensure!(
-                    egress_allows(egress, h),
+                    egress.reaches(h, 443),
                     "--inject {}: --net {egress} does not let clones reach {h} on port 443 (add it to allow=)",
                     i.name
                 );

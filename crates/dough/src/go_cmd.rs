@@ -70,6 +70,15 @@ fn new_run_id() -> String {
 struct VmSandbox(Vm);
 
 impl Sandbox for VmSandbox {
+    fn egress_log(&mut self) -> Vec<String> {
+        let path = self.0.paths.dir.join(dough_fabric::vm::GATEWAY_AUDIT_LOG);
+        dough_gateway::audit::read(&path)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| dough_fabric::serial::printable(&e.line()))
+            .collect()
+    }
+
     fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, SandboxError> {
         let mut out = Output::default();
         let mut too_big = false;
@@ -108,15 +117,29 @@ impl Sandbox for VmSandbox {
 }
 
 struct ClonePool<'a> {
+    home: &'a Path,
     vms: &'a Path,
     snap: &'a Snapshot,
     opts: &'a BootOptions,
 }
 
 impl ClonePool<'_> {
-    fn clone_with(&self, egress: dough_net::Egress) -> Result<Box<dyn Sandbox>, SandboxError> {
+    fn clone_with(
+        &self,
+        egress: dough_net::Egress,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let ca = match brokers.is_empty() {
+            true => None,
+            false => Some(
+                crate::broker_args::dough_ca(self.home)
+                    .map_err(|e| SandboxError::NoClone(e.into()))?,
+            ),
+        };
         let opts = BootOptions {
             egress,
+            brokers: brokers.to_vec(),
+            ca,
             ..self.opts.clone()
         };
         Vm::restore(self.vms, self.snap, VmKind::Run, &opts)
@@ -126,16 +149,19 @@ impl ClonePool<'_> {
 }
 
 impl Pool for ClonePool<'_> {
-    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
-        self.clone_with(
-            egress
-                .parse()
-                .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?,
-        )
+    fn agent(
+        &self,
+        egress: &str,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let egress = egress
+            .parse()
+            .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
+        self.clone_with(egress, brokers)
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
-        self.clone_with(dough_net::Egress::None)
+        self.clone_with(dough_net::Egress::None, &[])
     }
 }
 
@@ -216,6 +242,7 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot();
     let pool = ClonePool {
+        home: &ctx.home,
         vms: &ctx.vms,
         snap,
         opts: &opts,
@@ -380,6 +407,14 @@ fn report(r: &RunResult) -> String {
             );
             if let Some(f) = &a.failure {
                 s += &format!("\n```\n{}\n```\n", f.trim_end());
+            }
+            if !a.egress.is_empty() {
+                let denied = a.egress.iter().filter(|l| l.contains(" DENY ")).count();
+                s += &format!(
+                    "\nEgress ({} events, {denied} denied; `dough logs --net` format):\n\n```\n{}\n```\n",
+                    a.egress.len(),
+                    a.egress.join("\n")
+                );
             }
         }
     }

@@ -254,7 +254,7 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
             let line = if args.json {
                 serde_json::to_string(e)?
             } else {
-                net_line(e)
+                e.line()
             };
             writeln!(out, "{}", printable(&line))?;
         }
@@ -284,46 +284,6 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
         .read_to_end(&mut text)?;
     out.write_all(printable(&String::from_utf8_lossy(&text)).as_bytes())?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// One audit event as a line: `HH:MM:SS.mmm dns|tcp VERDICT what → where (reason) bytes`.
-fn net_line(e: &dough_gateway::audit::Event) -> String {
-    use dough_gateway::audit::{Kind, Verdict};
-    let ms = e.t % 86_400_000;
-    let t = format!(
-        "{:02}:{:02}:{:02}.{:03}",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60,
-        ms % 1000
-    );
-    let verdict = match e.verdict {
-        Verdict::Allow => "allow",
-        Verdict::Deny => "DENY ",
-        Verdict::Fail => "fail ",
-    };
-    let mut what = match e.kind {
-        Kind::Dns => format!(
-            "dns {} {}",
-            e.what.as_deref().unwrap_or("?"),
-            e.name.as_deref().unwrap_or("?")
-        ),
-        Kind::Tcp => {
-            let mut w = format!("tcp {}", e.dialed.as_deref().unwrap_or("?"));
-            if let (Some(n), Some(how)) = (&e.name, &e.what) {
-                w += &format!(" {how}={n}");
-            }
-            w
-        }
-    };
-    if let Some(u) = &e.upstream {
-        what += &format!(" -> {u}");
-    }
-    let mut line = format!("{t} {verdict} {what} ({})", e.reason);
-    if let (Some(up), Some(down)) = (e.up, e.down) {
-        line += &format!(" up {up} B, down {down} B");
-    }
-    line
 }
 
 pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {

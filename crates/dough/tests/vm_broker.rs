@@ -10,7 +10,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -209,10 +208,18 @@ fn memory_contains(pid: i64, needle: &[u8]) -> bool {
     false
 }
 
-#[test]
-fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
-    let home = private_home();
-    let h = home.path();
+/// The HTTPS world: `api.test` on world A, `other.test` on world B, both
+/// with certificates from a test CA; the env `dough` needs to use them
+/// (the gateways' name table and extra upstream roots).
+struct HttpsWorld {
+    _a: World,
+    _b: World,
+    _roots: tempfile::NamedTempFile,
+    seen: Seen,
+    env: Vec<(String, String)>,
+}
+
+fn https_world(tag: &str) -> HttpsWorld {
     let s = {
         let mut b = [0u8; 3];
         std::fs::File::open("/dev/urandom")
@@ -223,12 +230,12 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
     };
     let n = s.as_bytes()[0] % 250;
     let a = World::new(
-        &format!("ka{s}"),
+        &format!("{tag}a{s}"),
         format!("10.195.{n}.0/30").parse().unwrap(),
     )
     .unwrap();
     let b = World::new(
-        &format!("kb{s}"),
+        &format!("{tag}b{s}"),
         format!("10.194.{n}.0/30").parse().unwrap(),
     )
     .unwrap();
@@ -238,8 +245,45 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
     let seen: Seen = Arc::default();
     serve_https(&a, "api", server_config(&ca, "api.test"), seen.clone());
     serve_https(&b, "other", server_config(&ca, "other.test"), seen.clone());
+    let env = vec![
+        (
+            "DOUGH_TEST_GATEWAY_HOSTS".to_string(),
+            format!("api.test={},other.test={}", a.addr, b.addr),
+        ),
+        (
+            "DOUGH_TEST_GATEWAY_ROOTS".to_string(),
+            roots.path().display().to_string(),
+        ),
+        ("TEST_REAL_KEY".to_string(), REAL_KEY.to_string()),
+    ];
+    HttpsWorld {
+        _a: a,
+        _b: b,
+        _roots: roots,
+        seen,
+        env,
+    }
+}
 
-    let mut child = dough(h)
+/// Kills `dough run` if the test ends before it does (its watchdog then
+/// reclaims the clone).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            kill_dough_and_its_watchdog(&mut self.0);
+        }
+    }
+}
+
+#[test]
+fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
+    let home = private_home();
+    let h = home.path();
+    let w = https_world("k");
+    let seen = w.seen.clone();
+    let child = dough(h)
         .args([
             "run",
             "--net",
@@ -253,16 +297,13 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
             "-c",
             GUEST_PY,
         ])
-        .env("TEST_REAL_KEY", REAL_KEY)
-        .env(
-            "DOUGH_TEST_GATEWAY_HOSTS",
-            format!("api.test={},other.test={}", a.addr, b.addr),
-        )
-        .env("DOUGH_TEST_GATEWAY_ROOTS", roots.path())
+        .envs(w.env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = Running(child);
+    let child = &mut child.0;
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     loop {
@@ -373,5 +414,68 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
     assert_eq!(field("event"), "data: one");
     assert_eq!(field("ack"), "acked");
     assert_eq!(field("events"), "data: one||data: two||");
-    let _ = Path::new("");
+}
+
+/// The agent asks api.test for what key it got, and commits the answer.
+const BROKERED_PLAN: &str = r#"
+goal = "brokered key"
+repo = "repo"
+agent = ["sh", "-c", "true"]
+check = "grep -q 'api got sk-test-' src/answer.txt"
+egress = ["api.test"]
+
+[[secrets]]
+name = "API_KEY"
+env = "TEST_REAL_KEY"
+prefix = "sk-test-"
+inject = { hosts = ["api.test"], header = "x-api-key" }
+
+[[tasks]]
+id = "ask"
+title = "Ask the API"
+work = "ask"
+allow = ["src/answer.txt"]
+secrets = ["API_KEY"]
+script = """python3 -c "
+import os, urllib.request
+r = urllib.request.Request('https://api.test/check', headers={'x-api-key': os.environ['API_KEY']})
+open('src/answer.txt', 'w').write(urllib.request.urlopen(r, timeout=60).read().decode() + '\\n')
+" """
+"#;
+
+#[test]
+fn vm_broker_a_plan_brokers_its_secret_and_reports_egress() {
+    let home = private_home();
+    let w = https_world("g");
+    let (dir, plan) = small_repo(BROKERED_PLAN);
+    let env: Vec<(&str, &str)> = w
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (out, run, report) = go(home.path(), &plan, &env);
+    assert!(out.status.success(), "{}\n{report}", text(&out.stderr));
+    let t = task(&run, "ask");
+    assert_eq!(t["outcome"], "green", "{report}");
+    // The committed answer holds the placeholder the agent had (the
+    // upstream's echo of the real key was scrubbed on its way back).
+    let branch = run["branch"].as_str().unwrap();
+    let answer = git(
+        &dir.path().join("repo"),
+        &["show", &format!("{branch}:src/answer.txt")],
+    );
+    assert!(answer.starts_with("api got sk-test-dough-"), "{answer}");
+    assert!(!answer.contains(REAL_KEY));
+    let seen = w.seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&("api".into(), "/check".into(), REAL_KEY.into())),
+        "{seen:?}"
+    );
+    // The report shows the agent's egress, the brokered request included,
+    // and never the key.
+    assert!(
+        report.contains("https GET api.test/check -> 200") && report.contains("[secrets: API_KEY]"),
+        "{report}"
+    );
+    assert!(!report.contains(REAL_KEY));
 }

@@ -7,17 +7,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
-}
-
 /// A copy of `examples/calc` whose repo is a git repository.
 fn example() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
@@ -35,52 +24,6 @@ fn example() -> (tempfile::TempDir, PathBuf) {
     git(&repo, &["commit", "-qm", "base"]);
     let plan = d.path().join("calc/plan.toml");
     (d, plan)
-}
-
-/// A repo with one file and the given plan text next to it.
-fn small_repo(plan: &str) -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let repo = d.path().join("repo");
-    std::fs::create_dir_all(repo.join("src")).unwrap();
-    std::fs::write(repo.join("src/a.py"), "a = 1\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "base"]);
-    let p = d.path().join("plan.toml");
-    std::fs::write(&p, plan).unwrap();
-    (d, p)
-}
-
-fn go(
-    home: &Path,
-    plan: &Path,
-    env: &[(&str, &str)],
-) -> (std::process::Output, serde_json::Value, String) {
-    let mut c = dough(home);
-    c.arg("go").arg(plan);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = c.output().unwrap();
-    let stdout = text(&out.stdout);
-    let report = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("report: "))
-        .unwrap_or_else(|| panic!("no report line: {stdout}\n{}", text(&out.stderr)))
-        .to_string();
-    let run_json = Path::new(&report).with_file_name("run.json");
-    let run: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&run_json).unwrap()).unwrap();
-    (out, run, std::fs::read_to_string(&report).unwrap())
-}
-
-fn task<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    run["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["id"] == id)
-        .unwrap()
 }
 
 #[test]

@@ -32,6 +32,7 @@ impl Runner<'_> {
                 added: 0,
                 removed: 0,
                 gate_log: String::new(),
+                egress: Vec::new(),
             }],
             commit: None,
             changed: vec![],
@@ -171,6 +172,7 @@ impl Runner<'_> {
             added: 0,
             removed: 0,
             gate_log: String::new(),
+            egress: Vec::new(),
         };
         let phase = |a: &mut Attempt, name: &'static str, since: Instant| {
             a.phases.insert(
@@ -182,9 +184,33 @@ impl Runner<'_> {
             a.failure = Some(shared.redactor.redact(&why));
             (a, None)
         };
+        // The agent's secrets (only here: never in a gate): brokered ones
+        // as placeholders, their real values for the clone's gateway.
+        let mut env: Vec<(String, String)> = vec![("WORK_ORDER".into(), ORDER.into())];
+        let mut brokers = Vec::new();
+        for name in &task.secrets {
+            let Some(v) = self.secrets.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            let inject = plan
+                .secrets
+                .iter()
+                .find(|s| &s.name == name)
+                .and_then(|s| s.inject.as_ref().map(|i| (s, i)));
+            match inject {
+                Some((spec, i)) => match crate::secrets::broker(spec, i, v) {
+                    Ok(b) => {
+                        env.push((name.clone(), b.placeholder.clone()));
+                        brokers.push(b);
+                    }
+                    Err(e) => return fail(a, e),
+                },
+                None => env.push((v.name.clone(), v.value.clone())),
+            }
+        }
         // Agent clone.
         let t0 = Instant::now();
-        let mut vm = match self.pool.agent(&plan.egress) {
+        let mut vm = match self.pool.agent(&plan.egress, &brokers) {
             Ok(v) => v,
             Err(e) => return fail(a, format!("no clone for the agent: {}", e.chain())),
         };
@@ -215,14 +241,8 @@ impl Runner<'_> {
             return fail(a, e);
         }
         phase(&mut a, "ship", t0);
-        // The agent, with its secrets (only here: never in a gate).
+        // The agent, with its secrets.
         let t0 = Instant::now();
-        let mut env: Vec<(String, String)> = vec![("WORK_ORDER".into(), ORDER.into())];
-        for name in &task.secrets {
-            if let Some(v) = self.secrets.iter().find(|s| &s.name == name) {
-                env.push((v.name.clone(), v.value.clone()));
-            }
-        }
         let argv = match &task.script {
             Some(script) => sh(script),
             None => plan
@@ -242,6 +262,7 @@ impl Runner<'_> {
             1 << 20,
         );
         phase(&mut a, "agent", t0);
+        a.egress = egress_summary(vm.egress_log(), &shared.redactor);
         match out {
             Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => {}
             Ok(o) => {
@@ -418,4 +439,20 @@ fn check_ok(r: Result<Output, SandboxError>, what: &str) -> Result<(), String> {
         )),
         Err(e) => Err(format!("{what} failed: {}", e.chain())),
     }
+}
+
+/// The egress lines kept for a report: denied and failed ones first, then
+/// the rest, at most [`super::report::EGRESS_LINES`], redacted.
+fn egress_summary(lines: Vec<String>, redactor: &crate::secrets::Redactor) -> Vec<String> {
+    let max = super::report::EGRESS_LINES;
+    let total = lines.len();
+    let (mut bad, good): (Vec<String>, Vec<String>) = lines
+        .into_iter()
+        .partition(|l| l.contains(" DENY ") || l.contains(" fail "));
+    bad.extend(good);
+    let mut out: Vec<String> = bad.iter().take(max).map(|l| redactor.redact(l)).collect();
+    if total > max {
+        out.push(format!("... and {} more", total - max));
+    }
+    out
 }

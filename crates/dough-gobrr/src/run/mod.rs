@@ -344,7 +344,11 @@ mod tests {
     }
 
     impl Pool for FakePool {
-        fn agent(&self, _egress: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
+        fn agent(
+            &self,
+            _egress: &str,
+            _brokers: &[dough_gateway::broker::Broker],
+        ) -> Result<Box<dyn Sandbox>, SandboxError> {
             Ok(self.vm(false))
         }
         fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {

@@ -21,7 +21,15 @@ pub struct Attempt {
     pub removed: u64,
     /// Tail of the gate's output, redacted.
     pub gate_log: String,
+    /// The agent clone's egress (its gateway's log: allowed and denied
+    /// names, connections, brokered requests), redacted, at most
+    /// [`EGRESS_LINES`] lines.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
 }
+
+/// Most egress lines kept per attempt (denied ones first).
+pub const EGRESS_LINES: usize = 100;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

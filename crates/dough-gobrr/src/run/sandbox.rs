@@ -95,12 +95,22 @@ pub struct Output {
 pub trait Sandbox: Send {
     /// Run a command; stdout beyond `max_stdout` bytes is an error.
     fn run(&mut self, cmd: &Cmd, max_stdout: usize) -> Result<Output, SandboxError>;
+    /// What went through the clone's egress gateway so far (one line per
+    /// DNS query, connection or brokered request); none without egress.
+    fn egress_log(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Where clones come from.
 pub trait Pool: Sync {
-    /// A clone for an agent, with the plan's egress policy.
-    fn agent(&self, egress: &str) -> Result<Box<dyn Sandbox>, SandboxError>;
+    /// A clone for an agent, with the plan's egress policy; its gateway
+    /// brokers `brokers` (the agent holds their placeholders).
+    fn agent(
+        &self,
+        egress: &str,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError>;
     /// A clone for a gate: egress `none`, never given a secret.
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError>;
 }
