@@ -635,6 +635,38 @@ deps = ["parser"]
 "#;
 
     #[test]
+    fn brokered_secrets_must_name_reachable_hosts_and_a_header() {
+        let inject = |hosts: &[&str], header: Option<&str>| Inject {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            header: header.map(String::from),
+        };
+        let set = |p: &mut Plan, egress: &str, i: Inject| {
+            p.egress = egress.into();
+            p.secrets[0].inject = Some(i);
+        };
+        with(|p| {
+            set(
+                p,
+                "allow=api.example.com",
+                inject(&["api.example.com"], Some("x-api-key")),
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            problems(|p| set(p, "allow=api.example.com", inject(&["other.example.com"], None))),
+            vec!["secret \"API_KEY\" is injected for other.example.com, which the plan's egress does not let agents reach on port 443 (add it to egress)"]
+        );
+        assert_eq!(
+            problems(|p| set(p, "nat", inject(&["api.example.com"], Some("x api")))),
+            vec!["secret \"API_KEY\": inject.header: \"x api\" is not a header rule (expected a header name such as x-api-key, \"authorization: Bearer\" or \"authorization: Basic\")"]
+        );
+        assert_eq!(
+            problems(|p| set(p, "nat", inject(&[], None))),
+            vec!["secret \"API_KEY\": inject.hosts is empty"]
+        );
+    }
+
+    #[test]
     fn egress_is_a_policy_or_a_list_of_rules() {
         let list = format!(
             "egress = [\"api.anthropic.com\", \"*.github.com:443\", \"10.0.0.0/8\"]\n{GOOD}"

@@ -235,6 +235,7 @@ mod tests {
             env: env.map(Into::into),
             file: file.map(Into::into),
             prefix: prefix.into(),
+            inject: None,
         }
     }
 
