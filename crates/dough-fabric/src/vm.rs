@@ -948,6 +948,18 @@ mod tests {
         (e, left)
     }
 
+    /// The image's resolver is the address the clone's gateway answers
+    /// DNS on (dough-image cannot name dough-net's constant itself).
+    #[test]
+    fn the_guest_resolver_is_its_gateway() {
+        let conf = dough_image::rootfs::GUEST_RESOLV_CONF;
+        let ns: Vec<&str> = conf
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver "))
+            .collect();
+        assert_eq!(ns, [dough_net::plan::GUEST_GW.to_string()]);
+    }
+
     /// A launch that fails at any step — in the backend or half-way
     /// through building the network — leaves nothing: no VMM process, no
     /// network object (the fake network is clean), no VM directory, and

@@ -28,7 +28,8 @@ use cache::{Entry, KeyBuilder};
 
 /// Bumped when the recipe for an artifact changes, so old cache entries are not reused.
 const KERNEL_RECIPE: &str = "kernel-v1";
-const ROOTFS_RECIPE: &str = "rootfs-v1";
+/// v2: the guest's resolver is its gateway's address (not the host's).
+const ROOTFS_RECIPE: &str = "rootfs-v2";
 const INITRD_RECIPE: &str = "initrd-v1";
 
 /// Where in the initramfs the agent finds its modules and their load order.
@@ -414,6 +415,7 @@ impl Store {
             }
             .argv();
             tool::run_tool("mmdebstrap", argv)?;
+            rootfs::set_resolver(&tree)?;
             let size_mib = rootfs::image_size_mib(rootfs::tree_size(&tree)?);
             let image = dir.join("rootfs.ext4");
             let mkfs = rootfs::MkfsExt4 {

@@ -50,6 +50,26 @@ impl Mmdebstrap<'_> {
     }
 }
 
+/// The guest's `/etc/resolv.conf`: its gateway's address (dough-net's
+/// `GUEST_GW`), where the clone's netns redirects every DNS query to
+/// dough's DNS anyway — but a resolver on the guest's own loopback (what a
+/// host running systemd-resolved would have given the image) would never
+/// leave the guest.
+pub const GUEST_RESOLV_CONF: &str =
+    "# dough: DNS is answered by the clone's egress gateway\nnameserver 172.16.0.1\noptions timeout:2 attempts:2\n";
+
+/// Write [`GUEST_RESOLV_CONF`] into the tree `mmdebstrap` made (replacing
+/// the host's copy, or a symlink).
+pub fn set_resolver(tree: &Path) -> std::io::Result<()> {
+    let p = tree.join("etc/resolv.conf");
+    match std::fs::remove_file(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::write(p, GUEST_RESOLV_CONF)
+}
+
 /// Typed argv for `mkfs.ext4` populating an image file from a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MkfsExt4<'a> {
