@@ -525,11 +525,14 @@ fn spawn_vmm(
     let mut cmd = backend.command(s).map_err(state_err)?;
     // The VMM gets none of dough's environment (which may hold the very
     // secrets a clone is only given placeholders of): a guest that broke
-    // out into its VMM would find them there.
-    let path = std::env::var_os("PATH");
+    // out into its VMM would find them there. Only PATH, and the switches
+    // of dough's own test doubles (DOUGH_FAKE_*: the fake firecracker's).
     cmd.env_clear();
-    if let Some(p) = path {
-        cmd.env("PATH", p);
+    for (k, v) in std::env::vars_os() {
+        let keep = k == "PATH" || k.to_str().is_some_and(|k| k.starts_with("DOUGH_FAKE_"));
+        if keep {
+            cmd.env(k, v);
+        }
     }
     // A clone's guest may run anything: what its VMM writes (the console
     // log above all) is capped. A bake writes the snapshot's memory file,
