@@ -59,6 +59,7 @@ impl Brokering {
         let mut http = HttpConnector::new_with_resolver(HostResolver(resolver));
         http.enforce_http(false);
         http.set_connect_timeout(Some(CONNECT_DEADLINE));
+        http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(upstream)
             .https_only()

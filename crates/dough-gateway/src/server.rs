@@ -320,6 +320,8 @@ async fn accept_tcp(ctx: Arc<Ctx>, l: TcpListener) -> io::Result<()> {
             ));
             continue;
         };
+        // Bytes are passed on as they come: no Nagle delay on either side.
+        let _ = s.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let ev = connection(&ctx, s).await;
@@ -424,6 +426,7 @@ async fn connection(ctx: &Arc<Ctx>, mut guest: TcpStream) -> Event {
     for c in candidates {
         match tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(c)).await {
             Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
                 upstream = Some((s, c));
                 break;
             }

@@ -36,6 +36,11 @@ pub enum BenchCmd {
     /// next to a lone clone measured in the same run, then teardown time
     /// and anything left behind. Prints JSON, with the targets it checks.
     Density(DensityArgs),
+    /// What a clone's egress gateway adds to an HTTPS request (p50/p90,
+    /// new connection each) and to a download, for SNI pass-through and
+    /// brokered (re-terminated) connections, next to the host reaching the
+    /// same upstream directly; and the gateway's memory. Needs root.
+    Gateway(crate::bench_gateway::GatewayArgs),
     /// Per-clone network setup and teardown (netns, TAP, veth, addresses,
     /// routes, forwarding, nftables rules): dough's netlink implementation
     /// against the same plan applied by spawning `ip` and `nft`. Needs root.
@@ -87,6 +92,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Clones(a) => clones(ctx, a),
         BenchCmd::Density(a) => density(ctx, a),
         BenchCmd::Net(a) => net(a),
+        BenchCmd::Gateway(a) => crate::bench_gateway::gateway(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `dough` command line.
 
 mod bench_cmd;
+mod bench_gateway;
 mod broker_args;
 mod cli;
 mod doctor;

@@ -1,0 +1,384 @@
+//! `dough bench gateway`: what a clone's egress gateway adds to an HTTPS
+//! request and to a download, side by side in one run, on the production
+//! path: a stand-in guest (a netns whose `eth0` is the other end of the
+//! clone netns's `tap0`, so its packets arrive where a guest's do), the
+//! clone netns with dough's own rules, a real `dough gateway` process, and a
+//! stand-in upstream (a namespace behind a host veth serving HTTPS under a
+//! benchmark CA). Modes: `direct` (the host straight to the upstream: the
+//! baseline), `passthrough` (a name rule: SNI checked, resolved on the
+//! host, bytes spliced), `brokered` (TLS terminated with dough's CA, a
+//! header swapped, re-encrypted upstream). Each request is a new TCP+TLS
+//! connection. Needs root.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use dough_gateway::broker::Broker;
+use dough_gateway::tls::{CaPem, LeafIssuer};
+use dough_net::linux::{in_netns, LinuxNet};
+use dough_net::testing::World;
+use dough_net::{NetError, NetOps, NetPlan};
+use rustls::pki_types::pem::PemObject;
+use serde_json::json;
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// HTTPS requests per mode (each on a new connection).
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Size of the download per mode, in MiB.
+    #[arg(long, default_value_t = 100)]
+    pub megabytes: usize,
+}
+
+const PASS_NAME: &str = "pass.bench";
+const BROKER_NAME: &str = "broker.bench";
+const PLACEHOLDER: &str = "sk-bench-dough-placeholder";
+
+/// The stand-in guest and clone namespaces, removed on drop.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let mut n = LinuxNet::default();
+        for ns in &self.0 {
+            let _ = n.delete_netns(ns);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// An HTTPS/1.1 server on `addr`:443 in `netns`: the certificate for the
+/// SNI asked (from `configs`), `GET /small` → 2 bytes, `GET /big?N` → N
+/// bytes; one request per connection.
+fn serve(
+    netns: &str,
+    addr: Ipv4Addr,
+    configs: Vec<(String, Arc<rustls::ServerConfig>)>,
+) -> anyhow::Result<()> {
+    let l = in_netns(Some(netns), || {
+        TcpListener::bind((addr, 443)).map_err(|e| NetError::io("bind", e))
+    })?;
+    let configs = Arc::new(configs);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let configs = configs.clone();
+            std::thread::spawn(move || {
+                let _ = serve_one(s, &configs);
+            });
+        }
+    });
+    Ok(())
+}
+
+fn serve_one(
+    mut s: TcpStream,
+    configs: &[(String, Arc<rustls::ServerConfig>)],
+) -> std::io::Result<()> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let accepted = loop {
+        acceptor.read_tls(&mut s)?;
+        if let Ok(Some(a)) = acceptor.accept() {
+            break a;
+        }
+    };
+    let name = accepted
+        .client_hello()
+        .server_name()
+        .unwrap_or("")
+        .to_string();
+    let Some((_, config)) = configs.iter().find(|(n, _)| *n == name) else {
+        return Ok(());
+    };
+    let conn = accepted
+        .into_connection(config.clone())
+        .map_err(|(e, _)| std::io::Error::other(e))?;
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+        tls.read_exact(&mut b)?;
+        head.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let n: usize = path
+        .strip_prefix("/big?")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2);
+    write!(
+        tls,
+        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )?;
+    let chunk = vec![b'x'; 64 << 10];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        tls.write_all(&chunk[..k])?;
+        left -= k;
+    }
+    tls.flush()?;
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    Ok(())
+}
+
+/// One HTTPS GET on a new connection to `addr`:443 asking for `name`;
+/// the body's length.
+fn get(
+    client: &Arc<rustls::ClientConfig>,
+    addr: Ipv4Addr,
+    name: &str,
+    path: &str,
+) -> anyhow::Result<usize> {
+    let sn = rustls::pki_types::ServerName::try_from(name.to_string())?;
+    let conn = rustls::ClientConnection::new(client.clone(), sn)?;
+    let s = TcpStream::connect((addr, 443))?;
+    s.set_nodelay(true)?;
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {name}\r\nx-api-key: {PLACEHOLDER}\r\nConnection: close\r\n\r\n"
+    )?;
+    tls.flush()?;
+    let mut body = Vec::new();
+    match tls.read_to_end(&mut body) {
+        Ok(_) => {}
+        // Some servers close without close_notify; the length still counts.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.into()),
+    }
+    let head_end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no response head")?;
+    Ok(body.len() - head_end - 4)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        (1..=100_000).contains(&a.requests),
+        "--requests must be 1 to 100000"
+    );
+    anyhow::ensure!(
+        (1..=4096).contains(&a.megabytes),
+        "--megabytes must be 1 to 4096"
+    );
+    let tag = format!("{}", std::process::id() % 100_000);
+    let world = World::new(&format!("bw{tag}"), "10.191.0.0/30".parse()?)?;
+    // The upstream's CA (the gateway is told to trust it) and dough's.
+    let upstream_ca = CaPem::generate()?;
+    let upstream_leaves = LeafIssuer::new(&upstream_ca)?;
+    let dough_ca = CaPem::generate()?;
+    let mut configs = Vec::new();
+    for n in [PASS_NAME, BROKER_NAME] {
+        let mut c = (*upstream_leaves.server_config(n)?).clone();
+        c.alpn_protocols.clear();
+        configs.push((n.to_string(), Arc::new(c)));
+    }
+    serve(&world.ns, world.addr, configs)?;
+    let dir = tempfile::tempdir()?;
+    let roots = dir.path().join("upstream-ca.pem");
+    std::fs::write(&roots, &upstream_ca.cert)?;
+
+    // The clone's netns, with dough's own rules, and a stand-in guest.
+    let egress: dough_net::Egress = format!("allow={PASS_NAME},{BROKER_NAME}").parse()?;
+    let plan = NetPlan::new(
+        "bg",
+        &format!("bench-{tag}"),
+        egress.clone(),
+        dough_net::plan::DEFAULT_POOL.parse()?,
+        0,
+        &Default::default(),
+    )?;
+    let guest_ns = format!("bgg{tag}");
+    let mut n = LinuxNet::default();
+    n.create_netns(&plan.netns)?;
+    let _cleanup = Netns(vec![plan.netns.clone(), guest_ns.clone()]);
+    n.create_netns(&guest_ns)?;
+    let veth = format!("bgv{tag}");
+    ip(&[
+        "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &guest_ns,
+    ])?;
+    ip(&["link", "set", &veth, "netns", &plan.netns])?;
+    ip(&["-n", &plan.netns, "link", "set", &veth, "name", "tap0"])?;
+    ip(&[
+        "-n",
+        &plan.netns,
+        "addr",
+        "add",
+        "172.16.0.1/30",
+        "dev",
+        "tap0",
+    ])?;
+    ip(&[
+        "-n",
+        &guest_ns,
+        "addr",
+        "add",
+        "172.16.0.2/30",
+        "dev",
+        "eth0",
+    ])?;
+    for (ns, dev) in [
+        (&plan.netns, "tap0"),
+        (&plan.netns, "lo"),
+        (&guest_ns, "eth0"),
+        (&guest_ns, "lo"),
+    ] {
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    ip(&[
+        "-n",
+        &guest_ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "172.16.0.1",
+    ])?;
+    n.add_rules(Some(&plan.netns), &plan.ns_rules())?;
+
+    // A real gateway process, started the way a clone's is.
+    let config = dough_gateway::Config {
+        vm: "bench".into(),
+        egress,
+        deny: vec![dough_net::plan::DEFAULT_POOL.parse()?],
+        log: dir.path().join("net.log"),
+        hosts: [PASS_NAME, BROKER_NAME]
+            .iter()
+            .map(|h| (h.to_string(), vec![world.addr]))
+            .collect(),
+        vmm: Some((
+            std::process::id() as i32,
+            dough_vmm::ProcessId::of(std::process::id() as i32)
+                .map(|p| p.start_ticks)
+                .unwrap_or(0),
+        )),
+        brokers: vec![Broker {
+            name: "BENCH_KEY".into(),
+            placeholder: PLACEHOLDER.into(),
+            value: "sk-bench-the-real-value".into(),
+            hosts: vec![BROKER_NAME.parse()?],
+            header: "x-api-key".parse()?,
+        }],
+        ca: Some(dough_ca.clone()),
+        upstream_roots: vec![roots],
+    };
+    let net = dough_fabric::host::HostNet::linux().with_gateway(std::env::current_exe()?);
+    let mut gw = net.start_gateway(&dough_fabric::host::GatewayStart {
+        netns: &plan.netns,
+        vm_dir: dir.path(),
+        config: &config.to_json(),
+    })?;
+    let gw_pid = gw.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let idle_pss = dough_vmm::process::pss_kib(gw_pid);
+    let idle_rss = dough_vmm::process::peak_rss_kib(gw_pid);
+
+    // Clients: the baseline trusts the upstream CA; through the gateway,
+    // also dough's (the brokered leaf).
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in [&upstream_ca.cert, &dough_ca.cert] {
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(
+            pem.as_bytes(),
+        )?)?;
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(dough_gateway::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let modes: [(&str, Option<&str>, &str); 3] = [
+        ("direct", None, PASS_NAME),
+        ("passthrough", Some(guest_ns.as_str()), PASS_NAME),
+        ("brokered", Some(guest_ns.as_str()), BROKER_NAME),
+    ];
+    let big = a.megabytes << 20;
+    let mut results = serde_json::Map::new();
+    let mut p50 = std::collections::BTreeMap::new();
+    let mut mbps = std::collections::BTreeMap::new();
+    for (mode, ns, name) in modes {
+        eprintln!(
+            "dough: bench gateway: {mode}: {} requests, {} MiB",
+            a.requests, a.megabytes
+        );
+        let client = client.clone();
+        let addr = world.addr;
+        let requests = a.requests;
+        let (mut lat, secs) = in_netns(ns, move || {
+            let run = || -> anyhow::Result<(Vec<f64>, f64)> {
+                // Warm up (name resolution, leaf issuance, caches).
+                for _ in 0..3 {
+                    get(&client, addr, name, "/small")?;
+                }
+                let mut lat = Vec::new();
+                for _ in 0..requests {
+                    let t = Instant::now();
+                    let n = get(&client, addr, name, "/small")?;
+                    anyhow::ensure!(n == 2, "a short reply ({n} bytes)");
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                let t = Instant::now();
+                let n = get(&client, addr, name, &format!("/big?{big}"))?;
+                anyhow::ensure!(n == big, "the download was cut short ({n} of {big} bytes)");
+                Ok((lat, t.elapsed().as_secs_f64()))
+            };
+            run().map_err(|e| NetError::op("bench client", e))
+        })?;
+        let (m50, m90) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.9));
+        let rate = a.megabytes as f64 / secs;
+        p50.insert(mode, m50);
+        mbps.insert(mode, rate);
+        results.insert(
+            mode.into(),
+            json!({"request_ms_p50": m50, "request_ms_p90": m90, "download_mib_per_s": rate}),
+        );
+    }
+    let busy_pss = dough_vmm::process::pss_kib(gw_pid);
+    let _ = gw.kill();
+    let _ = gw.wait();
+    let added = |m: &str| p50[m] - p50["direct"];
+    let share = |m: &str| mbps[m] / mbps["direct"];
+    let out = json!({
+        "bench": "gateway",
+        "requests": a.requests,
+        "megabytes": a.megabytes,
+        "modes": results,
+        "added_ms_p50": {"passthrough": added("passthrough"), "brokered": added("brokered")},
+        "throughput_vs_direct": {"passthrough": share("passthrough"), "brokered": share("brokered")},
+        "gateway_kib": {"idle_pss": idle_pss, "idle_peak_rss": idle_rss, "after_pss": busy_pss},
+        "targets": {
+            "passthrough_added_p50_le_1ms": added("passthrough") <= 1.0,
+            "brokered_added_p50_le_3ms": added("brokered") <= 3.0,
+            "throughput_ge_80pct": share("passthrough") >= 0.8 && share("brokered") >= 0.8,
+            "idle_gateway_pss_le_1mib": idle_pss.is_some_and(|k| k <= 1024),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
