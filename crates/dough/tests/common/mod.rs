@@ -22,17 +22,39 @@ pub fn shared_home() -> PathBuf {
 /// A private dough home that shares the built image's artifacts (manifests
 /// point at absolute paths in the shared cache) and the baked snapshots,
 /// but has its own VM state.
-pub fn private_home() -> tempfile::TempDir {
+pub fn private_home() -> Home {
     let d = private_home_own_snapshots();
     std::os::unix::fs::symlink(shared_home().join("snapshots"), d.path().join("snapshots"))
         .unwrap();
     d
 }
 
+/// A test's private dough home. Dropped — also when the test failed half
+/// way — it first stops every VM still recorded there (`dough down
+/// --all`), so a failing test leaves no clone running.
+#[derive(Debug)]
+pub struct Home(tempfile::TempDir);
+
+impl Home {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let vms = self.path().join("vms");
+        let any = std::fs::read_dir(&vms).is_ok_and(|mut d| d.next().is_some());
+        if any {
+            let _ = run(self.path(), &["down", "--all"]);
+        }
+    }
+}
+
 /// Like [`private_home`], with an empty snapshot store of its own.
-pub fn private_home_own_snapshots() -> tempfile::TempDir {
+pub fn private_home_own_snapshots() -> Home {
     let shared = shared_home();
-    let d = tempfile::tempdir().unwrap();
+    let d = Home(tempfile::tempdir().unwrap());
     let images = d.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
     for e in std::fs::read_dir(shared.join("images")).unwrap() {
