@@ -39,6 +39,7 @@ pub struct GatewayArgs {
 const PASS_NAME: &str = "pass.bench";
 const BROKER_NAME: &str = "broker.bench";
 const PLACEHOLDER: &str = "sk-bench-dough-placeholder";
+const REAL_VALUE: &str = "sk-bench-the-real-value";
 
 /// The stand-in guest and clone namespaces, removed on drop.
 struct Netns(Vec<String>);
@@ -66,79 +67,124 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An HTTPS/1.1 server on `addr`:443 in `netns`: the certificate for the
-/// SNI asked (from `configs`), `GET /small` → 2 bytes, `GET /big?N` → N
-/// bytes; one request per connection.
+/// An HTTPS server (HTTP/1.1 and HTTP/2 by ALPN) on `addr`:443 in
+/// `netns`, with the certificate for the SNI asked (from `configs`):
+/// `GET /small` → `ok`, `GET /big?N` → N bytes, `GET /key` → whether the
+/// request carried `real` as its x-api-key, and its HTTP version.
 fn serve(
     netns: &str,
     addr: Ipv4Addr,
     configs: Vec<(String, Arc<rustls::ServerConfig>)>,
+    real: &'static str,
 ) -> anyhow::Result<()> {
     let l = in_netns(Some(netns), || {
         TcpListener::bind((addr, 443)).map_err(|e| NetError::io("bind", e))
     })?;
+    l.set_nonblocking(true)?;
     let configs = Arc::new(configs);
     std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let configs = configs.clone();
-            std::thread::spawn(move || {
-                let _ = serve_one(s, &configs);
-            });
-        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                let configs = configs.clone();
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        s,
+                    );
+                    let Ok(start) = acceptor.await else { return };
+                    let name = start.client_hello().server_name().unwrap_or("").to_string();
+                    let Some((_, config)) = configs.iter().find(|(n, _)| *n == name) else {
+                        return;
+                    };
+                    let Ok(tls) = start.into_stream(config.clone()).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| async move {
+                        Ok::<_, std::convert::Infallible>(reply(&req, real))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
     });
     Ok(())
 }
 
-fn serve_one(
-    mut s: TcpStream,
-    configs: &[(String, Arc<rustls::ServerConfig>)],
-) -> std::io::Result<()> {
-    let mut acceptor = rustls::server::Acceptor::default();
-    let accepted = loop {
-        acceptor.read_tls(&mut s)?;
-        if let Ok(Some(a)) = acceptor.accept() {
-            break a;
+fn reply(
+    req: &hyper::Request<hyper::body::Incoming>,
+    real: &str,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let body: Vec<u8> = if let Some(n) = path.strip_prefix("/big?") {
+        vec![b'x'; n.parse().unwrap_or(0)]
+    } else if path == "/key" {
+        let ok = req.headers().get("x-api-key").is_some_and(|v| v == real);
+        format!("{} {:?}", if ok { "real" } else { "other" }, req.version()).into_bytes()
+    } else {
+        b"ok".to_vec()
+    };
+    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)))
+}
+
+/// `n` requests for `/key` over one HTTP/2 connection (ALPN h2 only) to
+/// `addr`:443 asking for `name`; the distinct answers.
+fn h2_requests(
+    client: &rustls::ClientConfig,
+    addr: Ipv4Addr,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    use http_body_util::BodyExt;
+    let mut config = client.clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let s = tokio::net::TcpStream::connect((addr, 443)).await?;
+        let sn = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(sn, s)
+            .await?;
+        anyhow::ensure!(
+            tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+            "the gateway did not agree to HTTP/2"
+        );
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await?;
+        tokio::spawn(conn);
+        let mut answers = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            let req = hyper::Request::get(format!("https://{name}/key"))
+                .header("x-api-key", PLACEHOLDER)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let resp = send.send_request(req).await?;
+            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+            let body = resp.into_body().collect().await?.to_bytes();
+            answers.insert(String::from_utf8_lossy(&body).into_owned());
         }
-    };
-    let name = accepted
-        .client_hello()
-        .server_name()
-        .unwrap_or("")
-        .to_string();
-    let Some((_, config)) = configs.iter().find(|(n, _)| *n == name) else {
-        return Ok(());
-    };
-    let conn = accepted
-        .into_connection(config.clone())
-        .map_err(|(e, _)| std::io::Error::other(e))?;
-    let mut tls = rustls::StreamOwned::new(conn, s);
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
-        tls.read_exact(&mut b)?;
-        head.push(b[0]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let n: usize = path
-        .strip_prefix("/big?")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2);
-    write!(
-        tls,
-        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-    )?;
-    let chunk = vec![b'x'; 64 << 10];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(chunk.len());
-        tls.write_all(&chunk[..k])?;
-        left -= k;
-    }
-    tls.flush()?;
-    tls.conn.send_close_notify();
-    let _ = tls.flush();
-    Ok(())
+        Ok(answers.into_iter().collect())
+    })
 }
 
 /// One HTTPS GET on a new connection to `addr`:443 asking for `name`;
@@ -195,11 +241,9 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     let dough_ca = CaPem::generate()?;
     let mut configs = Vec::new();
     for n in [PASS_NAME, BROKER_NAME] {
-        let mut c = (*upstream_leaves.server_config(n)?).clone();
-        c.alpn_protocols.clear();
-        configs.push((n.to_string(), Arc::new(c)));
+        configs.push((n.to_string(), upstream_leaves.server_config(n)?));
     }
-    serve(&world.ns, world.addr, configs)?;
+    serve(&world.ns, world.addr, configs, REAL_VALUE)?;
     let dir = tempfile::tempdir()?;
     let roots = dir.path().join("upstream-ca.pem");
     std::fs::write(&roots, &upstream_ca.cert)?;
@@ -281,7 +325,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         brokers: vec![Broker {
             name: "BENCH_KEY".into(),
             placeholder: PLACEHOLDER.into(),
-            value: "sk-bench-the-real-value".into(),
+            value: REAL_VALUE.into(),
             hosts: vec![BROKER_NAME.parse()?],
             header: "x-api-key".parse()?,
         }],
@@ -359,6 +403,15 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
             json!({"request_ms_p50": m50, "request_ms_p90": m90, "download_mib_per_s": rate}),
         );
     }
+    // HTTP/2 from the guest's side, brokered: the key must arrive (and the
+    // upstream be spoken to over HTTP/2 too, since it offers it).
+    let h2 = {
+        let client = client.clone();
+        let addr = world.addr;
+        in_netns(Some(&guest_ns), move || {
+            h2_requests(&client, addr, BROKER_NAME, 10).map_err(|e| NetError::op("h2 client", e))
+        })?
+    };
     let busy_pss = dough_vmm::process::pss_kib(gw_pid);
     let _ = gw.kill();
     let _ = gw.wait();
@@ -372,6 +425,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         "added_ms_p50": {"passthrough": added("passthrough"), "brokered": added("brokered")},
         "throughput_vs_direct": {"passthrough": share("passthrough"), "brokered": share("brokered")},
         "gateway_kib": {"idle_pss": idle_pss, "idle_peak_rss": idle_rss, "after_pss": busy_pss},
+        "h2_brokered_answers": h2,
         "targets": {
             "passthrough_added_p50_le_1ms": added("passthrough") <= 1.0,
             "brokered_added_p50_le_3ms": added("brokered") <= 3.0,
