@@ -66,7 +66,11 @@ impl Brokering {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+        // HTTP/2's default 64 KiB windows would cap a download at a window
+        // per round trip: let them grow with the connection's bandwidth.
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_adaptive_window(true)
+            .build(https);
         Ok(Brokering {
             brokers,
             leaves: LeafIssuer::new(ca)?,
@@ -160,9 +164,9 @@ pub(crate) async fn serve(
         let (ctx, name) = (svc_ctx.clone(), svc_name.clone());
         async move { Ok::<_, Infallible>(forward(ctx, &name, port, req).await) }
     });
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http2().adaptive_window(true);
+    let served = builder.serve_connection(TokioIo::new(tls), svc).await;
     ev.verdict = Verdict::Allow;
     ev.reason = match served {
         Ok(()) => "brokered".into(),

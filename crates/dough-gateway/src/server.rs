@@ -39,6 +39,9 @@ pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// A DNS-over-TCP client idle between messages.
 pub const DNS_TCP_IDLE: Duration = Duration::from_secs(10);
 
+/// Bytes moved per read while splicing a connection (each direction).
+const SPLICE_BUF: usize = 64 << 10;
+
 /// The descriptors a gateway process inherits, in this order.
 pub const INHERITED_FDS: [RawFd; 3] = [3, 4, 5];
 
@@ -106,7 +109,7 @@ impl Sockets {
         let mut cmd = Command::new(exe);
         cmd.arg("gateway");
         // SAFETY: between fork and exec only async-signal-safe calls
-        // (fcntl, dup2) on descriptors this process owns.
+        // (fcntl, dup2, close_range) on descriptors this process owns.
         unsafe {
             cmd.pre_exec(move || {
                 // Move out of the way first, so no dup2 clobbers a source.
@@ -124,6 +127,9 @@ impl Sockets {
                         return Err(io::Error::last_os_error());
                     }
                 }
+                // Nothing else of this process's (or what it inherited
+                // without close-on-exec) reaches the gateway.
+                libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
                 Ok(())
             });
         }
@@ -468,7 +474,7 @@ async fn one_way(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
 ) -> u64 {
-    let mut buf = vec![0u8; 16 << 10];
+    let mut buf = vec![0u8; SPLICE_BUF];
     let mut n = 0u64;
     loop {
         match from.read(&mut buf).await {
