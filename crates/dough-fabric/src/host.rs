@@ -57,6 +57,8 @@ pub struct HostNet {
     /// Starts a clone's egress gateway; without one, only `--net none`
     /// clones can be made.
     gateway: Option<GatewayLaunch>,
+    /// Why there is no gateway, when that is known.
+    no_gateway: Option<String>,
     /// Names every gateway answers before asking the host's resolver.
     gateway_hosts: BTreeMap<String, Vec<Ipv4Addr>>,
     /// Extra roots gateways trust for upstreams (PEM files).
@@ -119,18 +121,27 @@ impl HostNet {
             run_dir: run_dir.into(),
             observer: None,
             gateway: None,
+            no_gateway: None,
             gateway_hosts: BTreeMap::new(),
             gateway_roots: Vec::new(),
         }
     }
 
-    /// Give clones with egress a gateway: `exe gateway --config FILE`
-    /// (dough itself), started with its listening sockets already made
-    /// inside the clone's netns.
-    pub fn with_gateway(self, exe: PathBuf) -> Self {
+    /// Give clones with egress a gateway: the program `exe` with `args`
+    /// (`dough-gateway`, or `dough gateway`), started with its listening
+    /// sockets already made inside the clone's netns and its configuration
+    /// on standard input.
+    pub fn with_gateway(self, exe: PathBuf, args: Vec<String>) -> Self {
         self.with_gateway_launch(Arc::new(move |s: &GatewayStart<'_>| {
-            launch_gateway(&exe, s)
+            launch_gateway(&exe, &args, s)
         }))
+    }
+
+    /// No gateway, for `why` (said when a clone with egress is asked for).
+    pub fn without_gateway(mut self, why: String) -> Self {
+        self.gateway = None;
+        self.no_gateway = Some(why);
+        self
     }
 
     /// Start gateways with `launch` (tests stand one in).
@@ -166,7 +177,12 @@ impl HostNet {
             Some(launch) => launch(s),
             None => Err(NetError::op(
                 "starting the egress gateway",
-                "this dough has no gateway program configured (only --net none is possible)",
+                format!(
+                    "{} (only --net none is possible without one)",
+                    self.no_gateway
+                        .as_deref()
+                        .unwrap_or("no gateway program is configured")
+                ),
             )),
         }
     }
@@ -264,7 +280,7 @@ fn spawn_in_netns(
 /// The real gateway start: bind its sockets on the TAP's address inside
 /// the clone's netns (from a thread that has joined it), then spawn `exe`
 /// on the host with them as its only inherited descriptors.
-fn launch_gateway(exe: &Path, s: &GatewayStart<'_>) -> Result<Child, NetError> {
+fn launch_gateway(exe: &Path, args: &[String], s: &GatewayStart<'_>) -> Result<Child, NetError> {
     use dough_net::plan::{GATEWAY_TCP_PORT, GUEST_GW};
     use std::io::Write;
     let sockets = dough_net::linux::in_netns(Some(s.netns), || {
@@ -274,7 +290,7 @@ fn launch_gateway(exe: &Path, s: &GatewayStart<'_>) -> Result<Child, NetError> {
     let err_path = s.vm_dir.join("gateway.stderr");
     let stderr = std::fs::File::create(&err_path)
         .map_err(|e| NetError::io(format!("creating {}", err_path.display()), e))?;
-    let mut cmd = sockets.command(exe);
+    let mut cmd = sockets.command(exe, args);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(stderr);

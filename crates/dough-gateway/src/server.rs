@@ -97,9 +97,10 @@ impl Sockets {
         }
     }
 
-    /// `exe gateway` (its configuration comes on standard input), with
-    /// these sockets as its [`INHERITED_FDS`] (and nothing else of ours).
-    pub fn command(&self, exe: &Path) -> Command {
+    /// `exe args...` (a gateway program: its configuration comes on
+    /// standard input), with these sockets as its [`INHERITED_FDS`] (and
+    /// nothing else of ours).
+    pub fn command(&self, exe: &Path, args: &[String]) -> Command {
         use std::os::unix::process::CommandExt;
         let fds = [
             self.tcp.as_raw_fd(),
@@ -107,7 +108,7 @@ impl Sockets {
             self.dns_tcp.as_raw_fd(),
         ];
         let mut cmd = Command::new(exe);
-        cmd.arg("gateway");
+        cmd.args(args);
         // SAFETY: between fork and exec only async-signal-safe calls
         // (fcntl, dup2, close_range) on descriptors this process owns.
         unsafe {

@@ -332,7 +332,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         ca: Some(dough_ca.clone()),
         upstream_roots: vec![roots],
     };
-    let net = dough_fabric::host::HostNet::linux().with_gateway(std::env::current_exe()?);
+    let net = crate::vm_args::host_net();
     let mut gw = net.start_gateway(&dough_fabric::host::GatewayStart {
         netns: &plan.netns,
         vm_dir: dir.path(),

@@ -87,25 +87,6 @@ pub enum Command {
     /// (internal) Outlive a dough process and reclaim its VMs if it dies.
     #[command(hide = true)]
     Watchdog(crate::watchdog::WatchdogArgs),
-    /// (internal) One clone's egress gateway: started by dough with its
-    /// sockets already made inside the clone's network namespace.
-    #[command(hide = true)]
-    Gateway(GatewayArgs),
-}
-
-#[derive(Debug, clap::Args)]
-pub struct GatewayArgs {}
-
-/// `dough gateway`: serve one clone until its VMM is gone. Its
-/// configuration (which may hold secrets) comes on standard input.
-fn gateway(_args: GatewayArgs) -> anyhow::Result<ExitCode> {
-    use anyhow::Context;
-    let config = dough_gateway::Config::read_from(std::io::stdin().lock())
-        .context("reading the gateway's configuration from standard input")?;
-    let sockets = dough_gateway::server::Sockets::inherited()
-        .context("the gateway's sockets (dough gateway is started by dough itself)")?;
-    dough_gateway::server::run(config, sockets).context("serving the clone")?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Print `dough: error: <headline><e>` and each cause on its own line.
@@ -240,7 +221,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // doughs and notices dead clones.
     if !matches!(
         cli.command,
-        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_) | Command::Gateway(_)
+        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
     ) {
         crate::teardown::sweep(&ctx.vms);
     }
@@ -266,7 +247,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),
-        Command::Gateway(args) => gateway(args),
     }
 }
 

@@ -129,17 +129,25 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
 /// (`--features test-hooks`) can be told to stop for good before the N-th
 /// step of building a network (`DOUGH_TEST_HOLD_IN_NET_SETUP=N`), for the
 /// test that SIGKILLs dough there; a release build has no such switch.
-fn host_net() -> dough_fabric::host::HostNet {
+pub fn host_net() -> dough_fabric::host::HostNet {
     let net = dough_fabric::host::HostNet::linux();
-    // Every clone with egress gets a gateway: this very program.
+    // Every clone with egress gets a gateway: the `dough-gateway` program
+    // built and installed next to this one (a process per clone, so a
+    // program of its own, a fraction of dough's size). Without it only
+    // `--net none` clones can be made, and an error says why.
     let net = match std::env::current_exe() {
-        Ok(exe) => net.with_gateway(exe),
-        Err(e) => {
-            tracing::warn!(
-                "cannot find dough's own program ({e}): clones can have --net none only"
-            );
-            net
+        Ok(exe) => {
+            let gateway = exe.with_file_name("dough-gateway");
+            if gateway.is_file() {
+                net.with_gateway(gateway, vec![])
+            } else {
+                net.without_gateway(format!(
+                    "{} is missing (it is built with dough: cargo build -p dough)",
+                    gateway.display()
+                ))
+            }
         }
+        Err(e) => net.without_gateway(format!("cannot find dough's own program: {e}")),
     };
     // The tests' stand-in world has names no resolver knows: the gateways
     // answer them from a table (name=ip[+ip...],...).

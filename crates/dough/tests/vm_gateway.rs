@@ -258,3 +258,30 @@ print(nx)",
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success());
 }
+
+#[test]
+fn vm_gateway_missing_program_is_a_clear_error_and_none_still_works() {
+    let home = private_home();
+    let bin = tempfile::tempdir().unwrap();
+    let lone = bin.path().join("dough");
+    std::fs::copy(env!("CARGO_BIN_EXE_dough"), &lone).unwrap();
+    let dough_alone = |args: &[&str]| {
+        std::process::Command::new(&lone)
+            .args(args)
+            .env("DOUGH_HOME", home.path())
+            .env_remove("DOUGH_BACKEND")
+            .output()
+            .unwrap()
+    };
+    let out = dough_alone(&["run", "--net", "nat", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("dough-gateway is missing (it is built with dough")
+            && err.contains("only --net none is possible without one"),
+        "{err}"
+    );
+    assert!(vm_dirs(home.path()).is_empty(), "a failed start left a VM");
+    let out = dough_alone(&["run", "--net", "none", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
