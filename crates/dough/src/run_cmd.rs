@@ -24,6 +24,12 @@ pub struct RunArgs {
     /// Print boot timing and the VMM's peak RSS on stderr.
     #[arg(long)]
     pub stats: bool,
+    /// Save the clone's egress log (every DNS query and connection through
+    /// its gateway, as JSON lines: see `dough logs --net`) to FILE before
+    /// the clone is destroyed. Without it, denied queries and connections
+    /// are summed up on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub net_log: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub secrets: crate::broker_args::SecretArgs,
     #[command(flatten)]
@@ -61,6 +67,33 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.stats {
         if let Some(kib) = vm.vmm_peak_rss_kib() {
             eprintln!("dough: VMM peak RSS {} MiB", kib / 1024);
+        }
+    }
+    let log = vm.paths.dir.join(dough_fabric::vm::GATEWAY_AUDIT_LOG);
+    if let Some(to) = &args.net_log {
+        match std::fs::copy(&log, to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(to, b"").with_context(|| format!("writing {}", to.display()))?
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("saving the egress log to {}", to.display()))
+            }
+        }
+    } else if let Ok(events) = dough_gateway::audit::read(&log) {
+        let denied: Vec<_> = events
+            .iter()
+            .filter(|e| e.verdict == dough_gateway::audit::Verdict::Deny)
+            .collect();
+        if !denied.is_empty() {
+            eprintln!(
+                "dough: egress: {} of {} queries and connections were denied (--net-log FILE keeps them all); the first:",
+                denied.len(),
+                events.len()
+            );
+            for e in denied.iter().take(5) {
+                eprintln!("dough:   {}", dough_fabric::serial::printable(&e.line()));
+            }
         }
     }
     vm.destroy()?;

@@ -285,3 +285,33 @@ fn vm_gateway_missing_program_is_a_clear_error_and_none_still_works() {
     let out = dough_alone(&["run", "--net", "none", "--", "true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn vm_gateway_run_keeps_or_sums_up_its_egress() {
+    let home = private_home();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let resolve = |extra: &[&str]| {
+        let mut a = vec!["run", "--net", "allow=allowed.test"];
+        a.extend(extra);
+        a.extend(["--", "python3", "-c", RESOLVE_PY, "denied.test"]);
+        dough(home.path())
+            .args(&a)
+            .env("DOUGH_TEST_GATEWAY_HOSTS", "allowed.test=192.0.2.1")
+            .output()
+            .unwrap()
+    };
+    let out = resolve(&[]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("dough: egress: 1 of 1 queries and connections were denied")
+            && err.contains("DENY  dns A denied.test (name not allowed)"),
+        "{err}"
+    );
+    let out = resolve(&["--net-log", log.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(!text(&out.stderr).contains("were denied"));
+    let events = dough_gateway::audit::read(log.path()).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].name.as_deref(), Some("denied.test"));
+}
