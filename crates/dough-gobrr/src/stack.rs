@@ -603,6 +603,36 @@ impl Stack {
         run(c, None).map(drop)
     }
 
+    /// The branch's changes since `base`, as a patch (binary parts
+    /// included), for showing: no external diff program, no textconv.
+    pub fn diff_since(&self, base: &str) -> Result<Vec<u8>, StackError> {
+        let mut c = self.user_git();
+        c.args([
+            "diff",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-color",
+            "--binary",
+            base,
+            &format!("refs/heads/{}", self.branch),
+        ]);
+        run_bytes(c, None)
+    }
+
+    /// Delete the branch (whatever it holds; its commits stay in the
+    /// object store until git collects them).
+    pub fn delete_branch(&self) -> Result<(), StackError> {
+        let head = self.head()?;
+        let mut c = self.user_git();
+        c.args([
+            "update-ref",
+            "-d",
+            &format!("refs/heads/{}", self.branch),
+            &head,
+        ]);
+        run(c, None).map(drop)
+    }
+
     /// Remove dough's scratch directory (the branch and its commits stay).
     pub fn remove(self) -> Result<(), StackError> {
         std::fs::remove_dir_all(&self.scratch).map_err(|source| StackError::Scratch {

@@ -82,9 +82,20 @@ pub fn visible_prefix(value: &str) -> &str {
 }
 
 impl SecretArgs {
+    /// Every `--inject`, parsed.
+    pub fn injects(&self) -> anyhow::Result<Vec<Inject>> {
+        self.inject.iter().map(|s| parse_inject(s)).collect()
+    }
+
     /// Read every secret, build the brokers, and check each brokered host
     /// is one `egress` lets through.
     pub fn resolve(&self, egress: &Egress) -> anyhow::Result<Secrets> {
+        let values = self.values()?;
+        self.brokered(values, egress)
+    }
+
+    /// Every `--secret`'s (name, value).
+    pub fn values(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut values = Vec::new();
         for s in &self.secrets {
             let (name, source) = s.split_once('=').with_context(|| {
@@ -110,12 +121,12 @@ impl SecretArgs {
             anyhow::ensure!(!value.is_empty(), "--secret {name} is empty");
             values.push((name.to_string(), value));
         }
+        Ok(values)
+    }
+
+    fn brokered(&self, values: Vec<(String, String)>, egress: &Egress) -> anyhow::Result<Secrets> {
         let mut out = Secrets::default();
-        let injects = self
-            .inject
-            .iter()
-            .map(|s| parse_inject(s))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let injects = self.injects()?;
         for i in &injects {
             anyhow::ensure!(
                 values.iter().any(|(n, _)| n == &i.name),

@@ -72,6 +72,14 @@ pub enum Command {
     Logs(vm_cmds::LogsArgs),
     /// Stop VMs exactly (by their recorded pid) and remove their state.
     Down(vm_cmds::DownArgs),
+    /// One agent, one command: ship a repository into a fresh clone, run
+    /// the agent, bring its changes back through the same strict checks as
+    /// a plan's task (every path inside --allow, no secret, an optional
+    /// --check in an offline clone) and show them; --commit keeps them as a
+    /// branch. A one-task plan without a plan file.
+    ///
+    /// Example: dough agent --allow 'src/**' --work 'Fix the failing test' -- claude -p @{work_order}
+    Agent(crate::agent_cmd::AgentArgs),
     /// Run a plan: rounds of file-disjoint agent tasks in clones, each diff
     /// checked against its allowlist and verified offline, green results
     /// stacked on a branch `dough/<run-id>` of the plan's repo.
@@ -229,7 +237,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // them, even if they are killed.
     if matches!(
         cli.command,
-        Command::Run(_) | Command::Up(_) | Command::Go(_) | Command::Bake(_) | Command::Bench(_)
+        Command::Run(_)
+            | Command::Up(_)
+            | Command::Go(_)
+            | Command::Agent(_)
+            | Command::Bake(_)
+            | Command::Bench(_)
     ) {
         crate::watchdog::arm(&ctx.home, &ctx.vms);
     }
@@ -245,6 +258,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Go(args) => go_cmd::run(&ctx, args),
+        Command::Agent(args) => crate::agent_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),
     }

@@ -41,7 +41,7 @@ pub struct GoArgs {
 }
 
 /// A `YYYYMMDD-HHMMSS-xxxx` run id from the UTC clock.
-fn new_run_id() -> String {
+pub fn new_run_id() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -210,26 +210,83 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     anyhow::ensure!(
+        args.vm.net == dough_net::Egress::Nat,
+        "--net does not apply to `dough go`: the plan's `egress` decides for agent clones, and gates never have a network"
+    );
+    let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
+    let done = execute(ctx, &plan, secrets, &repo, &run_id, &args.vm, Keep::Branch)?;
+    println!("branch: dough/{run_id}");
+    println!("report: {}", done.report.display());
+    Ok(done.exit_code())
+}
+
+/// What a run leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The branch `dough/<run-id>` with the green commits.
+    Branch,
+    /// Its changes as a patch ([`Done::diff`]), and the branch too if
+    /// anything went green.
+    BranchAndDiff,
+    /// Its changes as a patch only: the branch is deleted.
+    Diff,
+}
+
+/// A finished run.
+pub struct Done {
+    pub result: RunResult,
+    pub report: PathBuf,
+    /// The branch's changes since its base (with [`Keep::Diff`] and
+    /// [`Keep::BranchAndDiff`]).
+    pub diff: Option<Vec<u8>>,
+}
+
+impl Done {
+    pub fn green(&self) -> usize {
+        self.result
+            .tasks
+            .iter()
+            .filter(|t| t.outcome == Outcome::Green)
+            .count()
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        if self.result.error.is_none() && self.green() == self.result.tasks.len() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Run a checked plan on `repo` (a git repository) as run `run_id`: the
+/// branch `dough/<run_id>`, `run.json` and `report.md` under
+/// `$DOUGH_HOME/runs/<run_id>`.
+pub fn execute(
+    ctx: &Ctx,
+    plan: &dough_gobrr::plan::ValidPlan,
+    secrets: Vec<dough_gobrr::secrets::Value>,
+    repo: &Path,
+    run_id: &str,
+    vm: &VmArgs,
+    keep: Keep,
+) -> anyhow::Result<Done> {
+    anyhow::ensure!(
         repo.join(".git").exists(),
         "the plan's repo {} is not a git repository",
         repo.display()
     );
-    anyhow::ensure!(
-        args.vm.net == dough_net::Egress::Nat,
-        "--net does not apply to `dough go`: the plan's `egress` decides for agent clones, and gates never have a network"
-    );
     install_teardown_on_signal(&ctx.vms);
-    let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
-    let run_dir = ctx.home.join("runs").join(&run_id);
+    let run_dir = ctx.home.join("runs").join(run_id);
     std::fs::create_dir_all(&run_dir)?;
     // dough's branch and scratch directory; nothing is checked out and no
     // worktree is registered in the user's repo. Removed whatever happens.
-    let stack = Stack::create(&repo, &run_dir.join("scratch"), &plan.plan.base, &run_id)
+    let stack = Stack::create(repo, &run_dir.join("scratch"), &plan.plan.base, run_id)
         .context("creating dough's branch")?;
     let base = stack.head()?;
     let mut stack = RemoveOnDrop {
         stack: Some(stack),
-        unused_base: Some(base),
+        unused_base: Some(base.clone()),
     };
     let tree = stack.get().archive()?.len();
     anyhow::ensure!(
@@ -237,8 +294,8 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         "the repo's tree is {tree} bytes as a tar; dough ships at most {MAX_SHIP} bytes into a clone today"
     );
 
-    let image = resolve_image(&ctx.home, &args.vm)?;
-    let opts = boot_options(&ctx.home, &image, &args.vm)?;
+    let image = resolve_image(&ctx.home, vm)?;
+    let opts = boot_options(&ctx.home, &image, vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot();
     let pool = ClonePool {
@@ -269,11 +326,11 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
     // From here on the branch is the run's result, even if empty.
     stack.unused_base = None;
     let runner = Runner {
-        plan: &plan,
+        plan,
         pool: &pool,
         stack: stack.get(),
         secrets: secrets.clone(),
-        run_id: run_id.clone(),
+        run_id: run_id.to_string(),
         on_event: &on_event,
     };
     let result = runner.run();
@@ -282,29 +339,41 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         run_dir.join("run.json"),
         redactor.redact(&serde_json::to_string_pretty(&result)?),
     )?;
-    let report = dough_fabric::serial::printable(&redactor.redact(&report(&result)));
-    std::fs::write(run_dir.join("report.md"), &report)?;
+    let report_text = dough_fabric::serial::printable(&redactor.redact(&report(&result)));
+    std::fs::write(run_dir.join("report.md"), &report_text)?;
+    let diff = match keep {
+        Keep::Branch => None,
+        Keep::Diff | Keep::BranchAndDiff => Some(
+            stack
+                .get()
+                .diff_since(&base)
+                .context("showing the run's changes")?,
+        ),
+    };
+    // `dough agent` keeps a branch only for a result it accepted.
+    let any_green = result.tasks.iter().any(|t| t.outcome == Outcome::Green);
+    if keep == Keep::Diff || (keep == Keep::BranchAndDiff && !any_green) {
+        stack
+            .get()
+            .delete_branch()
+            .context("deleting the run's branch")?;
+    }
     drop(stack);
     if let Some(e) = &result.error {
         eprintln!("dough: {}", redactor.redact(e));
     }
-    let green = result
-        .tasks
-        .iter()
-        .filter(|t| t.outcome == Outcome::Green)
-        .count();
+    let done = Done {
+        result,
+        report: run_dir.join("report.md"),
+        diff,
+    };
     eprintln!(
-        "dough: {green} of {} task(s) green in {:.1}s",
-        result.tasks.len(),
-        result.seconds
+        "dough: {} of {} task(s) green in {:.1}s",
+        done.green(),
+        done.result.tasks.len(),
+        done.result.seconds
     );
-    println!("branch: dough/{run_id}");
-    println!("report: {}", run_dir.join("report.md").display());
-    Ok(if result.error.is_none() && green == result.tasks.len() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(done)
 }
 
 /// dough's stack for a run, whose scratch directory goes away on every

@@ -1,5 +1,6 @@
 //! The `dough` command line.
 
+mod agent_cmd;
 mod bench_cmd;
 mod bench_gateway;
 mod broker_args;

@@ -341,3 +341,71 @@ fn vm_go_ctrl_c_tears_clones_down_and_keeps_what_was_green() {
         "round 1 stays on the branch"
     );
 }
+
+/// `dough agent` on `repo` with `args` before `--` and the agent `script`.
+fn agent(home: &Path, repo: &Path, args: &[&str], script: &str) -> std::process::Output {
+    dough(home)
+        .arg("agent")
+        .arg("--repo")
+        .arg(repo)
+        .args(args)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn vm_agent_shows_or_commits_what_passes_and_refuses_the_rest() {
+    let home = private_home();
+    let h = home.path();
+    let (dir, _) = small_repo("");
+    let repo = dir.path().join("repo");
+    let branches = || git(&repo, &["branch", "--format=%(refname:short)"]);
+
+    // Shown, not kept: the patch on stdout, no branch left behind.
+    let out = agent(
+        h,
+        &repo,
+        &[
+            "--allow",
+            "src/**",
+            "--work",
+            "set a to 2",
+            "--check",
+            "grep -q 'a = 2' src/a.py",
+        ],
+        "grep -q 'set a to 2' \"$WORK_ORDER\" && echo 'a = 2' > src/a.py",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let patch = text(&out.stdout);
+    assert!(patch.contains("-a = 1\n+a = 2"), "{patch}");
+    assert!(text(&out.stderr).contains("not kept (--commit keeps"));
+    assert_eq!(branches(), "main");
+
+    // Kept with --commit: the branch holds the change.
+    let out = agent(
+        h,
+        &repo,
+        &["--allow", "src/**", "--commit", "--run-id", "kept"],
+        "echo 'b = 1' > src/b.py",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(git(&repo, &["show", "dough/kept:src/b.py"]), "b = 1");
+
+    // A change outside --allow is refused whole, with the reason; nothing
+    // is kept even with --commit.
+    let out = agent(
+        h,
+        &repo,
+        &["--allow", "src/**", "--commit", "--run-id", "refused"],
+        "echo x > README; echo 'c = 1' > src/c.py",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).is_empty());
+    let report = std::fs::read_to_string(h.join("runs/refused/report.md")).unwrap();
+    assert!(
+        report.contains("\"README\" is outside the task's allowlist"),
+        "{report}"
+    );
+    assert!(!branches().contains("dough/refused"), "{}", branches());
+}
