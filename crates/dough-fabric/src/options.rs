@@ -36,6 +36,9 @@ pub struct BootOptions {
     pub brokers: Vec<dough_gateway::broker::Broker>,
     /// dough's CA (needed with `brokers`).
     pub ca: Option<dough_gateway::tls::CaPem>,
+    /// More certificates (PEM) a clone with a network trusts: put into its
+    /// system bundle at restore, next to dough's CA.
+    pub trust: Vec<String>,
 }
 
 impl Default for BootOptions {
@@ -57,6 +60,7 @@ impl Default for BootOptions {
             net: HostNet::linux(),
             brokers: Vec::new(),
             ca: None,
+            trust: Vec::new(),
         }
     }
 }

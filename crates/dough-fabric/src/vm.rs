@@ -239,9 +239,17 @@ impl Vm {
         start_gateway(&start_info, &dir, &mut undo)?;
         let process = undo.process.as_mut().expect("spawn_vmm recorded the VMM");
         let (mut channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
-        let ca_env = match (&opts.ca, opts.brokers.is_empty()) {
-            (Some(ca), false) => trust_ca(&mut channel, &id, &ca.cert, &paths)?,
-            _ => Vec::new(),
+        // What the clone trusts besides its image: dough's CA when a secret
+        // is brokered, and what the caller asked for — for clones with a
+        // network only (a gate or a bake reaches nothing to trust).
+        let mut pems: Vec<&str> = opts.trust.iter().map(String::as_str).collect();
+        if let (Some(ca), false) = (&opts.ca, opts.brokers.is_empty()) {
+            pems.push(&ca.cert);
+        }
+        let ca_env = if pems.is_empty() || !plan.egress.has_gateway() {
+            Vec::new()
+        } else {
+            trust_ca(&mut channel, &id, &pems.join("\n"), &paths)?
         };
         dir.set_state(VmState::Ready)?;
         let boot_time = start.elapsed();
@@ -623,25 +631,27 @@ pub const GUEST_CA_PATH: &str = "/etc/dough/ca.pem";
 /// The guest's system bundle, which gets dough's CA appended.
 pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Step 4 (clones with brokered secrets): make the guest trust dough's CA
-/// — its certificate into the system bundle of the clone's own writable
-/// layer and at [`GUEST_CA_PATH`] — before anything else runs; the
-/// variables that point TLS clients at them.
+/// Step 4 (clones with a network that trust more than their image: dough's
+/// CA for brokered secrets, `--ca`): the certificates into the system
+/// bundle of the clone's own writable layer and at [`GUEST_CA_PATH`],
+/// before anything else runs; the variables that point TLS clients at them.
 fn trust_ca(
     ch: &mut HostChannel,
     id: &str,
     cert_pem: &str,
     paths: &VmPaths,
 ) -> Result<Vec<(String, String)>, FabricError> {
+    // On stdin: a host's whole bundle is larger than an environment
+    // variable may be.
     let script = format!(
-        "set -e; mkdir -p /etc/dough; printf '%s\\n' \"$DOUGH_CA\" > {GUEST_CA_PATH}; \
-         mkdir -p /etc/ssl/certs; cat {GUEST_CA_PATH} >> {GUEST_BUNDLE}"
+        "set -e; mkdir -p /etc/dough /etc/ssl/certs; cat > {GUEST_CA_PATH}; \
+         printf '\\n' >> {GUEST_BUNDLE}; cat {GUEST_CA_PATH} >> {GUEST_BUNDLE}"
     );
     let req = ExecRequest {
         argv: vec!["sh".into(), "-c".into(), script],
-        env: vec![("DOUGH_CA".into(), cert_pem.to_string())],
+        env: vec![],
         cwd: None,
-        stdin: None,
+        stdin: Some(format!("{}\n", cert_pem.trim_end()).into_bytes()),
         timeout: Some(Duration::from_secs(30)),
     };
     let mut said = Vec::new();

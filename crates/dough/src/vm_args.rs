@@ -91,13 +91,24 @@ pub struct VmArgs {
     /// to see every kernel message in `serial.log`.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
-    /// What the VM's network may reach: `nat` (anything, through NAT),
-    /// `none` (no way out), or `allow=CIDR[:PORT],...` (only those).
+    /// What the VM's network may reach, through its egress gateway: `nat`
+    /// (anything beyond this host), `none` (no way out), or `allow=RULE,...`
+    /// where a rule is a host name (`api.example.com`), `*.domain` or a
+    /// CIDR, each with an optional `:PORT` (names: 443 and 80 by default).
+    /// Names are checked against what the client asks for (TLS SNI, HTTP
+    /// Host) and resolved by the host (docs/network.md).
     #[arg(long, default_value = "nat", env = "DOUGH_NET", value_name = "POLICY")]
     pub net: dough_net::Egress,
     /// Pool the per-clone /30 transfer subnets are taken from.
     #[arg(long, default_value = dough_net::plan::DEFAULT_POOL, env = "DOUGH_NET_POOL", value_name = "CIDR")]
     pub net_pool: dough_net::Ipv4Net,
+    /// Certificates clones with a network trust besides their image's
+    /// (repeatable): `host` takes this host's bundle (e.g. behind a
+    /// TLS-intercepting proxy whose CA the host trusts), or a PEM file. Put
+    /// into the clone's system bundle at restore; NODE_EXTRA_CA_CERTS and
+    /// friends point at them.
+    #[arg(long = "ca", value_name = "host|FILE")]
+    pub ca: Vec<String>,
     #[command(flatten)]
     pub agent: AgentArg,
 }
@@ -192,6 +203,25 @@ pub fn host_net() -> dough_fabric::host::HostNet {
     net
 }
 
+/// Where Debian keeps the host's CA bundle.
+const HOST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The PEM text of every `--ca`.
+fn trusted_certs(cas: &[String]) -> anyhow::Result<Vec<String>> {
+    cas.iter()
+        .map(|c| {
+            let path = if c == "host" { HOST_BUNDLE } else { c.as_str() };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--ca {c}: reading {path}: {e}"))?;
+            anyhow::ensure!(
+                text.contains("-----BEGIN CERTIFICATE-----"),
+                "--ca {c}: {path} holds no PEM certificate"
+            );
+            Ok(text)
+        })
+        .collect()
+}
+
 /// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
 pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
     let base = BootOptions {
@@ -212,6 +242,7 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         extra_cmdline: vm.kernel_args.clone(),
         egress: vm.net.clone(),
         net_pool: vm.net_pool,
+        trust: trusted_certs(&vm.ca)?,
         net: host_net(),
         ..BootOptions::default()
     };

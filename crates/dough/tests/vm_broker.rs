@@ -479,3 +479,42 @@ fn vm_broker_a_plan_brokers_its_secret_and_reports_egress() {
     );
     assert!(!report.contains(REAL_KEY));
 }
+
+/// `--ca FILE`: a clone trusts a CA its image does not (here the world's
+/// test CA, as a TLS-intercepting proxy's would be with `--ca host`).
+#[test]
+fn vm_broker_ca_adds_trust_to_a_clone() {
+    let home = private_home();
+    let w = https_world("c");
+    let roots = w
+        .env
+        .iter()
+        .find(|(k, _)| k == "DOUGH_TEST_GATEWAY_ROOTS")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let fetch = "import urllib.request
+try: print(urllib.request.urlopen('https://api.test/check', timeout=30).read().decode())
+except Exception as e: print('ERR', e)";
+    let run_with = |extra: &[&str]| {
+        let mut a = vec!["run", "--net", "allow=api.test"];
+        a.extend(extra);
+        a.extend(["--", "python3", "-c", fetch]);
+        let out = dough(home.path())
+            .args(&a)
+            .envs(w.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let without = run_with(&[]);
+    assert!(without.contains("CERTIFICATE_VERIFY_FAILED"), "{without}");
+    assert_eq!(run_with(&["--ca", &roots]), "api got");
+    let bad = dough(home.path())
+        .args(["run", "--ca", "/etc/hostname", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&bad.stderr).contains("--ca /etc/hostname: /etc/hostname holds no PEM certificate")
+    );
+}
