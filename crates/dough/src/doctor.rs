@@ -127,6 +127,20 @@ pub fn run(home: &Path, vms: &Path, args: DoctorArgs) -> anyhow::Result<ExitCode
             "apt-get install -y iproute2 (needed for per-clone networking)",
         ),
     ];
+    let gateway = std::env::current_exe()
+        .map(|e| e.with_file_name("dough-gateway"))
+        .ok()
+        .filter(|g| g.is_file());
+    checks.push(Check {
+        name: "gateway",
+        ok: gateway.is_some(),
+        required: true,
+        detail: match &gateway {
+            Some(g) => format!("{} (every clone with a network gets one)", g.display()),
+            None => "no dough-gateway next to dough: clones can have --net none only".into(),
+        },
+        fix: "build and install dough-gateway with dough (cargo build -p dough puts both in target/)",
+    });
     let kvm = dough_vmm::accel::kvm_device_usable();
     checks.push(Check {
         name: "kvm",

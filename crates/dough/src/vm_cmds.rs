@@ -189,6 +189,23 @@ fn age(secs: u64) -> String {
     }
 }
 
+/// The NET column: the policy, and the gateway's state when it is not
+/// serving (a clone whose gateway died has no way out).
+fn net_column(r: &dough_fabric::VmRecord) -> String {
+    let Some(n) = &r.net else {
+        return "-".into();
+    };
+    let policy = n.egress.to_string();
+    let vmm_alive = r.vmm.is_some_and(|v| v.is_alive());
+    match r.gateway {
+        Some(g) if vmm_alive && !g.is_alive() => format!("{policy} (gateway {} is gone)", g.pid),
+        None if vmm_alive && n.egress.has_gateway() && r.state == dough_fabric::VmState::Ready => {
+            format!("{policy} (no gateway)")
+        }
+        _ => policy,
+    }
+}
+
 pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     let vms = pool::status(&ctx.vms);
     let mut out = std::io::stdout().lock();
@@ -217,10 +234,7 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or("-".into()),
             r.backend.to_string(),
             r.accel.to_string(),
-            r.net
-                .as_ref()
-                .map(|n| n.egress.to_string())
-                .unwrap_or("-".into()),
+            net_column(r),
         )?;
     }
     Ok(ExitCode::SUCCESS)

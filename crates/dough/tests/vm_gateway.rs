@@ -255,6 +255,22 @@ print(nx)",
             .as_str()
             .unwrap()
             .contains("no TLS ClientHello or HTTP request within")));
+    // A gateway that died leaves its clone without a way out: ps says so.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = format!("(gateway {gw} is gone)");
+    let mut table = String::new();
+    for _ in 0..100 {
+        table = text(&run(h, &["ps"]).stdout);
+        if table.contains(&gone) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(table.contains(&gone), "{table}");
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success());
 }
