@@ -488,7 +488,45 @@ fn apply_welcome(shared: &Shared, w: &Welcome) {
         }
         Err(e) => log(&format!("opening /dev/urandom: {e}")),
     }
-    *shared.vm_id.lock().unwrap_or_else(|p| p.into_inner()) = w.vm_id.clone();
+    let mut id = shared.vm_id.lock().unwrap_or_else(|p| p.into_inner());
+    if *id != w.vm_id {
+        // A new identity (the first host after a restore): this clone's own
+        // hostname and machine-id before anything runs, not the bake's.
+        take_identity(&w.vm_id);
+        *id = w.vm_id.clone();
+    }
+}
+
+/// Become `vm_id`: the hostname (kernel and /etc/hostname) and a fresh
+/// /etc/machine-id, drawn from the kernel's RNG once the host's entropy is
+/// in it (not the host's bytes themselves, which stay unseen). The
+/// kernel's boot_id stays the bake's: it is fixed at boot and cannot be
+/// changed.
+fn take_identity(vm_id: &str) {
+    let host_ok = !vm_id.is_empty()
+        && vm_id.len() <= 63
+        && vm_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if host_ok {
+        if let Err(e) = nix::unistd::sethostname(vm_id) {
+            log(&format!("setting the hostname: {e}"));
+        }
+        if let Err(e) = std::fs::write("/etc/hostname", format!("{vm_id}\n")) {
+            log(&format!("writing /etc/hostname: {e}"));
+        }
+    }
+    let mut raw = [0u8; 16];
+    let drawn = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw));
+    let machine_id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    if let Err(e) = drawn {
+        log(&format!("drawing a machine-id: {e}"));
+    } else {
+        if let Err(e) = std::fs::write("/etc/machine-id", format!("{machine_id}\n")) {
+            log(&format!("writing /etc/machine-id: {e}"));
+        }
+    }
 }
 
 fn run_exec(

@@ -377,3 +377,52 @@ fn vm_a_slow_reader_loses_nothing() {
     assert_eq!(n, 3_000_000);
     down_all(h);
 }
+
+/// Every clone is itself from its first command on: its hostname is its
+/// id and its /etc/machine-id its own (stable across commands); only the
+/// kernel's boot_id is the bake's, shared by all of them.
+#[test]
+fn vm_clones_get_their_own_hostname_and_machine_id() {
+    let home = private_home();
+    let h = home.path();
+    let out = run(h, &["up", "2", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ids: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    let ask = |id: &str| {
+        let out = run(
+            h,
+            &[
+                "exec",
+                id,
+                "--",
+                "sh",
+                "-c",
+                "hostname; cat /etc/hostname /etc/machine-id /proc/sys/kernel/random/boot_id",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (ask(&ids[0]), ask(&ids[1]));
+    for (id, got) in [(&ids[0], &a), (&ids[1], &b)] {
+        assert_eq!(&got[0], id);
+        assert_eq!(&got[1], id);
+        assert_eq!(got[2].len(), 32, "{got:?}");
+        assert!(got[2].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+    assert_ne!(a[2], b[2], "two clones share a machine-id");
+    assert_eq!(
+        a[3], b[3],
+        "boot_id is the bake's (the kernel fixes it at boot)"
+    );
+    assert_eq!(
+        ask(&ids[0])[2],
+        a[2],
+        "the machine-id changed between commands"
+    );
+    let out = run(h, &["down", "--all"]);
+    assert!(out.status.success());
+}
