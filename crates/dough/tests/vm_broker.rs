@@ -478,6 +478,28 @@ fn vm_broker_a_plan_brokers_its_secret_and_reports_egress() {
         "{report}"
     );
     assert!(!report.contains(REAL_KEY));
+    // Nor anything else dough wrote: the run's events and run.json, every
+    // record and log under the home (its snapshots are a link to the shared
+    // ones, baked before any secret existed).
+    for dir in [home.path().to_path_buf()] {
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                if meta.is_dir() {
+                    stack.push(p);
+                } else if meta.is_file() {
+                    let b = std::fs::read(&p).unwrap_or_default();
+                    assert!(
+                        !b.windows(REAL_KEY.len()).any(|w| w == REAL_KEY.as_bytes()),
+                        "the real key is in {}",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// `--ca FILE`: a clone trusts a CA its image does not (here the world's
