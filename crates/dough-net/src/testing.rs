@@ -9,6 +9,17 @@ use crate::linux::{in_netns, LinuxNet};
 use crate::ops::{NetError, NetOps};
 use crate::plan::Ipv4Net;
 
+/// Six random hex digits: names of a test's own (worlds, namespaces) that
+/// no other test run picks.
+pub fn random_tag() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 3];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
 /// A network namespace behind a host veth (`net`'s `.1` on the host, `.2`
 /// inside), where tests run TCP servers. Its names do not look like
 /// dough's, so no leftover sweep touches it. Removed on drop.

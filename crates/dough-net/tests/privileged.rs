@@ -12,20 +12,15 @@ use dough_net::plan::{InUse, Ipv4Net, NetPlan};
 use dough_net::testing::{serve_in, World};
 use dough_net::{Egress, NetError, NetOps};
 
-fn rand_suffix() -> String {
-    let mut b = [0u8; 3];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut b)
-        .unwrap();
-    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-}
-
 /// A pool private to one test, so parallel tests never share subnets.
 fn test_pool(n: u8) -> Ipv4Net {
-    format!("10.{}.{}.0/24", 200 + n, rand_suffix().as_bytes()[0] % 200)
-        .parse()
-        .unwrap()
+    format!(
+        "10.{}.{}.0/24",
+        200 + n,
+        dough_net::testing::random_tag().as_bytes()[0] % 200
+    )
+    .parse()
+    .unwrap()
 }
 
 fn links_in(netns: &str) -> Vec<String> {
@@ -61,7 +56,7 @@ impl Drop for Clone {
 }
 
 fn clone(egress: Egress, pool: Ipv4Net, used: &mut InUse) -> Clone {
-    let id = format!("vm-t{}", rand_suffix());
+    let id = format!("vm-t{}", dough_net::testing::random_tag());
     // A scope of its own: the sweep of any dough home never touches it.
     let plan = NetPlan::new("ptest", &id, egress, pool, 0, used).unwrap();
     used.add(&plan);
@@ -124,10 +119,13 @@ fn priv_a_failed_setup_rolls_back() {
 #[test]
 fn priv_isolation_and_egress_policies() {
     let pool = test_pool(2);
-    let world_net: Ipv4Net = format!("10.199.{}.0/30", rand_suffix().as_bytes()[1] % 250)
-        .parse()
-        .unwrap();
-    let world = World::new(&rand_suffix(), world_net).unwrap();
+    let world_net: Ipv4Net = format!(
+        "10.199.{}.0/30",
+        dough_net::testing::random_tag().as_bytes()[1] % 250
+    )
+    .parse()
+    .unwrap();
+    let world = World::new(&dough_net::testing::random_tag(), world_net).unwrap();
     world.serve(8080, b"hello").unwrap();
     world.serve(9090, b"hello").unwrap();
     let server = |port| SocketAddr::from((world.addr, port));
@@ -183,7 +181,7 @@ fn priv_isolation_and_egress_policies() {
 fn priv_the_command_baseline_builds_the_same_network() {
     use dough_net::commands::CommandNet;
     let pool = test_pool(3);
-    let id = format!("vm-c{}", rand_suffix());
+    let id = format!("vm-c{}", dough_net::testing::random_tag());
     let plan = NetPlan::new("ptest", &id, Egress::Nat, pool, 0, &InUse::default()).unwrap();
     let mut c = CommandNet::default();
     dough_net::setup(&mut c, &plan, pool).unwrap();

@@ -220,14 +220,7 @@ struct HttpsWorld {
 }
 
 fn https_world(tag: &str) -> HttpsWorld {
-    let s = {
-        let mut b = [0u8; 3];
-        std::fs::File::open("/dev/urandom")
-            .unwrap()
-            .read_exact(&mut b)
-            .unwrap();
-        format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-    };
+    let s = dough_net::testing::random_tag();
     let n = s.as_bytes()[0] % 250;
     let a = World::new(
         &format!("{tag}a{s}"),

@@ -34,12 +34,6 @@ print(s.recv(64).decode())";
 const RESOLVE_PY: &str = "import socket,sys
 print(socket.gethostbyname(sys.argv[1]))";
 
-fn suffix() -> String {
-    let mut b = [0u8; 3];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
-    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-}
-
 /// `dough up 1 --net NET` with the gateways' name table `hosts`.
 fn up(home: &Path, net: &str, hosts: &str) -> String {
     let out = dough(home)
@@ -85,7 +79,7 @@ struct Worlds {
 /// World A serves the allowed name; world B is an address no rule allows.
 /// Every server names itself and its port.
 fn worlds() -> Worlds {
-    let s = suffix();
+    let s = dough_net::testing::random_tag();
     let n = s.as_bytes()[0] % 250;
     let a = World::new(
         &format!("a{s}"),

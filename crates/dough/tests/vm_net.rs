@@ -18,12 +18,6 @@ const CONNECT_PY: &str = "import socket,sys
 s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)
 print(s.recv(16).decode())";
 
-fn suffix() -> String {
-    let mut b = [0u8; 3];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
-    format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
-}
-
 fn up(home: &Path, n: u32, net: &str) -> Vec<String> {
     let out = run(home, &["up", &n.to_string(), "--net", net]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -103,7 +97,7 @@ fn vm_net_clones_share_one_address_and_cannot_reach_each_other() {
 fn vm_net_egress_policies() {
     let home = private_home();
     let h = home.path();
-    let s = suffix();
+    let s = dough_net::testing::random_tag();
     let net: dough_net::Ipv4Net = format!("10.198.{}.0/30", s.as_bytes()[0] % 250)
         .parse()
         .unwrap();
