@@ -397,6 +397,15 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let idle_core_pct = (after - before) as f64 / hz / window.elapsed().as_secs_f64() * 100.0;
     let idle_pss = mean_pss_kib(&pids);
+    // Each clone with a network also has its egress gateway process; it is
+    // part of what a clone costs, and its idle CPU is measured too.
+    let gateways: Vec<i32> = dough_fabric::state::list(&ctx.vms)
+        .iter()
+        .filter(|r| handed.ids.contains(&r.id))
+        .filter_map(|r| r.gateway.map(|g| g.pid))
+        .collect();
+    let gateway_pss = mean_pss_kib(&gateways);
+    let gateway_ticks: u64 = gateways.iter().map(|&p| cpu_ticks(p)).sum();
     eprintln!(
         "dough: bench: exec true on {} of them",
         a.sample.min(a.clones)
@@ -456,6 +465,9 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
             "cpu_pct_of_one_core_total": round(idle_core_pct),
             "cpu_pct_of_one_core_per_clone": (per_clone_pct * 1000.0).round() / 1000.0,
             "pss_kib_per_clone": idle_pss,
+            "gateways": gateways.len(),
+            "gateway_pss_kib_per_clone": gateway_pss,
+            "gateway_cpu_ticks_total_since_start": gateway_ticks,
         },
         "exec_true_ms": {
             "sampled": ms.len(),
@@ -478,6 +490,7 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
             "idle_cpu_total_le_10pct": idle_core_pct <= 10.0,
             "exec_p50_le_1_5x_lone": p50 <= 1.5 * lone_p50,
             "pss_after_exec_le_24mib": pss_after_exec.map(|k| k <= 24 << 10),
+            "gateway_pss_le_1mib": gateway_pss.map(|k| k <= 1024),
         },
     });
     let mut stdout = std::io::stdout().lock();
