@@ -193,11 +193,12 @@ async fn forward(
     port: u16,
     mut req: http::Request<Incoming>,
 ) -> http::Response<Body> {
-    let b = ctx
-        .brokering
-        .as_ref()
-        .expect("only brokered connections get here");
     let mut ev = ctx.event(Kind::Tcp, Verdict::Fail, "");
+    let Some(b) = ctx.brokering.as_ref() else {
+        ev.reason = "brokering is not configured".into();
+        ctx.audit.log(&ev);
+        return text_reply(502, "dough gateway: no brokering here\n");
+    };
     ev.name = Some(name.to_string());
     ev.what = Some("request".into());
     let path = req

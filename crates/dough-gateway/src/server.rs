@@ -393,19 +393,20 @@ async fn connection(ctx: &Arc<Ctx>, mut guest: TcpStream) -> Event {
             return crate::mitm::serve(ctx.clone(), guest, first, name, dialed, ev).await;
         }
     }
-    let candidates: Vec<SocketAddrV4> = match route {
-        Route::Deny(_) => unreachable!("handled above"),
-        Route::Direct(d) => {
+    let candidates: Vec<SocketAddrV4> = match (route, named) {
+        (Route::Direct(d), _) => {
             if let Some(why) = crate::guard::forbidden(*d.ip(), &ctx.resolver.deny) {
                 ev.reason = format!("never reachable: {why}");
                 return ev;
             }
             vec![d]
         }
-        Route::ByName => {
-            let Some((name, _)) = named else {
-                unreachable!("a by-name route returned above without a name")
-            };
+        // Both answered above; nothing to connect to either way.
+        (Route::Deny(_), _) | (Route::ByName, None) => {
+            ev.reason = "no route".into();
+            return ev;
+        }
+        (Route::ByName, Some((name, _))) => {
             if !ctx.policy.allows_name(&name, dialed.port()) {
                 ev.reason = "name not allowed on this port".into();
                 return ev;
