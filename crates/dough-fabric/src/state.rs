@@ -138,6 +138,10 @@ pub struct VmRecord {
     /// egress only).
     #[serde(default)]
     pub gateway: Option<ProcessId>,
+    /// Variables every command in it gets before the caller's own (where
+    /// its TLS clients find the certificates it was made to trust).
+    #[serde(default)]
+    pub exec_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +190,7 @@ impl VmRecord {
             net: None,
             backend: dough_vmm::Backend::Qemu,
             gateway: None,
+            exec_env: Vec::new(),
         }
     }
 

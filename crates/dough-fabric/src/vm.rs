@@ -251,6 +251,13 @@ impl Vm {
         } else {
             trust_ca(&mut channel, &id, &pems.join("\n"), &paths)?
         };
+        if !ca_env.is_empty() {
+            // Commands run later through the record (`dough exec`) get them too.
+            dir.update(|r| {
+                r.exec_env = ca_env.clone();
+                Ok(())
+            })?;
+        }
         dir.set_state(VmState::Ready)?;
         let boot_time = start.elapsed();
         tracing::info!(vm = %id, ?boot_time, boot_id = %hello.boot_id, "agent ready");

@@ -525,6 +525,21 @@ except Exception as e: print('ERR', e)";
     let without = run_with(&[]);
     assert!(without.contains("CERTIFICATE_VERIFY_FAILED"), "{without}");
     assert_eq!(run_with(&["--ca", &roots]), "api got");
+    // A clone that outlives its `up` keeps it for every later command.
+    let out = dough(home.path())
+        .args(["up", "1", "--net", "allow=api.test", "--ca", &roots])
+        .envs(w.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let out = run(
+        home.path(),
+        &["exec", &id, "--", "sh", "-c", "echo $NODE_EXTRA_CA_CERTS"],
+    );
+    assert_eq!(text(&out.stdout).trim(), "/etc/dough/ca.pem");
+    let out = run(home.path(), &["exec", &id, "--", "python3", "-c", fetch]);
+    assert_eq!(text(&out.stdout).trim(), "api got");
     let bad = dough(home.path())
         .args(["run", "--ca", "/etc/hostname", "--", "true"])
         .output()
