@@ -40,16 +40,19 @@ pub fn status(vms: &Path) -> Vec<VmStatus> {
 
 /// The ready VM `id` (or unique prefix); a VM whose VMM has gone is marked
 /// dead on the spot.
-fn ready(vms: &Path, id: &str) -> Result<(VmDir, VmRecord), FabricError> {
-    let dir = VmDir::open(vms, id)?;
-    let rec = dir.read()?;
-    let dead = |rec: &VmRecord| FabricError::Dead {
+fn dead(rec: &VmRecord) -> FabricError {
+    FabricError::Dead {
         id: rec.id.clone(),
         reason: rec
             .dead_reason
             .clone()
             .unwrap_or_else(|| "its VMM exited".into()),
-    };
+    }
+}
+
+fn ready(vms: &Path, id: &str) -> Result<(VmDir, VmRecord), FabricError> {
+    let dir = VmDir::open(vms, id)?;
+    let rec = dir.read()?;
     if rec.kind != crate::state::VmKind::Clone || rec.owner.is_some() {
         // A bake must receive nothing but the handshake; a `run` VM or a
         // clone not yet handed over belongs to the dough running it.
@@ -166,4 +169,65 @@ pub fn unowned_ids(vms: &Path) -> (Vec<String>, Vec<(String, i32)>) {
         }
     }
     (free, busy)
+}
+
+/// Stop VM `id`'s vCPUs (`dough pause`): it keeps its memory, network and
+/// processes but uses no CPU until [`resume`]. Only a ready VM can be
+/// paused; a command running in it waits with it (and may reach its
+/// deadline). Returns the VM's full id.
+pub fn pause(vms: &Path, id: &str) -> Result<String, FabricError> {
+    pause_or_resume(vms, id, VmState::Ready, VmState::Paused)
+}
+
+/// Let a paused VM run again (`dough resume`).
+pub fn resume(vms: &Path, id: &str) -> Result<String, FabricError> {
+    pause_or_resume(vms, id, VmState::Paused, VmState::Ready)
+}
+
+fn pause_or_resume(
+    vms: &Path,
+    id: &str,
+    from: VmState,
+    to: VmState,
+) -> Result<String, FabricError> {
+    let dir = VmDir::open(vms, id)?;
+    let rec = dir.read()?;
+    // Like `exec`: a clone handed over to the home, not a VM another dough
+    // is driving (a `run`, a bake, an `up` still restoring).
+    let handed_over = rec.kind == crate::state::VmKind::Clone && rec.owner.is_none();
+    if rec.state == to && handed_over {
+        return Ok(rec.id); // Already there.
+    }
+    if rec.state != from || !handed_over {
+        return Err(FabricError::NotReady {
+            id: rec.id.clone(),
+            state: rec.state,
+        });
+    }
+    if !rec.vmm.is_some_and(|v| v.is_alive()) {
+        return Err(dead(&rec));
+    }
+    let backend = crate::backend::vmm(rec.backend);
+    let done = if to == VmState::Paused {
+        backend.pause(&dir.paths)
+    } else {
+        backend.resume(&dir.paths)
+    };
+    done.map_err(|source| FabricError::Backend {
+        vm: rec.id.clone(),
+        source,
+    })?;
+    // The record moves only from the state checked above (a concurrent
+    // pause or `down` makes this one an error, not a lie).
+    dir.update(|r| {
+        if r.state != from {
+            return Err(crate::state::StateError::Transition {
+                id: r.id.clone(),
+                from: r.state,
+                to,
+            });
+        }
+        r.transition(to)
+    })?;
+    Ok(rec.id)
 }

@@ -69,7 +69,7 @@ pub enum FabricError {
     },
     #[error("VM {id} is dead: {reason} (`dough logs {id}` shows its console, `dough down {id}` removes it)")]
     Dead { id: String, reason: String },
-    #[error("VM {id} is {state}, not ready")]
+    #[error("VM {id} is {state}, not ready{}", if *.state == VmState::Paused { " (`dough resume` it first)" } else { "" })]
     NotReady { id: String, state: VmState },
     #[error(transparent)]
     State(#[from] StateError),

@@ -72,6 +72,11 @@ pub enum Command {
     Logs(vm_cmds::LogsArgs),
     /// Stop VMs exactly (by their recorded pid) and remove their state.
     Down(vm_cmds::DownArgs),
+    /// Freeze clones: their vCPUs stop (no CPU used), memory, network and
+    /// processes stay; commands are refused until `dough resume`.
+    Pause(vm_cmds::IdsArgs),
+    /// Let paused clones run again.
+    Resume(vm_cmds::IdsArgs),
     /// One agent, one command: ship a repository into a fresh clone, run
     /// the agent, bring its changes back through the same strict checks as
     /// a plan's task (every path inside --allow, no secret, an optional
@@ -258,6 +263,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => bench_cmd::run(&ctx, cmd),
         Command::Plan(cmd) => plan_cmd::run(cmd),
         Command::Go(args) => go_cmd::run(&ctx, args),
+        Command::Pause(args) => vm_cmds::pause_or_resume(&ctx, args, true),
+        Command::Resume(args) => vm_cmds::pause_or_resume(&ctx, args, false),
         Command::Agent(args) => crate::agent_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),

@@ -300,6 +300,37 @@ pub fn logs(ctx: &Ctx, args: LogsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, Args)]
+pub struct IdsArgs {
+    /// Clone ids (or unique prefixes).
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+/// `dough pause` (`pause`) or `dough resume`.
+pub fn pause_or_resume(ctx: &Ctx, args: IdsArgs, pause: bool) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for id in &args.ids {
+        let r = if pause {
+            pool::pause(&ctx.vms, id)
+        } else {
+            pool::resume(&ctx.vms, id)
+        };
+        match r {
+            Ok(id) => eprintln!("dough: {id} {}", if pause { "paused" } else { "resumed" }),
+            Err(e) => {
+                failed = true;
+                crate::cli::print_error(&format!("{id}: "), &e);
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
     let ids = if args.all {
         let (free, busy) = pool::unowned_ids(&ctx.vms);

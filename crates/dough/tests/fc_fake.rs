@@ -153,9 +153,25 @@ fn bake_up_exec_ps_kill_down_through_the_firecracker_backend() {
         assert_eq!(load["resume_vm"], true);
     }
 
+    // Pause and resume through Firecracker's API (`PATCH /vm`, recorded
+    // from the real binary).
+    let id = &ids[0];
+    ok(fc(h).args(["pause", id]).output().unwrap());
+    assert_eq!(
+        ps(h).iter().find(|v| v["id"] == id.as_str()).unwrap()["state"],
+        "paused"
+    );
+    ok(fc(h).args(["resume", id]).output().unwrap());
+    let calls = api_calls(&h.join("vms").join(id));
+    let vm_states: Vec<&serde_json::Value> = calls
+        .iter()
+        .filter(|c| c["path"] == "/vm")
+        .map(|c| &c["body"]["state"])
+        .collect();
+    assert_eq!(vm_states, ["Paused", "Resumed"], "{calls:?}");
+
     // exec reaches the agent over vsock: inline and streamed stdin (over
     // the 256 KiB inline limit), exit codes, and two execs at once.
-    let id = &ids[0];
     let out = ok(fc(h)
         .args(["exec", id, "--", "sh", "-c", "echo sandbox=$IS_SANDBOX"])
         .output()

@@ -426,3 +426,67 @@ fn vm_clones_get_their_own_hostname_and_machine_id() {
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success());
 }
+
+/// CPU time (utime + stime, in clock ticks) process `pid` used so far.
+fn cpu_ticks(pid: i64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A paused clone uses no CPU, refuses commands until it is resumed, and
+/// then carries on where it was (its processes included).
+#[test]
+fn vm_pause_stops_a_busy_clone_and_resume_carries_on() {
+    let home = private_home();
+    let h = home.path();
+    let out = run(h, &["up", "1", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    // A guest process that spins, and a counter it leaves behind.
+    let out = run(
+        h,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/spin; done' >/dev/null 2>&1 &",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let vmm = records(h)[0]["vmm"]["pid"].as_i64().unwrap();
+    let over = |secs: u64| {
+        let t0 = cpu_ticks(vmm);
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        cpu_ticks(vmm) - t0
+    };
+    let busy = over(3);
+    let out = run(h, &["pause", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(records(h)[0]["state"], "paused");
+    let paused = over(3);
+    assert!(
+        paused * 10 < busy,
+        "paused: {paused} ticks in 3 s, running: {busy}"
+    );
+    let out = run(h, &["exec", &id, "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("is paused, not ready (`dough resume` it first)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(h, &["resume", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let count = |h: &Path| {
+        let out = run(h, &["exec", &id, "--", "cat", "/tmp/spin"]);
+        text(&out.stdout).trim().parse::<u64>().unwrap()
+    };
+    let (a, b) = (count(h), count(h));
+    assert!(b > a, "the guest's process did not carry on: {a} then {b}");
+    let out = run(h, &["down", &id]);
+    assert!(out.status.success());
+}

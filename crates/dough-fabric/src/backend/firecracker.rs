@@ -117,6 +117,17 @@ impl Vmm for FirecrackerVmm {
         })
     }
 
+    /// `PATCH /vm Resumed`.
+    fn resume(&self, paths: &VmPaths) -> Result<(), BackendError> {
+        let fc = FcClient {
+            socket: paths.api.clone(),
+        };
+        fc.resume().map_err(|e| BackendError::FirecrackerApi {
+            what: "resuming",
+            source: Box::new(e),
+        })
+    }
+
     /// A Full snapshot: device state and memory.
     fn save(&self, paths: &VmPaths, state: &Path, mem: &Path) -> Result<(), BackendError> {
         let fc = FcClient {

@@ -145,8 +145,11 @@ pub(crate) trait Vmm: Sync {
     /// returns.
     fn start(&self, s: &Start<'_>, process: &mut VmmProcess) -> Result<(), BackendError>;
 
-    /// Stop a baking VM's vCPUs.
+    /// Stop a VM's vCPUs (a bake before its snapshot, `dough pause`).
     fn pause(&self, paths: &VmPaths) -> Result<(), BackendError>;
+
+    /// Let a paused VM's vCPUs run again.
+    fn resume(&self, paths: &VmPaths) -> Result<(), BackendError>;
 
     /// Save a paused VM: device state to `state`, guest memory to `mem`
     /// unless the RAM already is that file.

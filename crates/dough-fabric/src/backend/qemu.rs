@@ -114,6 +114,14 @@ impl Vmm for QemuVmm {
         q.stop().map_err(|e| qmp_err("pausing", e))
     }
 
+    /// `cont`.
+    fn resume(&self, paths: &VmPaths) -> Result<(), BackendError> {
+        let qmp_err = |what, source| BackendError::Qmp { what, source };
+        let mut q = Qmp::connect(&paths.qmp, Duration::from_secs(10))
+            .map_err(|e| qmp_err("connecting", e))?;
+        q.cont().map_err(|e| qmp_err("resuming", e))
+    }
+
     /// Save only the device state: with `x-ignore-shared` the RAM is not in
     /// the stream, because it already is the shared file.
     fn save(&self, paths: &VmPaths, state: &Path, _mem: &Path) -> Result<(), BackendError> {
