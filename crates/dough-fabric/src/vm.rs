@@ -868,6 +868,9 @@ mod tests {
         fn pause(&self, _paths: &VmPaths) -> Result<(), BackendError> {
             Ok(())
         }
+        fn resume(&self, _paths: &VmPaths) -> Result<(), BackendError> {
+            Ok(())
+        }
         fn save(&self, _paths: &VmPaths, _s: &Path, _m: &Path) -> Result<(), BackendError> {
             Ok(())
         }
