@@ -66,7 +66,6 @@ pub struct HostNet {
 }
 
 /// What starting one clone's gateway needs.
-#[derive(Debug)]
 pub struct GatewayStart<'a> {
     /// The clone's network namespace, where its sockets are made.
     pub netns: &'a str,
@@ -76,6 +75,20 @@ pub struct GatewayStart<'a> {
     /// Its configuration as JSON, written to its standard input (it may
     /// hold secrets: never to a file).
     pub config: &'a [u8],
+}
+
+impl std::fmt::Debug for GatewayStart<'_> {
+    // The configuration may hold secrets and dough's CA key: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayStart")
+            .field("netns", &self.netns)
+            .field("vm_dir", &self.vm_dir)
+            .field(
+                "config",
+                &format_args!("[{} bytes, redacted]", self.config.len()),
+            )
+            .finish()
+    }
 }
 
 /// Start a clone's gateway process (see `dough-gateway`).
