@@ -77,6 +77,19 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
 }
 
+impl ExecRequest {
+    /// This request with `base` variables before its own (its own win,
+    /// coming last); itself when `base` is empty.
+    pub fn with_base_env(&self, base: &[(String, String)]) -> std::borrow::Cow<'_, ExecRequest> {
+        if base.is_empty() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut r = self.clone();
+        r.env = base.iter().cloned().chain(r.env).collect();
+        std::borrow::Cow::Owned(r)
+    }
+}
+
 /// Stdin up to this size travels inside the Exec message; more is sent in
 /// chunks of this size.
 pub const INLINE_STDIN: usize = 256 << 10;

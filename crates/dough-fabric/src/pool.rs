@@ -120,16 +120,8 @@ pub fn exec(
     })
     .map_err(chan_err)?;
     ch.handshake(&rec.id, limit).map_err(chan_err)?;
-    let with_env;
-    let req = if rec.exec_env.is_empty() {
-        req
-    } else {
-        let mut r = req.clone();
-        r.env = rec.exec_env.iter().cloned().chain(r.env).collect();
-        with_env = r;
-        &with_env
-    };
-    let r = ch.exec(req, sink).map_err(chan_err);
+    let req = req.with_base_env(&rec.exec_env);
+    let r = ch.exec(&req, sink).map_err(chan_err);
     ch.shutdown();
     r
 }

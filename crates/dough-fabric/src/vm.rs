@@ -287,17 +287,8 @@ impl Vm {
         req: &ExecRequest,
         sink: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, FabricError> {
-        let with_ca;
-        let req = if self.ca_env.is_empty() {
-            req
-        } else {
-            // The caller's own variables come last, so they win.
-            let mut r = req.clone();
-            r.env = self.ca_env.iter().cloned().chain(r.env).collect();
-            with_ca = r;
-            &with_ca
-        };
-        self.channel.exec(req, sink).map_err(|source| {
+        let req = req.with_base_env(&self.ca_env);
+        self.channel.exec(&req, sink).map_err(|source| {
             // A deadline that ran out mid-frame leaves the stream out of
             // step: nothing more may be read from this connection.
             if matches!(
