@@ -20,6 +20,21 @@ pub fn random_tag() -> String {
     format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
+/// A random /30 of `10.<octet>.0.0/16` for a test's world, so tests that
+/// run at the same time (and share `octet`) almost never pick the same
+/// one: 16,384 choices.
+pub fn world_net(octet: u8) -> Ipv4Net {
+    use std::io::Read;
+    let mut b = [0u8; 2];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    let i = u32::from(u16::from_be_bytes(b)) % 16_384;
+    Ipv4Net::new(Ipv4Addr::new(10, octet, 0, 0), 16)
+        .expect("a /16")
+        .subnet(30, i)
+}
+
 /// A network namespace behind a host veth (`net`'s `.1` on the host, `.2`
 /// inside), where tests run TCP servers. Its names do not look like
 /// dough's, so no leftover sweep touches it. Removed on drop.

@@ -119,12 +119,7 @@ fn priv_a_failed_setup_rolls_back() {
 #[test]
 fn priv_isolation_and_egress_policies() {
     let pool = test_pool(2);
-    let world_net: Ipv4Net = format!(
-        "10.199.{}.0/30",
-        dough_net::testing::random_tag().as_bytes()[1] % 250
-    )
-    .parse()
-    .unwrap();
+    let world_net = dough_net::testing::world_net(199);
     let world = World::new(&dough_net::testing::random_tag(), world_net).unwrap();
     world.serve(8080, b"hello").unwrap();
     world.serve(9090, b"hello").unwrap();

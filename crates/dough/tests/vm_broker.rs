@@ -221,17 +221,8 @@ struct HttpsWorld {
 
 fn https_world(tag: &str) -> HttpsWorld {
     let s = dough_net::testing::random_tag();
-    let n = s.as_bytes()[0] % 250;
-    let a = World::new(
-        &format!("{tag}a{s}"),
-        format!("10.195.{n}.0/30").parse().unwrap(),
-    )
-    .unwrap();
-    let b = World::new(
-        &format!("{tag}b{s}"),
-        format!("10.194.{n}.0/30").parse().unwrap(),
-    )
-    .unwrap();
+    let a = World::new(&format!("{tag}a{s}"), dough_net::testing::world_net(195)).unwrap();
+    let b = World::new(&format!("{tag}b{s}"), dough_net::testing::world_net(194)).unwrap();
     let (ca, ca_pem) = test_ca();
     let roots = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(roots.path(), &ca_pem).unwrap();

@@ -453,7 +453,8 @@ fn vm_pause_stops_a_busy_clone_and_resume_carries_on() {
             "--",
             "sh",
             "-c",
-            "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/spin; done' >/dev/null 2>&1 &",
+            // Each count replaces the file whole: a reader never sees it half-written.
+            "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/spin.new; mv /tmp/spin.new /tmp/spin; done' >/dev/null 2>&1 &",
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));

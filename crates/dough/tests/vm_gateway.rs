@@ -80,17 +80,8 @@ struct Worlds {
 /// Every server names itself and its port.
 fn worlds() -> Worlds {
     let s = dough_net::testing::random_tag();
-    let n = s.as_bytes()[0] % 250;
-    let a = World::new(
-        &format!("a{s}"),
-        format!("10.197.{n}.0/30").parse().unwrap(),
-    )
-    .unwrap();
-    let b = World::new(
-        &format!("b{s}"),
-        format!("10.196.{n}.0/30").parse().unwrap(),
-    )
-    .unwrap();
+    let a = World::new(&format!("a{s}"), dough_net::testing::world_net(197)).unwrap();
+    let b = World::new(&format!("b{s}"), dough_net::testing::world_net(196)).unwrap();
     for (w, tag) in [(&a, "A"), (&b, "B")] {
         for port in [80u16, 443, 8080] {
             let reply: &'static [u8] = Box::leak(format!("{tag}{port}").into_bytes().into());

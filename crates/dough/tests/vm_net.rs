@@ -98,9 +98,7 @@ fn vm_net_egress_policies() {
     let home = private_home();
     let h = home.path();
     let s = dough_net::testing::random_tag();
-    let net: dough_net::Ipv4Net = format!("10.198.{}.0/30", s.as_bytes()[0] % 250)
-        .parse()
-        .unwrap();
+    let net = dough_net::testing::world_net(198);
     let world = World::new(&s, net).unwrap();
     world.serve(8080, b"hello").unwrap();
     world.serve(9090, b"hello").unwrap();
