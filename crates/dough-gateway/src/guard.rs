@@ -10,6 +10,19 @@ use dough_net::Ipv4Net;
 
 /// Why `ip` is never a destination, if it is not.
 pub fn forbidden(ip: Ipv4Addr, deny: &[Ipv4Net]) -> Option<&'static str> {
+    forbidden_on(ip, deny, &host_addrs())
+}
+
+/// `ips` less every address that is never a destination (the host's own
+/// addresses read once for all of them).
+pub fn reachable(ips: Vec<Ipv4Addr>, deny: &[Ipv4Net]) -> Vec<Ipv4Addr> {
+    let host = host_addrs();
+    ips.into_iter()
+        .filter(|ip| forbidden_on(*ip, deny, &host).is_none())
+        .collect()
+}
+
+fn forbidden_on(ip: Ipv4Addr, deny: &[Ipv4Net], host: &[Ipv4Addr]) -> Option<&'static str> {
     if ip.is_loopback() {
         return Some("loopback");
     }
@@ -25,7 +38,7 @@ pub fn forbidden(ip: Ipv4Addr, deny: &[Ipv4Net]) -> Option<&'static str> {
     if deny.iter().any(|n| n.contains(ip)) {
         return Some("another clone's network");
     }
-    if host_addrs().contains(&ip) {
+    if host.contains(&ip) {
         return Some("the host itself");
     }
     None

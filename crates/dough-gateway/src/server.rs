@@ -202,10 +202,7 @@ impl Resolver {
                 v
             }
         };
-        Ok(all
-            .into_iter()
-            .filter(|ip| crate::guard::forbidden(*ip, &self.deny).is_none())
-            .collect())
+        Ok(crate::guard::reachable(all, &self.deny))
     }
 }
 

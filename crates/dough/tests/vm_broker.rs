@@ -249,6 +249,15 @@ fn https_world(tag: &str) -> HttpsWorld {
     }
 }
 
+/// All `child` wrote to its (piped) stderr.
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    err
+}
+
 /// Kills `dough run` if the test ends before it does (its watchdog then
 /// reclaims the clone).
 struct Running(std::process::Child);
@@ -293,13 +302,7 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
     loop {
         let mut l = String::new();
         if out.read_line(&mut l).unwrap() == 0 {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
+            let err = stderr_of(child);
             panic!("the guest stopped early: {lines:#?}\n{err}");
         }
         let l = l.trim_end().to_string();
@@ -370,13 +373,7 @@ fn vm_broker_the_key_reaches_the_host_and_never_the_guest() {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(child);
     assert!(status.success(), "{rest}\n{err}");
     assert!(rest.contains("done"), "{rest}");
 
