@@ -16,6 +16,9 @@ pub struct BootArgs {
     /// `ADDR/PREFIX` for eth0, when the VM has a NIC.
     pub ip: Option<(std::net::Ipv4Addr, u8)>,
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// `dough.rootrw=1`: mount the root device read-write as the root
+    /// itself, no overlay (an image builder's writable copy of a rootfs).
+    pub root_rw: bool,
 }
 
 impl BootArgs {
@@ -36,6 +39,7 @@ impl BootArgs {
                     })
                 }
                 "dough.gw" => a.gateway = v.parse().ok(),
+                "dough.rootrw" => a.root_rw = v == "1",
                 _ => {}
             }
         }
@@ -83,7 +87,11 @@ pub fn boot() -> BootArgs {
     }
     let args = BootArgs::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     load_modules(Path::new("/lib/modules"));
-    match overlay_root(&args.root) {
+    let root = match args.root_rw {
+        true => writable_root(&args.root),
+        false => overlay_root(&args.root),
+    };
+    match root {
         Ok(()) => {}
         Err(e) => log(&format!("root filesystem: {e}; staying in the initramfs")),
     }
@@ -180,6 +188,21 @@ fn overlay_root(dev: &str) -> Result<(), String> {
         MsFlags::empty(),
         Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
     )?;
+    switch_root()
+}
+
+/// Mount `dev` read-write (ext4) and make it the root: an image builder's
+/// own copy of a rootfs, which its run steps change for good.
+fn writable_root(dev: &str) -> Result<(), String> {
+    if !wait_for(Path::new(dev), Duration::from_secs(20)) {
+        return Err(format!("{dev} did not appear"));
+    }
+    mnt(dev, "/newroot", "ext4", MsFlags::empty(), None)?;
+    switch_root()
+}
+
+/// Move the pseudo filesystems under `/newroot` and make it the root.
+fn switch_root() -> Result<(), String> {
     for d in ["/dev", "/proc", "/sys"] {
         move_mount(d, &format!("/newroot{d}"))?;
     }
@@ -219,5 +242,8 @@ mod tests {
         assert_eq!(b.root, "/dev/vdb");
         assert_eq!((b.ip, b.gateway), (None, None));
         assert_eq!(BootArgs::parse("dough.ip=10.0.0.1/33").ip, None);
+        assert!(!a.root_rw);
+        assert!(BootArgs::parse("dough.rootrw=1").root_rw);
+        assert!(!BootArgs::parse("dough.rootrw=yes").root_rw);
     }
 }

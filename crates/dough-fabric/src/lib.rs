@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod backend;
+pub mod builder;
 pub mod channel;
 pub mod gc;
 pub mod host;

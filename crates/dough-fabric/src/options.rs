@@ -39,6 +39,10 @@ pub struct BootOptions {
     /// More certificates (PEM) a clone with a network trusts: put into its
     /// system bundle at restore, next to dough's CA.
     pub trust: Vec<String>,
+    /// Attach the image's rootfs read-write and make it the guest's root
+    /// (no overlay): only for an image builder's private copy of a rootfs,
+    /// never for a bake or a clone.
+    pub root_rw: bool,
 }
 
 impl Default for BootOptions {
@@ -61,6 +65,7 @@ impl Default for BootOptions {
             brokers: Vec::new(),
             ca: None,
             trust: Vec::new(),
+            root_rw: false,
         }
     }
 }

@@ -401,6 +401,8 @@ impl SnapshotStore {
             mem_mib: spec.mem_mib,
             cpus: spec.cpus,
             extra_cmdline: spec.extra_cmdline.clone(),
+            // A bake is of the shared, read-only rootfs: always.
+            root_rw: false,
             ..opts.clone()
         };
         let tsc_khz = match (spec.backend, spec.accel) {
@@ -499,6 +501,7 @@ impl Vm {
             mem_mib: snap.meta.mem_mib,
             cpus: snap.meta.cpus,
             extra_cmdline: snap.meta.extra_cmdline.clone(),
+            root_rw: false,
             ..opts.clone()
         };
         Self::with_retries(&opts, || {
@@ -538,6 +541,8 @@ mod tests {
                 rootfs_key: "rk".into(),
                 initrd_key: "ik".into(),
                 agent_sha256: "ab".repeat(32),
+                env: Vec::new(),
+                recipe: None,
             },
             accel: Resolved::Kvm,
             mem_mib: 256,

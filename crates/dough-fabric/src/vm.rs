@@ -246,11 +246,13 @@ impl Vm {
         if let (Some(ca), false) = (&opts.ca, opts.brokers.is_empty()) {
             pems.push(&ca.cert);
         }
-        let ca_env = if pems.is_empty() || !plan.egress.has_gateway() {
+        let trusted = if pems.is_empty() || !plan.egress.has_gateway() {
             Vec::new()
         } else {
             trust_ca(&mut channel, &id, &pems.join("\n"), &paths)?
         };
+        // The image's own variables (a recipe's `env`), then these.
+        let ca_env: Vec<(String, String)> = image.env.iter().cloned().chain(trusted).collect();
         if !ca_env.is_empty() {
             // Commands run later through the record (`dough exec`) get them too.
             dir.update(|r| {
@@ -543,8 +545,15 @@ fn spawn_vmm(
     // A clone's guest may run anything: what its VMM writes (the console
     // log above all) is capped. A bake writes the snapshot's memory file,
     // and runs only dough's own agent: no cap.
+    // An image builder's VMM writes its own copy of the rootfs, so its cap
+    // is that file's size (which the recipe chose).
     if !matches!(s.launch, Launch::Bake { .. }) {
-        dough_vmm::process::cap_file_size(&mut cmd, crate::serial::CONSOLE_LOG_MAX);
+        let mut cap = crate::serial::CONSOLE_LOG_MAX;
+        if s.opts.root_rw {
+            let rootfs = std::fs::metadata(&s.image.rootfs).map(|m| m.len());
+            cap = cap.max(rootfs.unwrap_or(0));
+        }
+        dough_vmm::process::cap_file_size(&mut cmd, cap);
     }
     tracing::info!(vm = %dir.id, accel = %s.opts.accel, backend = %s.opts.backend, "spawning the VMM");
     // No teardown on a signal may run between the spawn and the record.
@@ -642,8 +651,9 @@ fn trust_ca(
     // On stdin: a host's whole bundle is larger than an environment
     // variable may be.
     let script = format!(
-        "set -e; mkdir -p /etc/dough /etc/ssl/certs; cat > {GUEST_CA_PATH}; \
-         printf '\\n' >> {GUEST_BUNDLE}; cat {GUEST_CA_PATH} >> {GUEST_BUNDLE}"
+        "set -e; mkdir -p /etc/dough /etc/ssl/certs; t=$(mktemp); cat > \"$t\"; \
+         cat \"$t\" >> {GUEST_CA_PATH}; printf '\\n' >> {GUEST_BUNDLE}; \
+         cat \"$t\" >> {GUEST_BUNDLE}; rm -f \"$t\""
     );
     let req = ExecRequest {
         argv: vec!["sh".into(), "-c".into(), script],
@@ -668,14 +678,21 @@ fn trust_ca(
             said: crate::serial::printable(&String::from_utf8_lossy(&said)),
         });
     }
+    Ok(ca_env())
+}
+
+/// The variables that make a guest's TLS clients trust the certificates
+/// at [`GUEST_CA_PATH`] (node reads only that file; the rest read the
+/// system bundle it was added to).
+pub(crate) fn ca_env() -> Vec<(String, String)> {
     let bundle = GUEST_BUNDLE.to_string();
-    Ok(vec![
+    vec![
         ("NODE_EXTRA_CA_CERTS".into(), GUEST_CA_PATH.into()),
         ("SSL_CERT_FILE".into(), bundle.clone()),
         ("REQUESTS_CA_BUNDLE".into(), bundle.clone()),
         ("CURL_CA_BUNDLE".into(), bundle.clone()),
         ("GIT_SSL_CAINFO".into(), bundle),
-    ])
+    ]
 }
 
 /// The gateway's audit log (JSON lines) in a VM's directory.
@@ -895,6 +912,8 @@ mod tests {
             rootfs_key: String::new(),
             initrd_key: String::new(),
             agent_sha256: String::new(),
+            env: Vec::new(),
+            recipe: None,
         }
     }
 

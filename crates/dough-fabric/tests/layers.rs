@@ -8,7 +8,7 @@ use std::path::Path;
 /// Bottom first. A module may use only modules listed before it.
 const ORDER: &[&str] = &[
     "host", "notice", "serial", "options", "channel", "state", "backend", "vm", "snapshot",
-    "accel", "gc", "pool",
+    "builder", "accel", "gc", "pool",
 ];
 
 /// `crate::<module>` names a source file uses (the root's re-exports of

@@ -335,14 +335,21 @@ async fn accept_tcp(ctx: Arc<Ctx>, l: TcpListener) -> io::Result<()> {
     }
 }
 
-/// Where the guest dialed, before the redirect.
+/// Where the guest dialed, before the redirect. A connection that was not
+/// redirected (made to the gateway's own address) has none: with
+/// connection tracking on, the kernel answers with the socket's own local
+/// address for it, without, with an error.
 fn original_dst(s: &TcpStream) -> io::Result<SocketAddrV4> {
     let a = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::OriginalDst)
         .map_err(io::Error::from)?;
-    Ok(SocketAddrV4::new(
+    let dst = SocketAddrV4::new(
         Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
         u16::from_be(a.sin_port),
-    ))
+    );
+    if s.local_addr().is_ok_and(|l| l == std::net::SocketAddr::V4(dst)) {
+        return Err(io::Error::other("the gateway itself was dialed"));
+    }
+    Ok(dst)
 }
 
 /// Handle one redirected connection to its end; what to log.

@@ -16,6 +16,7 @@ pub mod apt;
 pub mod cache;
 pub mod cpio;
 pub mod kernel;
+pub mod recipe;
 pub mod rootfs;
 pub mod tool;
 
@@ -54,6 +55,15 @@ pub enum ImageError {
     NoImage,
     #[error("reading or writing the image's files failed")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
+    #[error("recipe {recipe}: {what}")]
+    RecipeBuild {
+        recipe: String,
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("image manifest {path}")]
     Manifest {
         path: PathBuf,
@@ -108,6 +118,27 @@ pub struct Image {
     pub rootfs_key: String,
     pub initrd_key: String,
     pub agent_sha256: String,
+    /// Variables every command in the image gets (a recipe's `env`, and the
+    /// variables that make its TLS clients trust the recipe's `ca`).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The recipe that made this image from its base, if one did.
+    #[serde(default)]
+    pub recipe: Option<RecipeInfo>,
+}
+
+/// Where an image made from a recipe came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipeInfo {
+    pub name: String,
+    /// The recipe's key (its content and what it names from the host).
+    pub key: String,
+    /// The image it was built on.
+    pub base: String,
+    /// The recipe file it was last built from.
+    pub path: PathBuf,
+    /// How long its builder VM took.
+    pub build_ms: u64,
 }
 
 /// The pipeline's steps, for progress output.
@@ -116,6 +147,7 @@ pub enum Step {
     Kernel,
     Rootfs,
     Initramfs,
+    Recipe,
 }
 
 impl std::fmt::Display for Step {
@@ -124,6 +156,7 @@ impl std::fmt::Display for Step {
             Step::Kernel => "kernel",
             Step::Rootfs => "rootfs",
             Step::Initramfs => "initramfs",
+            Step::Recipe => "recipe",
         })
     }
 }
@@ -246,18 +279,117 @@ impl Store {
             rootfs_key,
             initrd_key,
             agent_sha256,
+            env: Vec::new(),
+            recipe: None,
         };
+        self.save(&img)?;
+        self.set_current(&id)?;
+        Ok(img)
+    }
+
+    fn save(&self, img: &Image) -> Result<(), ImageError> {
         std::fs::create_dir_all(self.images_dir())?;
-        let path = self.images_dir().join(format!("{id}.json"));
+        let path = self.images_dir().join(format!("{}.json", img.id));
         let tmp = path.with_extension("json.tmp");
         std::fs::write(
             &tmp,
-            serde_json::to_vec_pretty(&img).map_err(|source| ImageError::Manifest {
+            serde_json::to_vec_pretty(img).map_err(|source| ImageError::Manifest {
                 path: path.clone(),
                 source,
             })?,
         )?;
         std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// The id of the image `recipe` makes from `base`.
+    pub fn recipe_image_id(base: &Image, recipe: &recipe::LoadedRecipe) -> String {
+        KeyBuilder::new("recipe-image")
+            .str("base", &base.id)
+            .str("recipe", &recipe.key(&base.id))
+            .finish()
+    }
+
+    /// The image `recipe` makes from `base` if it is built already (it
+    /// becomes the current image).
+    pub fn cached_recipe_image(
+        &self,
+        base: &Image,
+        recipe: &recipe::LoadedRecipe,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<Option<Image>, ImageError> {
+        let id = Self::recipe_image_id(base, recipe);
+        let Ok(img) = self.get(&id) else {
+            return Ok(None);
+        };
+        if !(img.kernel.exists() && img.initrd.exists() && img.rootfs.exists()) {
+            return Ok(None);
+        }
+        self.set_current(&id)?;
+        progress(Event::Cached {
+            step: Step::Recipe,
+            key: recipe.key(&base.id),
+        });
+        progress(Event::UpToDate { id });
+        Ok(Some(img))
+    }
+
+    /// Build (or find in the cache) the image `recipe` makes from `base`.
+    ///
+    /// The host only copies the base's root filesystem (sparse) and grows it
+    /// to the recipe's size; `run_in_vm` gets that copy's path and must
+    /// leave the finished filesystem in it — it runs the recipe's steps in a
+    /// builder VM. After that the host never parses the filesystem (a
+    /// recipe's steps are arbitrary code): it is only hashed and attached to
+    /// guests. `env` is what every command in the image gets.
+    pub fn build_recipe(
+        &self,
+        base: &Image,
+        recipe: &recipe::LoadedRecipe,
+        env: Vec<(String, String)>,
+        progress: &mut dyn FnMut(Event),
+        run_in_vm: &mut dyn FnMut(&Path) -> Result<(), ImageError>,
+    ) -> Result<Image, ImageError> {
+        let key = recipe.key(&base.id);
+        let id = Self::recipe_image_id(base, recipe);
+        if let Some(img) = self.cached_recipe_image(base, recipe, progress)? {
+            return Ok(img);
+        }
+        let detail = || {
+            format!(
+                "{} on image {}: {} file(s), {} step(s) in a builder VM",
+                recipe.name,
+                base.id,
+                recipe.files.len(),
+                recipe.recipe.run.len()
+            )
+        };
+        let t = Instant::now();
+        let size = u64::from(recipe.recipe.build.size_gib) << 30;
+        let dir = self.step(Step::Recipe, &key, detail, progress, |dir| {
+            let rootfs = dir.join("rootfs.ext4");
+            grow_copy(&base.rootfs, &rootfs, size)?;
+            run_in_vm(&rootfs)
+        })?;
+        let img = Image {
+            id: id.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            rootfs: dir.join("rootfs.ext4"),
+            rootfs_key: key.clone(),
+            env,
+            recipe: Some(RecipeInfo {
+                name: recipe.name.clone(),
+                key,
+                base: base.id.clone(),
+                path: std::fs::canonicalize(&recipe.path).unwrap_or(recipe.path.clone()),
+                build_ms: t.elapsed().as_millis() as u64,
+            }),
+            ..base.clone()
+        };
+        self.save(&img)?;
         self.set_current(&id)?;
         Ok(img)
     }
@@ -447,6 +579,47 @@ impl Store {
     }
 }
 
+/// Copy the filesystem image `from` to `to` (sparse) and grow it to `size`
+/// bytes. Only ever run on a filesystem dough made itself with mkfs.
+pub fn grow_copy(from: &Path, to: &Path, size: u64) -> Result<(), ImageError> {
+    let have = std::fs::metadata(from)?.len();
+    if size < have {
+        return Err(ImageError::Layout {
+            path: from.to_path_buf(),
+            what: format!(
+                "the base root filesystem is {} MiB; a recipe's build.size_gib must be larger",
+                have >> 20
+            ),
+        });
+    }
+    tool::run_tool(
+        "cp",
+        vec![
+            "--sparse=always".into(),
+            from.as_os_str().into(),
+            to.as_os_str().into(),
+        ],
+    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)?
+        .set_len(size)?;
+    // resize2fs wants a freshly checked filesystem; -p repairs nothing on a
+    // clean one and fails on anything it would have to ask about.
+    tool::run_tool(
+        "e2fsck",
+        vec!["-f".into(), "-p".into(), to.as_os_str().into()],
+    )?;
+    tool::run_tool("resize2fs", vec!["-p".into(), to.as_os_str().into()])?;
+    Ok(())
+}
+
+/// Bytes a file takes on disk (sparse files take less than their length).
+pub fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
 /// The agent runs as PID 1 before any root filesystem exists: it must be a
 /// static executable (no ELF interpreter).
 pub fn check_static(agent: &Path) -> Result<(), ImageError> {
@@ -553,6 +726,47 @@ mod tests {
         let b = find(b"lib/modules/virtio_blk.ko\0").unwrap();
         assert!(a < b);
         assert!(find(b"lib/modules/load-order\0").is_some());
+    }
+
+    #[test]
+    fn grow_copy_makes_a_larger_sparse_clean_filesystem() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/hello"), "hi").unwrap();
+        let small = d.path().join("small.ext4");
+        let mkfs = rootfs::MkfsExt4 {
+            source_dir: &tree,
+            image: &small,
+            size_mib: 16,
+        };
+        tool::run_tool("mkfs.ext4", mkfs.argv()).unwrap();
+        let big = d.path().join("big.ext4");
+        grow_copy(&small, &big, 256 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), 256 << 20);
+        assert!(allocated_bytes(&big).unwrap() < 64 << 20, "copied sparse");
+        let info = tool::run_tool("dumpe2fs", vec!["-h".into(), big.clone().into()]).unwrap();
+        let blocks = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap();
+        let block_size = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap();
+        assert_eq!(
+            blocks * block_size,
+            256 << 20,
+            "the filesystem fills the file"
+        );
+        let shrink = grow_copy(&big, &d.path().join("x"), 1 << 20).unwrap_err();
+        assert!(shrink.to_string().contains("size_gib"), "{shrink}");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct QemuArgs {
     pub initrd: PathBuf,
     /// Attached read-only as a virtio-blk device (`/dev/vda` in the guest).
     pub rootfs: PathBuf,
+    /// Attach it read-write instead (with discard passed through, so that
+    /// blocks the guest frees become holes again): an image builder's copy.
+    pub rootfs_writable: bool,
     /// Kernel command line after dough's fixed prefix.
     pub extra_cmdline: Vec<String>,
     /// Host TSC rate, passed to TCG guests (see [`crate::accel::host_tsc_khz`]).
@@ -167,10 +170,11 @@ impl QemuArgs {
         // agent finds its port by name, not by device order.
         push("-object", "rng-random,id=rng0,filename=/dev/urandom".into());
         push("-device", "virtio-rng-device,rng=rng0".into());
-        push(
-            "-drive",
-            opt_path("id=root,format=raw,if=none,readonly=on,file=", &self.rootfs),
-        );
+        let drive = match self.rootfs_writable {
+            true => "id=root,format=raw,if=none,discard=unmap,file=",
+            false => "id=root,format=raw,if=none,readonly=on,file=",
+        };
+        push("-drive", opt_path(drive, &self.rootfs));
         push("-device", "virtio-blk-device,drive=root".into());
         push("-device", "virtio-serial-device".into());
         push(
@@ -230,6 +234,7 @@ mod tests {
             kernel: "/img/vmlinux".into(),
             initrd: "/img/initrd.cpio".into(),
             rootfs: "/img/root,fs.ext4".into(),
+            rootfs_writable: false,
             extra_cmdline: vec!["dough.root=/dev/vda".into()],
             tsc_khz: Some(2_100_000),
             paths: VmPaths::new(Path::new("/h/vms/vm-1")),

@@ -234,6 +234,7 @@ fn real_firecracker_answers_as_the_fake_does() {
         kernel: cached("kernel", "vmlinux", "DOUGH_FC_KERNEL"),
         initrd: cached("initramfs", "initrd.cpio", "DOUGH_FC_INITRD"),
         rootfs,
+        rootfs_writable: false,
         mem_mib: 256,
         vcpus: 1,
         boot_args: "console=ttyS0 reboot=k panic=1".into(),

@@ -31,6 +31,7 @@ fn machine() -> FcMachine {
         kernel: "/img/vmlinux".into(),
         initrd: "/img/initrd".into(),
         rootfs: "/img/rootfs.ext4".into(),
+        rootfs_writable: false,
         mem_mib: 256,
         vcpus: 1,
         boot_args: "console=ttyS0 dough.ip=172.16.0.2/30".into(),

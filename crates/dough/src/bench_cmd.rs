@@ -606,6 +606,7 @@ fn raw_one(
         kernel: m.image.kernel.clone(),
         initrd: m.image.initrd.clone(),
         rootfs: m.image.rootfs.clone(),
+        rootfs_writable: false,
         extra_cmdline: NetPlan::guest_cmdline()
             .into_iter()
             .chain(m.extra_cmdline.iter().cloned())

@@ -232,27 +232,35 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx { home, vms };
     // Every command that deals with VMs first cleans up after crashed
     // doughs and notices dead clones.
-    if !matches!(
-        cli.command,
-        Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
-    ) {
+    let builds_in_vm = matches!(
+        &cli.command,
+        Command::Image(image_cmd::ImageCmd::Build(a)) if a.recipe.is_some()
+    );
+    if builds_in_vm
+        || !matches!(
+            cli.command,
+            Command::Image(_) | Command::Plan(_) | Command::Watchdog(_)
+        )
+    {
         crate::teardown::sweep(&ctx.vms);
     }
     // Commands that own VMs while they run: their VMs must not outlive
     // them, even if they are killed.
-    if matches!(
-        cli.command,
-        Command::Run(_)
-            | Command::Up(_)
-            | Command::Go(_)
-            | Command::Agent(_)
-            | Command::Bake(_)
-            | Command::Bench(_)
-    ) {
+    if builds_in_vm
+        || matches!(
+            cli.command,
+            Command::Run(_)
+                | Command::Up(_)
+                | Command::Go(_)
+                | Command::Agent(_)
+                | Command::Bake(_)
+                | Command::Bench(_)
+        )
+    {
         crate::watchdog::arm(&ctx.home, &ctx.vms);
     }
     match cli.command {
-        Command::Image(cmd) => image_cmd::run(&ctx.home, cmd),
+        Command::Image(cmd) => image_cmd::run(&ctx, cmd),
         Command::Run(args) => run_cmd::run(&ctx, args),
         Command::Bake(args) => vm_cmds::bake(&ctx, args),
         Command::Up(args) => vm_cmds::up(&ctx, args),

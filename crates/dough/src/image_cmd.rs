@@ -5,11 +5,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use dough_image::recipe::{LoadedRecipe, HOST_CA_BUNDLE};
 use dough_image::{Event, Image, ImageSpec, Store};
+
+use crate::cli::Ctx;
+use crate::vm_args::{AccelArg, BackendArg, VmArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Build the guest image (kernel, initramfs, rootfs); cached by content.
+    /// Build the guest image (kernel, initramfs, rootfs), or with --recipe
+    /// an agent's image on top of it; everything is cached by content.
     Build(BuildArgs),
     /// List built images, newest first.
     Ls,
@@ -32,6 +37,77 @@ pub struct BuildArgs {
     /// apt mirror for the rootfs (default: read from this machine's apt sources).
     #[arg(long, env = "DOUGH_APT_MIRROR")]
     pub mirror: Option<String>,
+    /// Build the image a recipe (TOML: base packages, CA certificates, env,
+    /// files, run steps; docs/images.md) makes on top of its base image.
+    /// The run steps execute as root inside a builder VM with the recipe's
+    /// egress, never on this host. Unchanged recipes are cache hits.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    #[command(flatten)]
+    pub builder: BuilderArgs,
+}
+
+/// How a recipe's builder VM runs (its memory and egress come from the recipe).
+#[derive(Debug, Clone, Args)]
+pub struct BuilderArgs {
+    #[arg(long, value_enum, default_value = "qemu", env = "DOUGH_BACKEND")]
+    pub backend: BackendArg,
+    #[arg(
+        long,
+        default_value = "firecracker",
+        env = "DOUGH_FIRECRACKER",
+        value_name = "PATH"
+    )]
+    pub firecracker: PathBuf,
+    #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
+    pub accel: AccelArg,
+    #[arg(long, default_value = "qemu-system-x86_64", env = "DOUGH_QEMU")]
+    pub qemu: PathBuf,
+    /// Seconds the builder VM may take to boot.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub boot_timeout: u64,
+    #[arg(long, default_value = dough_net::plan::DEFAULT_POOL, env = "DOUGH_NET_POOL", value_name = "CIDR")]
+    pub net_pool: dough_net::Ipv4Net,
+}
+
+impl BuildArgs {
+    /// A plain image build (no recipe) with this agent.
+    pub fn plain(agent: AgentArg) -> BuildArgs {
+        BuildArgs {
+            agent,
+            packages: vec![],
+            mirror: None,
+            recipe: None,
+            builder: BuilderArgs {
+                backend: BackendArg::Qemu,
+                firecracker: "firecracker".into(),
+                accel: AccelArg::Auto,
+                qemu: "qemu-system-x86_64".into(),
+                boot_timeout: 120,
+                net_pool: dough_net::plan::DEFAULT_POOL.parse().expect("valid pool"),
+            },
+        }
+    }
+
+    fn vm_args(&self) -> VmArgs {
+        let b = &self.builder;
+        VmArgs {
+            backend: b.backend,
+            firecracker: b.firecracker.clone(),
+            firecracker_pci: false,
+            accel: b.accel,
+            mem: 256,
+            cpus: 1,
+            boot_timeout: b.boot_timeout,
+            qemu: b.qemu.clone(),
+            image: None,
+            kernel_args: vec![],
+            net: dough_net::Egress::None,
+            net_pool: b.net_pool,
+            ca: vec![],
+            agent: self.agent.clone(),
+        }
+    }
 }
 
 /// Where to find the agent: the flag or `$DOUGH_AGENT`, else next to this
@@ -65,10 +141,24 @@ pub fn print_event(e: Event) {
     }
 }
 
-/// Build (or reuse) the image for the default spec plus `args`.
+/// Build (or reuse) the image for the default spec plus `args` (and the
+/// recipe's base, with `--recipe`; the recipe's own image is built by
+/// [`build_recipe`]).
 pub fn build(home: &Path, args: &BuildArgs) -> anyhow::Result<Image> {
+    build_base(home, args, None)
+}
+
+fn build_base(
+    home: &Path,
+    args: &BuildArgs,
+    recipe: Option<&LoadedRecipe>,
+) -> anyhow::Result<Image> {
     let agent = find_agent(&args.agent)?;
     let mut spec = ImageSpec::new(agent);
+    if let Some(r) = recipe {
+        spec.suite = r.recipe.base.suite.clone();
+        spec.packages.extend(r.recipe.base.packages.iter().cloned());
+    }
     spec.packages.extend(args.packages.iter().cloned());
     spec.mirror = args.mirror.clone();
     let t = std::time::Instant::now();
@@ -83,10 +173,58 @@ pub fn build(home: &Path, args: &BuildArgs) -> anyhow::Result<Image> {
     Ok(img)
 }
 
-pub fn run(home: &Path, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
+/// Build (or reuse) the image the recipe at `path` makes: its base image
+/// first, then its steps in a builder VM.
+pub fn build_recipe(ctx: &Ctx, path: &Path, args: &BuildArgs) -> anyhow::Result<Image> {
+    let recipe = LoadedRecipe::load(path, Path::new(HOST_CA_BUNDLE))?;
+    let base = build_base(&ctx.home, args, Some(&recipe))?;
+    let store = Store::new(&ctx.home);
+    // Only boot (and say TCG is no boundary) when there is something to build.
+    if let Some(img) = store.cached_recipe_image(&base, &recipe, &mut print_event)? {
+        return Ok(img);
+    }
+    let opts = crate::vm_args::boot_options(&ctx.home, &base, &args.vm_args())?;
+    let t = std::time::Instant::now();
+    let mut on_output = |o: dough_fabric::builder::BuildOutput<'_>| {
+        use std::io::Write;
+        match o {
+            dough_fabric::builder::BuildOutput::Step { n, of, what } => {
+                let what = dough_fabric::serial::printable(what);
+                eprintln!("dough: [recipe {n}/{of}] {what}");
+            }
+            dough_fabric::builder::BuildOutput::Output(_, bytes) => {
+                let text = dough_fabric::serial::printable(&String::from_utf8_lossy(bytes));
+                let _ = std::io::stderr().write_all(text.as_bytes());
+            }
+        }
+    };
+    let img = dough_fabric::builder::build_recipe(
+        &store,
+        &ctx.vms,
+        &base,
+        &recipe,
+        &opts,
+        &mut print_event,
+        &mut on_output,
+    )
+    .with_context(|| format!("building the image of recipe {}", path.display()))?;
+    eprintln!(
+        "dough: image {} ({}) ready ({:.1}s)",
+        img.id,
+        recipe.name,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(img)
+}
+
+pub fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
+    let home = &ctx.home;
     match cmd {
         ImageCmd::Build(args) => {
-            let img = build(home, &args)?;
+            let img = match &args.recipe {
+                Some(r) => build_recipe(ctx, r, &args)?,
+                None => build(home, &args)?,
+            };
             println!("{}", img.id);
         }
         ImageCmd::Ls => {
@@ -96,9 +234,11 @@ pub fn run(home: &Path, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             if images.is_empty() {
                 eprintln!("dough: no images yet; run `dough image build`");
             }
+            // ROOTFS: what the root filesystem takes on disk (it is sparse)
+            // of its size.
             println!(
-                "{:<18} {:<8} {:<28} {:>9} {:>9}  PACKAGES",
-                "ID", "CURRENT", "KERNEL", "ROOTFS", "INITRD"
+                "{:<18} {:<3} {:<14} {:<28} {:>15} {:>7}  PACKAGES",
+                "ID", "CUR", "RECIPE", "KERNEL", "ROOTFS", "INITRD"
             );
             for i in images {
                 let mib = |p: &Path| {
@@ -106,16 +246,28 @@ pub fn run(home: &Path, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         .map(|m| format!("{}M", m.len() >> 20))
                         .unwrap_or_else(|_| "missing".into())
                 };
+                let rootfs = match (
+                    dough_image::allocated_bytes(&i.rootfs),
+                    std::fs::metadata(&i.rootfs),
+                ) {
+                    (Ok(used), Ok(m)) => format!("{}M/{}M", used >> 20, m.len() >> 20),
+                    _ => "missing".into(),
+                };
+                let recipe = match &i.recipe {
+                    Some(r) => format!("{} on {}", r.name, &r.base[..r.base.len().min(6)]),
+                    None => "-".into(),
+                };
                 println!(
-                    "{:<18} {:<8} {:<28} {:>9} {:>9}  {}",
+                    "{:<18} {:<3} {:<14} {:<28} {:>15} {:>7}  {}",
                     i.id,
                     if current.as_deref() == Some(i.id.as_str()) {
                         "*"
                     } else {
                         ""
                     },
+                    recipe,
                     i.kernel_release,
-                    mib(&i.rootfs),
+                    rootfs,
                     mib(&i.initrd),
                     i.packages.join(",")
                 );

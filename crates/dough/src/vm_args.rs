@@ -123,14 +123,7 @@ pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
         Ok(img) => Ok(img),
         Err(dough_image::ImageError::NoImage) => {
             eprintln!("dough: no guest image yet; building one (first time only)");
-            image_cmd::build(
-                home,
-                &BuildArgs {
-                    agent: vm.agent.clone(),
-                    packages: vec![],
-                    mirror: None,
-                },
-            )
+            image_cmd::build(home, &BuildArgs::plain(vm.agent.clone()))
         }
         Err(e) => Err(e.into()),
     }

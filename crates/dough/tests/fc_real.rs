@@ -78,6 +78,7 @@ fn fc_boot_snapshot_restore_two_clones() {
         kernel: img.kernel.clone(),
         initrd: img.initrd.clone(),
         rootfs: img.rootfs.clone(),
+        rootfs_writable: false,
         mem_mib: 256,
         vcpus: 1,
         boot_args: dough_vmm::qemu::BASE_CMDLINE.join(" "),

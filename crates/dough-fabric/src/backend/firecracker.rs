@@ -38,6 +38,7 @@ fn fc_machine(image: &Image, opts: &BootOptions, tap: &str) -> FcMachine {
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),
         rootfs: image.rootfs.clone(),
+        rootfs_writable: opts.root_rw,
         mem_mib: opts.mem_mib,
         vcpus: opts.cpus,
         boot_args: args.join(" "),

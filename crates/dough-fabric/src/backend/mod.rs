@@ -193,9 +193,14 @@ pub(crate) fn open_channel(
 
 /// The guest's kernel command line beyond the VMM's fixed part: its
 /// network and the user's extra arguments.
+/// Tells the agent to make the (writable) root device its root, no overlay.
+pub const ROOT_RW_CMDLINE: &str = "dough.rootrw=1";
+
 pub(crate) fn guest_cmdline(opts: &BootOptions) -> Vec<String> {
+    let rw = opts.root_rw.then(|| ROOT_RW_CMDLINE.to_string());
     NetPlan::guest_cmdline()
         .into_iter()
+        .chain(rw)
         .chain(opts.extra_cmdline.iter().cloned())
         .collect()
 }

@@ -71,6 +71,7 @@ impl Vmm for QemuVmm {
             kernel: s.image.kernel.clone(),
             initrd: s.image.initrd.clone(),
             rootfs: s.image.rootfs.clone(),
+            rootfs_writable: opts.root_rw,
             extra_cmdline: guest_cmdline(opts),
             tsc_khz: tsc_khz(opts.accel, s.launch),
             paths: s.paths.clone(),

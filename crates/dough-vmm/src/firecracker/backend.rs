@@ -26,6 +26,8 @@ pub struct FcMachine {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub rootfs: PathBuf,
+    /// Attach the rootfs read-write (an image builder's own copy).
+    pub rootfs_writable: bool,
     pub mem_mib: u32,
     pub vcpus: u32,
     pub boot_args: String,
@@ -111,7 +113,7 @@ impl Client {
             drive_id: ROOT_DRIVE.into(),
             is_root_device: false,
             path_on_host: s(&m.rootfs),
-            is_read_only: true,
+            is_read_only: !m.rootfs_writable,
         })?;
         if let Some(tap) = &m.tap {
             self.network_interface(&NetworkInterface {
