@@ -543,6 +543,7 @@ mod tests {
                 agent_sha256: "ab".repeat(32),
                 env: Vec::new(),
                 recipe: None,
+                mem_mib: None,
             },
             accel: Resolved::Kvm,
             mem_mib: 256,

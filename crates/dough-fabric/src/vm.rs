@@ -914,6 +914,7 @@ mod tests {
             agent_sha256: String::new(),
             env: Vec::new(),
             recipe: None,
+            mem_mib: None,
         }
     }
 

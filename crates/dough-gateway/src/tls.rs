@@ -68,39 +68,67 @@ impl CaPem {
     }
 
     /// The CA under `dir`, made on first use (key 0600, directory 0700).
+    /// Safe when several threads or processes make it at once: each writes
+    /// a complete CA into a directory of its own and renames it into place;
+    /// the first rename wins and the others load the winner's.
     pub fn load_or_create(dir: &Path) -> Result<CaPem, TlsError> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let io = |what: String| move |source| TlsError::Io { what, source };
-        let (cp, kp) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
-        if cp.exists() && kp.exists() {
-            return Ok(CaPem {
+        let load = || -> Result<CaPem, TlsError> {
+            let (cp, kp) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+            Ok(CaPem {
                 cert: std::fs::read_to_string(&cp)
                     .map_err(io(format!("reading {}", cp.display())))?,
                 key: std::fs::read_to_string(&kp)
                     .map_err(io(format!("reading {}", kp.display())))?,
-            });
+            })
+        };
+        if dir.join(CA_CERT_FILE).exists() && dir.join(CA_KEY_FILE).exists() {
+            return load();
         }
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(io(format!("creating {}", parent.display())))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("ca");
+        let staging = parent.join(format!(".{name}.new-{}-{nanos}", std::process::id()));
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
-            .create(dir)
-            .map_err(io(format!("creating {}", dir.display())))?;
+            .create(&staging)
+            .map_err(io(format!("creating {}", staging.display())))?;
         let ca = CaPem::generate()?;
-        let write = |p: &Path, text: &str, mode: u32| {
-            let tmp = p.with_extension("tmp");
+        let write = |file: &str, text: &str, mode: u32| {
+            let p = staging.join(file);
             let mut f = std::fs::File::options()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(mode)
-                .open(&tmp)?;
+                .open(&p)?;
             std::io::Write::write_all(&mut f, text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, p)
+            f.sync_all()
         };
-        write(&kp, &ca.key, 0o600).map_err(io(format!("writing {}", kp.display())))?;
-        write(&cp, &ca.cert, 0o644).map_err(io(format!("writing {}", cp.display())))?;
-        Ok(ca)
+        let written = write(CA_KEY_FILE, &ca.key, 0o600)
+            .and_then(|()| write(CA_CERT_FILE, &ca.cert, 0o644))
+            .map_err(io(format!("writing a new CA in {}", staging.display())));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        // Replaces `dir` only if it is missing or empty.
+        match std::fs::rename(&staging, dir) {
+            Ok(()) => Ok(ca),
+            Err(_) if dir.join(CA_CERT_FILE).exists() => {
+                let _ = std::fs::remove_dir_all(&staging);
+                load()
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(io(format!("putting the new CA at {}", dir.display()))(e))
+            }
+        }
     }
 }
 
@@ -210,6 +238,30 @@ pub fn upstream_config(extra: &[std::path::PathBuf]) -> Result<rustls::ClientCon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many makers at once (a plan's concurrent clones) end with one CA,
+    /// each of them holding it, none failing.
+    #[test]
+    fn makers_racing_agree_on_one_ca() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("home/ca");
+        let got: Vec<CaPem> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| CaPem::load_or_create(&dir).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = CaPem::load_or_create(&dir).unwrap();
+        for ca in &got {
+            assert_eq!((&ca.cert, &ca.key), (&on_disk.cert, &on_disk.key));
+        }
+        let left: Vec<_> = std::fs::read_dir(d.path().join("home"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("ca")], "no staging left");
+    }
 
     #[test]
     fn a_made_ca_is_kept_private_and_reused() {

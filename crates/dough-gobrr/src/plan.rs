@@ -57,7 +57,29 @@ pub struct Plan {
     pub signatures: String,
     #[serde(default)]
     pub secrets: Vec<Secret>,
+    /// The image agents run in: an image id (`dough image ls`) or a recipe
+    /// file (`*.toml`, relative to the plan) whose image is built first if
+    /// it is not yet. Default: `dough go --image`, else the current image.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The image gates run in, in the same forms and with the same default
+    /// — not the agents' image: a gate wants a fixed toolchain, offline.
+    #[serde(default)]
+    pub gate_image: Option<String>,
     pub tasks: Vec<Task>,
+}
+
+/// What is wrong with a plan's `image`/`gate_image` value, if anything.
+fn image_problem(field: &str, v: &str) -> Option<String> {
+    if v.ends_with(".toml") {
+        return (!inside(Path::new(v))).then(|| {
+            format!(
+                "{field} {v:?}: a recipe must be inside the plan's directory (a relative path without `..`)"
+            )
+        });
+    }
+    let id = !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+    (!id).then(|| format!("{field} {v:?} is neither an image id nor a recipe file (*.toml)"))
 }
 
 /// A path a plan may name: relative, and without `..` (so it stays inside
@@ -384,6 +406,11 @@ impl Plan {
                 for problem in inject_problems(&s.name, i, &self.egress) {
                     problems.push(Problem::BadSecret(problem));
                 }
+            }
+        }
+        for (field, v) in [("image", &self.image), ("gate_image", &self.gate_image)] {
+            if let Some(p) = v.as_deref().and_then(|v| image_problem(field, v)) {
+                problems.push(Problem::BadSetting(p));
             }
         }
         if !inside(&self.repo) {
@@ -798,6 +825,21 @@ deps = ["parser"]
             vec!["egress: \"*.com\" is not an allow rule (expected a host name, *.domain or CIDR, each with an optional :PORT, e.g. api.example.com, *.github.com:443, 10.0.0.0/8:443)"]
         );
         assert_eq!(problems(|p| p.tasks.clear()), vec!["the plan has no tasks"]);
+        assert_eq!(
+            problems(|p| {
+                p.image = Some("../agent.toml".into());
+                p.gate_image = Some("latest".into());
+            }),
+            vec![
+                "image \"../agent.toml\": a recipe must be inside the plan's directory (a relative path without `..`)",
+                "gate_image \"latest\" is neither an image id nor a recipe file (*.toml)",
+            ]
+        );
+        with(|p| {
+            p.image = Some("images/claude.toml".into());
+            p.gate_image = Some("09ac37cb".into());
+        })
+        .expect("a recipe path and an image id are fine");
         // parser and cli overlap on calc/parser.py, but cli depends on
         // parser: never the same round, so that is fine (GOOD passes).
     }

@@ -125,6 +125,10 @@ pub struct Image {
     /// The recipe that made this image from its base, if one did.
     #[serde(default)]
     pub recipe: Option<RecipeInfo>,
+    /// Memory its clones boot with unless a command says otherwise (a
+    /// recipe's `guest.mem_mib`).
+    #[serde(default)]
+    pub mem_mib: Option<u32>,
 }
 
 /// Where an image made from a recipe came from.
@@ -210,7 +214,8 @@ impl Store {
         self.root.join("images")
     }
 
-    /// Build (or find in the cache) the image for `spec`.
+    /// Build (or find in the cache) the image for `spec`. It does not become
+    /// the current image: see [`Store::set_current`].
     pub fn build(
         &self,
         spec: &ImageSpec,
@@ -252,7 +257,6 @@ impl Store {
 
         if let Ok(img) = self.get(&id) {
             if img.kernel.exists() && img.initrd.exists() && img.rootfs.exists() {
-                self.set_current(&id)?;
                 progress(Event::UpToDate { id });
                 return Ok(img);
             }
@@ -281,9 +285,9 @@ impl Store {
             agent_sha256,
             env: Vec::new(),
             recipe: None,
+            mem_mib: None,
         };
         self.save(&img)?;
-        self.set_current(&id)?;
         Ok(img)
     }
 
@@ -310,8 +314,7 @@ impl Store {
             .finish()
     }
 
-    /// The image `recipe` makes from `base` if it is built already (it
-    /// becomes the current image).
+    /// The image `recipe` makes from `base` if it is built already.
     pub fn cached_recipe_image(
         &self,
         base: &Image,
@@ -319,13 +322,16 @@ impl Store {
         progress: &mut dyn FnMut(Event),
     ) -> Result<Option<Image>, ImageError> {
         let id = Self::recipe_image_id(base, recipe);
-        let Ok(img) = self.get(&id) else {
+        let Ok(mut img) = self.get(&id) else {
             return Ok(None);
         };
         if !(img.kernel.exists() && img.initrd.exists() && img.rootfs.exists()) {
             return Ok(None);
         }
-        self.set_current(&id)?;
+        if img.mem_mib != recipe.recipe.guest.mem_mib {
+            img.mem_mib = recipe.recipe.guest.mem_mib;
+            self.save(&img)?;
+        }
         progress(Event::Cached {
             step: Step::Recipe,
             key: recipe.key(&base.id),
@@ -387,14 +393,15 @@ impl Store {
                 path: std::fs::canonicalize(&recipe.path).unwrap_or(recipe.path.clone()),
                 build_ms: t.elapsed().as_millis() as u64,
             }),
+            mem_mib: recipe.recipe.guest.mem_mib,
             ..base.clone()
         };
         self.save(&img)?;
-        self.set_current(&id)?;
         Ok(img)
     }
 
-    fn set_current(&self, id: &str) -> Result<(), ImageError> {
+    /// Make `id` the image commands boot when none is named.
+    pub fn set_current(&self, id: &str) -> Result<(), ImageError> {
         let p = self.images_dir().join("current");
         std::fs::write(p.with_extension("tmp"), id)?;
         std::fs::rename(p.with_extension("tmp"), p)?;

@@ -17,6 +17,9 @@
 //! dest = "/root/.claude/settings.json"
 //! mode = "0600"
 //!
+//! [guest]                              # how its clones boot
+//! mem_mib = 1024                       # unless --mem says otherwise
+//!
 //! [build]                              # the builder VM
 //! mem_mib = 2048
 //! size_gib = 4                         # the image's root filesystem (sparse)
@@ -80,6 +83,17 @@ pub struct Recipe {
     pub run: Vec<String>,
     #[serde(default)]
     pub build: BuildSettings,
+    /// How the image's clones boot (not part of the image's key: changing
+    /// it rebuilds nothing).
+    #[serde(default)]
+    pub guest: GuestSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSettings {
+    /// Memory its clones get unless a command says otherwise (`--mem`).
+    pub mem_mib: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,7 +287,11 @@ impl LoadedRecipe {
     /// (not its name or where it lives), the files' and certificates'
     /// content, and the builder's own version.
     pub fn key(&self, base_id: &str) -> String {
-        let canonical = serde_json::to_string(&self.recipe).expect("a recipe serializes");
+        let recipe = Recipe {
+            guest: GuestSettings::default(),
+            ..self.recipe.clone()
+        };
+        let canonical = serde_json::to_string(&recipe).expect("a recipe serializes");
         let mut k = KeyBuilder::new(RECIPE_BUILDER);
         k.str("base", base_id).str("recipe", &canonical);
         for f in &self.files {
@@ -367,6 +385,11 @@ impl Recipe {
         for (i, step) in self.run.iter().enumerate() {
             if step.trim().is_empty() || step.contains('\0') {
                 p.push(format!("run step {}: empty or contains a NUL byte", i + 1));
+            }
+        }
+        if let Some(m) = self.guest.mem_mib {
+            if !(128..=65536).contains(&m) {
+                p.push(format!("guest.mem_mib {m} is not in 128..=65536"));
             }
         }
         let b = &self.build;
@@ -510,6 +533,16 @@ mod tests {
         assert_ne!(ka, LoadedRecipe::load(&a, none).unwrap().key("base2"));
         write(d.path(), "f", "two");
         assert_ne!(ka, LoadedRecipe::load(&a, none).unwrap().key("base1"));
+        let mem = write(
+            d.path(),
+            "mem.toml",
+            "name = \"a\"\nrun = [\"true\"]\n[[files]]\nsrc = \"f\"\ndest = \"/f\"\n[guest]\nmem_mib = 1024\n",
+        );
+        assert_eq!(
+            LoadedRecipe::load(&a, none).unwrap().key("base1"),
+            LoadedRecipe::load(&mem, none).unwrap().key("base1"),
+            "how clones boot is not part of the image"
+        );
         let c = write(
             d.path(),
             "c.toml",

@@ -225,7 +225,7 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
         "--sizes must be numbers from 1 to 64"
     );
     install_teardown_on_signal(&ctx.vms);
-    let image = resolve_image(&ctx.home, &a.vm)?;
+    let image = resolve_image(ctx, &a.vm)?;
     anyhow::ensure!(
         a.vm.backend == crate::vm_args::BackendArg::Qemu,
         "`dough bench clones` compares dough's restore with a raw QEMU restore of the same snapshot; it measures the QEMU backend only"
@@ -327,7 +327,7 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!((1..=512).contains(&a.clones), "--clones must be 1 to 512");
     anyhow::ensure!(a.window >= 1, "--window must be at least 1 second");
     install_teardown_on_signal(&ctx.vms);
-    let image = resolve_image(&ctx.home, &a.vm)?;
+    let image = resolve_image(ctx, &a.vm)?;
     let opts = boot_options(&ctx.home, &image, &a.vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot().clone();

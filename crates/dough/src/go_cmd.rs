@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use clap::Args;
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
+use dough_image::Image;
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{
     Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError,
@@ -116,16 +117,25 @@ impl Sandbox for VmSandbox {
     }
 }
 
+/// A snapshot clones are restored from, and how they boot.
+struct Source<'a> {
+    snap: &'a Snapshot,
+    opts: &'a BootOptions,
+}
+
 struct ClonePool<'a> {
     home: &'a Path,
     vms: &'a Path,
-    snap: &'a Snapshot,
-    opts: &'a BootOptions,
+    /// Agents' clones come from the plan's `image`, gates' from its
+    /// `gate_image`.
+    agent: Source<'a>,
+    gate: Source<'a>,
 }
 
 impl ClonePool<'_> {
     fn clone_with(
         &self,
+        from: &Source<'_>,
         egress: dough_net::Egress,
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
@@ -140,9 +150,9 @@ impl ClonePool<'_> {
             egress,
             brokers: brokers.to_vec(),
             ca,
-            ..self.opts.clone()
+            ..from.opts.clone()
         };
-        Vm::restore(self.vms, self.snap, VmKind::Run, &opts)
+        Vm::restore(self.vms, from.snap, VmKind::Run, &opts)
             .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
             .map_err(|e| SandboxError::NoClone(Box::new(e)))
     }
@@ -157,11 +167,26 @@ impl Pool for ClonePool<'_> {
         let egress = egress
             .parse()
             .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
-        self.clone_with(egress, brokers)
+        self.clone_with(&self.agent, egress, brokers)
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
-        self.clone_with(dough_net::Egress::None, &[])
+        self.clone_with(&self.gate, dough_net::Egress::None, &[])
+    }
+}
+
+/// The image a plan's `image`/`gate_image` names (an id, or a recipe file
+/// already made absolute), else the command's.
+fn plan_image(ctx: &Ctx, vm: &VmArgs, named: Option<&str>) -> anyhow::Result<Image> {
+    match named {
+        None => resolve_image(ctx, vm),
+        Some(s) => resolve_image(
+            ctx,
+            &VmArgs {
+                image: Some(s.to_string()),
+                ..vm.clone()
+            },
+        ),
     }
 }
 
@@ -189,6 +214,13 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    // A recipe the plan names is relative to the plan.
+    let mut plan = plan;
+    for named in [&mut plan.plan.image, &mut plan.plan.gate_image] {
+        if let Some(r) = named.as_mut().filter(|r| r.ends_with(".toml")) {
+            *r = plan_dir.join(&*r).display().to_string();
+        }
+    }
     let secrets =
         dough_gobrr::secrets::resolve(&plan.plan.secrets, &plan_dir, &|k| std::env::var(k).ok())?;
     let repo = match &args.repo {
@@ -294,15 +326,29 @@ pub fn execute(
         "the repo's tree is {tree} bytes as a tar; dough ships at most {MAX_SHIP} bytes into a clone today"
     );
 
-    let image = resolve_image(&ctx.home, vm)?;
-    let opts = boot_options(&ctx.home, &image, vm)?;
-    let got = ensure_snapshot(ctx, &image, &opts, false)?;
-    let snap = got.snapshot();
+    let agent_image = plan_image(ctx, vm, plan.plan.image.as_deref())?;
+    let gate_image = plan_image(ctx, vm, plan.plan.gate_image.as_deref())?;
+    let agent_opts = boot_options(&ctx.home, &agent_image, vm)?;
+    let agent_snap = ensure_snapshot(ctx, &agent_image, &agent_opts, false)?;
+    let gate_opts = match gate_image.id == agent_image.id {
+        true => agent_opts.clone(),
+        false => boot_options(&ctx.home, &gate_image, vm)?,
+    };
+    let gate_snap = match gate_image.id == agent_image.id {
+        true => None,
+        false => Some(ensure_snapshot(ctx, &gate_image, &gate_opts, false)?),
+    };
     let pool = ClonePool {
         home: &ctx.home,
         vms: &ctx.vms,
-        snap,
-        opts: &opts,
+        agent: Source {
+            snap: agent_snap.snapshot(),
+            opts: &agent_opts,
+        },
+        gate: Source {
+            snap: gate_snap.as_ref().unwrap_or(&agent_snap).snapshot(),
+            opts: &gate_opts,
+        },
     };
     let rounds = plan.rounds.len();
     eprintln!(

@@ -89,6 +89,21 @@ impl BuildArgs {
         }
     }
 
+    /// A build for a command that boots `vm` (its agent, and its VMM
+    /// settings for a recipe's builder).
+    pub fn for_vm(vm: &VmArgs) -> BuildArgs {
+        let mut b = BuildArgs::plain(vm.agent.clone());
+        b.builder = BuilderArgs {
+            backend: vm.backend,
+            firecracker: vm.firecracker.clone(),
+            accel: vm.accel,
+            qemu: vm.qemu.clone(),
+            boot_timeout: vm.boot_timeout.max(b.builder.boot_timeout),
+            net_pool: vm.net_pool,
+        };
+        b
+    }
+
     fn vm_args(&self) -> VmArgs {
         let b = &self.builder;
         VmArgs {
@@ -96,7 +111,7 @@ impl BuildArgs {
             firecracker: b.firecracker.clone(),
             firecracker_pci: false,
             accel: b.accel,
-            mem: 256,
+            mem: None,
             cpus: 1,
             boot_timeout: b.boot_timeout,
             qemu: b.qemu.clone(),
@@ -221,9 +236,15 @@ pub fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     let home = &ctx.home;
     match cmd {
         ImageCmd::Build(args) => {
+            // A plain build becomes the image commands boot by default; a
+            // recipe's is named where it is used (--image, a plan's `image`).
             let img = match &args.recipe {
                 Some(r) => build_recipe(ctx, r, &args)?,
-                None => build(home, &args)?,
+                None => {
+                    let img = build(home, &args)?;
+                    Store::new(home).set_current(&img.id)?;
+                    img
+                }
             };
             println!("{}", img.id);
         }

@@ -38,7 +38,7 @@ pub struct RunArgs {
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
     install_teardown_on_signal(&ctx.vms);
-    let image = resolve_image(&ctx.home, &args.vm)?;
+    let image = resolve_image(ctx, &args.vm)?;
     let mut opts = boot_options(&ctx.home, &image, &args.vm)?;
     let mut req = args.exec.request()?;
     let secrets = args.secrets.resolve(&opts.egress)?;

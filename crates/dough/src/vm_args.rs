@@ -9,6 +9,7 @@ use dough_fabric::BootOptions;
 use dough_image::{Image, Store};
 use dough_vmm::{Accel, Backend, Resolved};
 
+use crate::cli::Ctx;
 use crate::image_cmd::{self, AgentArg, BuildArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,9 +73,9 @@ pub struct VmArgs {
     /// Accelerator (QEMU; Firecracker always uses KVM).
     #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
     pub accel: AccelArg,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub mem: u32,
+    /// Guest memory in MiB (default: what the image's recipe asks for, else 256).
+    #[arg(long)]
+    pub mem: Option<u32>,
     /// Guest vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -84,8 +85,10 @@ pub struct VmArgs {
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64", env = "DOUGH_QEMU")]
     pub qemu: PathBuf,
-    /// Image id to boot (default: the current image; built if there is none).
-    #[arg(long)]
+    /// Image to boot: an image id (`dough image ls`), or a recipe file
+    /// whose image is built first if it is not yet (default: the current
+    /// image; built if there is none).
+    #[arg(long, value_name = "ID|RECIPE")]
     pub image: Option<String>,
     /// Extra kernel command-line argument (repeatable), e.g. `ignore_loglevel`
     /// to see every kernel message in `serial.log`.
@@ -113,17 +116,24 @@ pub struct VmArgs {
     pub agent: AgentArg,
 }
 
-/// The image to boot: the one named, else the current one, else build it.
-pub fn resolve_image(home: &Path, vm: &VmArgs) -> anyhow::Result<Image> {
+/// The image to boot: the one named (an image id, or a recipe file whose
+/// image is built if it is not yet), else the current one, else build it.
+pub fn resolve_image(ctx: &Ctx, vm: &VmArgs) -> anyhow::Result<Image> {
+    let home = &ctx.home;
     let store = Store::new(home);
     if let Some(id) = &vm.image {
+        if Path::new(id).is_file() {
+            return image_cmd::build_recipe(ctx, Path::new(id), &BuildArgs::for_vm(vm));
+        }
         return Ok(store.get(id)?);
     }
     match store.current() {
         Ok(img) => Ok(img),
         Err(dough_image::ImageError::NoImage) => {
             eprintln!("dough: no guest image yet; building one (first time only)");
-            image_cmd::build(home, &BuildArgs::plain(vm.agent.clone()))
+            let img = image_cmd::build(home, &BuildArgs::plain(vm.agent.clone()))?;
+            store.set_current(&img.id)?;
+            Ok(img)
         }
         Err(e) => Err(e.into()),
     }
@@ -229,7 +239,7 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
             },
             ..Default::default()
         },
-        mem_mib: vm.mem,
+        mem_mib: vm.mem.or(image.mem_mib).unwrap_or(256),
         cpus: vm.cpus,
         deadline: Duration::from_secs(vm.boot_timeout),
         extra_cmdline: vm.kernel_args.clone(),

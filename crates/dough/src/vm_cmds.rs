@@ -81,7 +81,7 @@ pub struct DownArgs {
 
 pub fn bake(ctx: &Ctx, args: BakeArgs) -> anyhow::Result<ExitCode> {
     install_teardown_on_signal(&ctx.vms);
-    let image = resolve_image(&ctx.home, &args.vm)?;
+    let image = resolve_image(ctx, &args.vm)?;
     let opts = boot_options(&ctx.home, &image, &args.vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, args.force)?;
     if let Ensured::Existing(s) = &got {
@@ -113,7 +113,7 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
     // process: Ctrl-C, or a crash followed by any dough command, removes
     // them all.
     install_teardown_on_signal(&ctx.vms);
-    let image = resolve_image(&ctx.home, &args.vm)?;
+    let image = resolve_image(ctx, &args.vm)?;
     let opts = boot_options(&ctx.home, &image, &args.vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
     let snap = got.snapshot();

@@ -7,6 +7,7 @@
 #![cfg(feature = "test-hooks")]
 
 mod common;
+mod https;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -15,46 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use https::{server_config, test_ca};
 use dough_net::testing::World;
 
 const REAL_KEY: &str = "sk-test-api03-REALvalue0123456789abcdefREALvalue0123456789abcdef";
 
 /// What the world's HTTPS servers saw: (server, path, x-api-key).
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
-
-fn test_ca() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "dough test world CA");
-    let cert = p.self_signed(&key).unwrap();
-    (rcgen::Issuer::new(p, key), cert.pem())
-}
-
-fn server_config(
-    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    name: &str,
-) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .unwrap()
-        .signed_by(&key, ca)
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap(),
-    )
-}
 
 /// An HTTPS/1.1 server on `world`:443 for `name`. `/check` records the
 /// request's x-api-key and echoes it; `/events` is a server-sent event
