@@ -346,7 +346,9 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddrV4> {
         Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
         u16::from_be(a.sin_port),
     );
-    if s.local_addr().is_ok_and(|l| l == std::net::SocketAddr::V4(dst)) {
+    if s.local_addr()
+        .is_ok_and(|l| l == std::net::SocketAddr::V4(dst))
+    {
         return Err(io::Error::other("the gateway itself was dialed"));
     }
     Ok(dst)

@@ -87,8 +87,7 @@ impl CaPem {
             return load();
         }
         let parent = dir.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .map_err(io(format!("creating {}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -260,7 +259,11 @@ mod tests {
             .flatten()
             .map(|e| e.file_name())
             .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("ca")], "no staging left");
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("ca")],
+            "no staging left"
+        );
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::sync::Mutex;
 use anyhow::Context;
 use clap::Args;
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
-use dough_image::Image;
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{
     Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError,
 };
 use dough_gobrr::secrets::Redactor;
 use dough_gobrr::stack::Stack;
+use dough_image::Image;
 use dough_proto::{ExitStatus, Stream};
 
 use crate::cli::Ctx;

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use https::{server_config, test_ca};
 use dough_net::testing::World;
+use https::{server_config, test_ca};
 
 const REAL_KEY: &str = "sk-test-api03-REALvalue0123456789abcdefREALvalue0123456789abcdef";
 

@@ -78,7 +78,10 @@ fn script() -> model_api::Script {
     );
     s.insert(
         "cli".into(),
-        vec![files(&[("stats/cli.py", CLI), ("tests/test_cli.py", CLI_TEST)])],
+        vec![files(&[
+            ("stats/cli.py", CLI),
+            ("tests/test_cli.py", CLI_TEST),
+        ])],
     );
     s
 }

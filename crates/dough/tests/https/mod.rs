@@ -39,4 +39,3 @@ pub fn server_config(
             .unwrap(),
     )
 }
-

@@ -113,7 +113,11 @@ pub fn parse(body: &Value) -> Asked {
 pub fn answer(asked: &Asked, script: &Script) -> (Vec<Value>, &'static str, String) {
     let text = |t: &str| vec![json!({"type": "text", "text": t})];
     if asked.tool_results > 0 {
-        return (text("Done: the files are written."), "end_turn", "done".into());
+        return (
+            text("Done: the files are written."),
+            "end_turn",
+            "done".into(),
+        );
     }
     let files = asked
         .task
@@ -211,10 +215,20 @@ pub fn respond(
     };
     let error = |status: StatusCode, kind: &str, message: &str, what: &str| {
         let body = json!({"type": "error", "error": {"type": kind, "message": message}});
-        (status, "application/json", body.to_string(), seen(None, what))
+        (
+            status,
+            "application/json",
+            body.to_string(),
+            seen(None, what),
+        )
     };
     if !(post && path.starts_with("/v1/messages")) {
-        return error(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint", "404");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "no such endpoint",
+            "404",
+        );
     }
     if !key_ok {
         return error(
@@ -322,10 +336,8 @@ mod tests {
     use super::*;
 
     fn recorded() -> Vec<Value> {
-        let doc: Value = serde_json::from_str(include_str!(
-            "../fixtures/claude-2.1.332-requests.json"
-        ))
-        .unwrap();
+        let doc: Value =
+            serde_json::from_str(include_str!("../fixtures/claude-2.1.332-requests.json")).unwrap();
         doc["requests"].as_array().unwrap().clone()
     }
 
