@@ -19,7 +19,15 @@ pub struct BootArgs {
     /// `dough.rootrw=1`: mount the root device read-write as the root
     /// itself, no overlay (an image builder's writable copy of a rootfs).
     pub root_rw: bool,
+    /// `dough.scratch=1`: a disk of its own (serial `dough-scratch`) holds
+    /// the writable layer instead of RAM.
+    pub scratch: bool,
 }
+
+/// Serial numbers the host gives the disks (QEMU; Firecracker's single
+/// disk has none and is `root`).
+const ROOT_SERIAL: &str = "dough-root";
+const SCRATCH_SERIAL: &str = "dough-scratch";
 
 impl BootArgs {
     pub fn parse(cmdline: &str) -> Self {
@@ -40,6 +48,7 @@ impl BootArgs {
                 }
                 "dough.gw" => a.gateway = v.parse().ok(),
                 "dough.rootrw" => a.root_rw = v == "1",
+                "dough.scratch" => a.scratch = v == "1",
                 _ => {}
             }
         }
@@ -87,9 +96,10 @@ pub fn boot() -> BootArgs {
     }
     let args = BootArgs::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     load_modules(Path::new("/lib/modules"));
+    let (root_dev, scratch_dev) = disks(&args);
     let root = match args.root_rw {
-        true => writable_root(&args.root),
-        false => overlay_root(&args.root),
+        true => writable_root(&root_dev),
+        false => overlay_root(&root_dev, scratch_dev.as_deref()),
     };
     match root {
         Ok(()) => {}
@@ -170,14 +180,58 @@ pub fn wait_for(path: &Path, limit: Duration) -> bool {
     true
 }
 
-/// Mount `dev` read-only under a tmpfs overlay and make that the root.
-fn overlay_root(dev: &str) -> Result<(), String> {
+/// The device with serial `serial`, from `/sys/block/*/serial`.
+fn by_serial(serial: &str) -> Option<String> {
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let s = std::fs::read_to_string(e.path().join("serial")).ok()?;
+            (s.trim() == serial).then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+        })
+}
+
+/// The root device and the scratch disk (when the host gave one): found
+/// by serial, once they have appeared (within 20 s); the root falls back
+/// to `dough.root` (a disk without serials).
+fn disks(args: &BootArgs) -> (String, Option<String>) {
+    let start = Instant::now();
+    loop {
+        let root = by_serial(ROOT_SERIAL);
+        let scratch = by_serial(SCRATCH_SERIAL);
+        let have_root = root.is_some() || Path::new(&args.root).exists();
+        let done = have_root && (!args.scratch || scratch.is_some());
+        if done || start.elapsed() > Duration::from_secs(20) {
+            if args.scratch && scratch.is_none() {
+                log("the scratch disk did not appear; the writable layer is in RAM");
+            }
+            return (root.unwrap_or_else(|| args.root.clone()), scratch);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Mount `dev` read-only under an overlay whose writable layer is the
+/// `scratch` disk (ext4, made by the host) or else RAM, and make that the
+/// root.
+fn overlay_root(dev: &str, scratch: Option<&str>) -> Result<(), String> {
     if !wait_for(Path::new(dev), Duration::from_secs(20)) {
         return Err(format!("{dev} did not appear"));
     }
     let ro = MsFlags::MS_RDONLY;
     mnt(dev, "/lower", "ext4", ro, Some("noload"))?;
-    mnt("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    // The host's empty filesystem leaves inode tables to be zeroed lazily;
+    // a throwaway disk need not be (`noinit_itable`: no background writes).
+    let on_disk = scratch.map(|s| {
+        mnt(s, "/rw", "ext4", MsFlags::MS_NOATIME, Some("noinit_itable")).map_err(|e| {
+            log(&format!(
+                "scratch disk {s}: {e}; the writable layer is in RAM"
+            ))
+        })
+    });
+    if !matches!(on_disk, Some(Ok(()))) {
+        mnt("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    }
     for d in ["/rw/upper", "/rw/work"] {
         std::fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
@@ -245,5 +299,7 @@ mod tests {
         assert!(!a.root_rw);
         assert!(BootArgs::parse("dough.rootrw=1").root_rw);
         assert!(!BootArgs::parse("dough.rootrw=yes").root_rw);
+        assert!(BootArgs::parse("dough.scratch=1").scratch);
+        assert!(!a.scratch);
     }
 }

@@ -83,6 +83,8 @@ pub fn build_recipe(
         ca: None,
         trust: Vec::new(),
         root_rw: true,
+        // Its root is its disk: no other writable layer.
+        scratch: None,
         ..opts.clone()
     };
     let steps = &recipe.recipe.run;

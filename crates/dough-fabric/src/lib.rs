@@ -9,6 +9,7 @@ pub mod accel;
 pub mod backend;
 pub mod builder;
 pub mod channel;
+pub mod disk;
 pub mod gc;
 pub mod host;
 pub mod notice;

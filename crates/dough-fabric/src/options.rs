@@ -43,6 +43,18 @@ pub struct BootOptions {
     /// (no overlay): only for an image builder's private copy of a rootfs,
     /// never for a bake or a clone.
     pub root_rw: bool,
+    /// A disk of its own as the guest's writable layer (instead of RAM):
+    /// every VM gets a private sparse copy of `source`.
+    pub scratch: Option<ScratchDisk>,
+}
+
+/// A VM's scratch disk: its size, and the file each VM's copy starts
+/// from (an empty filesystem for a boot or a bake; a snapshot's own, as
+/// its guest left it, for a restore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchDisk {
+    pub size_mib: u64,
+    pub source: PathBuf,
 }
 
 impl Default for BootOptions {
@@ -66,6 +78,7 @@ impl Default for BootOptions {
             ca: None,
             trust: Vec::new(),
             root_rw: false,
+            scratch: None,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct VmStatus {
     pub age_secs: u64,
     /// Its VMM's proportional set size, when it runs.
     pub pss_kib: Option<u64>,
+    /// What its scratch disk takes on the host (of `record.scratch_mib`).
+    pub scratch_used_kib: Option<u64>,
 }
 
 /// Every VM under `vms`, oldest first.
@@ -29,6 +31,11 @@ pub fn status(vms: &Path) -> Vec<VmStatus> {
         .into_iter()
         .map(|record| VmStatus {
             age_secs: now.saturating_sub(record.created_unix),
+            scratch_used_kib: record.scratch_mib.and_then(|_| {
+                use std::os::unix::fs::MetadataExt;
+                let f = vms.join(&record.id).join("scratch.img");
+                std::fs::metadata(f).ok().map(|m| m.blocks() / 2)
+            }),
             pss_kib: record
                 .vmm
                 .filter(|v| v.is_alive())

@@ -57,6 +57,9 @@ pub enum SnapshotError {
     Io(#[from] std::io::Error),
 }
 
+/// The baked guest's scratch disk, in a snapshot's directory.
+const SCRATCH_FILE: &str = "scratch.img";
+
 /// Everything that shapes a snapshot. Change any of it and the key changes.
 #[derive(Debug, Clone)]
 pub struct SnapshotSpec {
@@ -69,6 +72,8 @@ pub struct SnapshotSpec {
     /// `qemu --version` or `firecracker --version`: neither promises that
     /// its snapshots load into another version.
     pub vmm_version: String,
+    /// Its scratch disk's size (the guest's writable layer), if it has one.
+    pub scratch_mib: Option<u64>,
 }
 
 pub use crate::backend::FC_DEVICE_SET;
@@ -85,6 +90,7 @@ impl SnapshotSpec {
             extra_cmdline: opts.extra_cmdline.clone(),
             backend: opts.backend,
             vmm_version: vmm_version(opts)?,
+            scratch_mib: opts.scratch.as_ref().map(|s| s.size_mib),
         })
     }
 
@@ -109,6 +115,11 @@ impl SnapshotSpec {
                     .join(" "),
             ),
             ("device set", device_set.to_string()),
+            (
+                "scratch MiB",
+                self.scratch_mib
+                    .map_or_else(|| "none (RAM)".to_string(), |m| m.to_string()),
+            ),
             ("backend", self.backend.to_string()),
             // Labelled by backend so QEMU snapshots keep their keys.
             (version_label, self.vmm_version.clone()),
@@ -146,6 +157,10 @@ pub struct SnapshotMeta {
     /// Snapshots from before there was a choice are QEMU's.
     #[serde(default)]
     pub backend: Backend,
+    /// Its scratch disk's size; the disk as the guest left it is
+    /// `scratch.img`, which every clone gets a copy of.
+    #[serde(default)]
+    pub scratch_mib: Option<u64>,
 }
 
 /// A baked snapshot on disk.
@@ -159,6 +174,8 @@ pub struct Snapshot {
     pub state: PathBuf,
     /// The baked guest's serial console up to the snapshot.
     pub boot_log: PathBuf,
+    /// The baked guest's scratch disk (its writable layer), if it has one.
+    pub scratch: Option<PathBuf>,
     pub meta: SnapshotMeta,
 }
 
@@ -254,10 +271,12 @@ impl SnapshotStore {
             mem: e.dir.join("mem"),
             state: e.dir.join("state"),
             boot_log: e.dir.join("boot-serial.log"),
+            scratch: meta.scratch_mib.map(|_| e.dir.join(SCRATCH_FILE)),
             dir: e.dir,
             meta,
         };
-        (s.mem.is_file() && s.state.is_file()).then_some(s)
+        let scratch_ok = s.scratch.as_ref().is_none_or(|p| p.is_file());
+        (s.mem.is_file() && s.state.is_file() && scratch_ok).then_some(s)
     }
 
     /// All complete snapshots, newest first.
@@ -443,6 +462,14 @@ impl SnapshotStore {
             vm.set_state(crate::state::VmState::Paused)?;
             backend.save(&vm.paths, &state, &mem).map_err(save_err)?;
             std::fs::copy(&vm.paths.serial, tmp.join("boot-serial.log"))?;
+            // The scratch disk as the paused guest left it belongs with its
+            // memory: clones start from the pair (QEMU flushed it at the pause).
+            let scratch = tmp.join(SCRATCH_FILE);
+            if spec.scratch_mib.is_some() {
+                if std::fs::rename(&vm.paths.scratch, &scratch).is_err() {
+                    crate::disk::copy_sparse(&vm.paths.scratch, &scratch)?;
+                }
+            }
             vm.destroy()?;
             let meta = SnapshotMeta {
                 key: key.clone(),
@@ -457,6 +484,7 @@ impl SnapshotStore {
                 tsc_khz,
                 state_bytes: std::fs::metadata(&state)?.len(),
                 backend: spec.backend,
+                scratch_mib: spec.scratch_mib,
             };
             let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
                 path: tmp.join(META),
@@ -467,8 +495,10 @@ impl SnapshotStore {
             // copies: it must never change. (QEMU opens it read-write even
             // for a private mapping, which root may do despite the mode.)
             use std::os::unix::fs::PermissionsExt;
-            for f in [&mem, &state] {
-                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444))?;
+            for f in [&mem, &state, &scratch] {
+                if f.exists() {
+                    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444))?;
+                }
             }
             Ok(())
         })?;
@@ -502,6 +532,16 @@ impl Vm {
             cpus: snap.meta.cpus,
             extra_cmdline: snap.meta.extra_cmdline.clone(),
             root_rw: false,
+            // The snapshot's guest has (or has not) its writable layer on a
+            // scratch disk: every clone gets a copy of it.
+            scratch: snap
+                .scratch
+                .as_ref()
+                .zip(snap.meta.scratch_mib)
+                .map(|(p, m)| crate::options::ScratchDisk {
+                    size_mib: m,
+                    source: p.clone(),
+                }),
             ..opts.clone()
         };
         Self::with_retries(&opts, || {
@@ -551,6 +591,7 @@ mod tests {
             extra_cmdline: vec![],
             backend,
             vmm_version: version.into(),
+            scratch_mib: None,
         }
     }
 

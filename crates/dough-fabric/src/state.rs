@@ -142,6 +142,10 @@ pub struct VmRecord {
     /// its TLS clients find the certificates it was made to trust).
     #[serde(default)]
     pub exec_env: Vec<(String, String)>,
+    /// Size of its scratch disk (`scratch.img` in its directory), if it
+    /// has one.
+    #[serde(default)]
+    pub scratch_mib: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +195,7 @@ impl VmRecord {
             backend: dough_vmm::Backend::Qemu,
             gateway: None,
             exec_env: Vec::new(),
+            scratch_mib: None,
         }
     }
 

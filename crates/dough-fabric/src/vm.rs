@@ -96,6 +96,15 @@ pub enum FabricError {
     },
     #[error("VM {vm}: could not install dough's CA in the guest; it said: {said}")]
     TrustCa { vm: String, said: String },
+    #[error("the Firecracker backend has no scratch disk yet (its snapshots name one disk file for every clone); use --scratch none")]
+    NoScratchOnFirecracker,
+    #[error("VM {vm}: making its scratch disk from {source_file}")]
+    Scratch {
+        vm: String,
+        source_file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("tearing down VM {vm}")]
     Teardown {
         vm: String,
@@ -120,6 +129,8 @@ impl FabricError {
             self,
             FabricError::Spawn { .. }
                 | FabricError::WrongBackend { .. }
+                | FabricError::NoScratchOnFirecracker
+                | FabricError::Scratch { .. }
                 | FabricError::State(_)
                 | FabricError::StateDir { .. }
                 | FabricError::Net { .. }
@@ -211,9 +222,13 @@ impl Vm {
         kind: VmKind,
         launch: Launch,
     ) -> Result<Vm, FabricError> {
+        if opts.scratch.is_some() && opts.backend == dough_vmm::Backend::Firecracker {
+            return Err(FabricError::NoScratchOnFirecracker);
+        }
         let id = crate::new_vm_id();
         let mut rec = VmRecord::new(&id, kind, opts.accel, opts.mem_mib, opts.cpus);
         rec.image = image.id.clone();
+        rec.scratch_mib = opts.scratch.as_ref().map(|s| s.size_mib);
         rec.backend = opts.backend;
         if let Launch::Restore(from) = &launch {
             rec.snapshot = Some(from.key.clone());
@@ -547,13 +562,29 @@ fn spawn_vmm(
     // and runs only dough's own agent: no cap.
     // An image builder's VMM writes its own copy of the rootfs, so its cap
     // is that file's size (which the recipe chose).
+    // So is a VM's scratch disk: it may fill its own, no more.
     if !matches!(s.launch, Launch::Bake { .. }) {
         let mut cap = crate::serial::CONSOLE_LOG_MAX;
         if s.opts.root_rw {
             let rootfs = std::fs::metadata(&s.image.rootfs).map(|m| m.len());
             cap = cap.max(rootfs.unwrap_or(0));
         }
+        if let Some(sd) = &s.opts.scratch {
+            cap = cap.max(sd.size_mib << 20);
+        }
         dough_vmm::process::cap_file_size(&mut cmd, cap);
+    }
+    // The VM's own writable disk: a sparse copy of an empty filesystem (a
+    // boot, a bake) or of its snapshot's (a restore). In the VM directory,
+    // it goes with it.
+    if let Some(sd) = &s.opts.scratch {
+        crate::disk::copy_sparse(&sd.source, &s.paths.scratch).map_err(|source| {
+            FabricError::Scratch {
+                vm: dir.id.clone(),
+                source_file: sd.source.clone(),
+                source,
+            }
+        })?;
     }
     tracing::info!(vm = %dir.id, accel = %s.opts.accel, backend = %s.opts.backend, "spawning the VMM");
     // No teardown on a signal may run between the spawn and the record.

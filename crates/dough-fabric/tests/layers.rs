@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom first. A module may use only modules listed before it.
 const ORDER: &[&str] = &[
-    "host", "notice", "serial", "options", "channel", "state", "backend", "vm", "snapshot",
+    "host", "disk", "notice", "serial", "options", "channel", "state", "backend", "vm", "snapshot",
     "builder", "accel", "gc", "pool",
 ];
 

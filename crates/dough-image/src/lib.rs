@@ -32,6 +32,7 @@ const KERNEL_RECIPE: &str = "kernel-v1";
 /// v2: the guest's resolver is its gateway's address (not the host's).
 const ROOTFS_RECIPE: &str = "rootfs-v2";
 const INITRD_RECIPE: &str = "initrd-v1";
+const SCRATCH_RECIPE: &str = "scratch-v1";
 
 /// Where in the initramfs the agent finds its modules and their load order.
 pub const INITRD_MODULES_DIR: &str = "lib/modules";
@@ -398,6 +399,29 @@ impl Store {
         };
         self.save(&img)?;
         Ok(img)
+    }
+
+    /// An empty scratch filesystem of `size_mib` (a sparse file; a VM's
+    /// writable layer starts as a copy of it), made once per size.
+    pub fn scratch_template(&self, size_mib: u64) -> Result<PathBuf, ImageError> {
+        let key = KeyBuilder::new(SCRATCH_RECIPE)
+            .str("size_mib", &size_mib.to_string())
+            .finish();
+        let entry = Entry::new(&self.cache_dir(), "scratch", &key);
+        if !entry.is_complete() {
+            entry.build(|dir| -> Result<(), ImageError> {
+                let image = dir.join("scratch.ext4");
+                std::fs::File::create(&image)?.set_len(size_mib << 20)?;
+                let argv = rootfs::MkfsScratch {
+                    image: &image,
+                    size_mib,
+                }
+                .argv();
+                tool::run_tool("mkfs.ext4", argv)?;
+                Ok(())
+            })?;
+        }
+        Ok(entry.dir.join("scratch.ext4"))
     }
 
     /// Make `id` the image commands boot when none is named.

@@ -99,6 +99,41 @@ impl MkfsExt4<'_> {
     }
 }
 
+/// Typed argv for `mkfs.ext4` making an empty scratch filesystem (a VM's
+/// writable layer) in a sparse file: no journal (it lives as long as its
+/// VM), inode tables left to be zeroed lazily (the guest mounts it with
+/// `noinit_itable`, so never), no blocks reserved for root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MkfsScratch<'a> {
+    pub image: &'a Path,
+    pub size_mib: u64,
+}
+
+impl MkfsScratch<'_> {
+    pub fn argv(&self) -> Vec<OsString> {
+        [
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "dough-scratch",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-i",
+            "65536",
+            "-E",
+            "lazy_itable_init=1,root_owner=0:0",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .chain([self.image.into(), format!("{}M", self.size_mib).into()])
+        .collect()
+    }
+}
+
 /// Bytes used by the files under `dir` (regular files, rounded up to 4 KiB
 /// blocks), not following symlinks.
 pub fn tree_size(dir: &Path) -> std::io::Result<u64> {

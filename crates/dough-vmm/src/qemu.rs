@@ -19,6 +19,8 @@ pub struct VmPaths {
     /// Firecracker's hybrid vsock socket; guest-initiated connections to
     /// host port P arrive on `<vsock>_P`.
     pub vsock: PathBuf,
+    /// The VM's own scratch disk (the writable layer), when it has one.
+    pub scratch: PathBuf,
 }
 
 impl VmPaths {
@@ -31,6 +33,7 @@ impl VmPaths {
             vmm_log: dir.join("vmm.log"),
             api: dir.join("api.sock"),
             vsock: dir.join("vsock.sock"),
+            scratch: dir.join("scratch.img"),
         }
     }
 }
@@ -48,6 +51,9 @@ pub struct QemuArgs {
     /// Attach it read-write instead (with discard passed through, so that
     /// blocks the guest frees become holes again): an image builder's copy.
     pub rootfs_writable: bool,
+    /// A second, writable disk (`paths.scratch`, serial `dough-scratch`):
+    /// the guest's writable layer.
+    pub scratch: bool,
     /// Kernel command line after dough's fixed prefix.
     pub extra_cmdline: Vec<String>,
     /// Host TSC rate, passed to TCG guests (see [`crate::accel::host_tsc_khz`]).
@@ -63,6 +69,10 @@ pub struct QemuArgs {
     /// exist in the namespace QEMU runs in).
     pub tap: Option<String>,
 }
+
+/// Serial numbers of the guest's disks (`/sys/block/*/serial`).
+pub const ROOT_SERIAL: &str = "dough-root";
+pub const SCRATCH_SERIAL: &str = "dough-scratch";
 
 /// The guest NIC's MAC address: the same in every clone (clones are
 /// byte-identical and never share a link).
@@ -175,7 +185,24 @@ impl QemuArgs {
             false => "id=root,format=raw,if=none,readonly=on,file=",
         };
         push("-drive", opt_path(drive, &self.rootfs));
-        push("-device", "virtio-blk-device,drive=root".into());
+        // The agent finds its disks by serial, not by probe order.
+        push(
+            "-device",
+            format!("virtio-blk-device,drive=root,serial={ROOT_SERIAL}").into(),
+        );
+        if self.scratch {
+            push(
+                "-drive",
+                opt_path(
+                    "id=scratch,format=raw,if=none,discard=unmap,file=",
+                    &p.scratch,
+                ),
+            );
+            push(
+                "-device",
+                format!("virtio-blk-device,drive=scratch,serial={SCRATCH_SERIAL}").into(),
+            );
+        }
         push("-device", "virtio-serial-device".into());
         push(
             "-chardev",
@@ -235,6 +262,7 @@ mod tests {
             initrd: "/img/initrd.cpio".into(),
             rootfs: "/img/root,fs.ext4".into(),
             rootfs_writable: false,
+            scratch: false,
             extra_cmdline: vec!["dough.root=/dev/vda".into()],
             tsc_khz: Some(2_100_000),
             paths: VmPaths::new(Path::new("/h/vms/vm-1")),
@@ -341,7 +369,7 @@ mod tests {
             "-append", "console=ttyS0 quiet reboot=t panic=-1 rdinit=/init tsc_early_khz=2100000 dough.root=/dev/vda",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
             "-drive", "id=root,format=raw,if=none,readonly=on,file=/img/root,,fs.ext4",
-            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-blk-device,drive=root,serial=dough-root",
             "-device", "virtio-serial-device",
             "-chardev", "socket,id=ch0,server=on,wait=off,path=/h/vms/vm-1/channel.sock",
             "-device", "virtserialport,chardev=ch0,name=dough.0",

@@ -41,6 +41,10 @@ pub enum BenchCmd {
     /// brokered (re-terminated) connections, next to the host reaching the
     /// same upstream directly; and the gateway's memory. Needs root.
     Gateway(crate::bench_gateway::GatewayArgs),
+    /// Restore → ready, → first exec, and a synced write, for clones whose
+    /// writable layer is a scratch disk next to clones with it in RAM,
+    /// alternating in one run. Prints JSON.
+    Scratch(crate::bench_scratch::ScratchBenchArgs),
     /// Per-clone network setup and teardown (netns, TAP, veth, addresses,
     /// routes, forwarding, nftables rules): dough's netlink implementation
     /// against the same plan applied by spawning `ip` and `nft`. Needs root.
@@ -93,6 +97,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Density(a) => density(ctx, a),
         BenchCmd::Net(a) => net(a),
         BenchCmd::Gateway(a) => crate::bench_gateway::gateway(a),
+        BenchCmd::Scratch(a) => crate::bench_scratch::scratch(ctx, a),
     }
 }
 
@@ -607,8 +612,14 @@ fn raw_one(
         initrd: m.image.initrd.clone(),
         rootfs: m.image.rootfs.clone(),
         rootfs_writable: false,
+        scratch: snap.scratch.is_some(),
         extra_cmdline: NetPlan::guest_cmdline()
             .into_iter()
+            .chain(
+                snap.scratch
+                    .as_ref()
+                    .map(|_| dough_fabric::backend::SCRATCH_CMDLINE.to_string()),
+            )
             .chain(m.extra_cmdline.iter().cloned())
             .collect(),
         tsc_khz: m.tsc_khz,
@@ -624,6 +635,10 @@ fn raw_one(
         tap: Some(plan.tap.clone()),
     };
     let t = Instant::now();
+    // Its own copy of the snapshot's scratch disk, as dough makes one.
+    if let Some(scratch) = &snap.scratch {
+        dough_fabric::disk::copy_sparse(scratch, &raw.dir.paths.scratch)?;
+    }
     let mut cmd = Command::new(qemu);
     cmd.args(args.argv())
         .stdin(Stdio::null())

@@ -120,6 +120,7 @@ impl BuildArgs {
             net: dough_net::Egress::None,
             net_pool: b.net_pool,
             ca: vec![],
+            scratch: Some(crate::vm_args::ScratchArg::None),
             agent: self.agent.clone(),
         }
     }

@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod bench_cmd;
 mod bench_gateway;
+mod bench_scratch;
 mod broker_args;
 mod cli;
 mod doctor;

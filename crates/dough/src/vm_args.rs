@@ -50,6 +50,41 @@ impl From<AccelArg> for Accel {
     }
 }
 
+/// `--scratch`: a size or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScratchArg {
+    None,
+    Mib(u64),
+}
+
+/// Scratch disks dough makes when none is asked for (QEMU).
+pub const DEFAULT_SCRATCH_MIB: u64 = 4096;
+
+impl std::str::FromStr for ScratchArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(ScratchArg::None);
+        }
+        let bad = || format!("{s:?} is not a size like 4G or 512M, or none");
+        let (num, unit) = s.split_at(s.len().saturating_sub(1));
+        let mult = match unit {
+            "G" | "g" => 1024,
+            "M" | "m" => 1,
+            _ => return Err(bad()),
+        };
+        let mib = num
+            .parse::<u64>()
+            .map_err(|_| bad())?
+            .checked_mul(mult)
+            .ok_or_else(bad)?;
+        if !(64..=(1 << 20)).contains(&mib) {
+            return Err(format!("{s}: a scratch disk is 64M to 1024G"));
+        }
+        Ok(ScratchArg::Mib(mib))
+    }
+}
+
 /// Options shared by every command that boots a VM.
 #[derive(Debug, Clone, Args)]
 pub struct VmArgs {
@@ -112,6 +147,13 @@ pub struct VmArgs {
     /// friends point at them.
     #[arg(long = "ca", value_name = "host|FILE")]
     pub ca: Vec<String>,
+    /// The guest's writable layer: a disk of its own of this size (sparse:
+    /// it takes only what the guest writes; `8G`, `512M`), so a workspace
+    /// may be larger than guest memory, or `none` for RAM (tmpfs). Default
+    /// 4G with QEMU, none with Firecracker. Part of the snapshot key; the
+    /// disk goes with its VM.
+    #[arg(long, value_name = "SIZE|none", env = "DOUGH_SCRATCH")]
+    pub scratch: Option<ScratchArg>,
     #[command(flatten)]
     pub agent: AgentArg,
 }
@@ -225,6 +267,25 @@ fn trusted_certs(cas: &[String]) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
+/// The scratch disk `vm` asks for (or the backend's default), with the
+/// empty filesystem its copies start from.
+fn scratch_disk(
+    home: &Path,
+    vm: &VmArgs,
+) -> anyhow::Result<Option<dough_fabric::options::ScratchDisk>> {
+    let mib = match (vm.scratch, vm.backend) {
+        (Some(ScratchArg::None), _) => return Ok(None),
+        (Some(ScratchArg::Mib(m)), _) => m,
+        (None, BackendArg::Qemu) => DEFAULT_SCRATCH_MIB,
+        (None, BackendArg::Firecracker) => return Ok(None),
+    };
+    let source = Store::new(home).scratch_template(mib)?;
+    Ok(Some(dough_fabric::options::ScratchDisk {
+        size_mib: mib,
+        source,
+    }))
+}
+
 /// Boot options for `vm`, resolving the accelerator (and warning about TCG once).
 pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<BootOptions> {
     let base = BootOptions {
@@ -247,6 +308,7 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         net_pool: vm.net_pool,
         trust: trusted_certs(&vm.ca)?,
         net: host_net(),
+        scratch: scratch_disk(home, vm)?,
         ..BootOptions::default()
     };
     if base.backend == Backend::Firecracker {
@@ -270,4 +332,28 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         accel: choice.accel,
         ..base
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScratchArg;
+
+    #[test]
+    fn scratch_sizes_parse_in_range() {
+        assert_eq!("none".parse(), Ok(ScratchArg::None));
+        assert_eq!("4G".parse(), Ok(ScratchArg::Mib(4096)));
+        assert_eq!("512M".parse(), Ok(ScratchArg::Mib(512)));
+        for bad in [
+            "",
+            "4",
+            "4T",
+            "-1G",
+            "G",
+            "1M",
+            "2000G",
+            "99999999999999999999G",
+        ] {
+            assert!(bad.parse::<ScratchArg>().is_err(), "{bad:?}");
+        }
+    }
 }

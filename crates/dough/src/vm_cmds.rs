@@ -206,6 +206,14 @@ fn net_column(r: &dough_fabric::VmRecord) -> String {
     }
 }
 
+fn size(mib: u64) -> String {
+    if mib % 1024 == 0 {
+        format!("{}G", mib / 1024)
+    } else {
+        format!("{mib}M")
+    }
+}
+
 pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     let vms = pool::status(&ctx.vms);
     let mut out = std::io::stdout().lock();
@@ -216,14 +224,14 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<11} {:<5} NET",
-        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "BACKEND", "ACCEL"
+        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:<11} {:<5} NET",
+        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "SCRATCH", "BACKEND", "ACCEL"
     )?;
     for v in &vms {
         let r = &v.record;
         writeln!(
             out,
-            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:<11} {:<5} {}",
+            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:<11} {:<5} {}",
             r.id,
             r.kind.to_string(),
             r.state.to_string(),
@@ -232,6 +240,12 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
             v.pss_kib
                 .map(|k| format!("{}M", k / 1024))
                 .unwrap_or("-".into()),
+            // Used of its size; `ram` when the writable layer is tmpfs.
+            match (v.scratch_used_kib, r.scratch_mib) {
+                (Some(u), Some(m)) => format!("{}M/{}", u / 1024, size(m)),
+                (None, Some(m)) => format!("-/{}", size(m)),
+                _ => "ram".into(),
+            },
             r.backend.to_string(),
             r.accel.to_string(),
             net_column(r),

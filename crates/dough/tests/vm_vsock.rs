@@ -94,6 +94,7 @@ fn vm_agent_serves_the_host_over_vsock_and_reconnects_after_the_host_leaves() {
         initrd: img.initrd.clone(),
         rootfs: img.rootfs.clone(),
         rootfs_writable: false,
+        scratch: false,
         extra_cmdline: vec![],
         tsc_khz: dough_vmm::accel::host_tsc_khz(),
         paths: paths.clone(),

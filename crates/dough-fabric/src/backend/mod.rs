@@ -195,12 +195,16 @@ pub(crate) fn open_channel(
 /// network and the user's extra arguments.
 /// Tells the agent to make the (writable) root device its root, no overlay.
 pub const ROOT_RW_CMDLINE: &str = "dough.rootrw=1";
+/// Tells the agent its writable layer is the scratch disk.
+pub const SCRATCH_CMDLINE: &str = "dough.scratch=1";
 
 pub(crate) fn guest_cmdline(opts: &BootOptions) -> Vec<String> {
     let rw = opts.root_rw.then(|| ROOT_RW_CMDLINE.to_string());
+    let scratch = opts.scratch.is_some().then(|| SCRATCH_CMDLINE.to_string());
     NetPlan::guest_cmdline()
         .into_iter()
         .chain(rw)
+        .chain(scratch)
         .chain(opts.extra_cmdline.iter().cloned())
         .collect()
 }

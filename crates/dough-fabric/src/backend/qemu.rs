@@ -72,6 +72,7 @@ impl Vmm for QemuVmm {
             initrd: s.image.initrd.clone(),
             rootfs: s.image.rootfs.clone(),
             rootfs_writable: opts.root_rw,
+            scratch: opts.scratch.is_some(),
             extra_cmdline: guest_cmdline(opts),
             tsc_khz: tsc_khz(opts.accel, s.launch),
             paths: s.paths.clone(),
