@@ -13,6 +13,9 @@ use crate::{log, sys};
 pub struct BootArgs {
     /// Block device holding the root filesystem.
     pub root: String,
+    /// `root` came from `dough.root=` (else the disk with the root serial,
+    /// or `/dev/vda`, is used).
+    pub root_given: bool,
     /// `ADDR/PREFIX` for eth0, when the VM has a NIC.
     pub ip: Option<(std::net::Ipv4Addr, u8)>,
     pub gateway: Option<std::net::Ipv4Addr>,
@@ -40,7 +43,10 @@ impl BootArgs {
                 continue;
             };
             match k {
-                "dough.root" => a.root = v.to_string(),
+                "dough.root" => {
+                    a.root = v.to_string();
+                    a.root_given = true;
+                }
                 "dough.ip" => {
                     a.ip = v.split_once('/').and_then(|(ip, p)| {
                         Some((ip.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?))
@@ -197,7 +203,11 @@ fn by_serial(serial: &str) -> Option<String> {
 fn disks(args: &BootArgs) -> (String, Option<String>) {
     let start = Instant::now();
     loop {
-        let root = by_serial(ROOT_SERIAL);
+        // An explicit `dough.root=` wins over the serial.
+        let root = match args.root_given {
+            true => None,
+            false => by_serial(ROOT_SERIAL),
+        };
         let scratch = by_serial(SCRATCH_SERIAL);
         let have_root = root.is_some() || Path::new(&args.root).exists();
         let done = have_root && (!args.scratch || scratch.is_some());
@@ -294,6 +304,7 @@ mod tests {
         assert_eq!(a.gateway, Some("172.16.0.1".parse().unwrap()));
         let b = BootArgs::parse("dough.root=/dev/vdb dough.ip=garbage dough.gw=1.2.3");
         assert_eq!(b.root, "/dev/vdb");
+        assert!(b.root_given && !a.root_given);
         assert_eq!((b.ip, b.gateway), (None, None));
         assert_eq!(BootArgs::parse("dough.ip=10.0.0.1/33").ip, None);
         assert!(!a.root_rw);

@@ -465,10 +465,8 @@ impl SnapshotStore {
             // The scratch disk as the paused guest left it belongs with its
             // memory: clones start from the pair (QEMU flushed it at the pause).
             let scratch = tmp.join(SCRATCH_FILE);
-            if spec.scratch_mib.is_some() {
-                if std::fs::rename(&vm.paths.scratch, &scratch).is_err() {
-                    crate::disk::copy_sparse(&vm.paths.scratch, &scratch)?;
-                }
+            if spec.scratch_mib.is_some() && std::fs::rename(&vm.paths.scratch, &scratch).is_err() {
+                crate::disk::copy_sparse(&vm.paths.scratch, &scratch)?;
             }
             vm.destroy()?;
             let meta = SnapshotMeta {

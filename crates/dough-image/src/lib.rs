@@ -311,7 +311,7 @@ impl Store {
     pub fn recipe_image_id(base: &Image, recipe: &recipe::LoadedRecipe) -> String {
         KeyBuilder::new("recipe-image")
             .str("base", &base.id)
-            .str("recipe", &recipe.key(&base.id))
+            .str("recipe", &recipe.key(&base.rootfs_key))
             .finish()
     }
 
@@ -335,7 +335,7 @@ impl Store {
         }
         progress(Event::Cached {
             step: Step::Recipe,
-            key: recipe.key(&base.id),
+            key: recipe.key(&base.rootfs_key),
         });
         progress(Event::UpToDate { id });
         Ok(Some(img))
@@ -357,7 +357,7 @@ impl Store {
         progress: &mut dyn FnMut(Event),
         run_in_vm: &mut dyn FnMut(&Path) -> Result<(), ImageError>,
     ) -> Result<Image, ImageError> {
-        let key = recipe.key(&base.id);
+        let key = recipe.key(&base.rootfs_key);
         let id = Self::recipe_image_id(base, recipe);
         if let Some(img) = self.cached_recipe_image(base, recipe, progress)? {
             return Ok(img);

@@ -283,17 +283,19 @@ impl LoadedRecipe {
         })
     }
 
-    /// The recipe's key on top of the base image `base_id`: its content
-    /// (not its name or where it lives), the files' and certificates'
-    /// content, and the builder's own version.
-    pub fn key(&self, base_id: &str) -> String {
+    /// The recipe's key on top of the base root filesystem `base_rootfs`
+    /// (its key: the kernel and the agent do not shape what the steps
+    /// make, so changing them rebuilds no recipe): its content (not its
+    /// name or where it lives), the files' and certificates' content, and
+    /// the builder's own version.
+    pub fn key(&self, base_rootfs: &str) -> String {
         let recipe = Recipe {
             guest: GuestSettings::default(),
             ..self.recipe.clone()
         };
         let canonical = serde_json::to_string(&recipe).expect("a recipe serializes");
         let mut k = KeyBuilder::new(RECIPE_BUILDER);
-        k.str("base", base_id).str("recipe", &canonical);
+        k.str("base", base_rootfs).str("recipe", &canonical);
         for f in &self.files {
             k.str("dest", &f.dest)
                 .str("mode", &format!("{:o}", f.mode))

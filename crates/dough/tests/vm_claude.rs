@@ -188,3 +188,36 @@ fn vm_claude_the_example_plan_goes_green_with_the_real_claude_code() {
     let run_text = run.to_string();
     assert!(!run_text.contains(REAL_KEY) && !report.contains(REAL_KEY));
 }
+
+/// A clone of the recipe's image installs from npm through this host's
+/// network — behind a TLS-intercepting proxy too: the recipe's `ca = "host"`
+/// is in the image's bundle and NODE_EXTRA_CA_CERTS names it. (Needs the npm
+/// registry, which these machines and CI reach; so does building the image.)
+#[test]
+fn vm_claude_npm_install_works_in_a_clone_of_the_recipes_image() {
+    let recipe = example().join("recipe.toml");
+    let built = run(
+        &shared_home(),
+        &["image", "build", "--recipe", recipe.to_str().unwrap()],
+    );
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let id = text(&built.stdout).trim().to_string();
+    let home = private_home();
+    let out = run(
+        home.path(),
+        &[
+            "run",
+            "--image",
+            &id,
+            "--net",
+            "nat",
+            "--",
+            "sh",
+            "-c",
+            "cd /tmp && npm install --no-audit --no-fund is-number@7.0.0 >/dev/null && \
+             node -e 'console.log(require(\"is-number\")(7))'",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "true");
+}

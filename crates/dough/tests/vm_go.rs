@@ -222,23 +222,6 @@ echo 'b = 1' > src/b.py
 """
 "##;
 
-fn contains(path: &Path, needle: &[u8]) -> bool {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
-    if meta.is_dir() {
-        return std::fs::read_dir(path)
-            .unwrap()
-            .flatten()
-            .any(|e| contains(&e.path(), needle));
-    }
-    if !meta.is_file() {
-        return false;
-    }
-    let data = std::fs::read(path).unwrap_or_default();
-    data.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn vm_go_secrets_never_land_on_disk() {
     let home = private_home();
@@ -269,17 +252,17 @@ fn vm_go_secrets_never_land_on_disk() {
     let shared = shared_home();
     for p in [home.path().to_path_buf(), shared.join("snapshots")] {
         assert!(
-            !contains(&p, s),
+            !tree_contains(&p, s),
             "the secret is in a file under {}",
             p.display()
         );
     }
     assert!(
-        !contains(&dir.path().join("repo"), s),
+        !tree_contains(&dir.path().join("repo"), s),
         "the secret is in the repo"
     );
     // Nor on the clone's disk: the rootfs image it ran from (read-only; the
-    // clone's writes went to a tmpfs that died with it).
+    // clone's writes went to its scratch disk, which died with it).
     let id = std::fs::read_to_string(home.path().join("images/current")).unwrap();
     let image: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
@@ -290,7 +273,10 @@ fn vm_go_secrets_never_land_on_disk() {
         .unwrap(),
     )
     .unwrap();
-    assert!(!contains(Path::new(image["rootfs"].as_str().unwrap()), s));
+    assert!(!tree_contains(
+        Path::new(image["rootfs"].as_str().unwrap()),
+        s
+    ));
 }
 
 #[test]

@@ -63,6 +63,15 @@ fn vm_scratch_each_clone_has_its_own_disk_larger_than_its_memory() {
     assert!(used(b) < 64 << 10, "{vms:#?}");
     let disk = h.join("vms").join(a).join("scratch.img");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30);
+    // Its VMM may write no file larger than the disk (the console log
+    // included: docs/threat-model.md).
+    let pid = vms[0]["vmm"]["pid"].as_i64().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let cap = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .unwrap();
+    assert!(cap.contains(&(2u64 << 30).to_string()), "{cap}");
     let table = text(&run(h, &["ps"]).stdout);
     assert!(table.contains("/2G"), "{table}");
 

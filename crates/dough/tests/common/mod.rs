@@ -286,3 +286,55 @@ pub fn task<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .find(|t| t["id"] == id)
         .unwrap()
 }
+
+/// Whether any file under `path` (or `path` itself) holds `needle`. Only
+/// a file's data is read: a sparse file's holes (a scratch disk's, a memory
+/// file's) read as zeros and hold no needle.
+pub fn tree_contains(path: &Path, needle: &[u8]) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if meta.is_dir() {
+        return std::fs::read_dir(path)
+            .unwrap()
+            .flatten()
+            .any(|e| tree_contains(&e.path(), needle));
+    }
+    if !meta.is_file() {
+        return false;
+    }
+    // Only the data: a sparse file's holes (a scratch disk's, a memory
+    // file's) read as zeros and hold no needle.
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let (len, fd) = (meta.len() as i64, f.as_raw_fd());
+    let mut pos = 0i64;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        let Ok(data) = lseek(fd, pos, Whence::SeekData) else {
+            break;
+        };
+        let hole = lseek(fd, data, Whence::SeekHole).unwrap_or(len);
+        let mut at = data;
+        let mut carry: Vec<u8> = Vec::new();
+        while at < hole {
+            let want = ((hole - at) as usize).min(buf.len());
+            let n = f.read_at(&mut buf[..want], at as u64).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            carry.extend_from_slice(&buf[..n]);
+            if carry.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            carry.drain(..carry.len().saturating_sub(needle.len()));
+            at += n as i64;
+        }
+        pos = hole;
+    }
+    false
+}
