@@ -77,6 +77,7 @@ mod tests {
         assert!(m.blocks() * 512 < 1 << 20, "the copy is sparse");
         assert_eq!(m.mode() & 0o777, 0o600);
         // Never over an existing file.
-        assert!(copy_sparse(&src, &dst).is_err());
+        let e = copy_sparse(&src, &dst).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     }
 }

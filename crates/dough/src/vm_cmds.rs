@@ -207,7 +207,7 @@ fn net_column(r: &dough_fabric::VmRecord) -> String {
 }
 
 fn size(mib: u64) -> String {
-    if mib % 1024 == 0 {
+    if mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
     } else {
         format!("{mib}M")
