@@ -74,7 +74,11 @@ impl Entry {
     }
 
     /// Build the entry with `f`, which fills the directory it is given.
-    /// The result becomes visible only if `f` succeeds.
+    /// The result becomes visible only if `f` succeeds. One builder at a
+    /// time per entry (a lock file beside it): another process building
+    /// the same entry waits, then finds it built and builds nothing — so a
+    /// complete entry is never replaced (a recipe's output differs from
+    /// build to build, and a snapshot may already point at it).
     pub fn build<E, F>(&self, f: F) -> Result<(), E>
     where
         F: FnOnce(&Path) -> Result<(), E>,
@@ -82,11 +86,23 @@ impl Entry {
     {
         let parent = self.dir.parent().expect("entry has a parent");
         std::fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(
-            ".tmp-{}-{}",
-            self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-            std::process::id()
-        ));
+        let name = self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+        // Lock files live apart (`<root>/.locks`), where nothing lists them
+        // as entries; they stay (removing one would let a waiter and a
+        // newcomer lock different files).
+        let kind = parent.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+        let locks = parent.parent().unwrap_or(parent).join(".locks");
+        std::fs::create_dir_all(&locks)?;
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(locks.join(format!("{kind}-{name}.lock")))?;
+        lock.lock()?;
+        if self.is_complete() {
+            return Ok(());
+        }
+        let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
@@ -96,6 +112,7 @@ impl Entry {
             return Err(e);
         }
         std::fs::write(tmp.join(DONE), b"")?;
+        // Only an incomplete leftover can be here (entries appear whole).
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir)?;
         }
@@ -107,6 +124,34 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Builders racing for one entry: one builds, the others wait and find
+    /// it built; what the first made is never replaced.
+    #[test]
+    fn racing_builders_build_once_and_never_replace() {
+        let d = tempfile::tempdir().unwrap();
+        let built = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for i in 0..6 {
+                let (root, built) = (d.path(), &built);
+                s.spawn(move || {
+                    let e = Entry::new(root, "recipe", "k1");
+                    e.build(|dir| -> std::io::Result<()> {
+                        built.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        std::fs::write(dir.join("out"), format!("builder {i}"))
+                    })
+                    .unwrap();
+                });
+            }
+        });
+        assert_eq!(built.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let e = Entry::new(d.path(), "recipe", "k1");
+        assert!(e.is_complete());
+        assert!(std::fs::read_to_string(e.dir.join("out"))
+            .unwrap()
+            .starts_with("builder "));
+    }
 
     #[test]
     fn keys_are_labelled_and_stable() {
