@@ -256,12 +256,15 @@ pub fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             if images.is_empty() {
                 eprintln!("dough: no images yet; run `dough image build`");
             }
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
             // ROOTFS: what the root filesystem takes on disk (it is sparse)
             // of its size.
-            println!(
+            writeln!(
+                out,
                 "{:<18} {:<3} {:<14} {:<28} {:>15} {:>7}  PACKAGES",
                 "ID", "CUR", "RECIPE", "KERNEL", "ROOTFS", "INITRD"
-            );
+            )?;
             for i in images {
                 let mib = |p: &Path| {
                     std::fs::metadata(p)
@@ -279,7 +282,8 @@ pub fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     Some(r) => format!("{} on {}", r.name, &r.base[..r.base.len().min(6)]),
                     None => "-".into(),
                 };
-                println!(
+                writeln!(
+                    out,
                     "{:<18} {:<3} {:<14} {:<28} {:>15} {:>7}  {}",
                     i.id,
                     if current.as_deref() == Some(i.id.as_str()) {
@@ -292,7 +296,7 @@ pub fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     rootfs,
                     mib(&i.initrd),
                     i.packages.join(",")
-                );
+                )?;
             }
         }
     }

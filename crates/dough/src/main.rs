@@ -39,6 +39,15 @@ fn main() -> ExitCode {
             std::thread::park();
         },
         Ok(code) => code,
+        // Its reader went away (`dough ps | head`): nothing more to say.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             cli::print_error("", e.as_ref());
             ExitCode::from(125)
