@@ -777,20 +777,15 @@ mod tests {
         assert_eq!(std::fs::metadata(&big).unwrap().len(), 256 << 20);
         assert!(allocated_bytes(&big).unwrap() < 64 << 20, "copied sparse");
         let info = tool::run_tool("dumpe2fs", vec!["-h".into(), big.clone().into()]).unwrap();
-        let blocks = info
-            .lines()
-            .find_map(|l| l.strip_prefix("Block count:"))
-            .unwrap()
-            .trim()
-            .parse::<u64>()
-            .unwrap();
-        let block_size = info
-            .lines()
-            .find_map(|l| l.strip_prefix("Block size:"))
-            .unwrap()
-            .trim()
-            .parse::<u64>()
-            .unwrap();
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let (blocks, block_size) = (field("Block count:"), field("Block size:"));
         assert_eq!(
             blocks * block_size,
             256 << 20,
