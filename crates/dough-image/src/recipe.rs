@@ -618,7 +618,35 @@ mod tests {
         assert!(e.to_string().contains("at most"), "{e}");
     }
 
+    use proptest::strategy::Strategy;
+
     proptest::proptest! {
+        /// Whatever a recipe file holds, loading it answers (a recipe or a
+        /// named problem) and never panics; what loads has no problems.
+        #[test]
+        fn any_recipe_text_loads_or_is_refused(
+            text in proptest::prop_oneof![
+                "\\PC{0,200}",
+                proptest::collection::vec(proptest::prop_oneof![
+                    proptest::strategy::Just("run = [\"x\"]\n".to_string()),
+                    proptest::strategy::Just("[build]\nsize_gib = 4\n".to_string()),
+                    proptest::strategy::Just("[env]\nA = \"b\"\n".to_string()),
+                    proptest::strategy::Just("ca = \"host\"\n".to_string()),
+                    proptest::strategy::Just("[[files]]\nsrc = \"f\"\ndest = \"/f\"\n".to_string()),
+                    "[a-z_\\[\\]=\" ./0-9\n]{0,40}",
+                ], 0..6).prop_map(|v| v.concat()),
+            ]
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("f"), "data").unwrap();
+            let p = d.path().join("r.toml");
+            std::fs::write(&p, &text).unwrap();
+            if let Ok(r) = LoadedRecipe::load(&p, Path::new("/nonexistent")) {
+                proptest::prop_assert!(r.recipe.problems().is_empty());
+                let _ = r.key("base");
+            }
+        }
+
         #[test]
         fn dest_checks_never_accept_a_dot_dot_or_relative(s in "[a-z./]{0,12}") {
             if bad_dest(&s).is_none() {
