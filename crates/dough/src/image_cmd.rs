@@ -50,8 +50,10 @@ pub struct BuildArgs {
 /// How a recipe's builder VM runs (its memory and egress come from the recipe).
 #[derive(Debug, Clone, Args)]
 pub struct BuilderArgs {
+    /// The builder VM's VMM (a recipe only).
     #[arg(long, value_enum, default_value = "qemu", env = "DOUGH_BACKEND")]
     pub backend: BackendArg,
+    /// Firecracker binary, for --backend firecracker.
     #[arg(
         long,
         default_value = "firecracker",
@@ -59,8 +61,10 @@ pub struct BuilderArgs {
         value_name = "PATH"
     )]
     pub firecracker: PathBuf,
+    /// The builder VM's accelerator (TCG where KVM does not boot guests).
     #[arg(long, value_enum, default_value = "auto", env = "DOUGH_ACCEL")]
     pub accel: AccelArg,
+    /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64", env = "DOUGH_QEMU")]
     pub qemu: PathBuf,
     /// Seconds the builder VM may take to boot.
