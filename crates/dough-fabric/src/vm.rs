@@ -157,9 +157,10 @@ pub struct Vm {
     process: VmmProcess,
     /// Its egress gateway (every policy but `none`).
     gateway: Option<VmmProcess>,
-    /// Variables every command gets so that its TLS clients trust dough's
-    /// CA (clones with brokered secrets).
-    ca_env: Vec<(String, String)>,
+    /// Variables every command gets before its own: the image's (a
+    /// recipe's `env`), then those that make TLS clients trust dough's CA
+    /// (clones with brokered secrets) and `--ca` certificates.
+    base_env: Vec<(String, String)>,
     channel: HostChannel,
     torn_down: bool,
 }
@@ -267,11 +268,11 @@ impl Vm {
             trust_ca(&mut channel, &id, &pems.join("\n"), &paths)?
         };
         // The image's own variables (a recipe's `env`), then these.
-        let ca_env: Vec<(String, String)> = image.env.iter().cloned().chain(trusted).collect();
-        if !ca_env.is_empty() {
+        let base_env: Vec<(String, String)> = image.env.iter().cloned().chain(trusted).collect();
+        if !base_env.is_empty() {
             // Commands run later through the record (`dough exec`) get them too.
             dir.update(|r| {
-                r.exec_env = ca_env.clone();
+                r.exec_env = base_env.clone();
                 Ok(())
             })?;
         }
@@ -292,7 +293,7 @@ impl Vm {
             host_net: opts.net.clone(),
             process,
             gateway,
-            ca_env,
+            base_env,
             channel,
             torn_down: false,
         })
@@ -304,7 +305,7 @@ impl Vm {
         req: &ExecRequest,
         sink: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, FabricError> {
-        let req = req.with_base_env(&self.ca_env);
+        let req = req.with_base_env(&self.base_env);
         self.channel.exec(&req, sink).map_err(|source| {
             // A deadline that ran out mid-frame leaves the stream out of
             // step: nothing more may be read from this connection.

@@ -269,10 +269,7 @@ impl Store {
 
         let img = Image {
             id: id.clone(),
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: now_unix(),
             kernel: k.dir.join("vmlinux"),
             initrd,
             rootfs,
@@ -380,10 +377,7 @@ impl Store {
         })?;
         let img = Image {
             id: id.clone(),
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: now_unix(),
             rootfs: dir.join("rootfs.ext4"),
             rootfs_key: key.clone(),
             env,
@@ -608,6 +602,13 @@ impl Store {
         })?;
         Ok(dir.join("initrd.cpio"))
     }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Copy the filesystem image `from` to `to` (sparse) and grow it to `size`
