@@ -362,6 +362,26 @@ mod tests {
         assert_eq!(placeholder("", 3, &[1]).len(), "dough-".len() + 32);
     }
 
+    /// `input` through `s` cut at the lengths `cuts` (cycled), and the end;
+    /// `both_ways`: by turns through `push` and `push_bytes`.
+    fn scrub_in_pieces(s: &mut Scrubber, input: &[u8], cuts: &[usize], both_ways: bool) -> Vec<u8> {
+        let (mut out, mut i) = (Vec::new(), 0);
+        for n in cuts.iter().cycle() {
+            if i >= input.len() {
+                break;
+            }
+            let j = (i + n).min(input.len());
+            if both_ways && n % 2 == 1 {
+                out.extend(s.push_bytes(bytes::Bytes::copy_from_slice(&input[i..j])));
+            } else {
+                out.extend(s.push(&input[i..j]));
+            }
+            i = j;
+        }
+        out.extend(s.finish());
+        out
+    }
+
     /// The scrubber's first, obviously correct form (a comparison at every
     /// byte): the oracle for the fast one.
     fn scrub_naive(pairs: &[(&str, &str)], input: &str) -> String {
@@ -404,22 +424,7 @@ mod tests {
             c.placeholder = "dough-OTHER".into();
             let brokers = [a, b, c];
             let input: String = pieces.concat();
-            let mut s = Scrubber::new(&brokers);
-            let mut out = Vec::new();
-            let bytes = input.as_bytes();
-            let mut i = 0;
-            for n in cuts.iter().cycle() {
-                if i >= bytes.len() { break; }
-                let j = (i + n).min(bytes.len());
-                // Both ways in, by turns.
-                if n % 2 == 0 {
-                    out.extend(s.push(&bytes[i..j]));
-                } else {
-                    out.extend(s.push_bytes(bytes::Bytes::copy_from_slice(&bytes[i..j])));
-                }
-                i = j;
-            }
-            out.extend(s.finish());
+            let out = scrub_in_pieces(&mut Scrubber::new(&brokers), input.as_bytes(), &cuts, true);
             let pairs: Vec<(&str, &str)> = brokers
                 .iter()
                 .map(|b| (b.value.as_str(), b.placeholder.as_str()))
@@ -442,16 +447,7 @@ mod tests {
             let b = broker("x-api-key");
             let input: String = pieces.concat();
             let mut s = Scrubber::new(std::slice::from_ref(&b));
-            let mut out = Vec::new();
-            let bytes = input.as_bytes();
-            let mut i = 0;
-            for c in cuts.iter().cycle() {
-                if i >= bytes.len() { break; }
-                let j = (i + c).min(bytes.len());
-                out.extend(s.push(&bytes[i..j]));
-                i = j;
-            }
-            out.extend(s.finish());
+            let out = scrub_in_pieces(&mut s, input.as_bytes(), &cuts, false);
             let out = String::from_utf8(out).unwrap();
             proptest::prop_assert!(!out.contains("sk-ant-REALVALUE"));
             proptest::prop_assert_eq!(out, input.replace("sk-ant-REALVALUE", "sk-ant-dough-PLACEHOLDER"));

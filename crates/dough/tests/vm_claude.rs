@@ -23,6 +23,22 @@ fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/claude")
 }
 
+/// The example recipe's image, built in (and cached by) the shared home;
+/// a private home made after this sees it like every other image.
+fn claude_image() -> String {
+    let recipe = example().join("recipe.toml");
+    let built = run(
+        &shared_home(),
+        &["image", "build", "--recipe", recipe.to_str().unwrap()],
+    );
+    assert!(
+        built.status.success(),
+        "building the example's image: {}",
+        text(&built.stderr)
+    );
+    text(&built.stdout).trim().to_string()
+}
+
 fn files(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(p, c)| (p.to_string(), c.to_string()))
@@ -88,18 +104,7 @@ fn script() -> model_api::Script {
 
 #[test]
 fn vm_claude_the_example_plan_goes_green_with_the_real_claude_code() {
-    // The agents' image, built in (and cached by) the shared home; the
-    // private home below sees it like every other image.
-    let recipe = example().join("recipe.toml");
-    let built = run(
-        &shared_home(),
-        &["image", "build", "--recipe", recipe.to_str().unwrap()],
-    );
-    assert!(
-        built.status.success(),
-        "building the example's image: {}",
-        text(&built.stderr)
-    );
+    claude_image();
     let home = private_home();
 
     // The example, as a user would have it: its repo a git repository.
@@ -195,13 +200,7 @@ fn vm_claude_the_example_plan_goes_green_with_the_real_claude_code() {
 /// registry, which these machines and CI reach; so does building the image.)
 #[test]
 fn vm_claude_npm_install_works_in_a_clone_of_the_recipes_image() {
-    let recipe = example().join("recipe.toml");
-    let built = run(
-        &shared_home(),
-        &["image", "build", "--recipe", recipe.to_str().unwrap()],
-    );
-    assert!(built.status.success(), "{}", text(&built.stderr));
-    let id = text(&built.stdout).trim().to_string();
+    let id = claude_image();
     let home = private_home();
     let out = run(
         home.path(),
