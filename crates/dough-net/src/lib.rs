@@ -8,6 +8,7 @@
 
 pub mod commands;
 pub mod linux;
+pub mod nft;
 pub mod ops;
 pub mod plan;
 pub mod testing;
@@ -54,18 +55,17 @@ fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<()
     Ok(())
 }
 
-/// Remove everything `plan` describes: the veth pair, the netns (taking
-/// the TAP with it), then every host rule carrying the clone's tag.
-/// Missing pieces are not errors.
+/// Remove everything `plan` describes: the netns, then every host rule
+/// carrying the clone's tag. Missing pieces are not errors.
+///
+/// The netns takes its TAP and the veth pair with it: the kernel destroys
+/// them in its own cleanup work a few ms to tens of ms later, so the
+/// caller does not wait for the RCU grace period a synchronous veth delete
+/// costs (~20 ms). A host veth that outlives its netns for longer (its
+/// namespace still held by a process that escaped its kill) is what the
+/// leftover sweep removes; [`gone`] tells when the kernel has finished.
 pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
     let mut first_err = None;
-    // The veth pair first (deleting one end deletes both), synchronously:
-    // left to the namespace's destruction it would linger a while.
-    if let Some(t) = &plan.transfer {
-        if let Err(e) = ops.delete_link(&t.host_veth) {
-            first_err.get_or_insert(e);
-        }
-    }
     if let Err(e) = ops.delete_netns(&plan.netns) {
         first_err.get_or_insert(e);
     }
@@ -75,6 +75,36 @@ pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Whether nothing of `plan` is left on the host: no netns, no host veth,
+/// no rule with its tag.
+pub fn gone(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<bool, NetError> {
+    if ops.list_netns()?.contains(&plan.netns) || ops.list_tags()?.contains(&plan.tag) {
+        return Ok(false);
+    }
+    Ok(match &plan.transfer {
+        None => true,
+        Some(t) => !ops.list_links()?.iter().any(|l| l.name == t.host_veth),
+    })
+}
+
+/// Wait (at most `deadline`) until [`gone`] says so.
+pub fn wait_gone(
+    ops: &mut dyn NetOps,
+    plan: &NetPlan,
+    deadline: std::time::Duration,
+) -> Result<bool, NetError> {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if gone(ops, plan)? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= end {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

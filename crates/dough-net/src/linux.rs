@@ -1,39 +1,50 @@
 //! The real [`NetOps`]: rtnetlink for namespaces' links, addresses and
-//! routes; the TUN ioctls for TAPs (netlink cannot create one); nftables'
-//! JSON API (`nft -j`) for rules.
+//! routes; the TUN ioctls for TAPs (netlink cannot create one); nftables
+//! over netlink ([`crate::nft`]) for rules, one batch per call.
 //!
 //! Work inside a clone's namespace runs on a short-lived thread that has
 //! joined it (`setns`): a netlink socket belongs to the namespace it was
 //! opened in, and so does a process that thread spawns.
 
 use std::fs::File;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use futures::TryStreamExt;
 use nix::sched::CloneFlags;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
-use serde_json::{json, Value};
 
+use crate::nft::{Listed, Nft};
 use crate::ops::{HostLink, NetError, NetOps};
-use crate::plan::{Chain, Rule, TABLE};
+use crate::plan::{Rule, TABLE};
 
 /// Where named network namespaces live (as `ip netns` keeps them).
 pub const NETNS_DIR: &str = "/run/netns";
 
 /// Network operations on this host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct LinuxNet {
-    /// The `nft` binary.
-    pub nft: PathBuf,
+    /// The host namespace's nftables socket, kept open: closing a netfilter
+    /// socket after a change waits for an RCU grace period in the kernel
+    /// (~10 ms here), on every clone's setup and teardown.
+    host_nft: Option<Nft>,
 }
 
-impl Default for LinuxNet {
-    fn default() -> Self {
-        LinuxNet { nft: "nft".into() }
+impl Clone for LinuxNet {
+    /// A copy opens its own socket when it needs one.
+    fn clone(&self) -> Self {
+        LinuxNet::default()
+    }
+}
+
+impl LinuxNet {
+    /// The host's nftables socket (opened on first use).
+    fn host_nft(&mut self) -> Result<&mut Nft, NetError> {
+        if self.host_nft.is_none() {
+            self.host_nft = Some(Nft::open()?);
+        }
+        Ok(self.host_nft.as_mut().expect("just opened"))
     }
 }
 
@@ -158,88 +169,6 @@ fn make_netns_dir_shared() -> nix::Result<()> {
         }
         Err(e) => Err(e),
     }
-}
-
-impl LinuxNet {
-    /// Run `nft -j -f -` with `cmds` (in this thread's namespace).
-    fn nft_apply(&self, cmds: Vec<Value>) -> Result<(), NetError> {
-        let body = json!({ "nftables": cmds }).to_string();
-        let mut child = Command::new(&self.nft)
-            .args(["-j", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| NetError::io(format!("running {}", self.nft.display()), e))?;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(body.as_bytes())
-            .map_err(|e| NetError::io("writing to nft", e))?;
-        let out = child
-            .wait_with_output()
-            .map_err(|e| NetError::io("waiting for nft", e))?;
-        if !out.status.success() {
-            return Err(NetError::op(
-                "nft",
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// dough's host table as nft JSON, or None when it does not exist.
-    fn nft_list(&self) -> Result<Option<Value>, NetError> {
-        let out = Command::new(&self.nft)
-            .args(["-j", "list", "table", "ip", TABLE])
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| NetError::io(format!("running {}", self.nft.display()), e))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("No such file or directory") {
-                return Ok(None);
-            }
-            return Err(NetError::op("nft list", err.trim().to_string()));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map(Some)
-            .map_err(|e| NetError::op("nft list", format!("unreadable JSON: {e}")))
-    }
-
-    /// (chain, handle, comment) of every rule in the host table.
-    fn host_rules(&self) -> Result<Vec<(String, u64, String)>, NetError> {
-        let Some(v) = self.nft_list()? else {
-            return Ok(Vec::new());
-        };
-        Ok(v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o.get("rule"))
-            .filter_map(|r| {
-                Some((
-                    r["chain"].as_str()?.to_string(),
-                    r["handle"].as_u64()?,
-                    r["comment"].as_str().unwrap_or("").to_string(),
-                ))
-            })
-            .collect())
-    }
-}
-
-/// JSON commands that create dough's table and base chains if missing.
-pub fn table_cmds() -> Vec<Value> {
-    let mut v = vec![json!({"add": {"table": {"family": "ip", "name": TABLE}}})];
-    for c in Chain::ALL {
-        let (kind, hook, prio) = c.base();
-        v.push(json!({"add": {"chain": {
-            "family": "ip", "table": TABLE, "name": c.name(),
-            "type": kind, "hook": hook, "prio": prio, "policy": "accept",
-        }}}));
-    }
-    v
 }
 
 impl NetOps for LinuxNet {
@@ -381,28 +310,26 @@ impl NetOps for LinuxNet {
         if rules.is_empty() {
             return Ok(());
         }
-        let mut cmds = table_cmds();
-        cmds.extend(rules.iter().map(|r| json!({"add": r.to_json(TABLE)})));
-        let this = self.clone();
-        in_netns(netns, move || this.nft_apply(cmds))
+        match netns {
+            None => self.host_nft()?.add_rules(TABLE, rules),
+            Some(_) => in_netns(netns, || {
+                let mut nft = Nft::open()?;
+                let r = nft.add_rules(TABLE, rules);
+                nft.close_in_background();
+                r
+            }),
+        }
     }
 
     fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError> {
-        let doomed: Vec<Value> = self
-            .host_rules()?
+        let nft = self.host_nft()?;
+        let doomed: Vec<Listed> = nft
+            .list(TABLE)?
             .into_iter()
-            .filter(|(_, _, c)| c == tag)
-            .map(|(chain, handle, _)| {
-                json!({"delete": {"rule": {
-                    "family": "ip", "table": TABLE, "chain": chain, "handle": handle,
-                }}})
-            })
+            .filter(|r| r.comment == tag)
             .collect();
-        let n = doomed.len();
-        if n > 0 {
-            self.nft_apply(doomed)?;
-        }
-        Ok(n)
+        nft.delete(TABLE, &doomed)?;
+        Ok(doomed.len())
     }
 
     fn list_netns(&mut self) -> Result<Vec<String>, NetError> {
@@ -473,9 +400,10 @@ impl NetOps for LinuxNet {
 
     fn list_tags(&mut self) -> Result<Vec<String>, NetError> {
         let mut tags: Vec<String> = self
-            .host_rules()?
+            .host_nft()?
+            .list(TABLE)?
             .into_iter()
-            .map(|(_, _, c)| c)
+            .map(|r| r.comment)
             .filter(|c| !c.is_empty())
             .collect();
         tags.sort();

@@ -95,10 +95,15 @@ fn priv_setup_builds_the_plan_and_teardown_leaves_nothing() {
     let (p1, p2) = (nat.plan.clone(), none.plan.clone());
     drop(nat);
     drop(none);
+    // The netns and the rules go at once; the veth pair goes with the
+    // netns, in the kernel's own time (well within the deadline).
     let netns = n.list_netns().unwrap();
     assert!(!netns.contains(&p1.netns) && !netns.contains(&p2.netns));
-    assert!(!host_links(&mut n).contains(&veth));
     assert!(!n.list_tags().unwrap().contains(&p1.tag));
+    for p in [&p1, &p2] {
+        assert!(dough_net::wait_gone(&mut n, p, Duration::from_secs(10)).unwrap());
+    }
+    assert!(!host_links(&mut n).contains(&veth));
 }
 
 #[test]
@@ -189,4 +194,163 @@ fn priv_the_command_baseline_builds_the_same_network() {
     dough_net::teardown(&mut c, &plan).unwrap();
     assert!(!n.list_netns().unwrap().contains(&plan.netns));
     assert!(!n.list_tags().unwrap().contains(&plan.tag));
+}
+
+/// A scratch netns of this test's own, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(what: &str) -> Ns {
+        let name = format!("dough-ptest-{what}-{}", dough_net::testing::random_tag());
+        LinuxNet::default().create_netns(&name).unwrap();
+        Ns(name)
+    }
+
+    /// `nft` itself, run in this netns.
+    fn nft(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = LinuxNet::default().delete_netns(&self.0);
+    }
+}
+
+/// The netlink encoder against the real `nft`: every rule dough makes, for
+/// every kind of policy, added once by `nft` from its JSON form and once
+/// over netlink, lists the same — text and bytecode (`--debug=netlink`,
+/// the expressions as the kernel holds them) — and deleting by tag over
+/// netlink leaves the chains empty.
+#[test]
+fn priv_rules_over_netlink_are_what_nft_makes() {
+    use dough_net::nft::Nft;
+    use dough_net::plan::{Chain, TABLE};
+    use serde_json::json;
+    let pool = test_pool(4);
+    let mut rules = Vec::new();
+    for (k, egress) in [
+        "nat",
+        "none",
+        "allow=10.1.0.0/16:443,192.168.1.5,10.0.0.0/8",
+        "allow=*.example.com,api.example.org:22",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("vm-n{k}{}", dough_net::testing::random_tag());
+        let plan = NetPlan::new(
+            "ptest",
+            &id,
+            egress.parse().unwrap(),
+            pool,
+            0,
+            &InUse::default(),
+        )
+        .unwrap();
+        rules.extend(plan.host_rules(pool));
+        rules.extend(plan.ns_rules());
+    }
+    assert!(rules.len() > 20, "{rules:?}");
+
+    let by_nft = Ns::new("json");
+    let mut cmds = vec![json!({"add": {"table": {"family": "ip", "name": TABLE}}})];
+    for c in Chain::ALL {
+        let (kind, hook, prio) = c.base();
+        cmds.push(json!({"add": {"chain": {
+            "family": "ip", "table": TABLE, "name": c.name(),
+            "type": kind, "hook": hook, "prio": prio, "policy": "accept",
+        }}}));
+    }
+    cmds.extend(rules.iter().map(|r| json!({"add": r.to_json(TABLE)})));
+    by_nft.nft(
+        &["-j", "-f", "-"],
+        Some(&json!({ "nftables": cmds }).to_string()),
+    );
+
+    let by_netlink = Ns::new("nl");
+    in_netns(Some(&by_netlink.0), || {
+        Nft::open()?.add_rules(TABLE, &rules)
+    })
+    .unwrap();
+    // Adding again keeps the table and chains (no error, no second table).
+    in_netns(Some(&by_netlink.0), || Nft::open()?.add_rules(TABLE, &[])).unwrap();
+
+    // Handles differ between the two; nothing else may.
+    let strip = |s: String| -> String {
+        s.lines()
+            .map(|l| match l.starts_with("ip ") {
+                true => l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                false => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let list = ["list", "table", "ip", TABLE];
+    assert_eq!(by_netlink.nft(&list, None), by_nft.nft(&list, None));
+    let debug = ["--debug=netlink", "list", "table", "ip", TABLE];
+    let want = strip(by_nft.nft(&debug, None));
+    assert!(want.contains("[ redir proto_min reg 1"), "{want}");
+    assert_eq!(strip(by_netlink.nft(&debug, None)), want);
+
+    // Listed and deleted over netlink, by tag.
+    let listed = in_netns(Some(&by_netlink.0), || Nft::open()?.list(TABLE)).unwrap();
+    assert_eq!(listed.len(), rules.len());
+    let tags: std::collections::BTreeSet<&str> = rules.iter().map(|r| r.comment.as_str()).collect();
+    for tag in &tags {
+        let n = in_netns(Some(&by_netlink.0), || {
+            let mut nft = Nft::open()?;
+            let doomed: Vec<_> = nft
+                .list(TABLE)?
+                .into_iter()
+                .filter(|r| r.comment == *tag)
+                .collect();
+            nft.delete(TABLE, &doomed)?;
+            Ok(doomed.len())
+        })
+        .unwrap();
+        assert_eq!(n, rules.iter().filter(|r| r.comment == *tag).count());
+    }
+    assert!(in_netns(Some(&by_netlink.0), || Nft::open()?.list(TABLE))
+        .unwrap()
+        .is_empty());
+    // A table that does not exist lists as empty.
+    let empty = Ns::new("empty");
+    assert!(in_netns(Some(&empty.0), || Nft::open()?.list(TABLE))
+        .unwrap()
+        .is_empty());
+    // A rule the kernel refuses fails the whole batch, with its reason.
+    let mut bad = rules[0].clone();
+    bad.chain = Chain::Input;
+    bad.verdict = dough_net::plan::Verdict::Masquerade; // masquerade only in nat chains
+    let err = in_netns(Some(&empty.0), || {
+        Nft::open()?.add_rules(TABLE, &[rules[0].clone(), bad])
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("adding nftables rules"), "{err}");
+    assert!(in_netns(Some(&empty.0), || Nft::open()?.list(TABLE))
+        .unwrap()
+        .is_empty());
 }

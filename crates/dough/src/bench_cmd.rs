@@ -440,16 +440,31 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let pss_after_exec = mean_pss_kib(&sampled_pids);
     eprintln!("dough: bench: tearing down");
+    let plans: Vec<dough_net::NetPlan> = dough_fabric::state::list(&ctx.vms)
+        .into_iter()
+        .filter_map(|r| r.net)
+        .collect();
     let down = Instant::now();
     drop(handed);
     let down_secs = down.elapsed().as_secs_f64();
+    // Veth pairs go with their netns in the kernel's own time: wait for
+    // that (10 s at most) before counting what is left.
+    let mut ops = LinuxNet::default();
+    let settle_end = Instant::now() + Duration::from_secs(10);
+    let lingering = plans
+        .iter()
+        .filter(|p| {
+            let left = settle_end.saturating_duration_since(Instant::now());
+            !dough_net::wait_gone(&mut ops, p, left).unwrap_or(false)
+        })
+        .count();
     let dirs_left = dough_fabric::state::list(&ctx.vms).len();
     let net_left = dough_net::find_leftovers(
         &mut LinuxNet::default(),
         &dough_fabric::host::net_scope(&ctx.vms),
         &dough_fabric::state::list_ids(&ctx.vms),
     )
-    .map(|l| l.netns.len() + l.veths.len() + l.tags.len())
+    .map(|l| l.netns.len() + l.veths.len() + l.tags.len() + lingering)
     .ok();
     let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q / 100.0).round() as usize];
     let p50 = pct(&ms, 50.0);
