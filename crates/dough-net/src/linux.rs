@@ -52,41 +52,79 @@ fn ns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
 }
 
-/// Run `f` on a fresh thread inside network namespace `netns` (or on this
-/// thread for the host's).
+/// Run `f` inside network namespace `netns` (or as it is for the host's):
+/// this thread joins the namespace for the call and returns to its own
+/// afterwards, also when `f` fails or panics. Threads and processes `f`
+/// starts are born in `netns`, and so is every socket it opens.
 pub fn in_netns<T: Send>(
     netns: Option<&str>,
     f: impl FnOnce() -> Result<T, NetError> + Send,
 ) -> Result<T, NetError> {
     let Some(name) = netns else { return f() };
     let path = ns_path(name);
-    let fd = File::open(&path).map_err(|e| NetError::io(format!("opening netns {name}"), e))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NetError::op(format!("entering netns {name}"), e))?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(NetError::op("netns thread", "panicked")))
-    })
+    let target =
+        File::open(&path).map_err(|e| NetError::io(format!("opening netns {name}"), e))?;
+    let home = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| NetError::io("opening this thread's netns", e))?;
+    nix::sched::setns(&target, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| NetError::op(format!("entering netns {name}"), e))?;
+    let _back = Back(home);
+    f()
 }
 
-/// Run an rtnetlink conversation on this thread (in its namespace).
+/// Returns the thread to its namespace when dropped.
+struct Back(File);
+
+impl Drop for Back {
+    fn drop(&mut self) {
+        // Going back to a namespace this thread was in cannot fail short
+        // of losing CAP_SYS_ADMIN meanwhile; a thread left elsewhere would
+        // do the host's work in a clone's namespace, so that is fatal.
+        if let Err(e) = nix::sched::setns(&self.0, CloneFlags::CLONE_NEWNET) {
+            eprintln!("dough: returning to the host network namespace: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+thread_local! {
+    /// One runtime per thread for rtnetlink conversations (building one per
+    /// call cost more than the call).
+    static RUNTIME: std::cell::RefCell<Option<tokio::runtime::Runtime>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run an rtnetlink conversation on this thread (in its namespace: the
+/// socket is opened here, for this call).
 fn netlink<T, F, Fut>(op: &str, f: F) -> Result<T, NetError>
 where
     F: FnOnce(Handle) -> Fut,
     Fut: std::future::Future<Output = Result<T, rtnetlink::Error>>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| NetError::io("starting the netlink runtime", e))?;
-    rt.block_on(async {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| NetError::io("opening netlink", e))?;
-        tokio::spawn(conn);
-        f(handle).await.map_err(|e| NetError::op(op, e))
+    RUNTIME.with(|cell| {
+        let mut rt = cell.borrow_mut();
+        if rt.is_none() {
+            *rt = Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(|e| NetError::io("starting the netlink runtime", e))?,
+            );
+        }
+        let rt = rt.as_ref().expect("just built");
+        rt.block_on(async {
+            let (conn, handle, _) =
+                rtnetlink::new_connection().map_err(|e| NetError::io("opening netlink", e))?;
+            // The connection is driven alongside the conversation and
+            // dropped (its socket closed) with it.
+            let talk = std::pin::pin!(f(handle));
+            match futures::future::select(talk, std::pin::pin!(conn)).await {
+                futures::future::Either::Left((r, _)) => r.map_err(|e| NetError::op(op, e)),
+                futures::future::Either::Right(_) => {
+                    Err(NetError::op(op, "the netlink connection closed"))
+                }
+            }
+        })
     })
 }
 
@@ -188,6 +226,19 @@ impl NetOps for LinuxNet {
             s.spawn(|| -> Result<(), NetError> {
                 nix::sched::unshare(CloneFlags::CLONE_NEWNET)
                     .map_err(|e| NetError::op(op.clone(), e))?;
+                // No IPv6 at all inside (no link-local addresses either):
+                // a clone's traffic is IPv4 through its gateway, and links
+                // come up without IPv6's address configuration. A kernel
+                // without IPv6 has no such files, and nothing to disable.
+                for f in ["default", "all"] {
+                    let p = format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6");
+                    match std::fs::write(&p, b"1") {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(NetError::io(format!("{op}: {p}"), e))
+                        }
+                        _ => {}
+                    }
+                }
                 nix::mount::mount(
                     Some("/proc/thread-self/ns/net"),
                     &path,
