@@ -32,6 +32,8 @@ pub enum Swept {
     MarkedDead { id: String, reason: String },
     /// Network objects that belonged to no VM were removed.
     Network(dough_net::Leftovers),
+    /// VMM cgroups that belonged to no VM were removed.
+    Cgroups(Vec<PathBuf>),
 }
 
 impl std::fmt::Display for Swept {
@@ -46,6 +48,7 @@ impl std::fmt::Display for Swept {
                 killed_vmm: None,
             } => write!(f, "reclaimed orphaned VM {id} (its VMM had already exited)"),
             Swept::StaleDir(p) => write!(f, "removed stale VM directory {}", p.display()),
+            Swept::Cgroups(dirs) => write!(f, "removed {} leftover VMM cgroup(s): {dirs:?}", dirs.len()),
             Swept::Network(l) => write!(
                 f,
                 "removed leftover network objects: netns {:?}, veths {:?}, rules tagged {:?}",
@@ -71,13 +74,18 @@ pub fn kill_vmm(vmm: Option<&ProcessId>) -> Option<i32> {
 }
 
 /// Remove a VM's network — its gateway process (by verified identity),
-/// netns, veth, tagged rules — logging failures: the leftover sweep
-/// retries what this could not do.
+/// netns, veth, tagged rules — and its VMM's cgroup, logging failures: the
+/// leftover sweep retries what this could not do. Its VMM is gone.
 pub fn teardown_net(rec: &VmRecord, net: &HostNet) {
     kill_vmm(rec.gateway.as_ref());
     if let Some(plan) = &rec.net {
         if let Err(e) = dough_net::teardown(&mut **net.ops(), plan) {
             tracing::warn!(vm = %rec.id, "network teardown: {e}");
+        }
+    }
+    if let Some(cg) = &rec.cgroup {
+        if let Err(e) = cg.remove(Duration::from_secs(2)) {
+            tracing::warn!(vm = %rec.id, "{e}");
         }
     }
 }
@@ -148,6 +156,13 @@ pub fn sweep(vms: &Path, net: &HostNet) -> Vec<Swept> {
     }
     if let Some(l) = sweep_network(vms, net) {
         out.push(Swept::Network(l));
+    }
+    if let Some(layout) = crate::cgroup::layout() {
+        let live = crate::state::list_ids(vms);
+        let removed = crate::cgroup::sweep(layout, &crate::host::net_scope(vms), &live);
+        if !removed.is_empty() {
+            out.push(Swept::Cgroups(removed));
+        }
     }
     out
 }

@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod backend;
 pub mod builder;
+pub mod cgroup;
 pub mod channel;
 pub mod disk;
 pub mod gc;

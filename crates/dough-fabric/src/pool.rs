@@ -22,6 +22,8 @@ pub struct VmStatus {
     pub pss_kib: Option<u64>,
     /// What its scratch disk takes on the host (of `record.scratch_mib`).
     pub scratch_used_kib: Option<u64>,
+    /// Memory its VMM's cgroup uses now (of `record.cgroup`'s limit).
+    pub cgroup_memory_kib: Option<u64>,
 }
 
 /// Every VM under `vms`, oldest first.
@@ -36,6 +38,11 @@ pub fn status(vms: &Path) -> Vec<VmStatus> {
                 let f = vms.join(&record.id).join("scratch.img");
                 std::fs::metadata(f).ok().map(|m| m.blocks() / 2)
             }),
+            cgroup_memory_kib: record
+                .cgroup
+                .as_ref()
+                .and_then(|c| c.memory_current())
+                .map(|b| b / 1024),
             pss_kib: record
                 .vmm
                 .filter(|v| v.is_alive())

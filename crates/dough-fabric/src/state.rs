@@ -146,6 +146,10 @@ pub struct VmRecord {
     /// has one.
     #[serde(default)]
     pub scratch_mib: Option<u64>,
+    /// Its VMM's cgroup (recorded before it is made), where the host has
+    /// cgroups.
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +200,7 @@ impl VmRecord {
             gateway: None,
             exec_env: Vec::new(),
             scratch_mib: None,
+            cgroup: None,
         }
     }
 

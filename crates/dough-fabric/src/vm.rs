@@ -98,6 +98,12 @@ pub enum FabricError {
     TrustCa { vm: String, said: String },
     #[error("the Firecracker backend has no scratch disk yet (its snapshots name one disk file for every clone); use --scratch none")]
     NoScratchOnFirecracker,
+    #[error("VM {vm}: its VMM's cgroup")]
+    Cgroup {
+        vm: String,
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
     #[error("VM {vm}: making its scratch disk from {source_file}")]
     Scratch {
         vm: String,
@@ -131,6 +137,7 @@ impl FabricError {
                 | FabricError::WrongBackend { .. }
                 | FabricError::NoScratchOnFirecracker
                 | FabricError::Scratch { .. }
+                | FabricError::Cgroup { .. }
                 | FabricError::State(_)
                 | FabricError::StateDir { .. }
                 | FabricError::Net { .. }
@@ -154,6 +161,8 @@ pub struct Vm {
     /// the directory still being readable.
     net: NetPlan,
     host_net: HostNet,
+    /// Its VMM's cgroup, removed after the VMM.
+    cgroup: Option<crate::cgroup::Cgroup>,
     process: VmmProcess,
     /// Its egress gateway (every policy but `none`).
     gateway: Option<VmmProcess>,
@@ -291,6 +300,7 @@ impl Vm {
             dir,
             net: plan,
             host_net: opts.net.clone(),
+            cgroup: rec.cgroup.clone(),
             process,
             gateway,
             base_env,
@@ -414,6 +424,11 @@ impl Vm {
         if let Err(e) = dough_net::teardown(&mut **self.host_net.ops(), &self.net) {
             tracing::warn!(vm = %self.id, "network teardown: {e}");
         }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove(Duration::from_secs(2)) {
+                tracing::warn!(vm = %self.id, "{e}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         r
     }
@@ -432,6 +447,7 @@ impl Drop for Vm {
 /// down, removes the VM directory.
 pub(crate) struct Unwind<'a> {
     net: &'a HostNet,
+    cgroup: Option<crate::cgroup::Cgroup>,
     dir: Option<PathBuf>,
     plan: Option<NetPlan>,
     process: Option<VmmProcess>,
@@ -442,6 +458,7 @@ impl<'a> Unwind<'a> {
     pub(crate) fn new(net: &'a HostNet) -> Self {
         Unwind {
             net,
+            cgroup: None,
             dir: None,
             plan: None,
             process: None,
@@ -454,6 +471,7 @@ impl<'a> Unwind<'a> {
     pub(crate) fn keep(mut self) -> (VmmProcess, Option<VmmProcess>) {
         self.dir = None;
         self.plan = None;
+        self.cgroup = None;
         let vmm = self
             .process
             .take()
@@ -465,6 +483,7 @@ impl<'a> Unwind<'a> {
     fn keep_claim(mut self) {
         self.dir = None;
         self.plan = None;
+        self.cgroup = None;
     }
 }
 
@@ -479,6 +498,11 @@ impl Drop for Unwind<'_> {
         if let Some(plan) = self.plan.take() {
             if let Err(e) = dough_net::teardown(&mut **self.net.ops(), &plan) {
                 tracing::warn!("network teardown: {e}");
+            }
+        }
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove(Duration::from_secs(2)) {
+                tracing::warn!("{e}");
             }
         }
         if let Some(dir) = self.dir.take() {
@@ -520,8 +544,20 @@ fn claim_network(
     )
     .map_err(|e| net_err(e.into()))?;
     rec.net = Some(plan.clone());
+    rec.cgroup = crate::cgroup::layout().map(|l| {
+        let tcg = opts.accel == dough_vmm::Resolved::Tcg;
+        let limits = crate::cgroup::Limits::for_vm(opts.cpus, opts.mem_mib, tcg);
+        crate::cgroup::plan(l, &crate::host::net_scope(vms_dir), &rec.id, limits)
+    });
     let dir = VmDir::create(vms_dir, rec, |p| backend.longest_socket(p))?;
     undo.dir = Some(dir.paths.dir.clone());
+    if let Some(cg) = &rec.cgroup {
+        undo.cgroup = Some(cg.clone());
+        cg.create().map_err(|source| FabricError::Cgroup {
+            vm: rec.id.clone(),
+            source,
+        })?;
+    }
     // Now that the directory exists, its canonical path is known.
     opts.net.register_scope(vms_dir);
     // A failed setup rolls itself back; a finished one is undone by `undo`.
@@ -586,6 +622,14 @@ fn spawn_vmm(
                 source,
             }
         })?;
+    }
+    // It runs in its cgroup from its first instruction on.
+    if let Some(cg) = &undo.cgroup {
+        let files = cg.procs_files().map_err(|source| FabricError::Cgroup {
+            vm: dir.id.clone(),
+            source,
+        })?;
+        crate::cgroup::join_before_exec(&mut cmd, files);
     }
     tracing::info!(vm = %dir.id, accel = %s.opts.accel, backend = %s.opts.backend, "spawning the VMM");
     // No teardown on a signal may run between the spawn and the record.

@@ -62,8 +62,7 @@ pub fn in_netns<T: Send>(
 ) -> Result<T, NetError> {
     let Some(name) = netns else { return f() };
     let path = ns_path(name);
-    let target =
-        File::open(&path).map_err(|e| NetError::io(format!("opening netns {name}"), e))?;
+    let target = File::open(&path).map_err(|e| NetError::io(format!("opening netns {name}"), e))?;
     let home = File::open("/proc/thread-self/ns/net")
         .map_err(|e| NetError::io("opening this thread's netns", e))?;
     nix::sched::setns(&target, CloneFlags::CLONE_NEWNET)

@@ -206,6 +206,20 @@ fn net_column(r: &dough_fabric::VmRecord) -> String {
     }
 }
 
+/// The VMM's cgroup: memory used of its limit, and its CPU cap in cores
+/// (`-` where the host has no cgroups).
+fn cgroup_column(v: &dough_fabric::pool::VmStatus) -> String {
+    let Some(cg) = &v.record.cgroup else {
+        return "-".into();
+    };
+    let limit = size(cg.limits.memory_bytes >> 20);
+    let cpus = cg.limits.cpu_quota_us as f64 / dough_fabric::cgroup::CPU_PERIOD_US as f64;
+    match v.cgroup_memory_kib {
+        Some(k) => format!("{}M/{limit} {cpus}c", k / 1024),
+        None => format!("-/{limit} {cpus}c"),
+    }
+}
+
 fn size(mib: u64) -> String {
     if mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
@@ -224,14 +238,14 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:<11} {:<5} NET",
-        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "SCRATCH", "BACKEND", "ACCEL"
+        "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:>14} {:<11} {:<5} NET",
+        "ID", "KIND", "STATE", "AGE", "PID", "PSS", "SCRATCH", "CGROUP", "BACKEND", "ACCEL"
     )?;
     for v in &vms {
         let r = &v.record;
         writeln!(
             out,
-            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:<11} {:<5} {}",
+            "{:<12} {:<6} {:<9} {:>5} {:>8} {:>8} {:>11} {:>14} {:<11} {:<5} {}",
             r.id,
             r.kind.to_string(),
             r.state.to_string(),
@@ -246,6 +260,7 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
                 (None, Some(m)) => format!("-/{}", size(m)),
                 _ => "ram".into(),
             },
+            cgroup_column(v),
             r.backend.to_string(),
             r.accel.to_string(),
             net_column(r),

@@ -493,3 +493,128 @@ fn vm_pause_stops_a_busy_clone_and_resume_carries_on() {
     let out = run(h, &["down", &id]);
     assert!(out.status.success());
 }
+
+/// The recorded cgroup directories of every VM in `home`.
+fn cgroup_dirs(home: &Path) -> Vec<std::path::PathBuf> {
+    records(home)
+        .iter()
+        .flat_map(|r| {
+            r["cgroup"]["dirs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| std::path::PathBuf::from(d.as_str().unwrap()))
+        })
+        .collect()
+}
+
+/// Each clone's VMM runs in a cgroup of its own from its start (every
+/// hierarchy the host has for cpu, memory and pids), capped at its vCPUs,
+/// its memory plus the VMM's, and a task count; `ps` shows it; it goes
+/// with the clone, and the sweep takes what a killed dough left.
+#[test]
+fn vm_each_vmm_runs_capped_in_a_cgroup_of_its_own() {
+    use dough_fabric::cgroup::{self, Limits, Version};
+    let home = private_home();
+    let h = home.path();
+    let ids = up(h, 2, &["--net", "none"]);
+    let Some(layout) = cgroup::layout() else {
+        // A host without cpu/memory/pids cgroups: none is recorded.
+        assert!(cgroup_dirs(h).is_empty());
+        down_all(h);
+        return;
+    };
+    let want = Limits::for_vm(1, 256, records(h)[0]["accel"] == "Tcg");
+    let mut all_dirs = Vec::new();
+    for r in records(h) {
+        let cg: cgroup::Cgroup = serde_json::from_value(r["cgroup"].clone()).unwrap();
+        assert_eq!(cg.limits, want);
+        assert_eq!(cg.dirs.len(), layout.bases.len());
+        let pid = r["vmm"]["pid"].as_i64().unwrap();
+        let member_of = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        for d in &cg.dirs {
+            // The VMM is in it (its own path in that hierarchy ends so)...
+            let id = r["id"].as_str().unwrap();
+            assert!(d.ends_with(id), "{d:?}");
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+            assert!(
+                procs.lines().any(|l| l == pid.to_string()),
+                "{d:?}: {procs}"
+            );
+            // ...and only it (the gateway or dough are not).
+            assert_eq!(procs.lines().count(), 1, "{d:?}: {procs}");
+            let rel = d.to_string_lossy().into_owned();
+            let tail = rel.split("/dough/").nth(1).unwrap();
+            assert!(member_of.contains(tail), "{member_of}");
+        }
+        let read = |d: &std::path::PathBuf, f: &str| {
+            std::fs::read_to_string(d.join(f)).map(|s| s.trim().to_string())
+        };
+        match cg.version {
+            Version::V2 => {
+                let d = &cg.dirs[0];
+                assert_eq!(
+                    read(d, "cpu.max").unwrap(),
+                    format!("{} 100000", want.cpu_quota_us)
+                );
+                assert_eq!(
+                    read(d, "memory.max").unwrap(),
+                    want.memory_bytes.to_string()
+                );
+                assert_eq!(read(d, "pids.max").unwrap(), want.pids.to_string());
+            }
+            Version::V1 => {
+                for d in &cg.dirs {
+                    if let Ok(q) = read(d, "cpu.cfs_quota_us") {
+                        assert_eq!(q, want.cpu_quota_us.to_string());
+                    }
+                    if let Ok(m) = read(d, "memory.limit_in_bytes") {
+                        assert_eq!(m, want.memory_bytes.to_string());
+                    }
+                    if let Ok(p) = read(d, "pids.max") {
+                        assert_eq!(p, want.pids.to_string());
+                    }
+                }
+            }
+        }
+        all_dirs.extend(cg.dirs);
+    }
+    let out = run(h, &["ps"]);
+    let table = text(&out.stdout);
+    assert!(table.lines().next().unwrap().contains("CGROUP"), "{table}");
+    assert_eq!(table.matches("/1536M 1c").count(), 2, "{table}");
+
+    // Down: the cgroups go with their clones.
+    let out = run(h, &["down", &ids[0]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left: Vec<_> = all_dirs.iter().filter(|d| d.exists()).collect();
+    assert_eq!(
+        left.len(),
+        layout.bases.len(),
+        "only the other clone's: {left:?}"
+    );
+    // A VM record gone without its teardown (as after a crash between the
+    // two): the next command's sweep removes its cgroup.
+    let vmm = records(h)[0]["vmm"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = (0..250).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        process_gone(vmm)
+    });
+    assert!(gone);
+    std::fs::remove_dir_all(h.join("vms").join(&ids[1])).unwrap();
+    let out = run(h, &["ps"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("leftover VMM cgroup"),
+        "{}",
+        text(&out.stderr)
+    );
+    let left: Vec<_> = all_dirs.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
