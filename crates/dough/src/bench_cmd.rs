@@ -439,6 +439,36 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
         .filter_map(|r| r.vmm.map(|v| v.pid))
         .collect();
     let pss_after_exec = mean_pss_kib(&sampled_pids);
+    // A noisy neighbour: one clone spins every vCPU it has; the others'
+    // `exec true` (steady state) next to the idle figure above. Its VMM's
+    // cgroup caps it at its vCPUs' worth of CPU.
+    let noisy = handed.ids[0].clone();
+    eprintln!("dough: bench: {noisy} spins all its vCPUs; exec true on the others");
+    let spin = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "for i in $(seq $(nproc)); do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & done"
+                .into(),
+        ],
+        ..ExecRequest::default()
+    };
+    dough_fabric::pool::exec(&ctx.vms, &noisy, &spin, &mut |_, _| {}, &mut |_| {})?;
+    std::thread::sleep(Duration::from_secs(2));
+    let noisy_pid = dough_fabric::state::list(&ctx.vms)
+        .iter()
+        .find(|r| r.id == noisy)
+        .and_then(|r| r.vmm.map(|v| v.pid));
+    let noisy_before = noisy_pid.map(cpu_ticks);
+    let noisy_window = Instant::now();
+    let mut busy_ms = Vec::new();
+    for id in sampled.iter().filter(|id| **id != noisy) {
+        busy_ms.push(exec_ms(id)?);
+    }
+    let noisy_cores = noisy_pid
+        .zip(noisy_before)
+        .map(|(p, b)| (cpu_ticks(p) - b) as f64 / hz / noisy_window.elapsed().as_secs_f64());
+    busy_ms.sort_by(f64::total_cmp);
     eprintln!("dough: bench: tearing down");
     let plans: Vec<dough_net::NetPlan> = dough_fabric::state::list(&ctx.vms)
         .into_iter()
@@ -468,6 +498,7 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
     .ok();
     let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q / 100.0).round() as usize];
     let p50 = pct(&ms, 50.0);
+    let busy_p50 = (!busy_ms.is_empty()).then(|| pct(&busy_ms, 50.0));
     let per_clone_pct = idle_core_pct / a.clones as f64;
     let out = json!({
         "bench": "density",
@@ -500,6 +531,13 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
             "ratio_p50_over_lone": (p50 / lone_p50 * 100.0).round() / 100.0,
             "pss_kib_per_clone_after_exec": pss_after_exec,
         },
+        "noisy_neighbour": {
+            "vcpus_spinning": opts.cpus,
+            "its_cpu_cores_used": noisy_cores.map(|c| (c * 100.0).round() / 100.0),
+            "others_exec_true_p50": busy_p50.map(round),
+            "others_exec_true_p90": (!busy_ms.is_empty()).then(|| round(pct(&busy_ms, 90.0))),
+            "ratio_p50_over_idle": busy_p50.map(|b| (b / p50 * 100.0).round() / 100.0),
+        },
         "teardown": {
             "secs": round(down_secs),
             "vm_dirs_left": dirs_left,
@@ -511,6 +549,7 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
             "exec_p50_le_1_5x_lone": p50 <= 1.5 * lone_p50,
             "pss_after_exec_le_24mib": pss_after_exec.map(|k| k <= 24 << 10),
             "gateway_pss_le_1mib": gateway_pss.map(|k| k <= 1024),
+            "noisy_neighbour_exec_p50_le_2x_idle": busy_p50.map(|b| b <= 2.0 * p50),
         },
     });
     let mut stdout = std::io::stdout().lock();
