@@ -13,6 +13,7 @@ pub mod channel;
 pub mod disk;
 pub mod gc;
 pub mod host;
+pub mod live;
 pub mod notice;
 pub mod options;
 pub mod pool;

@@ -140,6 +140,24 @@ pub fn exec(
     r
 }
 
+/// Record that VM `id` is about to receive what may be secrets (`what`
+/// describes each), before it does: such a VM is never snapshotted.
+pub fn note_received(vms: &Path, id: &str, what: &[String]) -> Result<(), FabricError> {
+    if what.is_empty() {
+        return Ok(());
+    }
+    let dir = VmDir::open(vms, id)?;
+    dir.update(|r| {
+        for w in what {
+            if !r.received.contains(w) {
+                r.received.push(w.clone());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Tear down VM `id` exactly (see [`crate::gc::stop_and_remove`]). Works
 /// in any state, dead included. Returns the VM's full id and the VMM pid
 /// that was stopped.

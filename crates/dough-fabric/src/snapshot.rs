@@ -161,9 +161,26 @@ pub struct SnapshotMeta {
     /// `scratch.img`, which every clone gets a copy of.
     #[serde(default)]
     pub scratch_mib: Option<u64>,
+    /// A snapshot of a live clone (`dough snapshot`): what it was taken of.
+    /// None: a bake.
+    #[serde(default)]
+    pub parent: Option<SnapshotParent>,
+    /// The guest's RAM is in `state` (a live clone's snapshot), not in a
+    /// `mem` file.
+    #[serde(default)]
+    pub ram_in_state: bool,
 }
 
-/// A baked snapshot on disk.
+/// What a live snapshot was taken of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotParent {
+    /// The snapshot the clone was restored from.
+    pub snapshot: String,
+    /// The clone.
+    pub vm: String,
+}
+
+/// A snapshot on disk: baked, or of a live clone.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub key: String,
@@ -246,6 +263,11 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
+    /// Where its snapshots are.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn new(home: &Path) -> Self {
         SnapshotStore {
             root: home.join("snapshots"),
@@ -276,7 +298,8 @@ impl SnapshotStore {
             meta,
         };
         let scratch_ok = s.scratch.as_ref().is_none_or(|p| p.is_file());
-        (s.mem.is_file() && s.state.is_file() && scratch_ok).then_some(s)
+        let mem_ok = s.meta.ram_in_state || s.mem.is_file();
+        (mem_ok && s.state.is_file() && scratch_ok).then_some(s)
     }
 
     /// All complete snapshots, newest first.
@@ -300,7 +323,10 @@ impl SnapshotStore {
 
     /// The store's lock, held while baking or pruning; `say` hears when
     /// another dough holds it and we wait.
-    fn bake_lock(&self, say: &mut dyn FnMut(&str)) -> Result<Flock<File>, SnapshotError> {
+    pub(crate) fn bake_lock(
+        &self,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Flock<File>, SnapshotError> {
         std::fs::create_dir_all(&self.root)?;
         let lock = File::options()
             .create(true)
@@ -339,7 +365,8 @@ impl SnapshotStore {
 
     /// Why `spec` has no snapshot: compared with the newest one.
     pub fn why_bake(&self, spec: &SnapshotSpec) -> BakeReason {
-        let Some(last) = self.list().into_iter().next() else {
+        let baked = self.list().into_iter().filter(|s| s.meta.parent.is_none());
+        let Some(last) = baked.into_iter().next() else {
             return BakeReason::First;
         };
         let new = spec.inputs();
@@ -483,6 +510,8 @@ impl SnapshotStore {
                 state_bytes: std::fs::metadata(&state)?.len(),
                 backend: spec.backend,
                 scratch_mib: spec.scratch_mib,
+                parent: None,
+                ram_in_state: false,
             };
             let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
                 path: tmp.join(META),
@@ -553,6 +582,7 @@ impl Vm {
                     state: snap.state.clone(),
                     mem: snap.mem.clone(),
                     tsc_khz: snap.meta.tsc_khz,
+                    ram_in_state: snap.meta.ram_in_state,
                 }),
             )
         })

@@ -150,6 +150,11 @@ pub struct VmRecord {
     /// cgroups.
     #[serde(default)]
     pub cgroup: Option<crate::cgroup::Cgroup>,
+    /// What it was given that may be secret (values from dough's own
+    /// environment, env files, stdin), as descriptions: a VM with any is
+    /// never snapshotted (`crate::live`).
+    #[serde(default)]
+    pub received: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +206,7 @@ impl VmRecord {
             exec_env: Vec::new(),
             scratch_mib: None,
             cgroup: None,
+            received: Vec::new(),
         }
     }
 

@@ -949,6 +949,9 @@ mod tests {
             }
             Ok(())
         }
+        fn save_live(&self, _paths: &VmPaths, _state: &Path) -> Result<(), BackendError> {
+            Err(BackendError::Unsupported("a test double"))
+        }
         fn pause(&self, _paths: &VmPaths) -> Result<(), BackendError> {
             Ok(())
         }

@@ -60,7 +60,8 @@ pub struct Entry {
 }
 
 /// Marker written last into a finished entry.
-const DONE: &str = ".complete";
+/// The marker a complete entry holds.
+pub const DONE: &str = ".complete";
 
 impl Entry {
     pub fn new(root: &Path, kind: &str, key: &str) -> Self {

@@ -86,6 +86,9 @@ pub enum Memory {
     /// RAM is the file at `path`. `shared`: writes go to the file (bake);
     /// otherwise the file is mapped privately, copy-on-write (clones).
     File { path: PathBuf, shared: bool },
+    /// Anonymous memory under the name a snapshot's RAM has (`mem`): a
+    /// clone of a live clone's snapshot, whose RAM comes in the stream.
+    Named,
 }
 
 /// Where an incoming migration comes from.
@@ -144,6 +147,13 @@ impl QemuArgs {
         };
         match &self.memory {
             Memory::Anonymous => push("-M", "microvm".into()),
+            Memory::Named => {
+                push("-M", "microvm,memory-backend=mem".into());
+                push(
+                    "-object",
+                    format!("memory-backend-ram,id=mem,size={}M", self.mem_mib).into(),
+                );
+            }
             Memory::File { path, shared } => {
                 push("-M", "microvm,memory-backend=mem".into());
                 let mut o = opt_path(

@@ -77,6 +77,25 @@ pub enum Command {
     Pause(vm_cmds::IdsArgs),
     /// Let paused clones run again.
     Resume(vm_cmds::IdsArgs),
+    /// Save a running clone whole (memory, devices, scratch disk) as a new
+    /// snapshot, recorded with what it came from; prints its key. The clone
+    /// runs on (or stays paused with --pause). `dough up --from KEY`
+    /// restores it, after a restart too. Refused for a clone that was given
+    /// what may be secrets (`-e KEY` from dough's environment, --env-file,
+    /// -i): every restore would get them.
+    ///
+    /// Example: dough snapshot vm-1a2b3c4d
+    Snapshot(crate::live_cmd::SnapshotArgs),
+    /// Snapshot a running clone and restore N copies of it ("forks"): each
+    /// has the clone's files, processes and memory, and its own id,
+    /// entropy, clock, network and channel. Prints their ids.
+    ///
+    /// Example: dough fork vm-1a2b3c4d 4
+    Fork(crate::live_cmd::ForkArgs),
+    /// List snapshots: baked ones and those of live clones, what each came
+    /// from, its size on disk, and how many clones use it. `dough bake
+    /// --prune` removes those no clone uses.
+    Snapshots(crate::live_cmd::SnapshotsArgs),
     /// One agent, one command: ship a repository into a fresh clone, run
     /// the agent, bring its changes back through the same strict checks as
     /// a plan's task (every path inside --allow, no secret, an optional
@@ -273,6 +292,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Go(args) => go_cmd::run(&ctx, args),
         Command::Pause(args) => vm_cmds::pause_or_resume(&ctx, args, true),
         Command::Resume(args) => vm_cmds::pause_or_resume(&ctx, args, false),
+        Command::Snapshot(args) => crate::live_cmd::snapshot(&ctx, args),
+        Command::Fork(args) => crate::live_cmd::fork(&ctx, args),
+        Command::Snapshots(args) => crate::live_cmd::list(&ctx, args),
         Command::Agent(args) => crate::agent_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),

@@ -76,6 +76,28 @@ fn read_env_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 impl ExecArgs {
+    /// What of this command may be secret, described: variables whose value
+    /// is dough's own environment's (`-e KEY`), env files, stdin — the ways
+    /// `dough exec` recommends for secrets. Literal `-e KEY=VALUE` is not
+    /// (it is on the command line for every user of the host to see).
+    pub fn may_be_secret(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .env
+            .iter()
+            .filter(|(k, val)| std::env::var(k).is_ok_and(|e| e == *val))
+            .map(|(k, _)| format!("${k} from dough's environment"))
+            .collect();
+        v.extend(
+            self.env_file
+                .iter()
+                .map(|f| format!("--env-file {}", f.display())),
+        );
+        if self.interactive {
+            v.push("stdin".into());
+        }
+        v
+    }
+
     /// The request to send, reading stdin first when asked to.
     pub fn request(&self) -> anyhow::Result<ExecRequest> {
         let stdin = if self.interactive {

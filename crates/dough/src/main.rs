@@ -10,6 +10,7 @@ mod doctor;
 mod exec_args;
 mod go_cmd;
 mod image_cmd;
+mod live_cmd;
 mod plan_cmd;
 mod run_cmd;
 mod snapshots;

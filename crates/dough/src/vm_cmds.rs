@@ -35,6 +35,12 @@ pub struct UpArgs {
     /// How many clones to restore.
     #[arg(default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub count: u32,
+    /// Restore them from this snapshot (a key from `dough snapshots`, or a
+    /// unique prefix): one a clone was saved to with `dough snapshot`, after
+    /// dough or the host restarted too. Default: the warm snapshot of the
+    /// image, baked first when needed.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub vm: VmArgs,
 }
@@ -113,18 +119,32 @@ pub fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<ExitCode> {
     // process: Ctrl-C, or a crash followed by any dough command, removes
     // them all.
     install_teardown_on_signal(&ctx.vms);
+    let n = args.count as usize;
+    if let Some(key) = &args.from {
+        let snap = crate::live_cmd::find_snapshot(ctx, key)?;
+        let opts = boot_options(&ctx.home, &snap.meta.image, &args.vm)?;
+        return restore_clones(ctx, &snap, &opts, n);
+    }
     let image = resolve_image(ctx, &args.vm)?;
     let opts = boot_options(&ctx.home, &image, &args.vm)?;
     let got = ensure_snapshot(ctx, &image, &opts, false)?;
-    let snap = got.snapshot();
-    let n = args.count as usize;
+    restore_clones(ctx, got.snapshot(), &opts, n)
+}
+
+/// Restore `n` clones of `snap` and hand them over; prints their ids.
+pub fn restore_clones(
+    ctx: &Ctx,
+    snap: &dough_fabric::Snapshot,
+    opts: &dough_fabric::BootOptions,
+    n: usize,
+) -> anyhow::Result<ExitCode> {
     eprintln!("dough: restoring {n} clone(s) of snapshot {}", snap.key);
     let start = Instant::now();
     let results: Vec<Result<Vm, dough_fabric::FabricError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|_| {
                 s.spawn(|| {
-                    let r = Vm::restore(&ctx.vms, snap, VmKind::Clone, &opts);
+                    let r = Vm::restore(&ctx.vms, snap, VmKind::Clone, opts);
                     if let Ok(vm) = &r {
                         eprintln!(
                             "dough: {} ready in {:.2}s",
@@ -271,6 +291,9 @@ pub fn ps(ctx: &Ctx, args: PsArgs) -> anyhow::Result<ExitCode> {
 
 pub fn exec(ctx: &Ctx, args: ExecCmdArgs) -> anyhow::Result<ExitCode> {
     let req = args.exec.request()?;
+    // Recorded before it is sent: a clone that got any of it is never
+    // snapshotted (`dough snapshot`).
+    pool::note_received(&ctx.vms, &args.id, &args.exec.may_be_secret())?;
     let status = pool::exec(&ctx.vms, &args.id, &req, &mut stream_sink, &mut |id| {
         eprintln!("dough: waiting for another command on {id} to finish")
     })?;

@@ -129,6 +129,14 @@ impl Vmm for FirecrackerVmm {
         })
     }
 
+    fn save_live(&self, _paths: &VmPaths, _state: &Path) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported(
+            "snapshots of live clones are QEMU's only so far: a Firecracker clone's memory \
+             is its snapshot's file mapped privately, and writing a Full snapshot of it is \
+             not wired up yet (use --backend qemu)",
+        ))
+    }
+
     /// A Full snapshot: device state and memory.
     fn save(&self, paths: &VmPaths, state: &Path, mem: &Path) -> Result<(), BackendError> {
         let fc = FcClient {

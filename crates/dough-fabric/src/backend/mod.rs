@@ -63,6 +63,8 @@ pub enum BackendError {
     },
     #[error("Firecracker reported a snapshot but wrote no {0}")]
     NoSnapshotFile(PathBuf),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("cannot run {binary} --version")]
     Version {
         binary: String,
@@ -82,6 +84,9 @@ pub struct RestoreFrom {
     pub mem: PathBuf,
     /// The TSC rate its guest calibrated with (QEMU under TCG).
     pub tsc_khz: Option<u64>,
+    /// The guest's RAM is in the `state` stream, not in `mem` (a snapshot
+    /// of a live clone): it is loaded into memory of the clone's own.
+    pub ram_in_state: bool,
 }
 
 /// How a VM comes up.
@@ -154,6 +159,11 @@ pub(crate) trait Vmm: Sync {
     /// Save a paused VM: device state to `state`, guest memory to `mem`
     /// unless the RAM already is that file.
     fn save(&self, paths: &VmPaths, state: &Path, mem: &Path) -> Result<(), BackendError>;
+
+    /// Save a paused live VM whole (device state and RAM) to `state`; it
+    /// stays paused. A clone's RAM is a private mapping of its snapshot's
+    /// file, which a device-state-only save cannot describe.
+    fn save_live(&self, paths: &VmPaths, state: &Path) -> Result<(), BackendError>;
 
     /// Ask a running VMM to exit by itself (before it is killed).
     fn ask_to_quit(&self, paths: &VmPaths, gone: &mut dyn FnMut() -> bool);

@@ -55,6 +55,10 @@ impl Vmm for QemuVmm {
                 None,
                 false,
             ),
+            // A live clone's snapshot carries its RAM in the stream.
+            Launch::Restore(snap) if snap.ram_in_state => {
+                (Memory::Named, Some(Incoming::Defer), true)
+            }
             Launch::Restore(snap) => (
                 Memory::File {
                     path: snap.mem.clone(),
@@ -139,6 +143,24 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
+    /// The whole machine, RAM included (no `x-ignore-shared`: a clone's RAM
+    /// is a private mapping, so it is not "shared" to QEMU).
+    fn save_live(&self, paths: &VmPaths, state: &Path) -> Result<(), BackendError> {
+        let qmp_err = |what, source| BackendError::Qmp { what, source };
+        let mut q = Qmp::connect(&paths.qmp, Duration::from_secs(10))
+            .map_err(|e| qmp_err("connecting", e))?;
+        // As every restore expects (the RAM, private, is saved regardless).
+        q.ignore_shared_ram()
+            .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
+        q.unthrottle_migration()
+            .map_err(|e| qmp_err("lifting the migration bandwidth limit", e))?;
+        q.migrate(&dough_vmm::qemu::exec_uri(state, true))
+            .map_err(|e| qmp_err("saving the VM", e))?;
+        q.wait_migration(SAVE_LIMIT)
+            .map_err(|e| qmp_err("saving the VM", e))?;
+        Ok(())
+    }
+
     fn ask_to_quit(&self, paths: &VmPaths, gone: &mut dyn FnMut() -> bool) {
         if let Ok(mut q) = Qmp::connect(&paths.qmp, Duration::from_secs(2)) {
             let _ = q.quit();
@@ -201,6 +223,8 @@ fn restore_from(
             Err(e) => return Err(e),
         }
     };
+    // Always on, as it was when any snapshot was saved (a live clone's
+    // stream says so too): RAM that is not shared is in the stream anyway.
     q.ignore_shared_ram()?;
     q.migrate_incoming(&dough_vmm::qemu::exec_uri(state, false))?;
     q.wait_migration(limit.saturating_sub(start.elapsed()))?;

@@ -1,0 +1,264 @@
+//! Snapshots of live clones (`dough snapshot`, `dough fork`).
+//!
+//! A handed-over clone is paused with no host attached (its channel lock
+//! held, so no command is running in it), and saved whole: the device
+//! state and its RAM in one stream (a clone's RAM is a private mapping of
+//! its snapshot's memory file, which a device-state-only save cannot
+//! describe), plus a copy of its scratch disk as the pause left it. The
+//! result is a snapshot like a bake's, recorded with its parent (the
+//! snapshot and the clone it came from), keyed by its content, read-only;
+//! clones restored from it ("forks") get their own id, entropy, clock,
+//! hostname, machine-id, network and channel, as every clone does.
+//!
+//! Secrets: a VM that received one is never snapshotted. dough cannot see
+//! which values are secret, so it counts as received whatever came from
+//! its own environment (`-e KEY`), an `--env-file`, or stdin (`-i`): the
+//! routes `dough exec` documents for secrets. A clone that got any of
+//! these is refused, with the list — not "proven clean": a value can be
+//! copied anywhere in a guest, and nothing short of a fresh clone proves it
+//! gone.
+
+use std::path::Path;
+use std::time::Instant;
+
+use dough_image::cache::KeyBuilder;
+
+use crate::snapshot::{Snapshot, SnapshotError, SnapshotMeta, SnapshotParent, SnapshotStore};
+use crate::state::{now_unix, VmDir, VmKind, VmState};
+use crate::vm::FabricError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(transparent)]
+    Fabric(Box<FabricError>),
+    #[error(transparent)]
+    Snapshot(Box<SnapshotError>),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(
+        "{id} is not a clone handed over to this home (a `dough up` clone): only those can be snapshotted"
+    )]
+    NotAClone { id: String },
+    #[error("{id} is {state}: only a ready or paused clone can be snapshotted")]
+    NotReady { id: String, state: VmState },
+    #[error(
+        "{id} has received what may be secrets ({}): a snapshot would hand them to every fork. \
+         Snapshot a clone before giving it secrets, and give each fork its own",
+        .received.join(", ")
+    )]
+    HoldsSecrets { id: String, received: Vec<String> },
+    #[error(
+        "{id} was restored from snapshot {parent}, which is gone (pruned): its snapshot cannot be described"
+    )]
+    NoParent { id: String, parent: String },
+    #[error("{id} was not restored from a snapshot")]
+    NotRestored { id: String },
+    #[error("saving {id}")]
+    Save {
+        id: String,
+        #[source]
+        source: crate::backend::BackendError,
+    },
+    #[error("writing the snapshot of {id}")]
+    Io {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<FabricError> for LiveError {
+    fn from(e: FabricError) -> Self {
+        LiveError::Fabric(Box::new(e))
+    }
+}
+
+impl From<SnapshotError> for LiveError {
+    fn from(e: SnapshotError) -> Self {
+        LiveError::Snapshot(Box::new(e))
+    }
+}
+
+/// After the snapshot, the clone runs on (`Resume`) or stays paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Resume,
+    StayPaused,
+}
+
+/// Snapshot the handed-over clone `id` (see the module documentation).
+/// `say` hears progress. Returns the snapshot (an existing one when the
+/// same content was saved before).
+pub fn snapshot(
+    vms: &Path,
+    store: &SnapshotStore,
+    id: &str,
+    after: After,
+    say: &mut dyn FnMut(&str),
+) -> Result<Snapshot, LiveError> {
+    let dir = VmDir::open(vms, id)?;
+    let rec = dir.read()?;
+    let id = rec.id.clone();
+    if rec.kind != VmKind::Clone || rec.owner.is_some() {
+        return Err(LiveError::NotAClone { id });
+    }
+    if !rec.received.is_empty() {
+        return Err(LiveError::HoldsSecrets {
+            id,
+            received: rec.received.clone(),
+        });
+    }
+    let parent_key = rec
+        .snapshot
+        .clone()
+        .ok_or_else(|| LiveError::NotRestored { id: id.clone() })?;
+    let parent = store.get(&parent_key).ok_or_else(|| LiveError::NoParent {
+        id: id.clone(),
+        parent: parent_key.clone(),
+    })?;
+    // No command may be running in it, and none may start: the agent in
+    // the snapshot is one with no host attached.
+    let _channel = match dir.lock_channel()? {
+        (g, false) => g,
+        (g, true) => {
+            say(&format!(
+                "waiting for the command running in {id} to finish"
+            ));
+            g
+        }
+    };
+    let rec = dir.read()?;
+    if !matches!(rec.state, VmState::Ready | VmState::Paused) {
+        return Err(LiveError::NotReady {
+            id,
+            state: rec.state,
+        });
+    }
+    if !rec.vmm.is_some_and(|v| v.is_alive()) {
+        return Err(LiveError::NotReady {
+            id,
+            state: VmState::Dead,
+        });
+    }
+    let backend = crate::backend::vmm(rec.backend);
+    let save_err = |source| LiveError::Save {
+        id: id.clone(),
+        source,
+    };
+    let was_paused = rec.state == VmState::Paused;
+    let started = Instant::now();
+    if !was_paused {
+        backend.pause(&dir.paths).map_err(save_err)?;
+        dir.update(|r| r.transition(VmState::Paused))?;
+    }
+    let saved = save_paused(store, &dir.paths, &id, &parent, backend, started, say);
+    // Whatever happened, the clone carries on as it was asked to.
+    if after == After::Resume {
+        let resumed = backend.resume(&dir.paths).map_err(save_err);
+        if resumed.is_ok() {
+            dir.update(|r| r.transition(VmState::Ready))?;
+        }
+        let snap = saved?;
+        resumed?;
+        return Ok(snap);
+    }
+    saved
+}
+
+fn save_paused(
+    store: &SnapshotStore,
+    paths: &dough_vmm::VmPaths,
+    id: &str,
+    parent: &Snapshot,
+    backend: &dyn crate::backend::Vmm,
+    started: Instant,
+    say: &mut dyn FnMut(&str),
+) -> Result<Snapshot, LiveError> {
+    let io = |source| LiveError::Io {
+        id: id.to_string(),
+        source,
+    };
+    // Under the store's lock: a bake that starts meanwhile would take the
+    // temporary directory for an interrupted bake's and remove it.
+    let _lock = store.bake_lock(say)?;
+    let tmp = store
+        .root()
+        .join(format!(".tmp-live-{id}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    let r = (|| -> Result<Snapshot, LiveError> {
+        let state = tmp.join("state");
+        backend
+            .save_live(paths, &state)
+            .map_err(|source| LiveError::Save {
+                id: id.to_string(),
+                source,
+            })?;
+        // QEMU flushed its disks when the migration completed; the clone
+        // stays paused until after this copy.
+        let scratch = tmp.join("scratch.img");
+        if parent.meta.scratch_mib.is_some() {
+            crate::disk::copy_sparse(&paths.scratch, &scratch).map_err(io)?;
+        }
+        std::fs::copy(&paths.serial, tmp.join("boot-serial.log")).map_err(io)?;
+        let save_secs = started.elapsed().as_secs_f64();
+        let mut k = KeyBuilder::new("live-snapshot-v1");
+        k.str("parent", &parent.key);
+        k.str(
+            "state",
+            &dough_image::cache::sha256_file(&state).map_err(io)?,
+        );
+        if scratch.exists() {
+            k.str(
+                "scratch",
+                &crate::disk::sparse_sha256(&scratch).map_err(io)?,
+            );
+        }
+        let key = k.finish();
+        let meta = SnapshotMeta {
+            key: key.clone(),
+            created_unix: now_unix(),
+            bake_secs: save_secs,
+            state_bytes: std::fs::metadata(&state).map_err(io)?.len(),
+            parent: Some(SnapshotParent {
+                snapshot: parent.key.clone(),
+                vm: id.to_string(),
+            }),
+            ram_in_state: true,
+            ..parent.meta.clone()
+        };
+        let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
+            path: tmp.join("meta.json"),
+            source,
+        })?;
+        std::fs::write(tmp.join("meta.json"), bytes).map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&state, &scratch] {
+            if f.exists() {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+            }
+        }
+        std::fs::write(tmp.join(dough_image::cache::DONE), b"").map_err(io)?;
+        let dest = store.root().join(&key);
+        if store.get(&key).is_some() {
+            // The same content, saved before: that one stands.
+            std::fs::remove_dir_all(&tmp).map_err(io)?;
+        } else {
+            if dest.exists() {
+                std::fs::remove_dir_all(&dest).map_err(io)?;
+            }
+            std::fs::rename(&tmp, &dest).map_err(io)?;
+        }
+        store.get(&key).ok_or_else(|| {
+            io(std::io::Error::other(format!(
+                "snapshot {key} vanished after it was written"
+            )))
+        })
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r
+}
