@@ -79,7 +79,8 @@ impl From<SnapshotError> for LiveError {
     }
 }
 
-/// After the snapshot, the clone runs on (`Resume`) or stays paused.
+/// After the snapshot, the clone is as it was (`Resume`: a running clone
+/// runs on, a paused one stays paused) or paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
     Resume,
@@ -153,7 +154,7 @@ pub fn snapshot(
     }
     let saved = save_paused(store, &dir.paths, &id, &parent, backend, started, say);
     // Whatever happened, the clone carries on as it was asked to.
-    if after == After::Resume {
+    if after == After::Resume && !was_paused {
         let resumed = backend.resume(&dir.paths).map_err(save_err);
         if resumed.is_ok() {
             dir.update(|r| r.transition(VmState::Ready))?;

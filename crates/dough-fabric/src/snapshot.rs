@@ -197,7 +197,7 @@ pub struct Snapshot {
 }
 
 /// Bytes allocated on disk below `dir` (sparse files count what they use).
-fn disk_usage(dir: &Path) -> u64 {
+pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .into_iter()

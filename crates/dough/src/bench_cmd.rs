@@ -49,6 +49,11 @@ pub enum BenchCmd {
     /// routes, forwarding, nftables rules): dough's netlink implementation
     /// against the same plan applied by spawning `ip` and `nft`. Needs root.
     Net(NetArgs),
+    /// Snapshot a live clone that wrote --write-mib MiB (time, size), then
+    /// restore N forks of it at once next to N clones of the baked
+    /// snapshot, for each N: clones/s, restore → first exec, memory (PSS).
+    /// Prints JSON.
+    Fork(crate::bench_fork::ForkBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +101,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Clones(a) => clones(ctx, a),
         BenchCmd::Density(a) => density(ctx, a),
         BenchCmd::Net(a) => net(a),
+        BenchCmd::Fork(a) => crate::bench_fork::fork(ctx, a),
         BenchCmd::Gateway(a) => crate::bench_gateway::gateway(a),
         BenchCmd::Scratch(a) => crate::bench_scratch::scratch(ctx, a),
     }

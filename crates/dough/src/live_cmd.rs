@@ -119,7 +119,7 @@ pub fn list(ctx: &Ctx, args: SnapshotsArgs) -> anyhow::Result<ExitCode> {
                     "image": s.meta.image.id,
                     "mem_mib": s.meta.mem_mib,
                     "backend": s.meta.backend.to_string(),
-                    "bytes_on_disk": disk_usage(&s.dir),
+                    "bytes_on_disk": dough_fabric::snapshot::disk_usage(&s.dir),
                     "clones": in_use.iter().filter(|k| **k == s.key).count(),
                 })
             })
@@ -145,21 +145,9 @@ pub fn list(ctx: &Ctx, args: SnapshotsArgs) -> anyhow::Result<ExitCode> {
             kind,
             from,
             format!("{}M", s.meta.mem_mib),
-            format!("{}M", disk_usage(&s.dir) >> 20),
+            format!("{}M", dough_fabric::snapshot::disk_usage(&s.dir) >> 20),
             in_use.iter().filter(|k| **k == s.key).count(),
         )?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Bytes allocated below `dir` (sparse files count what they use).
-fn disk_usage(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
 }

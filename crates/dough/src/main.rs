@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod bench_cmd;
+mod bench_fork;
 mod bench_gateway;
 mod bench_scratch;
 mod broker_args;
