@@ -284,6 +284,22 @@ mod tests {
     }
 
     #[test]
+    fn named_anonymous_ram_for_a_live_clones_snapshot() {
+        // A live clone's stream names its RAM block `mem`: the restoring
+        // QEMU needs a block of that name, in memory of its own.
+        let mut a = args(Resolved::Tcg);
+        a.memory = Memory::Named;
+        let argv = strings(&a);
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-M", "microvm,memory-backend=mem"]));
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-object", "memory-backend-ram,id=mem,size=256M"]));
+        assert!(!argv.iter().any(|s| s.contains("mem-path")));
+    }
+
+    #[test]
     fn nic_on_a_named_tap() {
         let mut a = args(Resolved::Tcg);
         a.tap = Some("tap0".into());

@@ -151,3 +151,34 @@ pub fn stream_sink(stream: Stream, data: &[u8]) {
         Stream::Stderr => std::io::stderr().lock().write_all(data),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(env: &[(&str, &str)], files: &[&str], interactive: bool) -> ExecArgs {
+        ExecArgs {
+            timeout: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            env_file: files.iter().map(PathBuf::from).collect(),
+            workdir: None,
+            interactive,
+            command: vec!["true".into()],
+        }
+    }
+
+    #[test]
+    fn what_may_be_secret() {
+        // PATH is set in any test process; its value from the environment
+        // counts, a literal on the command line does not.
+        let path = std::env::var("PATH").unwrap();
+        let a = args(&[("PATH", &path), ("PLAIN", "visible")], &[], false);
+        assert_eq!(a.may_be_secret(), vec!["$PATH from dough's environment"]);
+        let a = args(&[("PATH", "/literal")], &["/tmp/x.env"], true);
+        assert_eq!(a.may_be_secret(), vec!["--env-file /tmp/x.env", "stdin"]);
+        assert!(args(&[], &[], false).may_be_secret().is_empty());
+    }
+}
