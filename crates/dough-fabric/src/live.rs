@@ -4,11 +4,15 @@
 //! held, so no command is running in it), and saved whole: the device
 //! state and its RAM in one stream (a clone's RAM is a private mapping of
 //! its snapshot's memory file, which a device-state-only save cannot
-//! describe), plus a copy of its scratch disk as the pause left it. The
-//! result is a snapshot like a bake's, recorded with its parent (the
-//! snapshot and the clone it came from), keyed by its content, read-only;
-//! clones restored from it ("forks") get their own id, entropy, clock,
-//! hostname, machine-id, network and channel, as every clone does.
+//! describe), plus a copy of its scratch disk as the pause left it; then it
+//! runs on. That is made into a snapshot like a bake's ("rebake"): a VM of
+//! dough's own is restored from it with its RAM in a new shared file,
+//! greets the host as a baked guest does, is paused, and only its device
+//! state is saved. Clones of the result ("forks") map the memory file
+//! privately and share its pages, as clones of a bake do, and get their own
+//! id, entropy, clock, hostname, machine-id, network and channel. The
+//! snapshot is recorded with its parent (the snapshot and the clone it came
+//! from), keyed by what was saved of the clone, read-only.
 //!
 //! Secrets: a VM that received one is never snapshotted. dough cannot see
 //! which values are secret, so it counts as received whatever came from
@@ -23,9 +27,11 @@ use std::time::Instant;
 
 use dough_image::cache::KeyBuilder;
 
+use crate::backend::{Launch, RestoreFrom};
+use crate::options::BootOptions;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotMeta, SnapshotParent, SnapshotStore};
 use crate::state::{now_unix, VmDir, VmKind, VmState};
-use crate::vm::FabricError;
+use crate::vm::{FabricError, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
@@ -95,6 +101,7 @@ pub fn snapshot(
     store: &SnapshotStore,
     id: &str,
     after: After,
+    opts: &BootOptions,
     say: &mut dyn FnMut(&str),
 ) -> Result<Snapshot, LiveError> {
     let dir = VmDir::open(vms, id)?;
@@ -148,118 +155,199 @@ pub fn snapshot(
     };
     let was_paused = rec.state == VmState::Paused;
     let started = Instant::now();
+    // Under the store's lock (taken before the clone is paused): a bake
+    // that starts meanwhile would take the temporary directory for an
+    // interrupted bake's and remove it.
+    let _lock = store.bake_lock(say)?;
+    let tmp = store
+        .root()
+        .join(format!(".tmp-live-{id}-{}", std::process::id()));
+    let io = |source| LiveError::Io {
+        id: id.clone(),
+        source,
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io)?;
     if !was_paused {
         backend.pause(&dir.paths).map_err(save_err)?;
         dir.update(|r| r.transition(VmState::Paused))?;
     }
-    let saved = save_paused(store, &dir.paths, &id, &parent, backend, started, say);
-    // Whatever happened, the clone carries on as it was asked to.
+    let saved = save_whole(&tmp, &dir.paths, &id, &parent, backend);
+    // The clone is done with: it carries on as it was asked to, whatever
+    // happened to the save.
     if after == After::Resume && !was_paused {
         let resumed = backend.resume(&dir.paths).map_err(save_err);
         if resumed.is_ok() {
             dir.update(|r| r.transition(VmState::Ready))?;
         }
-        let snap = saved?;
-        resumed?;
-        return Ok(snap);
+        if let Err(e) = resumed {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
     }
-    saved
+    let r = saved.and_then(|key| match store.get(&key) {
+        // The same content, saved before: that one stands.
+        Some(existing) => Ok(existing),
+        None => {
+            say(&format!("making {id}'s memory into a snapshot file"));
+            rebake(vms, store, &tmp, &key, &id, &parent, opts, started)
+        }
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
 }
 
-fn save_paused(
-    store: &SnapshotStore,
+/// Save the paused clone whole into `tmp` (`whole`: the stream with its
+/// RAM; `clone-scratch.img`; `boot-serial.log`); its content key.
+fn save_whole(
+    tmp: &Path,
     paths: &dough_vmm::VmPaths,
     id: &str,
     parent: &Snapshot,
     backend: &dyn crate::backend::Vmm,
+) -> Result<String, LiveError> {
+    let io = |source| LiveError::Io {
+        id: id.to_string(),
+        source,
+    };
+    let whole = tmp.join(WHOLE);
+    backend
+        .save_live(paths, &whole)
+        .map_err(|source| LiveError::Save {
+            id: id.to_string(),
+            source,
+        })?;
+    // QEMU flushed its disks when the migration completed; the clone stays
+    // paused until after this copy.
+    let scratch = tmp.join(CLONE_SCRATCH);
+    if parent.meta.scratch_mib.is_some() {
+        crate::disk::copy_sparse(&paths.scratch, &scratch).map_err(io)?;
+    }
+    std::fs::copy(&paths.serial, tmp.join("boot-serial.log")).map_err(io)?;
+    let mut k = KeyBuilder::new("live-snapshot-v1");
+    k.str("parent", &parent.key);
+    k.str(
+        "whole",
+        &dough_image::cache::sha256_file(&whole).map_err(io)?,
+    );
+    if scratch.exists() {
+        k.str(
+            "scratch",
+            &crate::disk::sparse_sha256(&scratch).map_err(io)?,
+        );
+    }
+    Ok(k.finish())
+}
+
+const WHOLE: &str = "whole";
+const CLONE_SCRATCH: &str = "clone-scratch.img";
+
+/// Turn the saved clone in `tmp` into a snapshot like a bake's, under
+/// `key`: restore it into a VM of its own whose RAM is a new shared file
+/// (`mem`), let its agent greet the host (as a bake's does), pause it and
+/// save only its device state. Its clones then map `mem` privately and
+/// share its pages, as clones of a bake do; the agent takes each clone's
+/// own identity at its handshake.
+#[allow(clippy::too_many_arguments)]
+fn rebake(
+    vms: &Path,
+    store: &SnapshotStore,
+    tmp: &Path,
+    key: &str,
+    id: &str,
+    parent: &Snapshot,
+    opts: &BootOptions,
     started: Instant,
-    say: &mut dyn FnMut(&str),
 ) -> Result<Snapshot, LiveError> {
     let io = |source| LiveError::Io {
         id: id.to_string(),
         source,
     };
-    // Under the store's lock: a bake that starts meanwhile would take the
-    // temporary directory for an interrupted bake's and remove it.
-    let _lock = store.bake_lock(say)?;
-    let tmp = store
-        .root()
-        .join(format!(".tmp-live-{id}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io)?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io)?;
-    let r = (|| -> Result<Snapshot, LiveError> {
-        let state = tmp.join("state");
-        backend
-            .save_live(paths, &state)
-            .map_err(|source| LiveError::Save {
-                id: id.to_string(),
-                source,
-            })?;
-        // QEMU flushed its disks when the migration completed; the clone
-        // stays paused until after this copy.
-        let scratch = tmp.join("scratch.img");
-        if parent.meta.scratch_mib.is_some() {
-            crate::disk::copy_sparse(&paths.scratch, &scratch).map_err(io)?;
-        }
-        std::fs::copy(&paths.serial, tmp.join("boot-serial.log")).map_err(io)?;
-        let save_secs = started.elapsed().as_secs_f64();
-        let mut k = KeyBuilder::new("live-snapshot-v1");
-        k.str("parent", &parent.key);
-        k.str(
-            "state",
-            &dough_image::cache::sha256_file(&state).map_err(io)?,
-        );
-        if scratch.exists() {
-            k.str(
-                "scratch",
-                &crate::disk::sparse_sha256(&scratch).map_err(io)?,
-            );
-        }
-        let key = k.finish();
-        let meta = SnapshotMeta {
-            key: key.clone(),
-            created_unix: now_unix(),
-            bake_secs: save_secs,
-            state_bytes: std::fs::metadata(&state).map_err(io)?.len(),
-            parent: Some(SnapshotParent {
-                snapshot: parent.key.clone(),
-                vm: id.to_string(),
-            }),
+    let meta = &parent.meta;
+    let mem = tmp.join("mem");
+    let state = tmp.join("state");
+    let scratch = tmp.join("scratch.img");
+    let helper_opts = BootOptions {
+        backend: meta.backend,
+        accel: meta.accel,
+        mem_mib: meta.mem_mib,
+        cpus: meta.cpus,
+        extra_cmdline: meta.extra_cmdline.clone(),
+        root_rw: false,
+        egress: dough_net::Egress::None,
+        brokers: Vec::new(),
+        scratch: meta.scratch_mib.map(|m| crate::options::ScratchDisk {
+            size_mib: m,
+            source: tmp.join(CLONE_SCRATCH),
+        }),
+        ..opts.clone()
+    };
+    let helper = Vm::launch(
+        vms,
+        &meta.image,
+        &helper_opts,
+        VmKind::Bake,
+        Launch::Restore(RestoreFrom {
+            key: parent.key.clone(),
+            state: tmp.join(WHOLE),
+            mem: mem.clone(),
+            tsc_khz: meta.tsc_khz,
             ram_in_state: true,
-            ..parent.meta.clone()
-        };
-        let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
-            path: tmp.join("meta.json"),
-            source,
-        })?;
-        std::fs::write(tmp.join("meta.json"), bytes).map_err(io)?;
-        use std::os::unix::fs::PermissionsExt;
-        for f in [&state, &scratch] {
-            if f.exists() {
-                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
-            }
-        }
-        std::fs::write(tmp.join(dough_image::cache::DONE), b"").map_err(io)?;
-        let dest = store.root().join(&key);
-        if store.get(&key).is_some() {
-            // The same content, saved before: that one stands.
-            std::fs::remove_dir_all(&tmp).map_err(io)?;
-        } else {
-            if dest.exists() {
-                std::fs::remove_dir_all(&dest).map_err(io)?;
-            }
-            std::fs::rename(&tmp, &dest).map_err(io)?;
-        }
-        store.get(&key).ok_or_else(|| {
-            io(std::io::Error::other(format!(
-                "snapshot {key} vanished after it was written"
-            )))
-        })
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+            into_mem: Some(mem.clone()),
+        }),
+    )?;
+    helper.close_channel();
+    let backend = crate::backend::vmm(meta.backend);
+    let save_err = |source| LiveError::Save {
+        id: id.to_string(),
+        source,
+    };
+    backend.pause(&helper.paths).map_err(save_err)?;
+    helper.set_state(VmState::Paused)?;
+    backend
+        .save(&helper.paths, &state, &mem)
+        .map_err(save_err)?;
+    if meta.scratch_mib.is_some() && std::fs::rename(&helper.paths.scratch, &scratch).is_err() {
+        crate::disk::copy_sparse(&helper.paths.scratch, &scratch).map_err(io)?;
     }
-    r
+    helper.destroy()?;
+    for f in [WHOLE, CLONE_SCRATCH] {
+        let _ = std::fs::remove_file(tmp.join(f));
+    }
+    let meta = SnapshotMeta {
+        key: key.to_string(),
+        created_unix: now_unix(),
+        bake_secs: started.elapsed().as_secs_f64(),
+        state_bytes: std::fs::metadata(&state).map_err(io)?.len(),
+        parent: Some(SnapshotParent {
+            snapshot: parent.key.clone(),
+            vm: id.to_string(),
+        }),
+        ram_in_state: false,
+        ..meta.clone()
+    };
+    let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
+        path: tmp.join("meta.json"),
+        source,
+    })?;
+    std::fs::write(tmp.join("meta.json"), bytes).map_err(io)?;
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&mem, &state, &scratch] {
+        if f.exists() {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+        }
+    }
+    std::fs::write(tmp.join(dough_image::cache::DONE), b"").map_err(io)?;
+    let dest = store.root().join(key);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io)?;
+    }
+    std::fs::rename(tmp, &dest).map_err(io)?;
+    store.get(key).ok_or_else(|| {
+        io(std::io::Error::other(format!(
+            "snapshot {key} vanished after it was written"
+        )))
+    })
 }

@@ -583,6 +583,7 @@ impl Vm {
                     mem: snap.mem.clone(),
                     tsc_khz: snap.meta.tsc_khz,
                     ram_in_state: snap.meta.ram_in_state,
+                    into_mem: None,
                 }),
             )
         })

@@ -152,7 +152,7 @@ pub struct VmRecord {
     pub cgroup: Option<crate::cgroup::Cgroup>,
     /// What it was given that may be secret (values from dough's own
     /// environment, env files, stdin), as descriptions: a VM with any is
-    /// never snapshotted (`crate::live`).
+    /// never snapshotted (dough-fabric's `live` module).
     #[serde(default)]
     pub received: Vec<String>,
 }

@@ -609,6 +609,12 @@ fn spawn_vmm(
         if let Some(sd) = &s.opts.scratch {
             cap = cap.max(sd.size_mib << 20);
         }
+        // One restored into a new memory file writes that file.
+        if let Launch::Restore(r) = s.launch {
+            if r.into_mem.is_some() {
+                cap = cap.max(u64::from(s.opts.mem_mib) << 20);
+            }
+        }
         dough_vmm::process::cap_file_size(&mut cmd, cap);
     }
     // The VM's own writable disk: a sparse copy of an empty filesystem (a

@@ -7,8 +7,8 @@ use std::path::Path;
 
 /// Bottom first. A module may use only modules listed before it.
 const ORDER: &[&str] = &[
-    "host", "disk", "notice", "serial", "options", "channel", "state", "backend", "vm", "snapshot",
-    "builder", "accel", "gc", "pool",
+    "host", "disk", "cgroup", "notice", "serial", "options", "channel", "state", "backend", "vm",
+    "snapshot", "live", "builder", "accel", "gc", "pool",
 ];
 
 /// `crate::<module>` names a source file uses (the root's re-exports of

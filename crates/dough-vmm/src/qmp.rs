@@ -128,9 +128,15 @@ impl Qmp {
     /// Leave RAM that lives in a shared file out of the migration stream
     /// (`x-ignore-shared`); needed on both the saving and restoring side.
     pub fn ignore_shared_ram(&mut self) -> Result<(), QmpError> {
+        self.set_ignore_shared(true)
+    }
+
+    /// Set the `x-ignore-shared` migration capability (both ends of a
+    /// migration must agree: QEMU checks).
+    pub fn set_ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
         self.execute(
             "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]})),
         )
         .map(drop)
     }

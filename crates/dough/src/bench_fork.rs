@@ -140,7 +140,7 @@ pub fn fork(ctx: &Ctx, a: ForkBenchArgs) -> anyhow::Result<ExitCode> {
     )?;
     let store = SnapshotStore::new(&ctx.home);
     let t = Instant::now();
-    let snap = live::snapshot(&ctx.vms, &store, &id, After::Resume, &mut |m| {
+    let snap = live::snapshot(&ctx.vms, &store, &id, After::Resume, &opts, &mut |m| {
         eprintln!("dough: {m}")
     })?;
     let save_secs = t.elapsed().as_secs_f64();
@@ -174,7 +174,7 @@ pub fn fork(ctx: &Ctx, a: ForkBenchArgs) -> anyhow::Result<ExitCode> {
             "save_secs": (save_secs * 100.0).round() / 100.0,
             "state_bytes": snap.meta.state_bytes,
             "bytes_on_disk": on_disk,
-            "ram": "in the stream (a full copy of the guest's non-zero pages)",
+            "ram": "a memory file of its own (made by restoring the clone saved whole into it)",
         },
         "rounds": rounds,
     });

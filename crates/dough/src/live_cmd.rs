@@ -20,6 +20,10 @@ pub struct SnapshotArgs {
     /// Leave the clone paused afterwards (default: it runs on).
     #[arg(long)]
     pub pause: bool,
+    /// VMM options for the VM that makes the snapshot (its memory, vCPUs,
+    /// image and accelerator are the clone's).
+    #[command(flatten)]
+    pub vm: VmArgs,
 }
 
 #[derive(Debug, Args)]
@@ -60,19 +64,21 @@ pub fn find_snapshot(ctx: &Ctx, key: &str) -> anyhow::Result<Snapshot> {
     }
 }
 
-fn save(ctx: &Ctx, id: &str, after: After) -> anyhow::Result<Snapshot> {
+fn save(ctx: &Ctx, id: &str, after: After, vm: &VmArgs) -> anyhow::Result<Snapshot> {
     let store = SnapshotStore::new(&ctx.home);
+    let image = crate::vm_args::resolve_image(ctx, vm)?;
+    let opts = boot_options(&ctx.home, &image, vm)?;
     let t = Instant::now();
-    let snap = live::snapshot(&ctx.vms, &store, id, after, &mut |m| {
+    let snap = live::snapshot(&ctx.vms, &store, id, after, &opts, &mut |m| {
         eprintln!("dough: {m}")
     })
     .with_context(|| format!("snapshotting {id}"))?;
     eprintln!(
-        "dough: saved {} as snapshot {} in {:.2}s (state {} MiB{})",
+        "dough: saved {} as snapshot {} in {:.2}s (memory file {} MiB on disk{})",
         snap.meta.parent.as_ref().map_or(id, |p| p.vm.as_str()),
         snap.key,
         t.elapsed().as_secs_f64(),
-        snap.meta.state_bytes >> 20,
+        dough_fabric::snapshot::disk_usage(&snap.dir) >> 20,
         if after == After::StayPaused {
             "; the clone stays paused"
         } else {
@@ -87,14 +93,15 @@ pub fn snapshot(ctx: &Ctx, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         true => After::StayPaused,
         false => After::Resume,
     };
-    let snap = save(ctx, &args.id, after)?;
+    crate::teardown::install_teardown_on_signal(&ctx.vms);
+    let snap = save(ctx, &args.id, after, &args.vm)?;
     println!("{}", snap.key);
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn fork(ctx: &Ctx, args: ForkArgs) -> anyhow::Result<ExitCode> {
     crate::teardown::install_teardown_on_signal(&ctx.vms);
-    let snap = save(ctx, &args.id, After::Resume)?;
+    let snap = save(ctx, &args.id, After::Resume, &args.vm)?;
     let opts = boot_options(&ctx.home, &snap.meta.image, &args.vm)?;
     crate::vm_cmds::restore_clones(ctx, &snap, &opts, args.count as usize)
 }

@@ -84,9 +84,12 @@ pub struct RestoreFrom {
     pub mem: PathBuf,
     /// The TSC rate its guest calibrated with (QEMU under TCG).
     pub tsc_khz: Option<u64>,
-    /// The guest's RAM is in the `state` stream, not in `mem` (a snapshot
-    /// of a live clone): it is loaded into memory of the clone's own.
+    /// The guest's RAM is in the `state` stream, not in `mem` (a live
+    /// clone saved whole): it is loaded into memory of the VM's own.
     pub ram_in_state: bool,
+    /// With `ram_in_state`: load the RAM into this new file, shared (the
+    /// VM's RAM is then that file, as a bake's is), not anonymous memory.
+    pub into_mem: Option<PathBuf>,
 }
 
 /// How a VM comes up.

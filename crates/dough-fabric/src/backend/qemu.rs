@@ -55,9 +55,17 @@ impl Vmm for QemuVmm {
                 None,
                 false,
             ),
-            // A live clone's snapshot carries its RAM in the stream.
+            // A live clone saved whole carries its RAM in the stream: into
+            // a new shared file (made into a snapshot), or memory of its own.
             Launch::Restore(snap) if snap.ram_in_state => {
-                (Memory::Named, Some(Incoming::Defer), true)
+                let memory = match &snap.into_mem {
+                    Some(path) => Memory::File {
+                        path: path.clone(),
+                        shared: true,
+                    },
+                    None => Memory::Named,
+                };
+                (memory, Some(Incoming::Defer), true)
             }
             Launch::Restore(snap) => (
                 Memory::File {
@@ -102,7 +110,13 @@ impl Vmm for QemuVmm {
             return Ok(());
         };
         let mut gone = || process.try_wait().is_some();
-        let r = restore_from(&s.paths.qmp, &from.state, s.opts.deadline, &mut gone);
+        let r = restore_from(
+            &s.paths.qmp,
+            &from.state,
+            !from.ram_in_state,
+            s.opts.deadline,
+            &mut gone,
+        );
         r.map_err(|source| match process.try_wait() {
             Some(st) => BackendError::Exited(st),
             None => BackendError::QemuRestore {
@@ -149,9 +163,11 @@ impl Vmm for QemuVmm {
         let qmp_err = |what, source| BackendError::Qmp { what, source };
         let mut q = Qmp::connect(&paths.qmp, Duration::from_secs(10))
             .map_err(|e| qmp_err("connecting", e))?;
-        // As every restore expects (the RAM, private, is saved regardless).
-        q.ignore_shared_ram()
-            .map_err(|e| qmp_err("enabling x-ignore-shared", e))?;
+        // Off (the clone's own restore turned it on): the stream carries
+        // the RAM, and the VM it is restored into may share its RAM with a
+        // file (which it then must load, not skip).
+        q.set_ignore_shared(false)
+            .map_err(|e| qmp_err("turning x-ignore-shared off", e))?;
         q.unthrottle_migration()
             .map_err(|e| qmp_err("lifting the migration bandwidth limit", e))?;
         q.migrate(&dough_vmm::qemu::exec_uri(state, true))
@@ -209,6 +225,7 @@ pub(crate) fn qemu_version(qemu: &Path) -> Result<String, BackendError> {
 fn restore_from(
     qmp_path: &Path,
     state: &Path,
+    ram_is_shared: bool,
     limit: Duration,
     vmm_exited: &mut dyn FnMut() -> bool,
 ) -> Result<(), QmpError> {
@@ -223,9 +240,9 @@ fn restore_from(
             Err(e) => return Err(e),
         }
     };
-    // Always on, as it was when any snapshot was saved (a live clone's
-    // stream says so too): RAM that is not shared is in the stream anyway.
-    q.ignore_shared_ram()?;
+    // As it was when the stream was saved (QEMU checks): on for a bake's
+    // device state, off for a live clone saved whole.
+    q.set_ignore_shared(ram_is_shared)?;
     q.migrate_incoming(&dough_vmm::qemu::exec_uri(state, false))?;
     q.wait_migration(limit.saturating_sub(start.elapsed()))?;
     q.cont()
