@@ -108,8 +108,10 @@ impl SnapshotSpec {
             ("vCPUs", self.cpus.to_string()),
             (
                 "kernel command line",
-                dough_net::NetPlan::guest_cmdline()
-                    .into_iter()
+                dough_vmm::qemu::BASE_CMDLINE
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(dough_net::NetPlan::guest_cmdline())
                     .chain(self.extra_cmdline.iter().cloned())
                     .collect::<Vec<_>>()
                     .join(" "),
