@@ -199,6 +199,65 @@ pub fn snapshot(
     r
 }
 
+/// Snapshot `vm`, a VM the caller owns and is done with (gobrr's round
+/// workspace: a clone that ran the plan's setup and was given no secret),
+/// the same way as [`snapshot`]; the VM is destroyed after it is saved.
+pub fn save_vm(
+    vm: Vm,
+    vms: &Path,
+    store: &SnapshotStore,
+    opts: &BootOptions,
+    say: &mut dyn FnMut(&str),
+) -> Result<Snapshot, LiveError> {
+    let id = vm.id.clone();
+    let rec = vm.dir.read()?;
+    if !rec.received.is_empty() {
+        return Err(LiveError::HoldsSecrets {
+            id,
+            received: rec.received.clone(),
+        });
+    }
+    let parent_key = rec
+        .snapshot
+        .clone()
+        .ok_or_else(|| LiveError::NotRestored { id: id.clone() })?;
+    let parent = store.get(&parent_key).ok_or_else(|| LiveError::NoParent {
+        id: id.clone(),
+        parent: parent_key.clone(),
+    })?;
+    let started = Instant::now();
+    let _lock = store.bake_lock(say)?;
+    let io = |source| LiveError::Io {
+        id: id.clone(),
+        source,
+    };
+    let tmp = store
+        .root()
+        .join(format!(".tmp-live-{id}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    // The agent goes back to waiting for a host, as in a bake.
+    vm.close_channel();
+    let backend = crate::backend::vmm(vm.backend);
+    let saved = backend
+        .pause(&vm.paths)
+        .map_err(|source| LiveError::Save {
+            id: id.clone(),
+            source,
+        })
+        .and_then(|()| Ok(vm.set_state(VmState::Paused)?))
+        .and_then(|()| save_whole(&tmp, &vm.paths, &id, &parent, backend));
+    vm.destroy()?;
+    let r = saved.and_then(|key| match store.get(&key) {
+        Some(existing) => Ok(existing),
+        None => rebake(vms, store, &tmp, &key, &id, &parent, opts, started),
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
+}
+
 /// Save the paused clone whole into `tmp` (`whole`: the stream with its
 /// RAM; `clone-scratch.img`; `boot-serial.log`); its content key.
 fn save_whole(

@@ -156,7 +156,7 @@ pub struct Vm {
     pub hello: Hello,
     /// Time from spawning QEMU to the finished handshake.
     pub boot_time: Duration,
-    dir: VmDir,
+    pub(crate) dir: VmDir,
     /// Kept here as well as in the record: teardown must not depend on
     /// the directory still being readable.
     net: NetPlan,

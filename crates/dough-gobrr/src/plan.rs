@@ -57,6 +57,18 @@ pub struct Plan {
     pub signatures: String,
     #[serde(default)]
     pub secrets: Vec<Secret>,
+    /// Run once per round, at the repo root of a clone of the agents' image
+    /// holding the round's tree, with the plan's egress and no secret
+    /// (`npm ci`, `pip install -e .`); that clone is then saved, and the
+    /// round's agents (and gates, when they use the same image) are forks
+    /// of it: what the setup made is there without running it again. What
+    /// it writes is the new base the agents' diffs are taken against (list
+    /// it in `.gitignore` or it is part of every candidate tree).
+    #[serde(default)]
+    pub setup: Option<String>,
+    /// Seconds the setup may run.
+    #[serde(default = "default_agent_timeout")]
+    pub setup_timeout_secs: u64,
     /// The image agents run in: an image id (`dough image ls`) or a recipe
     /// file (`*.toml`, relative to the plan) whose image is built first if
     /// it is not yet. Default: `dough go --image`, else the current image.
@@ -363,6 +375,11 @@ impl Plan {
         }
         if self.check.trim().is_empty() {
             problems.push(Problem::BadSetting("check must be a command".into()));
+        }
+        if self.setup.as_ref().is_some_and(|s| s.trim().is_empty()) {
+            problems.push(Problem::BadSetting(
+                "setup must be a command (or left out)".into(),
+            ));
         }
         if let Err(e) = self.egress.parse::<dough_net::Egress>() {
             problems.push(Problem::BadSetting(format!("egress: {e}")));

@@ -11,7 +11,8 @@ use clap::Args;
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{
-    Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError,
+    Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError, Workspace,
+    WorkspaceError,
 };
 use dough_gobrr::secrets::Redactor;
 use dough_gobrr::stack::Stack;
@@ -172,6 +173,98 @@ impl Pool for ClonePool<'_> {
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.clone_with(&self.gate, dough_net::Egress::None, &[])
+    }
+
+    /// A clone of the agents' snapshot, prepared, then saved as a live
+    /// snapshot of the run's own (removed with the workspace).
+    fn workspace(
+        &self,
+        egress: &str,
+        prepare: &mut dyn FnMut(&mut dyn Sandbox) -> Result<(), String>,
+    ) -> Result<Box<dyn Workspace>, WorkspaceError> {
+        let no_clone = |e: Box<dyn std::error::Error + Send + Sync>| {
+            WorkspaceError::Sandbox(SandboxError::NoClone(e))
+        };
+        let egress: dough_net::Egress = egress
+            .parse()
+            .map_err(|e: dough_net::PlanError| no_clone(Box::new(e)))?;
+        let opts = BootOptions {
+            egress,
+            ..self.agent.opts.clone()
+        };
+        let vm = Vm::restore(self.vms, self.agent.snap, VmKind::Run, &opts)
+            .map_err(|e| no_clone(Box::new(e)))?;
+        let mut sandbox = VmSandbox(vm);
+        prepare(&mut sandbox).map_err(WorkspaceError::Prepare)?;
+        let store = dough_fabric::SnapshotStore::new(self.home);
+        let snap =
+            dough_fabric::live::save_vm(sandbox.0, self.vms, &store, self.agent.opts, &mut |_| {})
+                .map_err(|e| no_clone(Box::new(e)))?;
+        Ok(Box::new(RoundWorkspace {
+            home: self.home.to_path_buf(),
+            vms: self.vms.to_path_buf(),
+            agent_opts: self.agent.opts.clone(),
+            // Gates fork from it only when they run the agents' image.
+            gate_opts: (self.gate.snap.key == self.agent.snap.key).then(|| self.gate.opts.clone()),
+            snap,
+        }))
+    }
+}
+
+/// A round's workspace: a snapshot of the run's own that its agents (and
+/// gates, on the agents' image) are restored from; removed when dropped.
+struct RoundWorkspace {
+    home: PathBuf,
+    vms: PathBuf,
+    agent_opts: BootOptions,
+    gate_opts: Option<BootOptions>,
+    snap: Snapshot,
+}
+
+impl RoundWorkspace {
+    fn fork(&self, opts: BootOptions) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Vm::restore(&self.vms, &self.snap, VmKind::Run, &opts)
+            .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
+            .map_err(|e| SandboxError::NoClone(Box::new(e)))
+    }
+}
+
+impl Workspace for RoundWorkspace {
+    fn agent(
+        &self,
+        egress: &str,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let egress = egress
+            .parse()
+            .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
+        let ca = match brokers.is_empty() {
+            true => None,
+            false => Some(
+                crate::broker_args::dough_ca(&self.home)
+                    .map_err(|e| SandboxError::NoClone(e.into()))?,
+            ),
+        };
+        self.fork(BootOptions {
+            egress,
+            brokers: brokers.to_vec(),
+            ca,
+            ..self.agent_opts.clone()
+        })
+    }
+
+    fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>> {
+        let opts = self.gate_opts.as_ref()?;
+        Some(self.fork(BootOptions {
+            egress: dough_net::Egress::None,
+            ..opts.clone()
+        }))
+    }
+}
+
+impl Drop for RoundWorkspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.snap.dir);
     }
 }
 
@@ -484,6 +577,24 @@ fn report(r: &RunResult) -> String {
                 .map(|c| &c[..12.min(c.len())])
                 .unwrap_or("-"),
         );
+    }
+    for w in &r.workspaces {
+        match &w.failure {
+            None => {
+                s += &format!(
+                    "\nRound {} workspace: the plan's setup ran once ({:.1}s with the tree shipped), saved in {:.1}s; its {} task(s) forked from it instead of each shipping the tree and running the setup (about {:.1}s saved per task, before the fork's own cost).\n",
+                    w.round, w.setup_secs, w.save_secs, w.tasks, w.setup_secs
+                )
+            }
+            Some(why) => {
+                s += &format!(
+                    "\nRound {} workspace: **could not be made**; its {} task(s) failed.\n\n```\n{}\n```\n",
+                    w.round,
+                    w.tasks,
+                    why.trim_end()
+                )
+            }
+        }
     }
     for c in &r.round_checks {
         s += &format!(

@@ -395,3 +395,78 @@ fn vm_agent_shows_or_commits_what_passes_and_refuses_the_rest() {
     );
     assert!(!branches().contains("dough/refused"), "{}", branches());
 }
+
+/// A plan with a `setup`: each round's setup runs once in a workspace
+/// clone, whose snapshot every agent and gate of the round is a fork of —
+/// the gate's check finds what the setup made — and the run ends as the
+/// plan without it does; the workspaces' snapshots are removed.
+#[test]
+fn vm_go_with_a_setup_forks_each_round_from_one_workspace() {
+    let home = private_home();
+    let (dir, plan) = example();
+    let repo = dir.path().join("calc/repo");
+    std::fs::write(repo.join(".gitignore"), ".deps/\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "ignore deps"]);
+    let text_plan = std::fs::read_to_string(&plan).unwrap();
+    let with = text_plan
+        .replace(
+            "check = \"python3 -m unittest",
+            "setup = \"sleep 2; mkdir -p .deps && echo installed > .deps/marker\"\ncheck = \"test -f .deps/marker && python3 -m unittest",
+        );
+    assert_ne!(with, text_plan);
+    std::fs::write(&plan, with).unwrap();
+    let live_before = live_snapshots(home.path());
+    let (out, run, report) = go(home.path(), &plan, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for t in run["tasks"].as_array().unwrap() {
+        assert_eq!(t["outcome"], "green", "{t}");
+    }
+    let ws = run["workspaces"].as_array().unwrap();
+    assert_eq!(ws.len(), 3, "one per round: {run}");
+    assert_eq!(
+        ws.iter().map(|w| w["tasks"].as_u64().unwrap()).sum::<u64>(),
+        6
+    );
+    assert!(ws.iter().all(|w| w["setup_secs"].as_f64().unwrap() >= 2.0));
+    assert!(
+        report.contains("workspace: the plan's setup ran once"),
+        "{report}"
+    );
+    assert!(
+        text(&out.stderr).contains("workspace ready"),
+        "{}",
+        text(&out.stderr)
+    );
+    let branch = run["branch"].as_str().unwrap();
+    assert_eq!(
+        git(&repo, &["log", "--reverse", "--format=%s", branch]),
+        "base\nignore deps\ntokens: Tokenizer\nerrors: Error type\ndocs: Usage guide\nparser: Parser\nevaluate: Evaluator\ncli: Command line"
+    );
+    // What the setup made never reaches the branch.
+    assert_eq!(
+        git(&repo, &["ls-tree", "-r", "--name-only", branch, ".deps"]),
+        ""
+    );
+    assert!(vm_dirs(home.path()).is_empty(), "every clone was torn down");
+    assert_eq!(
+        live_snapshots(home.path()),
+        live_before,
+        "workspaces removed"
+    );
+}
+
+/// Keys of the live snapshots in `home`'s store.
+fn live_snapshots(home: &Path) -> Vec<String> {
+    let out = run(home, &["snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut keys: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["parent"].is_null())
+        .map(|s| s["key"].as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    keys
+}

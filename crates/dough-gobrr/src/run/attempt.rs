@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::guest::{gate_env, sh, ORDER, REPO, SHIP, SHIP_RO, TAKE_DIFF};
+use super::guest::{gate_env, sh, APPLY_RO, KEEP_RO, ORDER, REPO, SHIP, SHIP_RO, TAKE_DIFF};
 use super::{
     tail, Attempt, Cmd, Exit, Outcome, Output, Runner, Sandbox, SandboxError, Shared, TaskResult,
+    Workspace,
 };
 use crate::diff::{Diff, MAX_DIFF_BYTES};
 
@@ -42,30 +43,57 @@ impl Runner<'_> {
         }
     }
 
-    /// The plan's check on a whole tree in a fresh offline clone.
-    pub(super) fn round_gate(&self, tree: &[u8]) -> Result<String, String> {
-        self.offline_checks(tree, "the stacked tree", &[&self.plan.plan.check])
-            .map(|(_, log)| log)
+    /// The plan's check on a whole tree in a fresh offline clone (a fork
+    /// of the round's workspace with the round's `changes` applied, when
+    /// there is one).
+    pub(super) fn round_gate(
+        &self,
+        tree: &[u8],
+        changes: Option<&[u8]>,
+        ws: Option<&dyn Workspace>,
+    ) -> Result<String, String> {
+        self.offline_checks(
+            tree,
+            changes,
+            ws,
+            "the stacked tree",
+            &[&self.plan.plan.check],
+        )
+        .map(|(_, log)| log)
     }
 
-    /// In a fresh gate clone (no network, no secrets): unpack `tree`
-    /// read-only and run `checks` in order at its root. Ok((the clone, the
+    /// In a fresh gate clone (no network, no secrets): the tree read-only,
+    /// then `checks` in order at its root. The clone is a fork of the
+    /// round's workspace with `diff` applied when the workspace serves
+    /// gates, else a cold one with `tree` unpacked. Ok((the clone, the
     /// log)) when all pass; Err(the log so far) otherwise.
     fn offline_checks(
         &self,
         tree: &[u8],
+        diff: Option<&[u8]>,
+        ws: Option<&dyn Workspace>,
         what: &str,
         checks: &[&String],
     ) -> Result<(Box<dyn Sandbox>, String), String> {
         let plan = &self.plan.plan;
-        let mut vm = self
-            .pool
-            .gate()
-            .map_err(|e| format!("no clone for the gate: {}", e.chain()))?;
+        let no_clone = |e: SandboxError| format!("no clone for the gate: {}", e.chain());
+        let fork = match (ws, diff) {
+            (Some(w), Some(_)) => w.gate(),
+            _ => None,
+        };
+        let (mut vm, script, stdin) = match (fork, diff) {
+            (Some(vm), Some([])) => (vm.map_err(no_clone)?, KEEP_RO, None),
+            (Some(vm), Some(d)) => (vm.map_err(no_clone)?, APPLY_RO, Some(d.to_vec())),
+            _ => (
+                self.pool.gate().map_err(no_clone)?,
+                SHIP_RO,
+                Some(tree.to_vec()),
+            ),
+        };
         let shipped = vm.run(
             &Cmd {
-                argv: sh(SHIP_RO),
-                stdin: Some(tree.to_vec()),
+                argv: sh(script),
+                stdin,
                 timeout: Duration::from_secs(plan.step_timeout_secs),
                 ..Cmd::default()
             },
@@ -103,6 +131,7 @@ impl Runner<'_> {
         base_tar: &[u8],
         context: &BTreeMap<String, String>,
         shared: &Shared<'_>,
+        ws: Option<&dyn Workspace>,
     ) -> Finished {
         let plan = &self.plan.plan;
         let task = &plan.tasks[t];
@@ -113,7 +142,7 @@ impl Runner<'_> {
         for n in 1..=plan.retries + 1 {
             shared.event(&task.id, n, "starting".into());
             let order = self.work_order(t, context, &feedback);
-            let (attempt, diff) = self.attempt(t, n, base_tar, &order, shared);
+            let (attempt, diff) = self.attempt(t, n, base_tar, &order, shared, ws);
             let ok = attempt.green;
             if let Some(f) = &attempt.failure {
                 shared.event(&task.id, n, format!("failed: {}", first_line(f)));
@@ -160,6 +189,7 @@ impl Runner<'_> {
         base_tar: &[u8],
         order: &str,
         shared: &Shared<'_>,
+        ws: Option<&dyn Workspace>,
     ) -> (Attempt, Option<(Checked, String)>) {
         let plan = &self.plan.plan;
         let task = &plan.tasks[t];
@@ -208,25 +238,32 @@ impl Runner<'_> {
                 None => env.push((v.name.clone(), v.value.clone())),
             }
         }
-        // Agent clone.
+        // Agent clone: a fork of the round's workspace (the tree and the
+        // setup's work already in it), or a cold one the tree is shipped to.
         let t0 = Instant::now();
-        let mut vm = match self.pool.agent(&plan.egress, &brokers) {
+        let got = match ws {
+            Some(w) => w.agent(&plan.egress, &brokers),
+            None => self.pool.agent(&plan.egress, &brokers),
+        };
+        let mut vm = match got {
             Ok(v) => v,
             Err(e) => return fail(a, format!("no clone for the agent: {}", e.chain())),
         };
         phase(&mut a, "restore", t0);
         let t0 = Instant::now();
-        let shipped = vm.run(
-            &Cmd {
-                argv: sh(SHIP),
-                stdin: Some(base_tar.to_vec()),
-                timeout: Duration::from_secs(plan.step_timeout_secs),
-                ..Cmd::default()
-            },
-            1 << 16,
-        );
-        if let Err(e) = check_ok(shipped, "shipping the repo") {
-            return fail(a, e);
+        if ws.is_none() {
+            let shipped = vm.run(
+                &Cmd {
+                    argv: sh(SHIP),
+                    stdin: Some(base_tar.to_vec()),
+                    timeout: Duration::from_secs(plan.step_timeout_secs),
+                    ..Cmd::default()
+                },
+                1 << 16,
+            );
+            if let Err(e) = check_ok(shipped, "shipping the repo") {
+                return fail(a, e);
+            }
         }
         let wrote = vm.run(
             &Cmd {
@@ -358,7 +395,7 @@ impl Runner<'_> {
         phase(&mut a, "diff", t0);
         // The gate: offline, read-only tree, no secrets.
         let t0 = Instant::now();
-        let gate = self.gate(t, &candidate, &diff.changed_paths());
+        let gate = self.gate(t, &candidate, &raw, &diff.changed_paths(), ws);
         phase(&mut a, "gate", t0);
         match gate {
             Ok((log, signatures)) => {
@@ -382,13 +419,16 @@ impl Runner<'_> {
         &self,
         t: usize,
         candidate: &[u8],
+        raw_diff: &[u8],
         changed: &[String],
+        ws: Option<&dyn Workspace>,
     ) -> Result<(String, String), String> {
         let plan = &self.plan.plan;
         let checks: Vec<&String> = std::iter::once(&plan.check)
             .chain(plan.tasks[t].check.as_ref())
             .collect();
-        let (mut vm, log) = self.offline_checks(candidate, "the candidate", &checks)?;
+        let (mut vm, log) =
+            self.offline_checks(candidate, Some(raw_diff), ws, "the candidate", &checks)?;
         // `sh -c CMD signatures FILE...`: the files are CMD's "$@".
         let mut argv = sh(&plan.signatures);
         argv.push("signatures".into());
@@ -429,7 +469,7 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 
-fn check_ok(r: Result<Output, SandboxError>, what: &str) -> Result<(), String> {
+pub(super) fn check_ok(r: Result<Output, SandboxError>, what: &str) -> Result<(), String> {
     match r {
         Ok(o) if o.exit.as_ref().is_some_and(Exit::ok) => Ok(()),
         Ok(o) => Err(format!(

@@ -18,8 +18,10 @@ pub mod report;
 pub mod sandbox;
 
 pub use guest::{ORDER, REPO};
-pub use report::{Attempt, Event, Outcome, RoundCheck, RunResult, TaskResult};
-pub use sandbox::{Cmd, Exit, Output, Pool, Sandbox, SandboxError, STEP_TIMEOUT};
+pub use report::{Attempt, Event, Outcome, RoundCheck, RunResult, TaskResult, WorkspaceReport};
+pub use sandbox::{
+    Cmd, Exit, Output, Pool, Sandbox, SandboxError, Workspace, WorkspaceError, STEP_TIMEOUT,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -96,8 +98,9 @@ impl Runner<'_> {
         let base = self.stack.head().unwrap_or_default();
         let mut results: Vec<Option<TaskResult>> = vec![None; plan.tasks.len()];
         let mut round_checks = Vec::new();
+        let mut workspaces = Vec::new();
         let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.rounds(&shared, &mut results, &mut round_checks)
+            self.rounds(&shared, &mut results, &mut round_checks, &mut workspaces)
         }));
         let error = match rounds {
             Ok(Ok(())) => None,
@@ -121,6 +124,7 @@ impl Runner<'_> {
             seconds: start.elapsed().as_secs_f64(),
             tasks: results.into_iter().flatten().collect(),
             round_checks,
+            workspaces,
             error,
         }
     }
@@ -130,6 +134,7 @@ impl Runner<'_> {
         shared: &Shared<'_>,
         results: &mut [Option<TaskResult>],
         round_checks: &mut Vec<RoundCheck>,
+        workspaces: &mut Vec<WorkspaceReport>,
     ) -> Result<(), StackError> {
         let plan = &self.plan.plan;
         let mut stopped: Option<String> = None;
@@ -167,7 +172,25 @@ impl Runner<'_> {
                 }
             }
             let base_tar = self.stack.archive()?;
+            let round_base = self.stack.head()?;
             let context = self.dependency_context(results);
+            // The plan's setup, once for the round: its tasks fork from it.
+            let workspace = match (&plan.setup, runnable.is_empty()) {
+                (Some(setup), false) => {
+                    let (ws, report) =
+                        self.workspace(k + 1, setup, &base_tar, runnable.len(), shared);
+                    if let Some(why) = &report.failure {
+                        for &t in &runnable {
+                            results[t] = Some(self.setup_failure(t, k + 1, why));
+                        }
+                        runnable.clear();
+                    }
+                    workspaces.push(report);
+                    ws
+                }
+                _ => None,
+            };
+            let ws = workspace.as_deref();
             // Up to `concurrency` tasks at once.
             let queue = Mutex::new(runnable.clone().into_iter());
             let done: Mutex<BTreeMap<usize, Finished>> = Mutex::new(BTreeMap::new());
@@ -180,7 +203,7 @@ impl Runner<'_> {
                         // A bug in one task must not take the run down: a
                         // panic becomes that task's failure.
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            self.task(t, k + 1, &base_tar, &context, shared)
+                            self.task(t, k + 1, &base_tar, &context, shared, ws)
                         }))
                         .unwrap_or_else(|panic| {
                             let why = panic_message(&*panic);
@@ -223,7 +246,11 @@ impl Runner<'_> {
                 .count();
             if stacked >= 2 {
                 let tree = self.stack.archive()?;
-                let (passed, log) = match self.round_gate(&tree) {
+                let changes = match ws {
+                    Some(_) => Some(self.stack.diff_since(&round_base)?),
+                    None => None,
+                };
+                let (passed, log) = match self.round_gate(&tree, changes.as_deref(), ws) {
                     Ok(log) => (true, log),
                     Err(log) => (false, log),
                 };
@@ -250,6 +277,110 @@ impl Runner<'_> {
     }
 }
 
+impl Runner<'_> {
+    /// Make round `round`'s workspace: a clone with the round's tree, the
+    /// plan's `setup` run at its root and what it made committed, saved.
+    fn workspace(
+        &self,
+        round: usize,
+        setup: &str,
+        base_tar: &[u8],
+        tasks: usize,
+        shared: &Shared<'_>,
+    ) -> (Option<Box<dyn Workspace>>, WorkspaceReport) {
+        let plan = &self.plan.plan;
+        let what = format!("round {round}");
+        shared.event(&what, 0, format!("setting up its workspace: {setup}"));
+        let started = Instant::now();
+        let mut setup_secs = 0.0;
+        let made = self.pool.workspace(&plan.egress, &mut |vm| {
+            let t0 = Instant::now();
+            let step =
+                |vm: &mut dyn Sandbox, argv, stdin: Option<Vec<u8>>, cwd, timeout, what: &str| {
+                    attempt::check_ok(
+                        vm.run(
+                            &Cmd {
+                                argv,
+                                stdin,
+                                cwd,
+                                timeout,
+                                ..Cmd::default()
+                            },
+                            1 << 20,
+                        ),
+                        what,
+                    )
+                };
+            let step_timeout = std::time::Duration::from_secs(plan.step_timeout_secs);
+            step(
+                vm,
+                guest::sh(guest::SHIP),
+                Some(base_tar.to_vec()),
+                None,
+                step_timeout,
+                "shipping the repo",
+            )?;
+            step(
+                vm,
+                guest::sh(setup),
+                None,
+                Some(REPO.to_string()),
+                std::time::Duration::from_secs(plan.setup_timeout_secs),
+                "the plan's setup",
+            )?;
+            step(
+                vm,
+                guest::sh(guest::COMMIT_SETUP),
+                None,
+                None,
+                step_timeout,
+                "recording what the setup made",
+            )?;
+            setup_secs = t0.elapsed().as_secs_f64();
+            Ok(())
+        });
+        let total = started.elapsed().as_secs_f64();
+        let round2 = |x: f64| (x * 100.0).round() / 100.0;
+        let mut report = WorkspaceReport {
+            round,
+            setup_secs: round2(setup_secs),
+            save_secs: round2((total - setup_secs).max(0.0)),
+            tasks,
+            failure: None,
+        };
+        match made {
+            Ok(ws) => {
+                shared.event(
+                    &what,
+                    0,
+                    format!(
+                        "workspace ready: setup {:.1}s, saved in {:.1}s; its {tasks} task(s) fork from it",
+                        report.setup_secs, report.save_secs
+                    ),
+                );
+                (Some(ws), report)
+            }
+            Err(e) => {
+                let why = shared
+                    .redactor
+                    .redact(&format!("the plan's setup failed: {e}"));
+                shared.event(&what, 0, why.clone());
+                report.failure = Some(why);
+                (None, report)
+            }
+        }
+    }
+
+    /// A task that did not run: its round's workspace could not be made.
+    fn setup_failure(&self, t: usize, round: usize, why: &str) -> TaskResult {
+        let mut r = self.internal_failure(t, round, why);
+        if let Some(a) = r.attempts.first_mut() {
+            a.failure = Some(why.to_string());
+        }
+        r
+    }
+}
+
 /// What a caught panic said.
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -260,7 +391,7 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::guest::{SHIP_RO, TAKE_DIFF};
+    use super::guest::{APPLY_RO, COMMIT_SETUP, SHIP, SHIP_RO, TAKE_DIFF};
     use super::*;
     use crate::plan::Plan;
     use crate::stack::tests::{base_repo, sh};
@@ -273,10 +404,35 @@ mod tests {
         gates: Arc<Mutex<u32>>,
         secrets_seen_by_gates: Arc<Mutex<bool>>,
         diff_for: fn(&str) -> String,
+        /// Every script a clone ran, with "agent"/"gate"/"setup" before it.
+        scripts: Arc<Mutex<Vec<String>>>,
+        /// Forks of workspaces: (agents, gates).
+        forks: Arc<Mutex<(u32, u32)>>,
+    }
+
+    struct FakeWorkspace {
+        pool: FakePool,
+    }
+
+    impl Workspace for FakeWorkspace {
+        fn agent(
+            &self,
+            _egress: &str,
+            _brokers: &[dough_gateway::broker::Broker],
+        ) -> Result<Box<dyn Sandbox>, SandboxError> {
+            self.pool.forks.lock().unwrap().0 += 1;
+            Ok(self.pool.vm("agent"))
+        }
+        fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>> {
+            self.pool.forks.lock().unwrap().1 += 1;
+            Some(Ok(self.pool.vm("gate")))
+        }
     }
 
     struct FakeVm {
         gate: bool,
+        role: &'static str,
+        scripts: Arc<Mutex<Vec<String>>>,
         order: String,
         candidate: Vec<u8>,
         pool_orders: Arc<Mutex<Vec<String>>>,
@@ -294,6 +450,17 @@ mod tests {
                     stderr: vec![],
                 })
             };
+            self.scripts
+                .lock()
+                .unwrap()
+                .push(format!("{}: {script}", self.role));
+            if script == "fail to set up" {
+                return Ok(Output {
+                    exit: Some(Exit::Code(2)),
+                    stdout: vec![],
+                    stderr: b"E: no such package".to_vec(),
+                });
+            }
             if self.gate && cmd.env.iter().any(|(k, _)| k == "API_KEY") {
                 *self.secrets_seen_by_gates.lock().unwrap() = true;
             }
@@ -302,7 +469,7 @@ mod tests {
                 self.pool_orders.lock().unwrap().push(self.order.clone());
                 return ok(vec![]);
             }
-            if script == SHIP_RO {
+            if script == SHIP_RO || script == APPLY_RO {
                 self.candidate = cmd.stdin.clone().unwrap();
                 return ok(vec![]);
             }
@@ -331,15 +498,28 @@ mod tests {
     }
 
     impl FakePool {
-        fn vm(&self, gate: bool) -> Box<dyn Sandbox> {
+        fn vm(&self, role: &'static str) -> Box<dyn Sandbox> {
             Box::new(FakeVm {
-                gate,
+                gate: role == "gate",
+                role,
+                scripts: self.scripts.clone(),
                 order: String::new(),
                 candidate: vec![],
                 pool_orders: self.orders.clone(),
                 secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
                 diff_for: self.diff_for,
             })
+        }
+
+        fn twin(&self) -> FakePool {
+            FakePool {
+                orders: self.orders.clone(),
+                gates: self.gates.clone(),
+                secrets_seen_by_gates: self.secrets_seen_by_gates.clone(),
+                diff_for: self.diff_for,
+                scripts: self.scripts.clone(),
+                forks: self.forks.clone(),
+            }
         }
     }
 
@@ -349,11 +529,20 @@ mod tests {
             _egress: &str,
             _brokers: &[dough_gateway::broker::Broker],
         ) -> Result<Box<dyn Sandbox>, SandboxError> {
-            Ok(self.vm(false))
+            Ok(self.vm("agent"))
         }
         fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
             *self.gates.lock().unwrap() += 1;
-            Ok(self.vm(true))
+            Ok(self.vm("gate"))
+        }
+        fn workspace(
+            &self,
+            _egress: &str,
+            prepare: &mut dyn FnMut(&mut dyn Sandbox) -> Result<(), String>,
+        ) -> Result<Box<dyn Workspace>, WorkspaceError> {
+            let mut vm = self.vm("setup");
+            prepare(&mut *vm).map_err(WorkspaceError::Prepare)?;
+            Ok(Box::new(FakeWorkspace { pool: self.twin() }))
         }
     }
 
@@ -601,6 +790,86 @@ allow = ["src/fine.py"]
         assert!(by_id("fine").commit.is_some());
     }
 
+    /// With a `setup`, each round prepares one workspace — the tree
+    /// shipped, the setup run at the repo root, what it made committed —
+    /// and every agent and gate of the round is a fork of it: no agent
+    /// ships the tree, gates apply the candidate's diff. The outcomes are
+    /// those of the same plan without it.
+    #[test]
+    fn a_setup_runs_once_per_round_and_tasks_fork_from_it() {
+        let with = PARTS.replace("retries = 0", "retries = 0\nsetup = \"install deps\"");
+        assert_ne!(with, PARTS);
+        let ran = run_plan(&with, diff_parts, vec![]);
+        let cold = run_plan(PARTS, diff_parts, vec![]).result;
+        let r = &ran.result;
+        let outcomes = |r: &RunResult| -> Vec<(String, Outcome)> {
+            r.tasks
+                .iter()
+                .map(|t| (t.id.clone(), t.outcome.clone()))
+                .collect()
+        };
+        assert_eq!(outcomes(r), outcomes(&cold));
+        let scripts = ran.pool.scripts.lock().unwrap().clone();
+        let setups: Vec<&String> = scripts
+            .iter()
+            .filter(|s| s.starts_with("setup: "))
+            .collect();
+        assert_eq!(
+            setups,
+            vec![
+                &format!("setup: {SHIP}"),
+                &"setup: install deps".to_string(),
+                &format!("setup: {COMMIT_SETUP}")
+            ],
+            "one workspace (round 1 ran; round 2 was blocked)"
+        );
+        assert!(
+            !scripts.iter().any(|s| *s == format!("agent: {SHIP}")),
+            "{scripts:?}"
+        );
+        assert!(
+            !scripts.iter().any(|s| *s == format!("gate: {SHIP_RO}")),
+            "{scripts:?}"
+        );
+        let (agents, gates) = *ran.pool.forks.lock().unwrap();
+        assert_eq!(
+            (agents, gates),
+            (2, 3),
+            "two agents, two gates and the round's check"
+        );
+        assert_eq!(*ran.pool.gates.lock().unwrap(), 0, "no cold gate");
+        assert_eq!(r.workspaces.len(), 1);
+        assert_eq!((r.workspaces[0].round, r.workspaces[0].tasks), (1, 2));
+        assert!(r.workspaces[0].failure.is_none());
+        // The round's combined check saw both parts, applied in a fork.
+        assert!(!r.round_checks[0].passed && r.round_checks[0].log.contains("FAIL"));
+        assert!(ran
+            .events
+            .iter()
+            .any(|e| e.what.contains("workspace ready")));
+    }
+
+    /// A setup that fails fails its round's tasks with its output; no agent
+    /// runs on a half-made workspace.
+    #[test]
+    fn a_failed_setup_fails_its_rounds_tasks() {
+        let with = PARTS.replace("retries = 0", "retries = 0\nsetup = \"fail to set up\"");
+        let ran = run_plan(&with, diff_parts, vec![]);
+        let r = &ran.result;
+        for id in ["a", "b"] {
+            let t = r.tasks.iter().find(|t| t.id == id).unwrap();
+            assert_eq!(t.outcome, Outcome::Failed);
+            let why = t.attempts[0].failure.clone().unwrap();
+            assert!(
+                why.contains("the plan's setup failed") && why.contains("no such package"),
+                "{why}"
+            );
+        }
+        assert!(ran.pool.orders.lock().unwrap().is_empty(), "no agent ran");
+        assert!(r.workspaces[0].failure.is_some());
+        assert!(r.tasks.iter().all(|t| t.commit.is_none()));
+    }
+
     #[test]
     fn a_round_whose_combination_fails_stops_later_rounds() {
         let r = run_plan(PARTS, diff_parts, vec![]).result;
@@ -635,6 +904,8 @@ allow = ["src/fine.py"]
             gates: Arc::new(Mutex::new(0)),
             secrets_seen_by_gates: Arc::new(Mutex::new(false)),
             diff_for,
+            scripts: Arc::new(Mutex::new(vec![])),
+            forks: Arc::new(Mutex::new((0, 0))),
         };
         let events = Mutex::new(Vec::new());
         let on_event = |e: &Event| events.lock().unwrap().push(e.clone());

@@ -68,9 +68,28 @@ pub struct RunResult {
     /// The plan's check on each round's stacked result (run when a round
     /// stacked two or more tasks: each was gated alone, not together).
     pub round_checks: Vec<RoundCheck>,
+    /// Each round's warm workspace (plans with a `setup`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<WorkspaceReport>,
     /// Why the run stopped early, if it did (what finished before is kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A round's warm workspace: made once, forked by the round's tasks.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkspaceReport {
+    pub round: usize,
+    /// Shipping the tree, the setup, committing what it made (what every
+    /// task's clone would otherwise do itself), seconds.
+    pub setup_secs: f64,
+    /// Saving the prepared clone, seconds.
+    pub save_secs: f64,
+    /// Tasks that started from it.
+    pub tasks: usize,
+    /// Why it could not be made (its tasks then failed), redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

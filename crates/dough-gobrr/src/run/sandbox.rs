@@ -102,6 +102,32 @@ pub trait Sandbox: Send {
     }
 }
 
+/// A round's warm workspace (the plan's `setup`): one clone, prepared and
+/// saved; the round's agents, and its gates when they run the agents'
+/// image, are forks of it. Dropped, it is removed.
+pub trait Workspace: Sync {
+    /// A fork for an agent: the round's tree at [`super::REPO`], what the
+    /// setup made in it, its egress and brokers as [`Pool::agent`]'s.
+    fn agent(
+        &self,
+        egress: &str,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError>;
+    /// A fork for a gate (offline, never given a secret); None when gates
+    /// run another image than the agents' (they then start cold).
+    fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>>;
+}
+
+/// Why a round's workspace could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// Preparing it (shipping the tree, the setup) failed: why.
+    #[error("{0}")]
+    Prepare(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
 /// Where clones come from.
 pub trait Pool: Sync {
     /// A clone for an agent, with the plan's egress policy; its gateway
@@ -113,4 +139,11 @@ pub trait Pool: Sync {
     ) -> Result<Box<dyn Sandbox>, SandboxError>;
     /// A clone for a gate: egress `none`, never given a secret.
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError>;
+    /// A round's workspace: a clone of the agents' image with `egress` (no
+    /// secret), handed to `prepare`, then saved.
+    fn workspace(
+        &self,
+        egress: &str,
+        prepare: &mut dyn FnMut(&mut dyn Sandbox) -> Result<(), String>,
+    ) -> Result<Box<dyn Workspace>, WorkspaceError>;
 }
