@@ -365,6 +365,36 @@ impl SnapshotStore {
         Ok(removed)
     }
 
+    /// Remove what interrupted bakes and live snapshots left (`.tmp-*`
+    /// directories), when no other dough holds the store's lock (one that
+    /// does may be writing them); returns what was removed.
+    pub fn remove_interrupted(&self) -> Vec<PathBuf> {
+        let Ok(lock) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".bake.lock"))
+        else {
+            return Vec::new();
+        };
+        let Ok(_guard) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(".tmp-")
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                removed.push(e.path());
+            }
+        }
+        removed
+    }
+
     /// Why `spec` has no snapshot: compared with the newest one.
     pub fn why_bake(&self, spec: &SnapshotSpec) -> BakeReason {
         let baked = self.list().into_iter().filter(|s| s.meta.parent.is_none());
@@ -645,6 +675,22 @@ mod tests {
         assert_eq!(fi["firecracker"], "Firecracker v1.16.0");
         assert_eq!(fi["device set"], FC_DEVICE_SET);
         assert!(!fi.contains_key("qemu"));
+    }
+
+    /// What an interrupted bake or live snapshot left is removed — but not
+    /// while another dough holds the store's lock (it may be writing it).
+    #[test]
+    fn interrupted_saves_are_removed_when_nobody_holds_the_lock() {
+        let home = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(home.path());
+        std::fs::create_dir_all(store.root().join(".tmp-live-vm-1-42/x")).unwrap();
+        std::fs::create_dir_all(store.root().join("kept")).unwrap();
+        let held = store.bake_lock(&mut |_| {}).unwrap();
+        assert!(store.remove_interrupted().is_empty());
+        drop(held);
+        let removed = store.remove_interrupted();
+        assert_eq!(removed, vec![store.root().join(".tmp-live-vm-1-42")]);
+        assert!(store.root().join("kept").exists());
     }
 
     #[test]

@@ -262,6 +262,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         )
     {
         crate::teardown::sweep(&ctx.vms);
+        for p in dough_fabric::SnapshotStore::new(&ctx.home).remove_interrupted() {
+            eprintln!(
+                "dough: removed the remains of an interrupted bake or snapshot ({})",
+                p.display()
+            );
+        }
     }
     // Commands that own VMs while they run: their VMs must not outlive
     // them, even if they are killed.
