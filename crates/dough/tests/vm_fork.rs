@@ -7,6 +7,13 @@ use std::path::Path;
 
 use common::*;
 
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 fn ok(home: &Path, args: &[&str]) -> String {
     let out = run(home, args);
     assert!(
