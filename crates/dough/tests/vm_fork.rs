@@ -59,13 +59,21 @@ fn vm_forks_carry_files_and_processes_and_then_diverge() {
     for f in &forks {
         assert_eq!(sh(h, f, "cat /root/state"), "before-fork\n");
         assert_eq!(sh(h, f, FIND).trim(), "1", "the process lives on in {f}");
+        let before = now();
         let ident = sh(
             h,
             f,
-            "hostname; cat /etc/machine-id; head -c16 /dev/urandom | od -An -tx1",
+            "hostname; cat /etc/machine-id; head -c16 /dev/urandom | od -An -tx1; date +%s",
         );
+        let after = now();
         assert!(ident.starts_with(&format!("{f}\n")), "{ident}");
-        seen.push(ident);
+        // The host's clock, not the parent's frozen one.
+        let t: i64 = ident.lines().last().unwrap().parse().unwrap();
+        assert!(
+            t >= before - 2 && t <= after + 2,
+            "fork clock {t} vs host {before}..{after}"
+        );
+        seen.push(ident.lines().take(3).collect::<Vec<_>>().join("\n"));
         sh(h, f, &format!("echo {f} > /root/mine"));
     }
     assert_ne!(seen[0], seen[1], "forks share an identity or entropy");
