@@ -110,20 +110,7 @@ pub fn snapshot(
     if rec.kind != VmKind::Clone || rec.owner.is_some() {
         return Err(LiveError::NotAClone { id });
     }
-    if !rec.received.is_empty() {
-        return Err(LiveError::HoldsSecrets {
-            id,
-            received: rec.received.clone(),
-        });
-    }
-    let parent_key = rec
-        .snapshot
-        .clone()
-        .ok_or_else(|| LiveError::NotRestored { id: id.clone() })?;
-    let parent = store.get(&parent_key).ok_or_else(|| LiveError::NoParent {
-        id: id.clone(),
-        parent: parent_key.clone(),
-    })?;
+    let parent = parent_of(&rec, store)?;
     // No command may be running in it, and none may start: the agent in
     // the snapshot is one with no host attached.
     let _channel = match dir.lock_channel()? {
@@ -159,17 +146,7 @@ pub fn snapshot(
     // that starts meanwhile would take the temporary directory for an
     // interrupted bake's and remove it.
     let _lock = store.bake_lock(say)?;
-    let tmp = store
-        .root()
-        .join(format!(".tmp-live-{id}-{}", std::process::id()));
-    let io = |source| LiveError::Io {
-        id: id.clone(),
-        source,
-    };
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io)?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io)?;
+    let tmp = temp_dir(store, &id)?;
     if !was_paused {
         backend.pause(&dir.paths).map_err(save_err)?;
         dir.update(|r| r.transition(VmState::Paused))?;
@@ -211,33 +188,10 @@ pub fn save_vm(
 ) -> Result<Snapshot, LiveError> {
     let id = vm.id.clone();
     let rec = vm.dir.read()?;
-    if !rec.received.is_empty() {
-        return Err(LiveError::HoldsSecrets {
-            id,
-            received: rec.received.clone(),
-        });
-    }
-    let parent_key = rec
-        .snapshot
-        .clone()
-        .ok_or_else(|| LiveError::NotRestored { id: id.clone() })?;
-    let parent = store.get(&parent_key).ok_or_else(|| LiveError::NoParent {
-        id: id.clone(),
-        parent: parent_key.clone(),
-    })?;
+    let parent = parent_of(&rec, store)?;
     let started = Instant::now();
     let _lock = store.bake_lock(say)?;
-    let io = |source| LiveError::Io {
-        id: id.clone(),
-        source,
-    };
-    let tmp = store
-        .root()
-        .join(format!(".tmp-live-{id}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io)?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io)?;
+    let tmp = temp_dir(store, &id)?;
     // The agent goes back to waiting for a host, as in a bake.
     vm.close_channel();
     let backend = crate::backend::vmm(vm.backend);
@@ -256,6 +210,43 @@ pub fn save_vm(
     });
     let _ = std::fs::remove_dir_all(&tmp);
     r
+}
+
+/// The snapshot `rec` was restored from, once it is known that the VM
+/// holds nothing that may be secret.
+fn parent_of(rec: &crate::state::VmRecord, store: &SnapshotStore) -> Result<Snapshot, LiveError> {
+    let id = rec.id.clone();
+    if !rec.received.is_empty() {
+        return Err(LiveError::HoldsSecrets {
+            id,
+            received: rec.received.clone(),
+        });
+    }
+    let parent_key = rec
+        .snapshot
+        .clone()
+        .ok_or_else(|| LiveError::NotRestored { id: id.clone() })?;
+    store.get(&parent_key).ok_or(LiveError::NoParent {
+        id,
+        parent: parent_key,
+    })
+}
+
+/// A fresh temporary directory in the store for VM `id`'s snapshot (the
+/// caller holds the store's lock).
+fn temp_dir(store: &SnapshotStore, id: &str) -> Result<std::path::PathBuf, LiveError> {
+    let io = |source| LiveError::Io {
+        id: id.to_string(),
+        source,
+    };
+    let tmp = store
+        .root()
+        .join(format!(".tmp-live-{id}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    Ok(tmp)
 }
 
 /// Save the paused clone whole into `tmp` (`whole`: the stream with its

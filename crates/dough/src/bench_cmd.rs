@@ -318,11 +318,11 @@ fn cpu_ticks(pid: i32) -> u64 {
     n(11) + n(12)
 }
 
-/// Clones handed over by the density benchmark, taken down whatever
+/// Clones handed over by a benchmark, taken down whatever
 /// happens.
-struct Handed<'a> {
-    vms: &'a std::path::Path,
-    ids: Vec<String>,
+pub(crate) struct Handed<'a> {
+    pub(crate) vms: &'a std::path::Path,
+    pub(crate) ids: Vec<String>,
 }
 
 impl Drop for Handed<'_> {

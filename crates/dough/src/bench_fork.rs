@@ -11,6 +11,7 @@ use dough_fabric::live::{self, After};
 use dough_fabric::{ExecRequest, Snapshot, SnapshotStore, Vm, VmKind};
 use serde_json::json;
 
+use crate::bench_cmd::Handed;
 use crate::cli::Ctx;
 use crate::snapshots::ensure_snapshot;
 use crate::teardown::install_teardown_on_signal;
@@ -27,21 +28,6 @@ pub struct ForkBenchArgs {
     pub write_mib: u64,
     #[command(flatten)]
     pub vm: VmArgs,
-}
-
-/// Clones that are stopped when this goes out of scope.
-struct Up<'a> {
-    vms: &'a std::path::Path,
-    ids: Vec<String>,
-}
-
-impl Drop for Up<'_> {
-    fn drop(&mut self) {
-        let net = dough_fabric::host::HostNet::linux();
-        for id in self.ids.drain(..) {
-            let _ = dough_fabric::pool::down(self.vms, &id, &net);
-        }
-    }
 }
 
 fn exec(ctx: &Ctx, id: &str, cmd: &str) -> anyhow::Result<()> {
@@ -65,7 +51,7 @@ fn round(
     opts: &dough_fabric::BootOptions,
     n: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut up = Up {
+    let mut up = Handed {
         vms: &ctx.vms,
         ids: Vec::new(),
     };
@@ -125,7 +111,7 @@ pub fn fork(ctx: &Ctx, a: ForkBenchArgs) -> anyhow::Result<ExitCode> {
     let baked = got.snapshot().clone();
 
     eprintln!("dough: bench: a clone writes {} MiB", a.write_mib);
-    let parent = Up {
+    let parent = Handed {
         vms: &ctx.vms,
         ids: vec![Vm::restore(&ctx.vms, &baked, VmKind::Clone, &opts)?.detach()?],
     };

@@ -133,30 +133,34 @@ struct ClonePool<'a> {
     gate: Source<'a>,
 }
 
-impl ClonePool<'_> {
-    fn clone_with(
-        &self,
-        from: &Source<'_>,
-        egress: dough_net::Egress,
-        brokers: &[dough_gateway::broker::Broker],
-    ) -> Result<Box<dyn Sandbox>, SandboxError> {
-        let ca = match brokers.is_empty() {
-            true => None,
-            false => Some(
-                crate::broker_args::dough_ca(self.home)
-                    .map_err(|e| SandboxError::NoClone(e.into()))?,
-            ),
-        };
-        let opts = BootOptions {
-            egress,
-            brokers: brokers.to_vec(),
-            ca,
-            ..from.opts.clone()
-        };
-        Vm::restore(self.vms, from.snap, VmKind::Run, &opts)
-            .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
-            .map_err(|e| SandboxError::NoClone(Box::new(e)))
-    }
+/// A run clone of `snap` with `egress` whose gateway brokers `brokers`
+/// (the clone then trusts dough's CA).
+fn restore_run(
+    home: &Path,
+    vms: &Path,
+    snap: &Snapshot,
+    base: &BootOptions,
+    egress: &str,
+    brokers: &[dough_gateway::broker::Broker],
+) -> Result<Box<dyn Sandbox>, SandboxError> {
+    let egress = egress
+        .parse()
+        .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
+    let ca = match brokers.is_empty() {
+        true => None,
+        false => {
+            Some(crate::broker_args::dough_ca(home).map_err(|e| SandboxError::NoClone(e.into()))?)
+        }
+    };
+    let opts = BootOptions {
+        egress,
+        brokers: brokers.to_vec(),
+        ca,
+        ..base.clone()
+    };
+    Vm::restore(vms, snap, VmKind::Run, &opts)
+        .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
+        .map_err(|e| SandboxError::NoClone(Box::new(e)))
 }
 
 impl Pool for ClonePool<'_> {
@@ -165,14 +169,13 @@ impl Pool for ClonePool<'_> {
         egress: &str,
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
-        let egress = egress
-            .parse()
-            .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
-        self.clone_with(&self.agent, egress, brokers)
+        let a = &self.agent;
+        restore_run(self.home, self.vms, a.snap, a.opts, egress, brokers)
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
-        self.clone_with(&self.gate, dough_net::Egress::None, &[])
+        let g = &self.gate;
+        restore_run(self.home, self.vms, g.snap, g.opts, "none", &[])
     }
 
     /// A clone of the agents' snapshot, prepared, then saved as a live
@@ -221,44 +224,26 @@ struct RoundWorkspace {
     snap: Snapshot,
 }
 
-impl RoundWorkspace {
-    fn fork(&self, opts: BootOptions) -> Result<Box<dyn Sandbox>, SandboxError> {
-        Vm::restore(&self.vms, &self.snap, VmKind::Run, &opts)
-            .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
-            .map_err(|e| SandboxError::NoClone(Box::new(e)))
-    }
-}
-
 impl Workspace for RoundWorkspace {
     fn agent(
         &self,
         egress: &str,
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
-        let egress = egress
-            .parse()
-            .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
-        let ca = match brokers.is_empty() {
-            true => None,
-            false => Some(
-                crate::broker_args::dough_ca(&self.home)
-                    .map_err(|e| SandboxError::NoClone(e.into()))?,
-            ),
-        };
-        self.fork(BootOptions {
-            egress,
-            brokers: brokers.to_vec(),
-            ca,
-            ..self.agent_opts.clone()
-        })
+        let (home, vms, snap) = (&self.home, &self.vms, &self.snap);
+        restore_run(home, vms, snap, &self.agent_opts, egress, brokers)
     }
 
     fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>> {
         let opts = self.gate_opts.as_ref()?;
-        Some(self.fork(BootOptions {
-            egress: dough_net::Egress::None,
-            ..opts.clone()
-        }))
+        Some(restore_run(
+            &self.home,
+            &self.vms,
+            &self.snap,
+            opts,
+            "none",
+            &[],
+        ))
     }
 }
 
