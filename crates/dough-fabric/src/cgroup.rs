@@ -222,53 +222,32 @@ impl Cgroup {
                     )?;
                 }
             }
-            match self.version {
-                Version::V2 => {
-                    write(
-                        &dir.join("cpu.max"),
-                        "setting cpu.max",
-                        &format!("{} {CPU_PERIOD_US}", l.cpu_quota_us),
-                    )?;
-                    write(
-                        &dir.join("memory.max"),
-                        "setting memory.max",
-                        &l.memory_bytes.to_string(),
-                    )?;
+            // (file, value): every one a v2 cgroup has; in v1 each
+            // directory is one controller's and has only its own.
+            let settings: [(&str, String); 4] = match self.version {
+                Version::V2 => [
+                    ("cpu.max", format!("{} {CPU_PERIOD_US}", l.cpu_quota_us)),
+                    ("memory.max", l.memory_bytes.to_string()),
                     // No swapping a guest's memory out behind its back.
-                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-                    write(
-                        &dir.join("pids.max"),
-                        "setting pids.max",
-                        &l.pids.to_string(),
-                    )?;
-                }
-                Version::V1 => {
-                    if dir.join("cpu.cfs_quota_us").exists() {
-                        write(
-                            &dir.join("cpu.cfs_period_us"),
-                            "setting the CPU period",
-                            &CPU_PERIOD_US.to_string(),
-                        )?;
-                        write(
-                            &dir.join("cpu.cfs_quota_us"),
-                            "setting the CPU quota",
-                            &l.cpu_quota_us.to_string(),
-                        )?;
+                    ("memory.swap.max", "0".to_string()),
+                    ("pids.max", l.pids.to_string()),
+                ],
+                Version::V1 => [
+                    ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                    ("cpu.cfs_quota_us", l.cpu_quota_us.to_string()),
+                    ("memory.limit_in_bytes", l.memory_bytes.to_string()),
+                    ("pids.max", l.pids.to_string()),
+                ],
+            };
+            for (file, value) in settings {
+                let path = dir.join(file);
+                match (self.version, file) {
+                    // Only with swap accounting: best effort.
+                    (_, "memory.swap.max") => {
+                        let _ = std::fs::write(&path, &value);
                     }
-                    if dir.join("memory.limit_in_bytes").exists() {
-                        write(
-                            &dir.join("memory.limit_in_bytes"),
-                            "setting the memory limit",
-                            &l.memory_bytes.to_string(),
-                        )?;
-                    }
-                    if dir.join("pids.max").exists() {
-                        write(
-                            &dir.join("pids.max"),
-                            "setting pids.max",
-                            &l.pids.to_string(),
-                        )?;
-                    }
+                    (Version::V1, _) if !path.exists() => {}
+                    _ => write(&path, "setting a limit", &value)?,
                 }
             }
         }
