@@ -110,7 +110,7 @@ pub fn snapshot(
     if rec.kind != VmKind::Clone || rec.owner.is_some() {
         return Err(LiveError::NotAClone { id });
     }
-    let parent = parent_of(&rec, store)?;
+    parent_of(&rec, store)?;
     // No command may be running in it, and none may start: the agent in
     // the snapshot is one with no host attached.
     let _channel = match dir.lock_channel()? {
@@ -122,7 +122,10 @@ pub fn snapshot(
             g
         }
     };
+    // Read again under the lock: a command with what may be secrets may
+    // have run in it while this waited.
     let rec = dir.read()?;
+    let parent = parent_of(&rec, store)?;
     if !matches!(rec.state, VmState::Ready | VmState::Paused) {
         return Err(LiveError::NotReady {
             id,
