@@ -46,6 +46,8 @@ pub struct BootOptions {
     /// A disk of its own as the guest's writable layer (instead of RAM):
     /// every VM gets a private sparse copy of `source`.
     pub scratch: Option<ScratchDisk>,
+    /// QEMU under TCG: the translated-code cache, MiB (None: QEMU's 1 GiB).
+    pub tcg_cache_mib: Option<u32>,
 }
 
 /// A VM's scratch disk: its size, and the file each VM's copy starts
@@ -78,6 +80,7 @@ impl Default for BootOptions {
             ca: None,
             trust: Vec::new(),
             root_rw: false,
+            tcg_cache_mib: None,
             scratch: None,
         }
     }

@@ -249,14 +249,14 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     // caches (QEMU's binary and libraries, the memory file's pages).
     eprintln!("dough: bench: warming up");
     dough_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
-    raw_round(ctx, &snap, &opts.qemu, opts.net_pool, 1, Duration::ZERO)?;
+    raw_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
     let mut rows = Vec::new();
     let mut last_pss = None;
     for &n in &a.sizes {
         eprintln!("dough: bench: {n} dough clone(s)");
         let (dough, dough_pss) = dough_round(ctx, &snap, &opts, n, settle)?;
         eprintln!("dough: bench: {n} raw QEMU restore(s)");
-        let (raw, raw_pss) = raw_round(ctx, &snap, &opts.qemu, opts.net_pool, n, settle)?;
+        let (raw, raw_pss) = raw_round(ctx, &snap, &opts, n, settle)?;
         let ratio = |k: &str| {
             let d = dough["restore_to_ready"][k].as_f64().unwrap_or(0.0);
             let r = raw[k].as_f64().unwrap_or(0.0);
@@ -645,9 +645,9 @@ impl Drop for RawClone {
 fn raw_one(
     ctx: &Ctx,
     snap: &Snapshot,
-    qemu: &std::path::Path,
-    pool: dough_net::Ipv4Net,
+    dough_opts: &dough_fabric::BootOptions,
 ) -> anyhow::Result<(RawClone, f64)> {
+    let (qemu, pool) = (&dough_opts.qemu, dough_opts.net_pool);
     let m = &snap.meta;
     let id = format!("raw-{}", &dough_fabric::new_vm_id()[3..]);
     // Recorded like any VM (owned by this process), so a crash mid-bench
@@ -693,6 +693,7 @@ fn raw_one(
         incoming: Some(Incoming::Defer),
         start_paused: false,
         tap: Some(plan.tap.clone()),
+        tcg_cache_mib: dough_opts.tcg_cache_mib,
     };
     let t = Instant::now();
     // Its own copy of the snapshot's scratch disk, as dough makes one.
@@ -761,15 +762,14 @@ fn greet(path: &std::path::Path) -> anyhow::Result<()> {
 fn raw_round(
     ctx: &Ctx,
     snap: &Snapshot,
-    qemu: &std::path::Path,
-    pool: dough_net::Ipv4Net,
+    opts: &dough_fabric::BootOptions,
     n: usize,
     settle: Duration,
 ) -> anyhow::Result<(Value, Option<u64>)> {
     let start = Instant::now();
     let results: Vec<anyhow::Result<(RawClone, f64)>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)
-            .map(|_| s.spawn(|| raw_one(ctx, snap, qemu, pool)))
+            .map(|_| s.spawn(|| raw_one(ctx, snap, opts)))
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("bench thread"))

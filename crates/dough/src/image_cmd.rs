@@ -121,6 +121,7 @@ impl BuildArgs {
             qemu: b.qemu.clone(),
             image: None,
             kernel_args: vec![],
+            tcg_cache: None,
             net: dough_net::Egress::None,
             net_pool: b.net_pool,
             ca: vec![],

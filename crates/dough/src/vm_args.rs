@@ -129,6 +129,11 @@ pub struct VmArgs {
     /// to see every kernel message in `serial.log`.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// Under TCG: QEMU's translated-code cache per VM, in MiB (default:
+    /// QEMU's 1 GiB, filled as code runs). A small one caps each clone's
+    /// memory; code that no longer fits is translated again (CPU).
+    #[arg(long, value_name = "MIB", env = "DOUGH_TCG_CACHE", value_parser = clap::value_parser!(u32).range(1..=2048))]
+    pub tcg_cache: Option<u32>,
     /// What the VM's network may reach, through its egress gateway: `nat`
     /// (anything beyond this host), `none` (no way out), or `allow=RULE,...`
     /// where a rule is a host name (`api.example.com`), `*.domain` or a
@@ -309,6 +314,7 @@ pub fn boot_options(home: &Path, image: &Image, vm: &VmArgs) -> anyhow::Result<B
         trust: trusted_certs(&vm.ca)?,
         net: host_net(),
         scratch: scratch_disk(home, vm)?,
+        tcg_cache_mib: vm.tcg_cache,
         ..BootOptions::default()
     };
     if base.backend == Backend::Firecracker {

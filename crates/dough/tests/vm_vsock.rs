@@ -106,6 +106,7 @@ fn vm_agent_serves_the_host_over_vsock_and_reconnects_after_the_host_leaves() {
         incoming: None,
         start_paused: false,
         tap: None,
+        tcg_cache_mib: None,
     };
     let mut argv = args.argv();
     argv.extend(

@@ -92,6 +92,7 @@ impl Vmm for QemuVmm {
             incoming,
             start_paused,
             tap: Some(s.plan.tap.clone()),
+            tcg_cache_mib: opts.tcg_cache_mib,
         };
         let mut c = Command::new(&opts.qemu);
         c.args(args.argv())
