@@ -12,7 +12,8 @@ use crate::{bench_cmd, doctor, go_cmd, image_cmd, plan_cmd, run_cmd, vm_cmds};
 /// It builds a guest image (kernel + initramfs with dough's agent as PID 1 +
 /// a read-only Debian rootfs), bakes a warm snapshot of a booted guest, and
 /// restores byte-identical clones from it, each in its own network namespace
-/// with a tmpfs as its only writable layer. `dough go` runs a plan of
+/// and cgroup, with a writable layer of its own (a sparse scratch disk, or
+/// RAM); running clones can be saved and forked. `dough go` runs a plan of
 /// file-disjoint agent tasks in such clones and stacks the verified results
 /// on a branch; the host never runs anything an agent wrote.
 ///
