@@ -381,17 +381,7 @@ fn rebake(
         ram_in_state: false,
         ..meta.clone()
     };
-    let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
-        path: tmp.join("meta.json"),
-        source,
-    })?;
-    std::fs::write(tmp.join("meta.json"), bytes).map_err(io)?;
-    use std::os::unix::fs::PermissionsExt;
-    for f in [&mem, &state, &scratch] {
-        if f.exists() {
-            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
-        }
-    }
+    crate::snapshot::write_meta_and_seal(tmp, &meta)?;
     std::fs::write(tmp.join(dough_image::cache::DONE), b"").map_err(io)?;
     let dest = store.root().join(key);
     if dest.exists() {

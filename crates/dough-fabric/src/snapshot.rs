@@ -198,6 +198,25 @@ pub struct Snapshot {
     pub meta: SnapshotMeta,
 }
 
+/// Write a snapshot's `meta.json` into `dir` and make its data files
+/// read-only. Clones see the memory file's pages until they write their
+/// own copies: it must never change. (QEMU opens it read-write even for a
+/// private mapping, which root may do despite the mode.)
+pub(crate) fn write_meta_and_seal(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+    let bytes = serde_json::to_vec_pretty(meta).map_err(|source| SnapshotError::Meta {
+        path: dir.join(META),
+        source,
+    })?;
+    std::fs::write(dir.join(META), bytes)?;
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["mem", "state", SCRATCH_FILE].map(|n| dir.join(n)) {
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o444))?;
+        }
+    }
+    Ok(())
+}
+
 /// Bytes allocated on disk below `dir` (sparse files count what they use).
 pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -545,20 +564,7 @@ impl SnapshotStore {
                 parent: None,
                 ram_in_state: false,
             };
-            let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| SnapshotError::Meta {
-                path: tmp.join(META),
-                source,
-            })?;
-            std::fs::write(tmp.join(META), bytes)?;
-            // Clones see the memory file's pages until they write their own
-            // copies: it must never change. (QEMU opens it read-write even
-            // for a private mapping, which root may do despite the mode.)
-            use std::os::unix::fs::PermissionsExt;
-            for f in [&mem, &state, &scratch] {
-                if f.exists() {
-                    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444))?;
-                }
-            }
+            write_meta_and_seal(tmp, &meta)?;
             Ok(())
         })?;
         self.get(&key)
