@@ -43,13 +43,24 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
+/// Where a request is.
+enum Run {
+    /// Being spawned: signals that came meanwhile, delivered once it runs.
+    Pending(Vec<Signal>),
+    /// Its process group.
+    Running(i32),
+}
+
 /// State shared by the session loop and the command threads.
 struct Shared {
     port: Mutex<File>,
     /// Connection generation; messages of an older connection are dropped.
     generation: AtomicU64,
-    /// Running requests of the current connection: id → process group.
-    running: Mutex<HashMap<RequestId, i32>>,
+    /// Requests of the current connection, from the moment their Exec
+    /// arrives: a Signal may come before the command is spawned.
+    /// Keyed by connection generation too: every connection numbers its
+    /// requests from 1.
+    running: Mutex<HashMap<(u64, RequestId), Run>>,
     /// Requests whose stdin is still streaming in: id → their writer.
     inputs: Mutex<HashMap<RequestId, Sender<Option<Vec<u8>>>>>,
     vm_id: Mutex<String>,
@@ -269,8 +280,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, pgid) in running.drain() {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        for (_, run) in running.drain() {
+            // A pending one is killed by its thread, which finds it gone.
+            if let Run::Running(pgid) = run {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
         }
     }
 }
@@ -390,6 +404,12 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
                     .insert(id, tx);
                 rx
             });
+            shared
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((generation, id), Run::Pending(Vec::new()));
+            let outer = shared;
             let shared = shared.clone();
             let r = std::thread::Builder::new()
                 .name(format!("exec-{id}"))
@@ -397,6 +417,7 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         run_exec(&shared, generation, exec, input)
                     }));
+
                     if r.is_err() {
                         let status = ExitStatus::SpawnFailed(
                             "the agent failed while running this request (see the serial console)"
@@ -407,34 +428,29 @@ fn handle(shared: &Arc<Shared>, generation: u64, msg: HostMsg, welcomed: &mut bo
                 });
             if let Err(e) = r {
                 log(&format!("cannot start a thread for request {id}: {e}"));
+                outer
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(generation, id));
             }
         }
         HostMsg::Signal { id, signal } => {
-            let pgid = shared
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .copied();
-            let sig = Signal::try_from(signal);
-            match (pgid, sig) {
-                (Some(pgid), Ok(sig)) => {
-                    let _ = killpg(Pid::from_raw(pgid), sig);
+            let Ok(sig) = Signal::try_from(signal) else {
+                log(&format!(
+                    "request {id}: ignoring signal {signal}: not a signal here"
+                ));
+                return;
+            };
+            let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+            match running.get_mut(&(generation, id)) {
+                Some(Run::Running(pgid)) => {
+                    let _ = killpg(Pid::from_raw(*pgid), sig);
                 }
-                (None, _) => shared.send(
-                    generation,
-                    &GuestMsg::Error {
-                        id,
-                        message: format!("no running request {id}"),
-                    },
-                ),
-                (_, Err(_)) => shared.send(
-                    generation,
-                    &GuestMsg::Error {
-                        id,
-                        message: format!("bad signal {signal}"),
-                    },
-                ),
+                // Not spawned yet: delivered as soon as it is.
+                Some(Run::Pending(queued)) => queued.push(sig),
+                // Ended already (a signal racing the exit): nothing to do.
+                None => {}
             }
         }
         HostMsg::Ping { seq } => shared.send(generation, &GuestMsg::Pong { seq }),
@@ -539,7 +555,16 @@ fn run_exec(
     input: Option<Receiver<Option<Vec<u8>>>>,
 ) {
     let id = exec.id;
+    // Not spawned after all: no longer pending (removed before the Exit
+    // goes out, so never a later request's entry of the same id).
+    let not_pending = || {
+        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Run::Pending(_)) = running.get(&(generation, id)) {
+            running.remove(&(generation, id));
+        }
+    };
     let Some(program) = exec.argv.first() else {
+        not_pending();
         return shared.send(
             generation,
             &GuestMsg::Exit {
@@ -590,6 +615,7 @@ fn run_exec(
         Ok(x) => x,
         Err(e) => {
             let why = format!("{program}: {e}");
+            not_pending();
             return shared.send(
                 generation,
                 &GuestMsg::Exit {
@@ -599,11 +625,22 @@ fn run_exec(
             );
         }
     };
-    shared
-        .running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, pid as i32);
+    {
+        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        match running.insert((generation, id), Run::Running(pid as i32)) {
+            Some(Run::Pending(queued)) => {
+                for sig in queued {
+                    let _ = killpg(Pid::from_raw(pid as i32), sig);
+                }
+            }
+            // The host left while it was being spawned: it goes too (and
+            // is reaped below like any other).
+            _ => {
+                running.remove(&(generation, id));
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
 
     if let Some(mut stdin) = child.stdin.take() {
         let data = exec.stdin;
@@ -696,7 +733,7 @@ fn run_exec(
         .running
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
+        .remove(&(generation, id));
     let status = match (timed_out, status) {
         (true, _) => ExitStatus::TimedOut,
         (false, Some(WaitStatus::Exited(_, code))) => ExitStatus::Exited(code),

@@ -7,6 +7,8 @@
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dough_proto::{
@@ -40,6 +42,8 @@ pub enum ChannelError {
     Frame(#[from] FrameError),
     #[error("the channel's socket failed")]
     Io(#[from] std::io::Error),
+    #[error("reading the command's input failed; the command was killed")]
+    Stdin(#[source] std::io::Error),
 }
 
 impl ChannelError {
@@ -147,9 +151,50 @@ impl Write for DeadlineIo<'_> {
     }
 }
 
+/// Sends signals to the command a [`HostChannel`] is running, from any
+/// thread ([`HostChannel::signaller`]).
+#[derive(Debug)]
+pub struct Signaller {
+    stream: UnixStream,
+    write_lock: Arc<Mutex<()>>,
+    current: Arc<AtomicU64>,
+    signalled: Arc<AtomicU64>,
+    send_limit: Duration,
+}
+
+impl Signaller {
+    /// Send `signal` to the running command's process group. Returns
+    /// whether a command was running to receive it.
+    pub fn signal(&self, signal: i32) -> Result<bool, ChannelError> {
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.current.load(Ordering::SeqCst);
+        if id == 0 {
+            return Ok(false);
+        }
+        let frame = dough_proto::encode(&HostMsg::Signal { id, signal })?;
+        self.signalled.store(id, Ordering::SeqCst);
+        let mut io = DeadlineIo {
+            stream: &self.stream,
+            deadline: Some(Instant::now() + self.send_limit),
+        };
+        io.write_all(&frame)
+            .map_err(|e| ChannelError::from_write(e, self.send_limit))?;
+        Ok(true)
+    }
+}
+
 #[derive(Debug)]
 pub struct HostChannel {
     stream: UnixStream,
+    /// Held while a frame is written, by this channel and its
+    /// [`Signaller`]s (which write on a clone of the stream).
+    write_lock: Arc<Mutex<()>>,
+    /// The request [`HostChannel::exec`] is running (0: none).
+    current: Arc<AtomicU64>,
+    /// The last request a [`Signaller`] signalled: an older agent answers
+    /// a signal that raced the command's start with an Error, which is
+    /// then no reason to fail the request.
+    signalled: Arc<AtomicU64>,
     next_id: RequestId,
     /// Guest messages ignored because they made no sense (rate-limits warnings).
     ignored: u64,
@@ -167,6 +212,9 @@ impl HostChannel {
                 Ok(stream) => {
                     return Ok(HostChannel {
                         stream,
+                        write_lock: Arc::default(),
+                        current: Arc::default(),
+                        signalled: Arc::default(),
                         next_id: 1,
                         ignored: 0,
                         send_limit: SEND_LIMIT,
@@ -189,6 +237,9 @@ impl HostChannel {
     pub fn from_stream(stream: UnixStream) -> HostChannel {
         HostChannel {
             stream,
+            write_lock: Arc::default(),
+            current: Arc::default(),
+            signalled: Arc::default(),
             next_id: 1,
             ignored: 0,
             send_limit: SEND_LIMIT,
@@ -265,12 +316,26 @@ impl HostChannel {
         let frame = dough_proto::encode(msg)?;
         let own = Instant::now() + self.send_limit;
         let deadline = deadline.map_or(own, |d| d.min(own));
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut io = DeadlineIo {
             stream: &self.stream,
             deadline: Some(deadline),
         };
         io.write_all(&frame)
             .map_err(|e| ChannelError::from_write(e, self.send_limit))
+    }
+
+    /// A handle that can signal the command [`HostChannel::exec`] is
+    /// running, from another thread (e.g. when whoever asked for it went
+    /// away).
+    pub fn signaller(&self) -> std::io::Result<Signaller> {
+        Ok(Signaller {
+            stream: self.stream.try_clone()?,
+            write_lock: self.write_lock.clone(),
+            current: self.current.clone(),
+            signalled: self.signalled.clone(),
+            send_limit: self.send_limit,
+        })
     }
 
     /// Wait for the guest's Hello and answer with a Welcome carrying the
@@ -320,15 +385,42 @@ impl HostChannel {
         req: &ExecRequest,
         sink: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, ChannelError> {
+        self.exec_from(req, None, sink)
+    }
+
+    /// [`HostChannel::exec`], with the command's stdin read from `stdin`
+    /// (instead of `req.stdin`) and sent in chunks as it is read: nothing
+    /// is held whole. A read error ends the request: the command is killed
+    /// and the error returned.
+    pub fn exec_from(
+        &mut self,
+        req: &ExecRequest,
+        stdin: Option<&mut dyn std::io::Read>,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, ChannelError> {
         let id = self.next_id;
         self.next_id += 1;
+        self.current.store(id, Ordering::SeqCst);
+        let r = self.exec_id(id, req, stdin, sink);
+        self.current.store(0, Ordering::SeqCst);
+        r
+    }
+
+    fn exec_id(
+        &mut self,
+        id: RequestId,
+        req: &ExecRequest,
+        reader: Option<&mut dyn std::io::Read>,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, ChannelError> {
         // One deadline for the whole request: sending it, its stdin, and
         // every message of its output.
         let limit = req.timeout.map(|t| t + self.grace);
         let deadline = limit.map(|l| Instant::now() + l);
         // Small stdin rides in the Exec frame; larger is streamed in chunks
         // that each fit a frame.
-        let stream_stdin = req.stdin.as_ref().is_some_and(|d| d.len() > INLINE_STDIN);
+        let stream_stdin =
+            reader.is_some() || req.stdin.as_ref().is_some_and(|d| d.len() > INLINE_STDIN);
         self.send(
             &HostMsg::Exec(Exec {
                 id,
@@ -345,7 +437,33 @@ impl HostChannel {
             }),
             deadline,
         )?;
-        if stream_stdin {
+        if let Some(reader) = reader {
+            let mut buf = vec![0u8; INLINE_STDIN];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = self.send(&HostMsg::Signal { id, signal: 9 }, deadline);
+                        // Close only once the agent has read all we sent:
+                        // QEMU drops what it had not yet passed on when a
+                        // connection closes, and half a frame left in the
+                        // guest garbles the next connection's first ones.
+                        let _ = self.ping(u64::MAX, Duration::from_secs(10));
+                        return Err(ChannelError::Stdin(e));
+                    }
+                };
+                self.send(
+                    &HostMsg::Input {
+                        id,
+                        data: buf[..n].to_vec(),
+                    },
+                    deadline,
+                )?;
+            }
+            self.send(&HostMsg::InputEnd { id }, deadline)?;
+        } else if stream_stdin {
             for chunk in req
                 .stdin
                 .as_deref()
@@ -371,7 +489,11 @@ impl HostChannel {
                 } if got == id => sink(stream, &data),
                 GuestMsg::Exit { id: got, status } if got == id => return Ok(status),
                 GuestMsg::Error { id: got, message } if got == id => {
-                    return Err(ChannelError::Refused { id, message })
+                    if self.signalled.load(Ordering::SeqCst) == id {
+                        tracing::debug!("request {id}: the guest says of a signal: {message:.100}");
+                        continue;
+                    }
+                    return Err(ChannelError::Refused { id, message });
                 }
                 other => {
                     self.ignored += 1;

@@ -22,7 +22,7 @@ pub mod snapshot;
 pub mod state;
 pub mod vm;
 
-pub use channel::{ChannelError, ExecRequest, HostChannel};
+pub use channel::{ChannelError, ExecRequest, HostChannel, Signaller};
 pub use host::{fill_random, new_vm_id};
 pub use options::BootOptions;
 pub use snapshot::{Snapshot, SnapshotSpec, SnapshotStore};

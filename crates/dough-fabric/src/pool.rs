@@ -113,6 +113,38 @@ pub fn exec(
     sink: &mut dyn FnMut(Stream, &[u8]),
     waiting: &mut dyn FnMut(&str),
 ) -> Result<ExitStatus, FabricError> {
+    exec_with(vms, id, req, Exec::default(), sink, waiting)
+}
+
+/// What [`exec_with`] does besides [`exec`].
+#[derive(Default)]
+pub struct Exec<'a> {
+    /// The command's stdin, read and sent as it comes (instead of the
+    /// request's own `stdin`).
+    pub stdin: Option<&'a mut dyn std::io::Read>,
+    /// Told, once the command is about to start, how to signal it.
+    pub started: Option<&'a mut dyn FnMut(crate::channel::Signaller)>,
+}
+
+impl std::fmt::Debug for Exec<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("stdin", &self.stdin.is_some())
+            .field("started", &self.started.is_some())
+            .finish()
+    }
+}
+
+/// [`exec`], with stdin streamed from a reader and/or a way to signal the
+/// command while it runs.
+pub fn exec_with(
+    vms: &Path,
+    id: &str,
+    req: &ExecRequest,
+    with: Exec<'_>,
+    sink: &mut dyn FnMut(Stream, &[u8]),
+    waiting: &mut dyn FnMut(&str),
+) -> Result<ExitStatus, FabricError> {
     let (dir, rec) = ready(vms, id)?;
     let _channel = match dir.lock_channel()? {
         (g, false) => g,
@@ -135,7 +167,10 @@ pub fn exec(
     .map_err(chan_err)?;
     ch.handshake(&rec.id, limit).map_err(chan_err)?;
     let req = req.with_base_env(&rec.exec_env);
-    let r = ch.exec(&req, sink).map_err(chan_err);
+    if let Some(started) = with.started {
+        started(ch.signaller().map_err(|e| chan_err(e.into()))?);
+    }
+    let r = ch.exec_from(&req, with.stdin, sink).map_err(chan_err);
     ch.shutdown();
     r
 }

@@ -117,6 +117,14 @@ pub enum Command {
     Bench(bench_cmd::BenchCmd),
     /// Check that this host has what dough needs, and say what to install.
     Doctor(doctor::DoctorArgs),
+    /// Run dough as a daemon with an HTTP API (docs/api.md): sandboxes,
+    /// commands in them (output streamed), files in and out. Listens on a
+    /// Unix socket (and optionally TCP); every request needs the bearer
+    /// token in the token file. Its sandboxes outlive it and are adopted
+    /// again when it restarts; state is kept in SQLite under the home.
+    ///
+    /// Example: dough serve --listen 127.0.0.1:7070
+    Serve(crate::serve::ServeArgs),
     /// (internal) Outlive a dough process and reclaim its VMs if it dies.
     #[command(hide = true)]
     Watchdog(crate::watchdog::WatchdogArgs),
@@ -304,6 +312,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshots(args) => crate::live_cmd::list(&ctx, args),
         Command::Agent(args) => crate::agent_cmd::run(&ctx, args),
         Command::Doctor(args) => doctor::run(&ctx.home, &ctx.vms, args),
+        Command::Serve(args) => crate::serve::run(&ctx, args),
         Command::Watchdog(args) => crate::watchdog::run(&ctx.vms, args),
     }
 }

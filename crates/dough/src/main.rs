@@ -14,6 +14,7 @@ mod image_cmd;
 mod live_cmd;
 mod plan_cmd;
 mod run_cmd;
+mod serve;
 mod snapshots;
 mod teardown;
 mod vm_args;

@@ -1,0 +1,560 @@
+//! A small blocking client for dough's HTTP API (`dough serve`), over its
+//! Unix socket or TCP, and the API's types ([`types`]).
+//!
+//! ```no_run
+//! let c = dough_client::Client::new("unix:///var/lib/dough/serve.sock", "TOKEN").unwrap();
+//! let sb = c.create_sandbox(&Default::default()).unwrap();
+//! let exit = c
+//!     .exec(&sb.id, &dough_client::ExecBody { argv: vec!["uname".into(), "-a".into()], ..Default::default() },
+//!           &mut |ev| if let dough_client::ExecEvent::Stdout(b) = ev { print!("{}", String::from_utf8_lossy(&b)) })
+//!     .unwrap();
+//! assert_eq!(exit.exit_code, 0);
+//! c.delete_sandbox(&sb.id).unwrap();
+//! ```
+
+pub mod types;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, StatusCode};
+
+pub use types::*;
+
+/// What can go wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the dough daemon at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with the dough daemon failed")]
+    Http(#[from] hyper::Error),
+    #[error("the dough daemon answered {status}: {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the dough daemon: {0}")]
+    Decode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Host {
+    type Err = String;
+    /// `unix:///path/to/serve.sock`, `http://127.0.0.1:PORT`, or
+    /// `tcp://127.0.0.1:PORT`.
+    fn from_str(s: &str) -> Result<Host, String> {
+        if let Some(p) = s.strip_prefix("unix://") {
+            if !p.starts_with('/') {
+                return Err(format!("{s}: expected unix:///absolute/path"));
+            }
+            return Ok(Host::Unix(p.into()));
+        }
+        for pre in ["http://", "tcp://"] {
+            if let Some(a) = s.strip_prefix(pre) {
+                let a = a.trim_end_matches('/');
+                if a.is_empty() || a.contains('/') {
+                    return Err(format!("{s}: expected {pre}HOST:PORT"));
+                }
+                return Ok(Host::Tcp(a.to_string()));
+            }
+        }
+        Err(format!(
+            "{s}: expected unix:///path or http://HOST:PORT (https is not served)"
+        ))
+    }
+}
+
+/// One exec's events, as they arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The command is starting; signal it by this id.
+    Start(String),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// A blocking client. Each call is one HTTP/1.1 request on a connection
+/// of its own.
+#[derive(Debug)]
+pub struct Client {
+    host: Host,
+    token: String,
+    rt: tokio::runtime::Runtime,
+}
+
+/// The longest line of an event stream this client reads.
+const MAX_EVENT_LINE: usize = 4 << 20;
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+impl Client {
+    /// A client for the daemon at `host` (see [`Host`]'s forms) with this
+    /// bearer token.
+    pub fn new(host: &str, token: &str) -> Result<Client, ClientError> {
+        let host = host.parse().map_err(ClientError::Decode)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        Ok(Client {
+            host,
+            token: token.trim().to_string(),
+            rt,
+        })
+    }
+
+    /// `DOUGH_HOST` (default: the daemon's socket under `home`) and the
+    /// token in `DOUGH_TOKEN`, else in the daemon's token file under `home`.
+    pub fn from_env(home: &std::path::Path) -> Result<Client, ClientError> {
+        let host = std::env::var("DOUGH_HOST")
+            .unwrap_or_else(|_| format!("unix://{}", home.join("serve.sock").display()));
+        let token = match std::env::var("DOUGH_TOKEN") {
+            Ok(t) => t,
+            Err(_) => std::fs::read_to_string(home.join("serve.token"))?,
+        };
+        Client::new(&host, &token)
+    }
+
+    async fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        macro_rules! go {
+            ($io:expr) => {{
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new($io))
+                        .await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(send.send_request(req).await?)
+            }};
+        }
+        match &self.host {
+            Host::Unix(p) => {
+                let io = tokio::net::UnixStream::connect(p).await.map_err(|source| {
+                    ClientError::Connect {
+                        addr: format!("unix://{}", p.display()),
+                        source,
+                    }
+                })?;
+                go!(io)
+            }
+            Host::Tcp(a) => {
+                let io = tokio::net::TcpStream::connect(a.as_str())
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        addr: a.clone(),
+                        source,
+                    })?;
+                go!(io)
+            }
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, body: Body, json: bool) -> Request<Body> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "dough")
+            .header("authorization", format!("Bearer {}", self.token));
+        if json {
+            b = b.header("content-type", "application/json");
+        }
+        b.body(body).expect("a request from valid parts")
+    }
+
+    /// Send, and fail with the API's error unless the status is a success.
+    async fn call(
+        &self,
+        req: Request<Body>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let resp = self.send(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Err(api_error(status, &bytes))
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        self.rt.block_on(async {
+            let b = match body {
+                Some(b) => full(serde_json::to_vec(b).expect("serializable")),
+                None => full(Vec::new()),
+            };
+            let resp = self
+                .call(self.request(method, path, b, body.is_some()))
+                .await?;
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(format!("{path}: {e}")))
+        })
+    }
+
+    /// Raw request for anything else (tests send malformed ones): the
+    /// status and the body.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        self.rt.block_on(async {
+            let mut b = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "dough")
+                .header("content-type", "application/json");
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let req = b
+                .body(full(body))
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            let resp = self.send(req).await?;
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok((status, bytes.to_vec()))
+        })
+    }
+
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.json(Method::GET, "/v1/health", None::<&()>)
+    }
+
+    pub fn version(&self) -> Result<Version, ClientError> {
+        self.json(Method::GET, "/v1/version", None::<&()>)
+    }
+
+    /// The OpenAPI document.
+    pub fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(Method::GET, "/openapi.json", None::<&()>)
+    }
+
+    /// Prometheus text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        self.rt.block_on(async {
+            let resp = self
+                .call(self.request(Method::GET, "/metrics", full(Vec::new()), false))
+                .await?;
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+    }
+
+    pub fn create_sandbox(&self, req: &CreateSandbox) -> Result<Sandbox, ClientError> {
+        self.json(Method::POST, "/v1/sandboxes", Some(req))
+    }
+
+    pub fn sandboxes(&self) -> Result<Vec<Sandbox>, ClientError> {
+        self.json(Method::GET, "/v1/sandboxes", None::<&()>)
+    }
+
+    pub fn sandbox(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>)
+    }
+
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), ClientError> {
+        self.rt.block_on(async {
+            self.call(self.request(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{id}"),
+                full(Vec::new()),
+                false,
+            ))
+            .await
+            .map(drop)
+        })
+    }
+
+    /// Run a command; `on` gets its events as they arrive; returns how it
+    /// ended.
+    pub fn exec(
+        &self,
+        id: &str,
+        req: &ExecBody,
+        on: &mut dyn FnMut(ExecEvent),
+    ) -> Result<ExecExit, ClientError> {
+        self.rt.block_on(async {
+            let body = full(serde_json::to_vec(req).expect("serializable"));
+            let resp = self
+                .call(self.request(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    body,
+                    true,
+                ))
+                .await?;
+            let mut body = resp.into_body();
+            let mut sse = SseParser::default();
+            loop {
+                let Some(frame) = body.frame().await else {
+                    return Err(ClientError::Decode(
+                        "the exec stream ended without an exit event".into(),
+                    ));
+                };
+                let Ok(data) = frame?.into_data() else {
+                    continue;
+                };
+                for (event, data) in sse.push(&data)? {
+                    match event.as_str() {
+                        "start" => {
+                            let s: ExecStart = decode(&data)?;
+                            on(ExecEvent::Start(s.exec_id))
+                        }
+                        "stdout" | "stderr" => {
+                            let o: ExecOutput = decode(&data)?;
+                            let b = base64::engine::general_purpose::STANDARD
+                                .decode(o.data)
+                                .map_err(|e| ClientError::Decode(e.to_string()))?;
+                            on(if event == "stdout" {
+                                ExecEvent::Stdout(b)
+                            } else {
+                                ExecEvent::Stderr(b)
+                            })
+                        }
+                        "exit" => return decode::<ExecExit>(&data),
+                        "error" => {
+                            let e: ErrorInfo = decode(&data)?;
+                            return Err(ClientError::Api {
+                                status: 200,
+                                code: e.code,
+                                message: e.message,
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+    }
+
+    /// Send a signal to a running exec.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<Signalled, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/execs/{exec_id}/signal"),
+            Some(&SignalBody { signal }),
+        )
+    }
+
+    /// Write `data` to `path` in the sandbox (a file), or unpack it into
+    /// directory `path` when `tar`. Streams: nothing is held whole.
+    pub fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        tar: bool,
+        data: impl Read + Send + 'static,
+    ) -> Result<Uploaded, ClientError> {
+        let chunks = futures::stream::unfold(data, |mut r| async move {
+            let mut buf = vec![0u8; 64 << 10];
+            match r.read(&mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Frame::data(Bytes::from(buf))), r))
+                }
+                Err(e) => Some((Err(e), r)),
+            }
+        });
+        let body = BodyExt::boxed_unsync(StreamBody::new(chunks));
+        let uri = files_uri(id, path, tar);
+        self.rt.block_on(async {
+            let resp = self
+                .call(self.request(Method::PUT, &uri, body, false))
+                .await?;
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        })
+    }
+
+    /// Copy `path` in the sandbox (a file, or a directory as a tar stream
+    /// when `tar`) to `out` as it arrives; returns the bytes written.
+    pub fn download(
+        &self,
+        id: &str,
+        path: &str,
+        tar: bool,
+        out: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
+        let uri = files_uri(id, path, tar);
+        self.rt.block_on(async {
+            let resp = self
+                .call(self.request(Method::GET, &uri, full(Vec::new()), false))
+                .await?;
+            let mut body = resp.into_body().into_data_stream();
+            let mut n = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                out.write_all(&chunk)?;
+                n += chunk.len() as u64;
+            }
+            Ok(n)
+        })
+    }
+
+    /// What `path` is in the sandbox (and a directory's entries).
+    pub fn stat(&self, id: &str, path: &str) -> Result<FileStat, ClientError> {
+        self.json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/stat?path={}", encode_query(path)),
+            None::<&()>,
+        )
+    }
+}
+
+fn full(b: Vec<u8>) -> Body {
+    BodyExt::boxed_unsync(Full::new(Bytes::from(b)).map_err(|never| match never {}))
+}
+
+fn files_uri(id: &str, path: &str, tar: bool) -> String {
+    format!(
+        "/v1/sandboxes/{id}/files?path={}{}",
+        encode_query(path),
+        if tar { "&format=tar" } else { "" }
+    )
+}
+
+/// Percent-encode a query value (everything but unreserved characters).
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn decode<T: serde::de::DeserializeOwned>(data: &str) -> Result<T, ClientError> {
+    serde_json::from_str(data).map_err(|e| ClientError::Decode(format!("event data: {e}")))
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api {
+            status: status.as_u16(),
+            code: e.error.code,
+            message: e.error.message,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+        },
+    }
+}
+
+/// Server-sent events, parsed as bytes arrive: `event:` and `data:` lines,
+/// dispatched at a blank line.
+#[derive(Debug, Default)]
+struct SseParser {
+    line: Vec<u8>,
+    event: String,
+    data: String,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<(String, String)>, ClientError> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() >= MAX_EVENT_LINE {
+                    return Err(ClientError::Decode("an event line is too long".into()));
+                }
+                self.line.push(b);
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.line)
+                .trim_end_matches('\r')
+                .to_string();
+            self.line.clear();
+            if line.is_empty() {
+                if !self.data.is_empty() || !self.event.is_empty() {
+                    let ev = if self.event.is_empty() {
+                        "message".to_string()
+                    } else {
+                        std::mem::take(&mut self.event)
+                    };
+                    out.push((ev, std::mem::take(&mut self.data)));
+                }
+            } else if let Some(v) = line.strip_prefix("event:") {
+                self.event = v.trim_start().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !self.data.is_empty() {
+                    self.data.push('\n');
+                }
+                self.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse() {
+        assert_eq!(
+            "unix:///run/dough.sock".parse::<Host>(),
+            Ok(Host::Unix("/run/dough.sock".into()))
+        );
+        assert_eq!(
+            "http://127.0.0.1:7070/".parse::<Host>(),
+            Ok(Host::Tcp("127.0.0.1:7070".into()))
+        );
+        "unix://relative".parse::<Host>().unwrap_err();
+        "https://x:1".parse::<Host>().unwrap_err();
+    }
+
+    #[test]
+    fn events_split_anywhere_are_parsed_whole() {
+        let text = b"event: start\ndata: {\"exec_id\":\"ex-1\"}\n\n: comment\nevent: exit\r\ndata: {}\r\n\r\n";
+        for cut in 0..text.len() {
+            let mut p = SseParser::default();
+            let mut evs = p.push(&text[..cut]).unwrap();
+            evs.extend(p.push(&text[cut..]).unwrap());
+            assert_eq!(
+                evs,
+                vec![
+                    ("start".to_string(), "{\"exec_id\":\"ex-1\"}".to_string()),
+                    ("exit".to_string(), "{}".to_string())
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(encode_query("/a b/ü&x=1"), "/a%20b/%C3%BC%26x%3D1");
+    }
+}

@@ -1,0 +1,656 @@
+//! VM tier: `dough serve`, through a real HTTP client (dough-client, on
+//! hyper) against a real daemon with real VMs.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dough_client::{Client, ClientError, CreateSandbox, ExecBody, ExecEvent, FileKind};
+
+/// A daemon on a socket of its own, stopped (SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(home: &Path, extra: &[&str]) -> Daemon {
+        let socket = home.join("serve.sock");
+        let log = home.join(format!("serve-{}.log", Instant::now().elapsed().as_nanos()));
+        let child = dough(home)
+            .arg("serve")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("dough serve exited {st}: {}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dough serve did not listen: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn client(&self, home: &Path) -> Client {
+        let token = std::fs::read_to_string(home.join("serve.token")).unwrap();
+        Client::new(&format!("unix://{}", self.socket.display()), &token).unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn none_net() -> CreateSandbox {
+    CreateSandbox {
+        net: Some("none".into()),
+        ..Default::default()
+    }
+}
+
+/// Run a command, gathering its output and exec id.
+fn exec(c: &Client, id: &str, argv: &[&str]) -> (dough_client::ExecExit, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let exit = c
+        .exec(
+            id,
+            &ExecBody {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            &mut |e| match e {
+                ExecEvent::Stdout(b) => out.extend(b),
+                ExecEvent::Stderr(b) => err.extend(b),
+                ExecEvent::Start(_) => {}
+            },
+        )
+        .unwrap();
+    (exit, text(&out), text(&err))
+}
+
+fn api_code(e: ClientError) -> (u16, String) {
+    match e {
+        ClientError::Api { status, code, .. } => (status, code),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// create → exec (streamed, stdin, env, exit codes, signals) → upload →
+/// stat → download (file and tar) → delete, over the Unix socket and TCP.
+#[test]
+fn vm_serve_runs_a_sandbox_from_create_to_delete() {
+    let home = private_home();
+    let h = home.path();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(h, &["--listen", &addr]);
+    let c = d.client(h);
+    assert_eq!(c.health().unwrap().status, "ok");
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let tcp = Client::new(&format!("http://{addr}"), &token).unwrap();
+    assert_eq!(tcp.version().unwrap().api, 1);
+
+    let sb = c.create_sandbox(&none_net()).unwrap();
+    assert_eq!(sb.state, dough_client::SandboxState::Live);
+    assert_eq!(sb.net, "none");
+    assert!(ps(h).iter().any(|v| v["id"] == sb.id.as_str()));
+    assert_eq!(
+        c.sandbox(&sb.id).unwrap().vm_state.as_deref(),
+        Some("ready")
+    );
+
+    // Output streamed with its stream, env and stdin delivered, the exit
+    // code reported.
+    let mut events = Vec::new();
+    let exit = c
+        .exec(
+            &sb.id,
+            &ExecBody {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo out-$X; cat; echo err >&2; exit 3".into(),
+                ],
+                env: [("X".to_string(), "1".to_string())].into(),
+                stdin: Some("from-stdin\n".into()),
+                ..Default::default()
+            },
+            &mut |e| events.push(e),
+        )
+        .unwrap();
+    assert_eq!(exit.exit_code, 3);
+    assert!(
+        matches!(&events[0], ExecEvent::Start(id) if id.starts_with("ex-")),
+        "{events:?}"
+    );
+    let out: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match e {
+            ExecEvent::Stdout(b) => Some(b.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(text(&out), "out-1\nfrom-stdin\n");
+    assert!(
+        events.contains(&ExecEvent::Stderr(b"err\n".to_vec())),
+        "{events:?}"
+    );
+    // The same sandbox over TCP.
+    assert_eq!(exec(&tcp, &sb.id, &["hostname"]).1.trim(), sb.id);
+
+    // A signal reaches a running command, by the id its stream started with.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = {
+        let c = d.client(h);
+        let id = sb.id.clone();
+        std::thread::spawn(move || {
+            c.exec(
+                &id,
+                &ExecBody {
+                    argv: vec!["sleep".into(), "600".into()],
+                    ..Default::default()
+                },
+                &mut |e| {
+                    if let ExecEvent::Start(x) = e {
+                        tx.send(x).unwrap();
+                    }
+                },
+            )
+            .unwrap()
+        })
+    };
+    let exec_id = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    // The command may not have been spawned yet when `start` arrives:
+    // signal until it is delivered and the exec ends.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the signal never ended the command"
+        );
+        let _ = c.signal(&sb.id, &exec_id, 15);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let exit = t.join().unwrap();
+    assert_eq!((exit.signal, exit.exit_code), (Some(15), 143));
+    assert_eq!(
+        api_code(c.signal(&sb.id, &exec_id, 15).unwrap_err()),
+        (404, "not_found".into())
+    );
+
+    // Files: a file into a new directory, its stat, back out; a tar
+    // stream in and out.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let up = c
+        .upload(
+            &sb.id,
+            "/root/new/dir/blob.bin",
+            false,
+            std::io::Cursor::new(data.clone()),
+        )
+        .unwrap();
+    assert_eq!(up.bytes, data.len() as u64);
+    let st = c.stat(&sb.id, "/root/new/dir/blob.bin").unwrap();
+    assert_eq!((st.kind, st.size), (FileKind::File, data.len() as u64));
+    let mut back = Vec::new();
+    assert_eq!(
+        c.download(&sb.id, "/root/new/dir/blob.bin", false, &mut back)
+            .unwrap(),
+        data.len() as u64
+    );
+    assert!(back == data, "the file came back different");
+    let dir = c.stat(&sb.id, "/root/new/dir").unwrap();
+    assert_eq!(dir.kind, FileKind::Dir);
+    let names: Vec<_> = dir.entries.unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["blob.bin"]);
+
+    let mut tarball = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tarball);
+        for (name, body) in [("a.txt", "alpha\n"), ("sub/b.txt", "beta\n")] {
+            let mut hd = tar::Header::new_gnu();
+            hd.set_size(body.len() as u64);
+            hd.set_mode(0o644);
+            hd.set_cksum();
+            b.append_data(&mut hd, name, body.as_bytes()).unwrap();
+        }
+        b.finish().unwrap();
+    }
+    c.upload(&sb.id, "/srv/tree", true, std::io::Cursor::new(tarball))
+        .unwrap();
+    assert_eq!(
+        exec(&c, &sb.id, &["cat", "/srv/tree/sub/b.txt"]).1,
+        "beta\n"
+    );
+    let mut tar_back = Vec::new();
+    c.download(&sb.id, "/srv/tree", true, &mut tar_back)
+        .unwrap();
+    let mut got = Vec::new();
+    for e in tar::Archive::new(&tar_back[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut s = String::new();
+        e.read_to_string(&mut s).unwrap();
+        got.push((e.path().unwrap().display().to_string(), s));
+    }
+    assert!(
+        got.contains(&("./a.txt".into(), "alpha\n".into())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("./sub/b.txt".into(), "beta\n".into())),
+        "{got:?}"
+    );
+    // Missing paths and directories without tar are refused plainly.
+    assert_eq!(
+        api_code(c.stat(&sb.id, "/no/such").unwrap_err()),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        api_code(
+            c.download(&sb.id, "/srv/tree", false, &mut Vec::new())
+                .unwrap_err()
+        ),
+        (400, "bad_request".into())
+    );
+
+    let metrics = c.metrics().unwrap();
+    assert!(
+        metrics.contains("dough_sandboxes{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dough_restore_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dough_execs_total{result=\"signaled\"} 1"),
+        "{metrics}"
+    );
+
+    c.delete_sandbox(&sb.id).unwrap();
+    let gone = c.sandbox(&sb.id).unwrap();
+    assert_eq!(gone.state, dough_client::SandboxState::Deleted);
+    assert!(!ps(h).iter().any(|v| v["id"] == sb.id.as_str()));
+    assert_eq!(
+        api_code(c.delete_sandbox(&sb.id).unwrap_err()),
+        (410, "gone".into())
+    );
+    let e = c
+        .exec(
+            &sb.id,
+            &ExecBody {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert_eq!(api_code(e), (410, "gone".into()));
+    assert_eq!(
+        api_code(c.sandbox("vm-nothere").unwrap_err()),
+        (404, "not_found".into())
+    );
+}
+
+/// No token, a wrong one, malformed and oversized bodies, unknown routes
+/// and methods: each refused with its status and a JSON error, and the
+/// daemon serves on.
+#[test]
+fn vm_serve_refuses_unauthenticated_and_malformed_requests() {
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &["--max-request", "4096"]);
+    let c = d.client(h);
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let token = token.trim();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(h.join("serve.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let wrong = format!("{}x", &token[..token.len() - 1]);
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/v1/health", None, vec![], 401, "unauthorized"),
+        (
+            "GET",
+            "/v1/health",
+            Some(&wrong),
+            vec![],
+            401,
+            "unauthorized",
+        ),
+        ("GET", "/v1/health", Some(""), vec![], 401, "unauthorized"),
+        ("GET", "/openapi.json", None, vec![], 401, "unauthorized"),
+        (
+            "POST",
+            "/v1/sandboxes",
+            None,
+            b"{}".to_vec(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            b"{not json".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            b"{\"nett\": \"none\"}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            b"{\"net\": \"sideways\"}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            b"{\"image\": \"../etc/passwd\"}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            b"{\"memory_mib\": 1}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            Some(token),
+            vec![b' '; 10_000],
+            413,
+            "too_large",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/vm-nothere/exec",
+            Some(token),
+            b"{\"argv\": [\"true\"]}".to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/vm-nothere/exec",
+            Some(token),
+            b"{\"argv\": []}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes/vm-nothere/files?path=relative",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes/vm-nothere/files",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        ("GET", "/v1/nope", Some(token), vec![], 404, "not_found"),
+        (
+            "PATCH",
+            "/v1/sandboxes",
+            Some(token),
+            vec![],
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, tok, body, status, code) in cases {
+        let (got, resp) = c.raw(method, path, tok, body).unwrap();
+        let e: dough_client::ErrorBody = serde_json::from_slice(&resp)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", text(&resp)));
+        assert_eq!(
+            (got, e.error.code.as_str()),
+            (status, code),
+            "{method} {path}: {}",
+            e.error.message
+        );
+    }
+    assert_eq!(c.health().unwrap().status, "ok");
+    let m = c.metrics().unwrap();
+    assert!(m.contains("dough_requests_unauthorized_total 5"), "{m}");
+    // Nothing was created by any of it.
+    assert!(c.sandboxes().unwrap().is_empty());
+    assert!(vm_dirs(h).is_empty());
+}
+
+/// An upload over the file limit is refused (413) whether it declares its
+/// length or streams without one, the partial file is removed, and the
+/// daemon's memory does not grow with what was sent.
+#[test]
+fn vm_serve_refuses_an_upload_over_the_limit_without_growing() {
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &["--max-file", "8000000"]);
+    let c = d.client(h);
+    let sb = c.create_sandbox(&none_net()).unwrap();
+    let before = d.rss_kib();
+    // 256 MiB streamed (chunked: no length to refuse it by up front).
+    let big = std::io::repeat(b'x').take(256 << 20);
+    let e = c.upload(&sb.id, "/root/big", false, big).unwrap_err();
+    match e {
+        ClientError::Api { status: 413, .. } => {}
+        // The daemon may answer and close before it read all we sent.
+        ClientError::Http(_) => {}
+        other => panic!("expected 413, got {other:?}"),
+    }
+    let grew = d.rss_kib().saturating_sub(before);
+    assert!(grew < 64 << 10, "the daemon grew by {grew} KiB");
+    assert_eq!(
+        api_code(c.stat(&sb.id, "/root/big").unwrap_err()),
+        (404, "not_found".into()),
+        "the partial file was left"
+    );
+    // Declared too large: refused before a byte is read.
+    let (status, _) = c
+        .raw(
+            "PUT",
+            &format!("/v1/sandboxes/{}/files?path=/root/x", sb.id),
+            Some(
+                std::fs::read_to_string(h.join("serve.token"))
+                    .unwrap()
+                    .trim(),
+            ),
+            vec![0; 8_000_001],
+        )
+        .unwrap();
+    assert_eq!(status, 413);
+    // Under the limit still works.
+    c.upload(
+        &sb.id,
+        "/root/ok",
+        false,
+        std::io::Cursor::new(vec![1u8; 1000]),
+    )
+    .unwrap();
+    c.delete_sandbox(&sb.id).unwrap();
+}
+
+/// Killed with -9 and started again, the daemon adopts its live sandboxes,
+/// marks dead the one whose VM went meanwhile, and still enforces TTLs.
+#[test]
+fn vm_serve_restarted_after_kill_adopts_its_sandboxes() {
+    let home = private_home();
+    let h = home.path();
+    let mut d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    let keep = c.create_sandbox(&none_net()).unwrap();
+    let lost = c.create_sandbox(&none_net()).unwrap();
+    let short = c
+        .create_sandbox(&CreateSandbox {
+            ttl_secs: Some(20),
+            ..none_net()
+        })
+        .unwrap();
+    exec(&c, &keep.id, &["sh", "-c", "echo kept > /root/state"]);
+    d.kill9();
+    // Sandboxes outlive their daemon; one is removed behind its back.
+    let out = run(h, &["down", &lost.id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    assert_eq!(exec(&c, &keep.id, &["cat", "/root/state"]).1, "kept\n");
+    let l = c.sandbox(&lost.id).unwrap();
+    assert_eq!(l.state, dough_client::SandboxState::Dead);
+    assert!(l.ended_why.unwrap().contains("gone"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = c.sandbox(&short.id).unwrap();
+        if s.state == dough_client::SandboxState::Deleted {
+            assert_eq!(s.ended_why.as_deref(), Some("its TTL ran out"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the TTL never ran out: {s:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!ps(h).iter().any(|v| v["id"] == short.id.as_str()));
+    let live: Vec<String> = c
+        .sandboxes()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.state == dough_client::SandboxState::Live)
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(live, std::slice::from_ref(&keep.id));
+    c.delete_sandbox(&keep.id).unwrap();
+}
+
+/// 100 execs at once across 8 sandboxes: each completes with its own
+/// output (one command at a time per sandbox; the rest wait their turn).
+#[test]
+fn vm_serve_runs_100_concurrent_execs_across_8_sandboxes() {
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    let ids: Vec<String> = (0..8)
+        .map(|_| c.create_sandbox(&none_net()).unwrap().id)
+        .collect();
+    let threads: Vec<_> = (0..100)
+        .map(|i| {
+            let c = d.client(h);
+            let id = ids[i % 8].clone();
+            std::thread::spawn(move || {
+                let (exit, out, _) = exec(&c, &id, &["sh", "-c", &format!("echo $(hostname) {i}")]);
+                (i, id, exit.exit_code, out)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (i, id, code, out) = t.join().unwrap();
+        assert_eq!((code, out), (0, format!("{id} {i}\n")));
+    }
+    for id in &ids {
+        c.delete_sandbox(id).unwrap();
+    }
+}
+
+/// The Python snippet in docs/api.md (standard library only) works as
+/// printed, against a daemon on TCP.
+#[test]
+fn vm_serve_the_python_snippet_in_the_docs_works() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api.md"))
+            .unwrap();
+    let start = doc
+        .find("```python\n")
+        .expect("a python block in docs/api.md")
+        + 10;
+    let snippet = &doc[start..start + doc[start..].find("```").unwrap()];
+    let home = private_home();
+    let h = home.path();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(h, &["--listen", &addr]);
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(snippet)
+        .env("DOUGH_URL", &addr)
+        .env("DOUGH_TOKEN", token.trim())
+        .output()
+        .expect("python3 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        d.log_text()
+    );
+    let printed = text(&out.stdout);
+    let mut lines = printed.lines();
+    assert!(
+        lines.next().unwrap().starts_with("hello from vm-"),
+        "{printed}"
+    );
+    assert_eq!(lines.next(), Some("exit code 0"), "{printed}");
+    // It deleted its sandbox.
+    assert!(vm_dirs(h).is_empty(), "{printed}");
+}
