@@ -654,3 +654,83 @@ fn vm_serve_the_python_snippet_in_the_docs_works() {
     // It deleted its sandbox.
     assert!(vm_dirs(h).is_empty(), "{printed}");
 }
+
+/// SIGTERM: a command in flight finishes and reports its exit, the daemon
+/// then exits 0 and its sandbox stays up; systemd is told READY=1 once the
+/// daemon listens and STOPPING=1 when it stops (`Type=notify`).
+#[test]
+fn vm_serve_stops_gracefully_and_tells_systemd() {
+    let home = private_home();
+    let h = home.path();
+    let notify = h.join("notify.sock");
+    let sd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut cmd = dough(h);
+    let log = h.join("serve.log");
+    let mut child = cmd
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let c = Client::new(
+        &format!("unix://{}", h.join("serve.sock").display()),
+        &token,
+    )
+    .unwrap();
+    let sb = c.create_sandbox(&none_net()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = {
+        let c = Client::new(
+            &format!("unix://{}", h.join("serve.sock").display()),
+            &token,
+        )
+        .unwrap();
+        let id = sb.id.clone();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let exit = c
+                .exec(
+                    &id,
+                    &ExecBody {
+                        argv: vec!["sh".into(), "-c".into(), "sleep 3; echo finished".into()],
+                        ..Default::default()
+                    },
+                    &mut |e| match e {
+                        ExecEvent::Start(_) => tx.send(()).unwrap(),
+                        ExecEvent::Stdout(b) => out.extend(b),
+                        ExecEvent::Stderr(_) => {}
+                    },
+                )
+                .unwrap();
+            (exit, out)
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = sd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let (exit, out) = t.join().unwrap();
+    assert_eq!((exit.exit_code, text(&out)), (0, "finished\n".to_string()));
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "{st}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // The sandbox outlives the daemon; a new one adopts it.
+    assert!(ps(h).iter().any(|v| v["id"] == sb.id.as_str()));
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    assert_eq!(exec(&c, &sb.id, &["echo", "still"]).1, "still\n");
+    c.delete_sandbox(&sb.id).unwrap();
+}
