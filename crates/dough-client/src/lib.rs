@@ -428,6 +428,81 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Start a run of a plan (a file on the daemon's host).
+    pub fn create_run(&self, req: &CreateRun) -> Result<Run, ClientError> {
+        self.json(Method::POST, "/v1/runs", Some(req))
+    }
+
+    pub fn runs(&self) -> Result<Vec<Run>, ClientError> {
+        self.json(Method::GET, "/v1/runs", None::<&()>)
+    }
+
+    pub fn run(&self, id: &str) -> Result<Run, ClientError> {
+        self.json(Method::GET, &format!("/v1/runs/{id}"), None::<&()>)
+    }
+
+    pub fn cancel_run(&self, id: &str) -> Result<Run, ClientError> {
+        self.json(Method::POST, &format!("/v1/runs/{id}/cancel"), None::<&()>)
+    }
+
+    /// A finished run's report (markdown).
+    pub fn run_report(&self, id: &str) -> Result<String, ClientError> {
+        self.rt.block_on(async {
+            let resp = self
+                .call(self.request(
+                    Method::GET,
+                    &format!("/v1/runs/{id}/report"),
+                    full(Vec::new()),
+                    false,
+                ))
+                .await?;
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+    }
+
+    /// Follow a run's events after sequence number `after` (0: from the
+    /// start) until it ends; returns how it ended. A daemon that goes away
+    /// ends this with an error: call again with the last event's `seq`.
+    pub fn follow_run(
+        &self,
+        id: &str,
+        after: i64,
+        on: &mut dyn FnMut(RunEvent),
+    ) -> Result<RunState, ClientError> {
+        self.rt.block_on(async {
+            let resp = self
+                .call(self.request(
+                    Method::GET,
+                    &format!("/v1/runs/{id}/events?after={after}"),
+                    full(Vec::new()),
+                    false,
+                ))
+                .await?;
+            let mut body = resp.into_body();
+            let mut sse = SseParser::default();
+            loop {
+                let Some(frame) = body.frame().await else {
+                    return Err(ClientError::Decode(
+                        "the run's event stream ended without an end event".into(),
+                    ));
+                };
+                let Ok(data) = frame?.into_data() else {
+                    continue;
+                };
+                for (event, data) in sse.push(&data)? {
+                    match event.as_str() {
+                        "event" => on(decode(&data)?),
+                        "end" => return Ok(decode::<RunEnd>(&data)?.state),
+                        _ => {}
+                    }
+                }
+            }
+        })
+    }
+}
+
 fn full(b: Vec<u8>) -> Body {
     BodyExt::boxed_unsync(Full::new(Bytes::from(b)).map_err(|never| match never {}))
 }

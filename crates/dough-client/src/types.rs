@@ -218,3 +218,85 @@ pub struct Uploaded {
     pub path: String,
     pub bytes: u64,
 }
+
+/// `POST /v1/runs`: run a plan (`dough go`) in the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    /// The plan file, an absolute path on the daemon's host.
+    pub plan: String,
+    /// Run it on this repository (absolute path on the daemon's host)
+    /// instead of the plan's own `repo`.
+    pub repo: Option<String>,
+    /// The run's id (default: the UTC time and a random suffix); its
+    /// branch is `dough/<id>`.
+    pub run_id: Option<String>,
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    /// Every task green.
+    Green,
+    /// Ended with some task not green.
+    Finished,
+    /// Stopped by an error (see `error`).
+    Failed,
+    Cancelled,
+}
+
+/// A run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Run {
+    pub id: String,
+    pub state: RunState,
+    pub plan: String,
+    pub repo: Option<String>,
+    /// `dough/<id>`.
+    pub branch: String,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    /// Tasks that finished so far (all of them once the run ended).
+    pub tasks: Vec<RunTask>,
+    /// How many times the daemon resumed it after being stopped.
+    pub resumed: u32,
+    pub error: Option<String>,
+}
+
+/// A task of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RunTask {
+    pub id: String,
+    /// `green`, `failed`, `blocked`, or `pending` (green, waiting for its
+    /// round to be stacked).
+    pub outcome: String,
+    /// Its commit on the branch, once stacked.
+    pub commit: Option<String>,
+    pub attempts: u32,
+}
+
+/// Event `event` of a run's stream (`end`, last, carries `RunEnd`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RunEvent {
+    /// Its place in the run's log: ask for `?after=SEQ` to go on from it.
+    pub seq: i64,
+    /// Seconds since the run (or its last resumption) started.
+    pub t: f64,
+    pub task: String,
+    pub attempt: u32,
+    pub what: String,
+}
+
+/// Event `end`: the run is over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct RunEnd {
+    pub state: RunState,
+}

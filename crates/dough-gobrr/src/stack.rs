@@ -18,6 +18,7 @@
 //! run's base commit, so the same plan and the same agent outputs give the
 //! same commit ids.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,13 @@ pub enum StackError {
     },
     #[error("branch {0} already exists in the repo (pick another run id)")]
     BranchExists(String),
+    #[error("branch {0} is not in the repo any more: the interrupted run cannot go on")]
+    NoBranch(String),
+    #[error(
+        "the branch has commit {commit} for task {task}, which the run's record does not \
+         have: the branch was changed outside dough"
+    )]
+    Unrecorded { task: String, commit: String },
     #[error(
         "the tree holds {size} bytes of files; at most {MAX_TREE_BYTES} are shipped into a clone"
     )]
@@ -261,6 +269,27 @@ impl Stack {
         base: &str,
         run_id: &str,
     ) -> Result<Stack, StackError> {
+        Self::at(repo, scratch, base, run_id, true)
+    }
+
+    /// The branch `dough/<run_id>` an interrupted run made from `base`, to
+    /// go on stacking on it (`scratch` is made again if it is gone).
+    pub fn open(
+        repo: &Path,
+        scratch: &Path,
+        base: &str,
+        run_id: &str,
+    ) -> Result<Stack, StackError> {
+        Self::at(repo, scratch, base, run_id, false)
+    }
+
+    fn at(
+        repo: &Path,
+        scratch: &Path,
+        base: &str,
+        run_id: &str,
+        create: bool,
+    ) -> Result<Stack, StackError> {
         std::fs::create_dir_all(scratch).map_err(|source| StackError::Scratch {
             path: scratch.to_path_buf(),
             source,
@@ -302,7 +331,11 @@ impl Stack {
         )?;
         // Create the branch only if it does not exist (old value: none).
         let zero = "0".repeat(base.len());
-        if run(
+        if !create {
+            let r = format!("refs/heads/{branch}");
+            run(g(&["rev-parse", "--verify", "--quiet", &r]), None)
+                .map_err(|_| StackError::NoBranch(branch.clone()))?;
+        } else if run(
             g(&["update-ref", &format!("refs/heads/{branch}"), &base, &zero]),
             None,
         )
@@ -450,6 +483,37 @@ impl Stack {
         ]);
         run(c, None)?;
         Ok(commit)
+    }
+
+    /// The tasks of run `run_id` committed on the branch since `base`: task
+    /// id → commit (read from dough's own commit messages).
+    pub fn task_commits(
+        &self,
+        base: &str,
+        run_id: &str,
+    ) -> Result<BTreeMap<String, String>, StackError> {
+        let mut c = self.user_git();
+        c.args([
+            "log",
+            "--format=%H%x00%B%x01",
+            &format!("{base}..refs/heads/{}", self.branch),
+        ]);
+        let out = run(c, None)?;
+        let mark = format!("gobrr run {run_id}, task ");
+        let mut found = BTreeMap::new();
+        for entry in out.split('\u{1}') {
+            let Some((commit, body)) = entry.trim_start_matches('\n').split_once('\0') else {
+                continue;
+            };
+            let task = body.lines().find_map(|l| {
+                let rest = l.strip_prefix(&mark)?;
+                Some(rest.split(',').next()?.to_string())
+            });
+            if let Some(t) = task {
+                found.insert(t, commit.to_string());
+            }
+        }
+        Ok(found)
     }
 
     /// The tree at the head as a tar stream (to ship into a VM).

@@ -133,7 +133,16 @@ pub fn run(ctx: &Ctx, args: AgentArgs) -> anyhow::Result<ExitCode> {
     } else {
         Keep::Diff
     };
-    let done = execute(ctx, &plan, values, &repo, &run_id, &args.vm, keep)?;
+    let done = execute(
+        ctx,
+        &plan,
+        values,
+        &repo,
+        &run_id,
+        &args.vm,
+        keep,
+        &crate::go_cmd::Hooks::default(),
+    )?;
     let green = done.green() == 1;
     let diff = done.diff.clone().unwrap_or_default();
     if green {

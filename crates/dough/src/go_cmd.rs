@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -11,8 +12,8 @@ use clap::Args;
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{
-    Cmd, Event, Exit, Outcome, Output, Pool, RunResult, Runner, Sandbox, SandboxError, Workspace,
-    WorkspaceError,
+    Cmd, Event, Exit, Outcome, Output, Pool, Progress, RunResult, Runner, Sandbox, SandboxError,
+    Workspace, WorkspaceError,
 };
 use dough_gobrr::secrets::Redactor;
 use dough_gobrr::stack::Stack;
@@ -131,6 +132,17 @@ struct ClonePool<'a> {
     /// `gate_image`.
     agent: Source<'a>,
     gate: Source<'a>,
+    /// Once set, no more clones: the run winds down.
+    cancel: Option<&'a AtomicBool>,
+}
+
+impl ClonePool<'_> {
+    fn cancelled(&self) -> Result<(), SandboxError> {
+        match self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+            true => Err(SandboxError::NoClone("the run was cancelled".into())),
+            false => Ok(()),
+        }
+    }
 }
 
 /// A run clone of `snap` with `egress` whose gateway brokers `brokers`
@@ -169,11 +181,13 @@ impl Pool for ClonePool<'_> {
         egress: &str,
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.cancelled()?;
         let a = &self.agent;
         restore_run(self.home, self.vms, a.snap, a.opts, egress, brokers)
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.cancelled()?;
         let g = &self.gate;
         restore_run(self.home, self.vms, g.snap, g.opts, "none", &[])
     }
@@ -185,6 +199,7 @@ impl Pool for ClonePool<'_> {
         egress: &str,
         prepare: &mut dyn FnMut(&mut dyn Sandbox) -> Result<(), String>,
     ) -> Result<Box<dyn Workspace>, WorkspaceError> {
+        self.cancelled().map_err(WorkspaceError::Sandbox)?;
         let no_clone = |e: Box<dyn std::error::Error + Send + Sync>| {
             WorkspaceError::Sandbox(SandboxError::NoClone(e))
         };
@@ -272,23 +287,38 @@ fn plan_image(ctx: &Ctx, vm: &VmArgs, named: Option<&str>) -> anyhow::Result<Ima
 /// stdin; it lands in the guest's RAM-backed overlay).
 const MAX_SHIP: usize = 32 << 20;
 
-pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
-    let checked = Plan::load(&args.plan).and_then(Plan::check);
-    let plan = match checked {
-        Ok(p) => p,
-        Err(problems) => {
-            for p in &problems.0 {
-                eprintln!("dough: plan {}: {p}", args.plan.display());
-            }
-            eprintln!(
-                "dough: the plan has {} problem(s); nothing ran",
-                problems.0.len()
-            );
-            return Ok(ExitCode::from(1));
-        }
-    };
-    let plan_dir = args
-        .plan
+/// A plan ready to run: checked, its recipes and secrets resolved, its
+/// repository found.
+pub struct Loaded {
+    pub plan: dough_gobrr::plan::ValidPlan,
+    pub secrets: Vec<dough_gobrr::secrets::Value>,
+    pub repo: PathBuf,
+}
+
+/// Why a plan cannot run.
+#[derive(Debug)]
+pub enum LoadError {
+    /// What `dough plan check` reports.
+    Problems(Vec<String>),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for LoadError {
+    fn from(e: anyhow::Error) -> LoadError {
+        LoadError::Other(e)
+    }
+}
+
+/// Load and check `plan`, on `repo` if given (else the plan's own, which
+/// must be inside the plan's directory). Secrets come from this process's
+/// environment.
+pub fn load(plan_path: &Path, repo: Option<&Path>) -> Result<Loaded, LoadError> {
+    let plan = Plan::load(plan_path)
+        .and_then(Plan::check)
+        .map_err(|problems| {
+            LoadError::Problems(problems.0.iter().map(|p| p.to_string()).collect())
+        })?;
+    let plan_dir = plan_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
@@ -300,8 +330,9 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let secrets =
-        dough_gobrr::secrets::resolve(&plan.plan.secrets, &plan_dir, &|k| std::env::var(k).ok())?;
-    let repo = match &args.repo {
+        dough_gobrr::secrets::resolve(&plan.plan.secrets, &plan_dir, &|k| std::env::var(k).ok())
+            .map_err(anyhow::Error::from)?;
+    let repo = match repo {
         Some(r) => std::fs::canonicalize(r)
             .with_context(|| format!("--repo {} does not exist", r.display()))?,
         None => {
@@ -309,22 +340,59 @@ pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
             let repo = std::fs::canonicalize(&repo)
                 .with_context(|| format!("the plan's repo {} does not exist", repo.display()))?;
             // Symlinks resolved: the plan may not reach outside its directory.
-            let dir = std::fs::canonicalize(&plan_dir)?;
-            anyhow::ensure!(
-                repo.starts_with(&dir),
-                "the plan's repo resolves to {}, outside the plan's directory {}; to run a plan on another repository, give it with --repo",
-                repo.display(),
-                dir.display()
-            );
+            let dir = std::fs::canonicalize(&plan_dir).map_err(anyhow::Error::from)?;
+            if !repo.starts_with(&dir) {
+                return Err(anyhow::anyhow!(
+                    "the plan's repo resolves to {}, outside the plan's directory {}; to run a plan on another repository, give it with --repo",
+                    repo.display(),
+                    dir.display()
+                )
+                .into());
+            }
             repo
         }
+    };
+    Ok(Loaded {
+        plan,
+        secrets,
+        repo,
+    })
+}
+
+pub fn run(ctx: &Ctx, args: GoArgs) -> anyhow::Result<ExitCode> {
+    let Loaded {
+        plan,
+        secrets,
+        repo,
+    } = match load(&args.plan, args.repo.as_deref()) {
+        Ok(l) => l,
+        Err(LoadError::Problems(problems)) => {
+            for p in &problems {
+                eprintln!("dough: plan {}: {p}", args.plan.display());
+            }
+            eprintln!(
+                "dough: the plan has {} problem(s); nothing ran",
+                problems.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        Err(LoadError::Other(e)) => return Err(e),
     };
     anyhow::ensure!(
         args.vm.net == dough_net::Egress::Nat,
         "--net does not apply to `dough go`: the plan's `egress` decides for agent clones, and gates never have a network"
     );
     let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
-    let done = execute(ctx, &plan, secrets, &repo, &run_id, &args.vm, Keep::Branch)?;
+    let done = execute(
+        ctx,
+        &plan,
+        secrets,
+        &repo,
+        &run_id,
+        &args.vm,
+        Keep::Branch,
+        &Hooks::default(),
+    )?;
     println!("branch: dough/{run_id}");
     println!("report: {}", done.report.display());
     Ok(done.exit_code())
@@ -372,6 +440,24 @@ impl Done {
 /// Run a checked plan on `repo` (a git repository) as run `run_id`: the
 /// branch `dough/<run_id>`, `run.json` and `report.md` under
 /// `$DOUGH_HOME/runs/<run_id>`.
+/// What a run started by something other than `dough go` (the daemon)
+/// adds: resuming, its own event and progress sinks, cancelling.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Go on with an interrupted run: its branch exists; this is its last
+    /// progress.
+    pub resume: Option<Progress>,
+    /// Told every event (besides stderr and the run's events.jsonl).
+    pub on_event: Option<&'a (dyn Fn(&Event) + Sync)>,
+    /// Told the run's progress (keep the last one to resume).
+    pub on_progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
+    /// Set: no more clones are made; the run winds down.
+    pub cancel: Option<&'a AtomicBool>,
+    /// In a daemon: it handles signals itself (no teardown handler).
+    pub daemon: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn execute(
     ctx: &Ctx,
     plan: &dough_gobrr::plan::ValidPlan,
@@ -380,23 +466,32 @@ pub fn execute(
     run_id: &str,
     vm: &VmArgs,
     keep: Keep,
+    hooks: &Hooks<'_>,
 ) -> anyhow::Result<Done> {
     anyhow::ensure!(
         repo.join(".git").exists(),
         "the plan's repo {} is not a git repository",
         repo.display()
     );
-    install_teardown_on_signal(&ctx.vms);
+    if !hooks.daemon {
+        install_teardown_on_signal(&ctx.vms);
+    }
     let run_dir = ctx.home.join("runs").join(run_id);
     std::fs::create_dir_all(&run_dir)?;
     // dough's branch and scratch directory; nothing is checked out and no
-    // worktree is registered in the user's repo. Removed whatever happens.
-    let stack = Stack::create(repo, &run_dir.join("scratch"), &plan.plan.base, run_id)
-        .context("creating dough's branch")?;
-    let base = stack.head()?;
+    // worktree is registered in the user's repo. Removed whatever happens
+    // (the branch too while it is empty, unless a resumed run made it).
+    let resumed_base = hooks.resume.as_ref().and_then(|p| p.base.clone());
+    let stack = match &resumed_base {
+        Some(b) => Stack::open(repo, &run_dir.join("scratch"), b, run_id)
+            .context("opening the interrupted run's branch")?,
+        None => Stack::create(repo, &run_dir.join("scratch"), &plan.plan.base, run_id)
+            .context("creating dough's branch")?,
+    };
+    let base = resumed_base.clone().map_or_else(|| stack.head(), Ok)?;
     let mut stack = RemoveOnDrop {
         stack: Some(stack),
-        unused_base: Some(base.clone()),
+        unused_base: resumed_base.is_none().then(|| base.clone()),
     };
     let tree = stack.get().archive()?.len();
     anyhow::ensure!(
@@ -427,6 +522,7 @@ pub fn execute(
             snap: gate_snap.as_ref().unwrap_or(&agent_snap).snapshot(),
             opts: &gate_opts,
         },
+        cancel: hooks.cancel,
     };
     let rounds = plan.rounds.len();
     eprintln!(
@@ -434,7 +530,12 @@ pub fn execute(
         plan.plan.tasks.len(),
         plan.plan.concurrency
     );
-    let events = Mutex::new(std::fs::File::create(run_dir.join("events.jsonl"))?);
+    let events = Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("events.jsonl"))?,
+    );
     let on_event = |e: &Event| {
         // Events quote agent output: printable only on the terminal.
         let what = dough_fabric::serial::printable(&e.what);
@@ -446,6 +547,14 @@ pub fn execute(
         if let Ok(line) = serde_json::to_string(e) {
             let _ = writeln!(events.lock().expect("events"), "{line}");
         }
+        if let Some(f) = hooks.on_event {
+            f(e);
+        }
+    };
+    let on_progress = |p: &Progress| {
+        if let Some(f) = hooks.on_progress {
+            f(p);
+        }
     };
     // From here on the branch is the run's result, even if empty.
     stack.unused_base = None;
@@ -456,6 +565,8 @@ pub fn execute(
         secrets: secrets.clone(),
         run_id: run_id.to_string(),
         on_event: &on_event,
+        resume: hooks.resume.clone().unwrap_or_default(),
+        on_progress: &on_progress,
     };
     let result = runner.run();
     let redactor = Redactor::new(&secrets);

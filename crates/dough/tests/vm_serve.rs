@@ -734,3 +734,116 @@ fn vm_serve_stops_gracefully_and_tells_systemd() {
     assert_eq!(exec(&c, &sb.id, &["echo", "still"]).1, "still\n");
     c.delete_sandbox(&sb.id).unwrap();
 }
+
+/// A copy of `examples/calc` whose repo is a git repository.
+fn calc_example() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/calc");
+    let out = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let repo = d.path().join("calc/repo");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "base"]);
+    let plan = d.path().join("calc/plan.toml");
+    (d, plan)
+}
+
+/// A run submitted through the API, its daemon killed with -9 once a
+/// task is committed, the daemon started again: the run goes on and ends
+/// green, every task committed exactly once, the tasks committed before
+/// the kill never run again; its events (followed across the restart)
+/// and its report are all there.
+#[test]
+fn vm_serve_a_run_survives_its_daemon_killed_mid_way() {
+    let home = private_home();
+    let h = home.path();
+    let (dir, plan) = calc_example();
+    let mut d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    // A plan with problems is refused; nothing runs.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "goal = \"x\"\n[[task]]\nid = \"a\"\n").unwrap();
+    let e = c
+        .create_run(&dough_client::CreateRun {
+            plan: broken.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(api_code(e), (400, "bad_request".into()));
+
+    let run = c
+        .create_run(&dough_client::CreateRun {
+            plan: plan.display().to_string(),
+            run_id: Some("serve-run".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        (run.state, run.branch.as_str()),
+        (dough_client::RunState::Running, "dough/serve-run")
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let committed_before: Vec<String> = loop {
+        let r = c.run(&run.id).unwrap();
+        let done: Vec<String> = r
+            .tasks
+            .iter()
+            .filter(|t| t.commit.is_some())
+            .map(|t| t.id.clone())
+            .collect();
+        if !done.is_empty() {
+            break done;
+        }
+        assert_eq!(r.state, dough_client::RunState::Running, "{r:?}");
+        assert!(Instant::now() < deadline, "no task committed: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    d.kill9();
+
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    let mut events = Vec::new();
+    let end = c.follow_run(&run.id, 0, &mut |e| events.push(e)).unwrap();
+    assert_eq!(end, dough_client::RunState::Green, "{}", d.log_text());
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let resumed_at = events
+        .iter()
+        .position(|e| e.what == "resumed after the daemon restarted")
+        .expect("a resume event");
+    for t in &committed_before {
+        assert!(
+            !events[resumed_at..].iter().any(|e| &e.task == t),
+            "{t} ran again after the restart"
+        );
+    }
+    let repo = dir.path().join("calc/repo");
+    assert_eq!(
+        git(&repo, &["log", "--reverse", "--format=%s", "dough/serve-run"]),
+        "base\ntokens: Tokenizer\nerrors: Error type\ndocs: Usage guide\nparser: Parser\nevaluate: Evaluator\ncli: Command line"
+    );
+    let r = c.run(&run.id).unwrap();
+    assert_eq!(r.resumed, 1);
+    assert_eq!(r.tasks.len(), 6);
+    assert!(
+        r.tasks
+            .iter()
+            .all(|t| t.outcome == "green" && t.commit.is_some()),
+        "{r:?}"
+    );
+    let report = c.run_report(&run.id).unwrap();
+    assert!(report.contains("# gobrr run serve-run"), "{report}");
+    assert!(report.contains("## parser attempt 1: failed"), "{report}");
+    // A finished run cannot be cancelled; nothing of it is left running.
+    assert_eq!(
+        api_code(c.cancel_run(&run.id).unwrap_err()),
+        (409, "conflict".into())
+    );
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+}

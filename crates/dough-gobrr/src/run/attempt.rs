@@ -206,7 +206,7 @@ impl Runner<'_> {
         };
         let phase = |a: &mut Attempt, name: &'static str, since: Instant| {
             a.phases.insert(
-                name,
+                name.to_string(),
                 (since.elapsed().as_secs_f64() * 100.0).round() / 100.0,
             );
         };

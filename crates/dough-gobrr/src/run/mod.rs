@@ -18,7 +18,9 @@ pub mod report;
 pub mod sandbox;
 
 pub use guest::{ORDER, REPO};
-pub use report::{Attempt, Event, Outcome, RoundCheck, RunResult, TaskResult, WorkspaceReport};
+pub use report::{
+    Attempt, Event, Outcome, Pending, Progress, RoundCheck, RunResult, TaskResult, WorkspaceReport,
+};
 pub use sandbox::{
     Cmd, Exit, Output, Pool, Sandbox, SandboxError, Workspace, WorkspaceError, STEP_TIMEOUT,
 };
@@ -52,6 +54,11 @@ pub struct Runner<'a> {
     pub run_id: String,
     /// Told every event as it happens (already redacted).
     pub on_event: &'a (dyn Fn(&Event) + Sync),
+    /// How far an interrupted run on this branch got (default: a new run).
+    pub resume: Progress,
+    /// Told the run's progress each time a task finishes, is stacked, or
+    /// a round is done: keep the last one to resume the run after a crash.
+    pub on_progress: &'a (dyn Fn(&Progress) + Sync),
 }
 
 impl std::fmt::Debug for Runner<'_> {
@@ -95,12 +102,10 @@ impl Runner<'_> {
             on_event: self.on_event,
         };
         let plan = &self.plan.plan;
-        let base = self.stack.head().unwrap_or_default();
+        let progress = Mutex::new(self.resume.clone());
         let mut results: Vec<Option<TaskResult>> = vec![None; plan.tasks.len()];
-        let mut round_checks = Vec::new();
-        let mut workspaces = Vec::new();
         let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.rounds(&shared, &mut results, &mut round_checks, &mut workspaces)
+            self.rounds(&shared, &mut results, &progress)
         }));
         let error = match rounds {
             Ok(Ok(())) => None,
@@ -114,6 +119,8 @@ impl Runner<'_> {
         if let Some(e) = &error {
             shared.event("run", 0, e.clone());
         }
+        let p = progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let base = p.base.clone().unwrap_or_default();
         RunResult {
             run_id: self.run_id.clone(),
             branch: self.stack.branch.clone(),
@@ -121,37 +128,132 @@ impl Runner<'_> {
             head: self.stack.head().unwrap_or_else(|_| base.clone()),
             base,
             concurrency: plan.concurrency,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: p.seconds_before + start.elapsed().as_secs_f64(),
             tasks: results.into_iter().flatten().collect(),
-            round_checks,
-            workspaces,
+            round_checks: p.round_checks,
+            workspaces: p.workspaces,
             error,
         }
+    }
+
+    /// Tell `on_progress` where the run is.
+    fn save(&self, p: &Progress, shared: &Shared<'_>) {
+        let mut p = p.clone();
+        p.seconds_before += shared.start.elapsed().as_secs_f64();
+        (self.on_progress)(&p);
+    }
+
+    /// Record a finished task: green ones wait to be stacked.
+    fn finished(&self, progress: &Mutex<Progress>, f: &Finished, shared: &Shared<'_>) {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        let (r, diff) = f;
+        match (&r.outcome, diff) {
+            (Outcome::Green, Some(d)) => {
+                p.pending.insert(
+                    r.id.clone(),
+                    Pending {
+                        result: r.clone(),
+                        diff_hex: hex::encode(d),
+                    },
+                );
+            }
+            _ => {
+                p.tasks.insert(r.id.clone(), r.clone());
+            }
+        }
+        self.save(&p, shared);
+    }
+
+    /// Resuming: where the run began, and the green tasks whose commit
+    /// landed before the interruption (stacked, not to be stacked again).
+    fn reconcile(&self, progress: &Mutex<Progress>) -> Result<(), StackError> {
+        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.base.is_none() {
+            p.base = Some(self.stack.head()?);
+            return Ok(());
+        }
+        let base = p.base.clone().unwrap_or_default();
+        let landed = self.stack.task_commits(&base, &self.run_id)?;
+        for (id, pending) in std::mem::take(&mut p.pending) {
+            match landed.get(&id) {
+                Some(c) => {
+                    let mut r = pending.result;
+                    r.commit = Some(c.clone());
+                    p.tasks.insert(id, r);
+                }
+                None => {
+                    p.pending.insert(id, pending);
+                }
+            }
+        }
+        for (task, commit) in landed {
+            if p.tasks.get(&task).and_then(|r| r.commit.as_deref()) != Some(commit.as_str()) {
+                return Err(StackError::Unrecorded { task, commit });
+            }
+        }
+        Ok(())
     }
 
     fn rounds(
         &self,
         shared: &Shared<'_>,
         results: &mut [Option<TaskResult>],
-        round_checks: &mut Vec<RoundCheck>,
-        workspaces: &mut Vec<WorkspaceReport>,
+        progress: &Mutex<Progress>,
     ) -> Result<(), StackError> {
         let plan = &self.plan.plan;
-        let mut stopped: Option<String> = None;
+        let lock = || progress.lock().unwrap_or_else(|e| e.into_inner());
+        self.reconcile(progress)?;
+        // Its base, recorded before anything else happens.
+        self.save(&lock(), shared);
+        // A round check that failed before an interruption still stops
+        // the rounds after it.
+        let mut stopped: Option<String> = lock()
+            .round_checks
+            .iter()
+            .find(|c| !c.passed)
+            .map(|c| format!("round {}'s combined check", c.round));
         for (k, round) in self.plan.rounds.iter().enumerate() {
+            if k < lock().rounds_done {
+                // Done before an interruption: its results stand.
+                let p = lock();
+                for &t in round {
+                    results[t] = p.tasks.get(&plan.tasks[t].id).cloned();
+                }
+                continue;
+            }
             if let Some(why) = &stopped {
                 // An earlier round's combined result failed the check: no
                 // task builds on it.
                 for &t in round {
                     let task = &plan.tasks[t];
                     shared.event(&task.id, 0, format!("blocked by {why}"));
-                    results[t] = Some(TaskResult::blocked(task, k + 1, vec![why.clone()]));
+                    let r = TaskResult::blocked(task, k + 1, vec![why.clone()]);
+                    lock().tasks.insert(task.id.clone(), r.clone());
+                    results[t] = Some(r);
                 }
                 continue;
+            }
+            // Finished before an interruption: final ones stand, green ones
+            // are stacked with the round.
+            let mut resumed: BTreeMap<usize, Finished> = BTreeMap::new();
+            {
+                let p = lock();
+                for &t in round {
+                    let id = &plan.tasks[t].id;
+                    if let Some(r) = p.tasks.get(id) {
+                        results[t] = Some(r.clone());
+                    } else if let Some(pend) = p.pending.get(id) {
+                        let diff = hex::decode(&pend.diff_hex).unwrap_or_default();
+                        resumed.insert(t, (pend.result.clone(), Some(diff)));
+                    }
+                }
             }
             // Blocked tasks first: a dependency did not go green.
             let mut runnable = Vec::new();
             for &t in round {
+                if results[t].is_some() || resumed.contains_key(&t) {
+                    continue;
+                }
                 let task = &plan.tasks[t];
                 let blocked_by: Vec<String> = task
                     .deps
@@ -168,7 +270,9 @@ impl Runner<'_> {
                     runnable.push(t);
                 } else {
                     shared.event(&task.id, 0, format!("blocked by {}", blocked_by.join(", ")));
-                    results[t] = Some(TaskResult::blocked(task, k + 1, blocked_by));
+                    let r = TaskResult::blocked(task, k + 1, blocked_by);
+                    lock().tasks.insert(task.id.clone(), r.clone());
+                    results[t] = Some(r);
                 }
             }
             let base_tar = self.stack.archive()?;
@@ -181,11 +285,13 @@ impl Runner<'_> {
                         self.workspace(k + 1, setup, &base_tar, runnable.len(), shared);
                     if let Some(why) = &report.failure {
                         for &t in &runnable {
-                            results[t] = Some(self.setup_failure(t, k + 1, why));
+                            let r = self.setup_failure(t, k + 1, why);
+                            lock().tasks.insert(r.id.clone(), r.clone());
+                            results[t] = Some(r);
                         }
                         runnable.clear();
                     }
-                    workspaces.push(report);
+                    lock().workspaces.push(report);
                     ws
                 }
                 _ => None,
@@ -193,7 +299,7 @@ impl Runner<'_> {
             let ws = workspace.as_deref();
             // Up to `concurrency` tasks at once.
             let queue = Mutex::new(runnable.clone().into_iter());
-            let done: Mutex<BTreeMap<usize, Finished>> = Mutex::new(BTreeMap::new());
+            let done: Mutex<BTreeMap<usize, Finished>> = Mutex::new(resumed);
             std::thread::scope(|s| {
                 for _ in 0..plan.concurrency.min(runnable.len() as u32).max(1) {
                     s.spawn(|| loop {
@@ -210,6 +316,7 @@ impl Runner<'_> {
                             shared.event(&plan.tasks[t].id, 0, format!("internal error: {why}"));
                             (self.internal_failure(t, k + 1, &why), None)
                         });
+                        self.finished(progress, &r, shared);
                         done.lock().expect("results").insert(t, r);
                     });
                 }
@@ -237,6 +344,12 @@ impl Runner<'_> {
                             shared.event(&r.id, 0, format!("could not be stacked: {e}"));
                         }
                     }
+                }
+                {
+                    let mut p = lock();
+                    p.pending.remove(&r.id);
+                    p.tasks.insert(r.id.clone(), r.clone());
+                    self.save(&p, shared);
                 }
                 results[t] = Some(r);
             }
@@ -266,12 +379,15 @@ impl Runner<'_> {
                 if !passed {
                     stopped = Some(format!("round {}'s combined check", k + 1));
                 }
-                round_checks.push(RoundCheck {
+                lock().round_checks.push(RoundCheck {
                     round: k + 1,
                     passed,
                     log: shared.tail(log.as_bytes()),
                 });
             }
+            let mut p = lock();
+            p.rounds_done = k + 1;
+            self.save(&p, shared);
         }
         Ok(())
     }
@@ -916,6 +1032,8 @@ allow = ["src/fine.py"]
             secrets,
             run_id: "t1".into(),
             on_event: &on_event,
+            resume: Progress::default(),
+            on_progress: &|_| {},
         }
         .run();
         Ran {
@@ -990,5 +1108,118 @@ allow = ["src/fine.py"]
         // Stats of the green attempt.
         assert_eq!(by_id("one").attempts[0].files, 1);
         assert!(by_id("one").attempts[0].phases.contains_key("gate"));
+    }
+
+    fn fake_pool(diff_for: fn(&str) -> String) -> FakePool {
+        FakePool {
+            orders: Arc::new(Mutex::new(vec![])),
+            gates: Arc::new(Mutex::new(0)),
+            secrets_seen_by_gates: Arc::new(Mutex::new(false)),
+            diff_for,
+            scripts: Arc::new(Mutex::new(vec![])),
+            forks: Arc::new(Mutex::new((0, 0))),
+        }
+    }
+
+    /// A run killed at any point — here: at every moment it reports its
+    /// progress, before that report is kept (so the last kept one is
+    /// behind what happened, as after a crash) — and resumed from its last
+    /// kept progress ends as an uninterrupted run does: the same outcomes,
+    /// each green task committed exactly once, no finished task run again.
+    #[test]
+    fn an_interrupted_run_resumes_without_rerunning_or_recommitting() {
+        let plan = Plan::parse(PLAN).unwrap().check().unwrap();
+        let outcomes = |r: &RunResult| -> Vec<(String, Outcome)> {
+            r.tasks
+                .iter()
+                .map(|t| (t.id.clone(), t.outcome.clone()))
+                .collect()
+        };
+        let whole = run_plan(PLAN, diff_for, vec![]);
+        let expected = outcomes(&whole.result);
+        let log = |repo: &std::path::Path| sh(repo, &["log", "--format=%s", "dough/t1"]);
+        let expected_log = log(whole.repo.path());
+        // How many progress reports a whole run makes.
+        let reports = {
+            let repo = base_repo();
+            let wt = tempfile::tempdir().unwrap();
+            let stack = Stack::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
+            let n = Mutex::new(0);
+            let pool = fake_pool(diff_for);
+            Runner {
+                plan: &plan,
+                pool: &pool,
+                stack: &stack,
+                secrets: vec![],
+                run_id: "t1".into(),
+                on_event: &|_| {},
+                resume: Progress::default(),
+                on_progress: &|_| *n.lock().unwrap() += 1,
+            }
+            .run();
+            n.into_inner().unwrap()
+        };
+        assert!(reports >= 6, "{reports}");
+        for kill_at in 1..=reports {
+            let repo = base_repo();
+            let wt = tempfile::tempdir().unwrap();
+            let scratch = wt.path().join("w");
+            let stack = Stack::create(repo.path(), &scratch, "main", "t1").unwrap();
+            let kept: Mutex<(usize, Option<Progress>)> = Mutex::new((0, None));
+            let pool = fake_pool(diff_for);
+            let first = Runner {
+                plan: &plan,
+                pool: &pool,
+                stack: &stack,
+                secrets: vec![],
+                run_id: "t1".into(),
+                on_event: &|_| {},
+                resume: Progress::default(),
+                on_progress: &|p| {
+                    let mut k = kept.lock().unwrap_or_else(|e| e.into_inner());
+                    k.0 += 1;
+                    if k.0 == kill_at {
+                        panic!("killed");
+                    }
+                    k.1 = Some(p.clone());
+                },
+            }
+            .run();
+            assert!(
+                first.error.is_some(),
+                "kill {kill_at}: the run was not stopped"
+            );
+            drop(stack);
+            let progress = kept
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .unwrap_or_default();
+            let stack = Stack::open(repo.path(), &scratch, "main", "t1").unwrap();
+            let pool = fake_pool(diff_for);
+            let again = Runner {
+                plan: &plan,
+                pool: &pool,
+                stack: &stack,
+                secrets: vec![],
+                run_id: "t1".into(),
+                on_event: &|_| {},
+                resume: progress.clone(),
+                on_progress: &|_| {},
+            }
+            .run();
+            assert_eq!(again.error, None, "kill {kill_at}");
+            assert_eq!(outcomes(&again), expected, "kill {kill_at}");
+            assert_eq!(log(repo.path()), expected_log, "kill {kill_at}");
+            // Nothing that had finished ran again.
+            let orders = pool.orders.lock().unwrap().clone();
+            for id in progress.tasks.keys().chain(progress.pending.keys()) {
+                let head = format!("# Task {id}\n");
+                assert!(
+                    !orders.iter().any(|o| o.starts_with(&head)),
+                    "kill {kill_at}: {id} ran again"
+                );
+            }
+        }
     }
 }

@@ -46,6 +46,8 @@ pub struct App {
     /// VM options a sandbox gets unless its request says otherwise.
     pub defaults: crate::vm_args::VmArgs,
     pub metrics: Metrics,
+    /// Runs going on in this daemon.
+    pub runs: super::runs::Active,
     /// Running execs by id: their sandbox and how to signal them.
     execs: Mutex<HashMap<String, (String, Arc<Signaller>)>>,
 }
@@ -74,6 +76,7 @@ impl App {
             limits,
             defaults,
             metrics: Metrics::default(),
+            runs: Default::default(),
             execs: Mutex::default(),
         }
     }
@@ -219,6 +222,11 @@ pub fn router(app: Shared) -> Router {
             get(super::files::download).put(super::files::upload),
         )
         .route("/v1/sandboxes/{id}/stat", get(super::files::stat))
+        .route("/v1/runs", post(super::runs::create).get(super::runs::list))
+        .route("/v1/runs/{id}", get(super::runs::get))
+        .route("/v1/runs/{id}/events", get(super::runs::events))
+        .route("/v1/runs/{id}/report", get(super::runs::report))
+        .route("/v1/runs/{id}/cancel", post(super::runs::cancel))
         .fallback(|| async { ApiError::not_found("no such route (GET /openapi.json lists them)") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -253,7 +261,13 @@ pub fn router(app: Shared) -> Router {
         signal_exec,
         super::files::upload,
         super::files::download,
-        super::files::stat
+        super::files::stat,
+        super::runs::create,
+        super::runs::list,
+        super::runs::get,
+        super::runs::events,
+        super::runs::report,
+        super::runs::cancel
     ),
     components(schemas(
         CreateSandbox,
@@ -272,7 +286,13 @@ pub fn router(app: Shared) -> Router {
         FileStat,
         FileKind,
         DirEntry,
-        Uploaded
+        Uploaded,
+        CreateRun,
+        Run,
+        RunState,
+        RunTask,
+        RunEvent,
+        RunEnd
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -769,6 +789,11 @@ mod tests {
             "/v1/sandboxes/{id}/execs/{exec_id}/signal",
             "/v1/sandboxes/{id}/files",
             "/v1/sandboxes/{id}/stat",
+            "/v1/runs",
+            "/v1/runs/{id}",
+            "/v1/runs/{id}/events",
+            "/v1/runs/{id}/report",
+            "/v1/runs/{id}/cancel",
         ] {
             assert!(paths.contains_key(p), "{p} missing");
         }

@@ -8,6 +8,7 @@
 mod api;
 mod files;
 mod metrics;
+mod runs;
 mod sandboxes;
 mod store;
 
@@ -150,6 +151,21 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&ctx.home)
         .with_context(|| format!("creating {}", ctx.home.display()))?;
+    // One daemon per home: it owns the database's running runs.
+    let lock_path = ctx.home.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, e)) => anyhow::bail!(
+            "another dough serve is running with this home ({}): {e}",
+            ctx.home.display()
+        ),
+    };
     let token = token(
         &args
             .token_file
@@ -170,9 +186,6 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         limits,
         args.vm,
     ));
-    // Adopt what a previous daemon left: live VMs stay ours, dead ones
-    // are marked, expired ones go.
-    sandboxes::reconcile(&app).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let socket = args.socket.unwrap_or_else(|| ctx.home.join("serve.sock"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,6 +194,11 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let grace = Duration::from_secs(args.shutdown_grace);
     rt.block_on(async {
         let unix = bind_unix(&socket)?;
+        // Adopt what a previous daemon left: live VMs stay ours, dead ones
+        // are marked, expired ones go; runs it left running go on
+        // (finished tasks are not run again).
+        sandboxes::reconcile(&app).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        runs::resume_all(&app).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let tcp = match args.listen {
             Some(a) => Some(
                 tokio::net::TcpListener::bind(a)
@@ -245,6 +263,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&socket);
     // Blocking work still running (an exec whose client stays) is left.
     rt.shutdown_timeout(Duration::from_secs(1));
+    drop(lock);
     eprintln!("dough: stopped");
     Ok(ExitCode::SUCCESS)
 }

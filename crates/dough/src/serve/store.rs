@@ -5,7 +5,56 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-pub use dough_client::types::SandboxState;
+pub use dough_client::types::{RunState, SandboxState};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEnding {
+    pub state: RunState,
+    pub at: i64,
+    pub result: Option<String>,
+    pub report: Option<String>,
+    pub error: Option<String>,
+}
+
+fn run_state_str(s: RunState) -> &'static str {
+    match s {
+        RunState::Running => "running",
+        RunState::Green => "green",
+        RunState::Finished => "finished",
+        RunState::Failed => "failed",
+        RunState::Cancelled => "cancelled",
+    }
+}
+
+fn parse_run_state(s: &str) -> RunState {
+    match s {
+        "running" => RunState::Running,
+        "green" => RunState::Green,
+        "finished" => RunState::Finished,
+        "cancelled" => RunState::Cancelled,
+        _ => RunState::Failed,
+    }
+}
+
+const RUN_COLUMNS: &str =
+    "id, state, plan, repo, progress, result, report, error, resumed, created_at, ended_at";
+
+fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        id: r.get(0)?,
+        state: parse_run_state(&r.get::<_, String>(1)?),
+        plan: r.get(2)?,
+        repo: r.get(3)?,
+        progress: r.get(4)?,
+        result: r.get(5)?,
+        report: r.get(6)?,
+        error: r.get(7)?,
+        resumed: r.get(8)?,
+        created_at: r.get(9)?,
+        ended_at: r.get(10)?,
+    })
+}
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// What can go wrong keeping state.
@@ -57,8 +106,59 @@ pub struct SandboxRow {
     pub ended_why: Option<String>,
 }
 
+/// One run's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRow {
+    pub id: String,
+    pub state: RunState,
+    pub plan: String,
+    pub repo: Option<String>,
+    /// Its last progress (JSON), to resume it.
+    pub progress: Option<String>,
+    /// Its result (JSON, redacted), once ended.
+    pub result: Option<String>,
+    /// Its report (markdown), once ended.
+    pub report: Option<String>,
+    pub error: Option<String>,
+    pub resumed: u32,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+}
+
+/// A task as a run's progress has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    pub id: String,
+    pub outcome: String,
+    pub commit: Option<String>,
+    /// (n, green, failure) of each attempt.
+    pub attempts: Vec<(u32, bool, Option<String>)>,
+    /// The task's result (JSON).
+    pub result: String,
+}
+
 /// The daemon's state. Every method is one transaction.
 pub trait Store: Send + Sync {
+    fn put_run(&self, row: &RunRow) -> Result<(), StoreError>;
+    fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError>;
+    /// Every run, newest first.
+    fn runs(&self) -> Result<Vec<RunRow>, StoreError>;
+    /// Keep a run's progress and its tasks (replacing the ones before).
+    fn save_progress(&self, id: &str, progress: &str, tasks: &[TaskRow]) -> Result<(), StoreError>;
+    fn tasks(&self, run_id: &str) -> Result<Vec<TaskRow>, StoreError>;
+    /// End a running run (false: it was not running).
+    fn end_run(&self, id: &str, end: &RunEnding) -> Result<bool, StoreError>;
+    /// Count one more resumption of a run.
+    fn resumed(&self, id: &str) -> Result<(), StoreError>;
+    /// Append to a run's event log; returns the event's sequence number.
+    fn run_event(&self, id: &str, body: &str) -> Result<i64, StoreError>;
+    /// A run's events after `after`, at most `limit`.
+    fn run_events(
+        &self,
+        id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
     fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError>;
     fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError>;
     /// Every sandbox, newest first; live ones only with `live_only`.
@@ -100,6 +200,42 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         subject TEXT NOT NULL,
         body TEXT NOT NULL
+    );",
+    // 2: runs of plans, their tasks and attempts, and their event logs.
+    "CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        repo TEXT,
+        progress TEXT,
+        result TEXT,
+        report TEXT,
+        error TEXT,
+        resumed INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        ended_at INTEGER
+    );
+    CREATE TABLE tasks (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        commit_sha TEXT,
+        result TEXT NOT NULL,
+        PRIMARY KEY (run_id, id)
+    );
+    CREATE TABLE attempts (
+        run_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        green INTEGER NOT NULL,
+        failure TEXT,
+        PRIMARY KEY (run_id, task_id, n)
+    );
+    CREATE TABLE run_events (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
     );",
 ];
 
@@ -177,6 +313,172 @@ const SANDBOX_COLUMNS: &str = "id, state, snapshot, image, net, memory_mib, vcpu
                                expires_at, ended_at, ended_why";
 
 impl Store for SqliteStore {
+    fn put_run(&self, s: &RunRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO runs ({RUN_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                ),
+                params![
+                    s.id,
+                    run_state_str(s.state),
+                    s.plan,
+                    s.repo,
+                    s.progress,
+                    s.result,
+                    s.report,
+                    s.error,
+                    s.resumed,
+                    s.created_at,
+                    s.ended_at
+                ],
+            )
+            .map(drop)
+        })
+    }
+
+    fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [id],
+                row_to_run,
+            )
+            .optional()
+        })
+    }
+
+    fn runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, id"
+            ))?;
+            let rows = st.query_map([], row_to_run)?;
+            rows.collect()
+        })
+    }
+
+    fn save_progress(&self, id: &str, progress: &str, tasks: &[TaskRow]) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE runs SET progress = ?2 WHERE id = ?1",
+            params![id, progress],
+        )?;
+        tx.execute("DELETE FROM tasks WHERE run_id = ?1", [id])?;
+        tx.execute("DELETE FROM attempts WHERE run_id = ?1", [id])?;
+        for t in tasks {
+            tx.execute(
+                "INSERT INTO tasks (run_id, id, outcome, commit_sha, result) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, t.id, t.outcome, t.commit, t.result],
+            )?;
+            for (n, green, failure) in &t.attempts {
+                tx.execute(
+                    "INSERT INTO attempts (run_id, task_id, n, green, failure) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, t.id, n, green, failure],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn tasks(&self, run_id: &str) -> Result<Vec<TaskRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, outcome, commit_sha, result FROM tasks WHERE run_id = ?1 ORDER BY id",
+            )?;
+            let rows = st.query_map([run_id], |r| {
+                Ok(TaskRow {
+                    id: r.get(0)?,
+                    outcome: r.get(1)?,
+                    commit: r.get(2)?,
+                    attempts: Vec::new(),
+                    result: r.get(3)?,
+                })
+            })?;
+            let mut tasks: Vec<TaskRow> = rows.collect::<rusqlite::Result<_>>()?;
+            let mut st = c.prepare(
+                "SELECT task_id, n, green, failure FROM attempts WHERE run_id = ?1 \
+                 ORDER BY task_id, n",
+            )?;
+            let rows = st.query_map([run_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            for a in rows {
+                let (task, n, green, failure) = a?;
+                if let Some(t) = tasks.iter_mut().find(|t| t.id == task) {
+                    t.attempts.push((n, green, failure));
+                }
+            }
+            Ok(tasks)
+        })
+    }
+
+    fn end_run(&self, id: &str, e: &RunEnding) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET state = ?2, ended_at = ?3, result = ?4, report = ?5, error = ?6 \
+                 WHERE id = ?1 AND state = 'running'",
+                params![
+                    id,
+                    run_state_str(e.state),
+                    e.at,
+                    e.result,
+                    e.report,
+                    e.error
+                ],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn resumed(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("UPDATE runs SET resumed = resumed + 1 WHERE id = ?1", [id])
+                .map(drop)
+        })
+    }
+
+    fn run_event(&self, id: &str, body: &str) -> Result<i64, StoreError> {
+        self.with(|c| {
+            let seq: i64 = c.query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = ?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            c.execute(
+                "INSERT INTO run_events (run_id, seq, body) VALUES (?1, ?2, ?3)",
+                params![id, seq, body],
+            )?;
+            Ok(seq)
+        })
+    }
+
+    fn run_events(
+        &self,
+        id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, body FROM run_events WHERE run_id = ?1 AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![id, after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
     fn put_sandbox(&self, s: &SandboxRow) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
@@ -321,6 +623,65 @@ mod tests {
             .with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn runs_keep_progress_tasks_and_events() {
+        let s = SqliteStore::in_memory().unwrap();
+        let run = RunRow {
+            id: "r1".into(),
+            state: RunState::Running,
+            plan: "/p/plan.toml".into(),
+            repo: None,
+            progress: None,
+            result: None,
+            report: None,
+            error: None,
+            resumed: 0,
+            created_at: 1,
+            ended_at: None,
+        };
+        s.put_run(&run).unwrap();
+        let task = |id: &str, n: u32| TaskRow {
+            id: id.into(),
+            outcome: "green".into(),
+            commit: Some("abc".into()),
+            attempts: (1..=n)
+                .map(|i| (i, i == n, (i < n).then(|| "no".to_string())))
+                .collect(),
+            result: "{}".into(),
+        };
+        s.save_progress("r1", "{\"a\":1}", &[task("one", 1)])
+            .unwrap();
+        s.save_progress("r1", "{\"a\":2}", &[task("one", 1), task("two", 2)])
+            .unwrap();
+        assert_eq!(s.tasks("r1").unwrap(), vec![task("one", 1), task("two", 2)]);
+        assert_eq!(
+            s.run("r1").unwrap().unwrap().progress.as_deref(),
+            Some("{\"a\":2}")
+        );
+        assert_eq!(s.run_event("r1", "e1").unwrap(), 1);
+        assert_eq!(s.run_event("r1", "e2").unwrap(), 2);
+        assert_eq!(
+            s.run_events("r1", 1, 10).unwrap(),
+            vec![(2, "e2".to_string())]
+        );
+        s.resumed("r1").unwrap();
+        let end = RunEnding {
+            state: RunState::Green,
+            at: 5,
+            result: Some("{}".into()),
+            report: Some("# r".into()),
+            error: None,
+        };
+        assert!(s.end_run("r1", &end).unwrap());
+        assert!(!s.end_run("r1", &end).unwrap(), "ends once");
+        let r = s.run("r1").unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.resumed, r.ended_at),
+            (RunState::Green, 1, Some(5))
+        );
+        assert_eq!(s.runs().unwrap().len(), 1);
     }
 
     #[test]
