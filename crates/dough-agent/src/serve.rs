@@ -336,13 +336,20 @@ fn session(shared: &Arc<Shared>, mut port: &File) {
             continue;
         }
         let re = fds[0].revents().unwrap_or(PollFlags::empty());
-        let mut got_data = false;
+        // The host side is closed (as far as the driver knows yet): this
+        // session is over, even with data waiting. The data may be a new
+        // host's, come before the driver processed that host's open:
+        // answered now, our Hello would be written to a closed port and
+        // lost (seen: one connect in hundreds waited for a Hello that never
+        // came). The next session reads it once the host is there.
+        if re.contains(PollFlags::POLLHUP) {
+            return;
+        }
         if re.contains(PollFlags::POLLIN) {
             loop {
                 match port.read(&mut buf) {
                     Ok(0) => return,
                     Ok(n) => {
-                        got_data = true;
                         dec.push(&buf[..n]);
                         loop {
                             match dec.next_frame() {
@@ -371,9 +378,6 @@ fn session(shared: &Arc<Shared>, mut port: &File) {
                     Err(_) => return,
                 }
             }
-        }
-        if re.contains(PollFlags::POLLHUP) && !got_data {
-            return;
         }
     }
 }

@@ -332,6 +332,9 @@ impl Stack {
         // Create the branch only if it does not exist (old value: none).
         let zero = "0".repeat(base.len());
         if !create {
+            // A run killed while moving its branch leaves git's lock on
+            // it; nothing else moves dough's branch of this run.
+            let _ = std::fs::remove_file(git_dir.join(format!("refs/heads/{branch}.lock")));
             let r = format!("refs/heads/{branch}");
             run(g(&["rev-parse", "--verify", "--quiet", &r]), None)
                 .map_err(|_| StackError::NoBranch(branch.clone()))?;

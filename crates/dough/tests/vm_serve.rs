@@ -506,20 +506,24 @@ fn vm_serve_refuses_an_upload_over_the_limit_without_growing() {
         (404, "not_found".into()),
         "the partial file was left"
     );
-    // Declared too large: refused before a byte is read.
-    let (status, _) = c
-        .raw(
-            "PUT",
-            &format!("/v1/sandboxes/{}/files?path=/root/x", sb.id),
-            Some(
-                std::fs::read_to_string(h.join("serve.token"))
-                    .unwrap()
-                    .trim(),
-            ),
-            vec![0; 8_000_001],
+    // Declared too large: refused before a byte of it is sent.
+    {
+        use std::io::Write;
+        let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(h.join("serve.sock")).unwrap();
+        write!(
+            s,
+            "PUT /v1/sandboxes/{}/files?path=/root/x HTTP/1.1\r\nHost: dough\r\n\
+             Authorization: Bearer {}\r\nContent-Length: 8000001\r\n\r\n",
+            sb.id,
+            token.trim()
         )
         .unwrap();
-    assert_eq!(status, 413);
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413");
+    }
     // Under the limit still works.
     c.upload(
         &sb.id,
