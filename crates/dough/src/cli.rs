@@ -35,6 +35,12 @@ pub struct Cli {
     /// dough invocations with the same directory see the same VMs.
     #[arg(long, global = true, env = "DOUGH_VMS_DIR", value_name = "DIR")]
     pub vms_dir: Option<PathBuf>,
+    /// Talk to a `dough serve` daemon instead of working on this machine:
+    /// `unix:///path/serve.sock` or `http://HOST:PORT` (`up`, `ps`, `exec`
+    /// and `down`). Its token comes from DOUGH_TOKEN, else the daemon's
+    /// token file under this home.
+    #[arg(long, global = true, env = "DOUGH_HOST", value_name = "URL")]
+    pub host: Option<String>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -258,6 +264,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = home_dir(cli.home)?;
     let vms = cli.vms_dir.unwrap_or_else(|| home.join("vms"));
     let ctx = Ctx { home, vms };
+    // The daemon itself (and its helpers) run here whatever DOUGH_HOST says.
+    if let Some(host) = cli
+        .host
+        .as_ref()
+        .filter(|_| !matches!(cli.command, Command::Serve(_) | Command::Watchdog(_)))
+    {
+        return crate::remote::dispatch(&ctx, host, cli.command);
+    }
     // Every command that deals with VMs first cleans up after crashed
     // doughs and notices dead clones.
     let builds_in_vm = matches!(

@@ -13,6 +13,7 @@ mod go_cmd;
 mod image_cmd;
 mod live_cmd;
 mod plan_cmd;
+mod remote;
 mod run_cmd;
 mod serve;
 mod snapshots;

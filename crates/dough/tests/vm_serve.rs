@@ -851,3 +851,69 @@ fn vm_serve_a_run_survives_its_daemon_killed_mid_way() {
     );
     assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
 }
+
+/// The CLI through a daemon (`--host` / DOUGH_HOST): up, ps, exec (output
+/// and exit code as on this machine), down; other commands say they do
+/// not work that way.
+#[test]
+fn vm_serve_the_cli_works_through_the_daemon() {
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &[]);
+    let host = format!("unix://{}", d.socket.display());
+    let remote = |args: &[&str]| {
+        dough(h)
+            .env("DOUGH_HOST", &host)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = remote(&["up", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let c = d.client(h);
+    assert_eq!(c.sandbox(&id).unwrap().net, "none");
+    let out = remote(&["ps"]);
+    assert!(text(&out.stdout).contains(&id), "{}", text(&out.stdout));
+    let out = remote(&[
+        "exec",
+        &id,
+        "-e",
+        "X=7",
+        "--",
+        "sh",
+        "-c",
+        "echo out-$X; echo err >&2; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr)),
+        ("out-7\n".to_string(), "err\n".to_string())
+    );
+    let out = remote(&["logs", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("does not work through --host"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = remote(&["down", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        c.sandbox(&id).unwrap().state,
+        dough_client::SandboxState::Deleted
+    );
+    // A wrong token is refused with the daemon's reason.
+    let out = dough(h)
+        .env("DOUGH_HOST", &host)
+        .env("DOUGH_TOKEN", "wrong")
+        .args(["ps"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unauthorized"),
+        "{}",
+        text(&out.stderr)
+    );
+}

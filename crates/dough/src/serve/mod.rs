@@ -25,6 +25,7 @@ use clap::Args;
 
 use crate::cli::Ctx;
 use crate::vm_args::VmArgs;
+pub use api::now_unix;
 pub use metrics::Metrics;
 
 #[derive(Debug, Args)]
