@@ -54,6 +54,10 @@ pub enum BenchCmd {
     /// snapshot, for each N: clones/s, restore → first exec, memory (PSS).
     /// Prints JSON.
     Fork(crate::bench_fork::ForkBenchArgs),
+    /// `dough serve`'s API against the same create + exec + delete done
+    /// in-process and through the CLI, interleaved (p50/p90); the daemon's
+    /// memory idle and with --sandboxes up. Prints JSON.
+    Api(crate::bench_api::ApiBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +106,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Density(a) => density(ctx, a),
         BenchCmd::Net(a) => net(a),
         BenchCmd::Fork(a) => crate::bench_fork::fork(ctx, a),
+        BenchCmd::Api(a) => crate::bench_api::api(ctx, a),
         BenchCmd::Gateway(a) => crate::bench_gateway::gateway(a),
         BenchCmd::Scratch(a) => crate::bench_scratch::scratch(ctx, a),
     }

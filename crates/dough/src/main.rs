@@ -1,6 +1,7 @@
 //! The `dough` command line.
 
 mod agent_cmd;
+mod bench_api;
 mod bench_cmd;
 mod bench_fork;
 mod bench_gateway;

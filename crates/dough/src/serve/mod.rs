@@ -152,8 +152,9 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&ctx.home)
         .with_context(|| format!("creating {}", ctx.home.display()))?;
-    // One daemon per home: it owns the database's running runs.
-    let lock_path = ctx.home.join("serve.lock");
+    let db = args.db.unwrap_or_else(|| ctx.home.join("serve.db"));
+    // One daemon per database: it owns the runs it records as running.
+    let lock_path = db.with_extension("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -163,8 +164,8 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, e)) => anyhow::bail!(
-            "another dough serve is running with this home ({}): {e}",
-            ctx.home.display()
+            "another dough serve is running with the database {}: {e}",
+            db.display()
         ),
     };
     let token = token(
@@ -172,7 +173,6 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
             .token_file
             .unwrap_or_else(|| ctx.home.join("serve.token")),
     )?;
-    let db = args.db.unwrap_or_else(|| ctx.home.join("serve.db"));
     let store =
         store::SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?;
     let limits = api::Limits {
