@@ -309,47 +309,37 @@ impl Client {
                     true,
                 ))
                 .await?;
-            let mut body = resp.into_body();
-            let mut sse = SseParser::default();
-            loop {
-                let Some(frame) = body.frame().await else {
-                    return Err(ClientError::Decode(
-                        "the exec stream ended without an exit event".into(),
-                    ));
-                };
-                let Ok(data) = frame?.into_data() else {
-                    continue;
-                };
-                for (event, data) in sse.push(&data)? {
-                    match event.as_str() {
-                        "start" => {
-                            let s: ExecStart = decode(&data)?;
-                            on(ExecEvent::Start(s.exec_id))
-                        }
-                        "stdout" | "stderr" => {
-                            let o: ExecOutput = decode(&data)?;
-                            let b = base64::engine::general_purpose::STANDARD
-                                .decode(o.data)
-                                .map_err(|e| ClientError::Decode(e.to_string()))?;
-                            on(if event == "stdout" {
-                                ExecEvent::Stdout(b)
-                            } else {
-                                ExecEvent::Stderr(b)
-                            })
-                        }
-                        "exit" => return decode::<ExecExit>(&data),
-                        "error" => {
-                            let e: ErrorInfo = decode(&data)?;
-                            return Err(ClientError::Api {
-                                status: 200,
-                                code: e.code,
-                                message: e.message,
-                            });
-                        }
-                        _ => {}
+            read_events(resp.into_body(), "the exec stream", |event, data| {
+                match event {
+                    "start" => {
+                        let s: ExecStart = decode(&data)?;
+                        on(ExecEvent::Start(s.exec_id))
                     }
+                    "stdout" | "stderr" => {
+                        let o: ExecOutput = decode(&data)?;
+                        let b = base64::engine::general_purpose::STANDARD
+                            .decode(o.data)
+                            .map_err(|e| ClientError::Decode(e.to_string()))?;
+                        on(if event == "stdout" {
+                            ExecEvent::Stdout(b)
+                        } else {
+                            ExecEvent::Stderr(b)
+                        })
+                    }
+                    "exit" => return decode::<ExecExit>(&data).map(Some),
+                    "error" => {
+                        let e: ErrorInfo = decode(&data)?;
+                        return Err(ClientError::Api {
+                            status: 200,
+                            code: e.code,
+                            message: e.message,
+                        });
+                    }
+                    _ => {}
                 }
-            }
+                Ok(None)
+            })
+            .await
         })
     }
 
@@ -480,26 +470,41 @@ impl Client {
                     false,
                 ))
                 .await?;
-            let mut body = resp.into_body();
-            let mut sse = SseParser::default();
-            loop {
-                let Some(frame) = body.frame().await else {
-                    return Err(ClientError::Decode(
-                        "the run's event stream ended without an end event".into(),
-                    ));
-                };
-                let Ok(data) = frame?.into_data() else {
-                    continue;
-                };
-                for (event, data) in sse.push(&data)? {
-                    match event.as_str() {
-                        "event" => on(decode(&data)?),
-                        "end" => return Ok(decode::<RunEnd>(&data)?.state),
-                        _ => {}
-                    }
+            read_events(resp.into_body(), "the run's event stream", |event, data| {
+                match event {
+                    "event" => on(decode(&data)?),
+                    "end" => return Ok(Some(decode::<RunEnd>(&data)?.state)),
+                    _ => {}
                 }
-            }
+                Ok(None)
+            })
+            .await
         })
+    }
+}
+
+/// Read server-sent events from `body`, each given to `on` (event name,
+/// data) until it returns a value; a stream that ends first is an error.
+async fn read_events<T>(
+    mut body: hyper::body::Incoming,
+    what: &str,
+    mut on: impl FnMut(&str, String) -> Result<Option<T>, ClientError>,
+) -> Result<T, ClientError> {
+    let mut sse = SseParser::default();
+    loop {
+        let Some(frame) = body.frame().await else {
+            return Err(ClientError::Decode(format!(
+                "{what} ended before its last event"
+            )));
+        };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        for (event, data) in sse.push(&data)? {
+            if let Some(t) = on(&event, data)? {
+                return Ok(t);
+            }
+        }
     }
 }
 

@@ -3,33 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
-
-/// A copy of `examples/calc` whose repo is a git repository.
-fn example() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/calc");
-    let out = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(d.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let repo = d.path().join("calc/repo");
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "base"]);
-    let plan = d.path().join("calc/plan.toml");
-    (d, plan)
-}
 
 #[test]
 fn vm_go_runs_the_example_plan_end_to_end() {
     let home = private_home();
-    let (dir, plan) = example();
+    let (dir, plan) = calc_example();
     let (out, run, report) = go(home.path(), &plan, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     for t in run["tasks"].as_array().unwrap() {
@@ -283,7 +264,7 @@ fn vm_go_secrets_never_land_on_disk() {
 fn vm_go_ctrl_c_tears_clones_down_and_keeps_what_was_green() {
     use std::io::BufRead;
     let home = private_home();
-    let (dir, plan) = example();
+    let (dir, plan) = calc_example();
     let mut child = dough(home.path())
         .arg("go")
         .arg(&plan)
@@ -403,7 +384,7 @@ fn vm_agent_shows_or_commits_what_passes_and_refuses_the_rest() {
 #[test]
 fn vm_go_with_a_setup_forks_each_round_from_one_workspace() {
     let home = private_home();
-    let (dir, plan) = example();
+    let (dir, plan) = calc_example();
     let repo = dir.path().join("calc/repo");
     std::fs::write(repo.join(".gitignore"), ".deps/\n").unwrap();
     git(&repo, &["add", "-A"]);

@@ -739,25 +739,6 @@ fn vm_serve_stops_gracefully_and_tells_systemd() {
     c.delete_sandbox(&sb.id).unwrap();
 }
 
-/// A copy of `examples/calc` whose repo is a git repository.
-fn calc_example() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/calc");
-    let out = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(d.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let repo = d.path().join("calc/repo");
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "base"]);
-    let plan = d.path().join("calc/plan.toml");
-    (d, plan)
-}
-
 /// A run submitted through the API, its daemon killed with -9 once a
 /// task is committed, the daemon started again: the run goes on and ends
 /// green, every task committed exactly once, the tasks committed before

@@ -1110,6 +1110,26 @@ allow = ["src/fine.py"]
         assert!(by_id("one").attempts[0].phases.contains_key("gate"));
     }
 
+    fn run_with(
+        plan: &ValidPlan,
+        pool: &FakePool,
+        stack: &Stack,
+        resume: Progress,
+        on_progress: &(dyn Fn(&Progress) + Sync),
+    ) -> RunResult {
+        Runner {
+            plan,
+            pool,
+            stack,
+            secrets: vec![],
+            run_id: "t1".into(),
+            on_event: &|_| {},
+            resume,
+            on_progress,
+        }
+        .run()
+    }
+
     fn fake_pool(diff_for: fn(&str) -> String) -> FakePool {
         FakePool {
             orders: Arc::new(Mutex::new(vec![])),
@@ -1146,17 +1166,9 @@ allow = ["src/fine.py"]
             let stack = Stack::create(repo.path(), &wt.path().join("w"), "main", "t1").unwrap();
             let n = Mutex::new(0);
             let pool = fake_pool(diff_for);
-            Runner {
-                plan: &plan,
-                pool: &pool,
-                stack: &stack,
-                secrets: vec![],
-                run_id: "t1".into(),
-                on_event: &|_| {},
-                resume: Progress::default(),
-                on_progress: &|_| *n.lock().unwrap() += 1,
-            }
-            .run();
+            run_with(&plan, &pool, &stack, Progress::default(), &|_| {
+                *n.lock().unwrap() += 1
+            });
             n.into_inner().unwrap()
         };
         assert!(reports >= 6, "{reports}");
@@ -1167,24 +1179,14 @@ allow = ["src/fine.py"]
             let stack = Stack::create(repo.path(), &scratch, "main", "t1").unwrap();
             let kept: Mutex<(usize, Option<Progress>)> = Mutex::new((0, None));
             let pool = fake_pool(diff_for);
-            let first = Runner {
-                plan: &plan,
-                pool: &pool,
-                stack: &stack,
-                secrets: vec![],
-                run_id: "t1".into(),
-                on_event: &|_| {},
-                resume: Progress::default(),
-                on_progress: &|p| {
-                    let mut k = kept.lock().unwrap_or_else(|e| e.into_inner());
-                    k.0 += 1;
-                    if k.0 == kill_at {
-                        panic!("killed");
-                    }
-                    k.1 = Some(p.clone());
-                },
-            }
-            .run();
+            let first = run_with(&plan, &pool, &stack, Progress::default(), &|p| {
+                let mut k = kept.lock().unwrap_or_else(|e| e.into_inner());
+                k.0 += 1;
+                if k.0 == kill_at {
+                    panic!("killed");
+                }
+                k.1 = Some(p.clone());
+            });
             assert!(
                 first.error.is_some(),
                 "kill {kill_at}: the run was not stopped"
@@ -1197,17 +1199,7 @@ allow = ["src/fine.py"]
                 .unwrap_or_default();
             let stack = Stack::open(repo.path(), &scratch, "main", "t1").unwrap();
             let pool = fake_pool(diff_for);
-            let again = Runner {
-                plan: &plan,
-                pool: &pool,
-                stack: &stack,
-                secrets: vec![],
-                run_id: "t1".into(),
-                on_event: &|_| {},
-                resume: progress.clone(),
-                on_progress: &|_| {},
-            }
-            .run();
+            let again = run_with(&plan, &pool, &stack, progress.clone(), &|_| {});
             assert_eq!(again.error, None, "kill {kill_at}");
             assert_eq!(outcomes(&again), expected, "kill {kill_at}");
             assert_eq!(log(repo.path()), expected_log, "kill {kill_at}");

@@ -338,3 +338,23 @@ pub fn tree_contains(path: &Path, needle: &[u8]) -> bool {
     }
     false
 }
+
+/// A copy of `examples/calc` whose repo is a git repository; returns the
+/// directory and the plan.
+pub fn calc_example() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/calc");
+    let out = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let repo = d.path().join("calc/repo");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "base"]);
+    let plan = d.path().join("calc/plan.toml");
+    (d, plan)
+}
