@@ -822,6 +822,15 @@ fn vm_serve_a_run_survives_its_daemon_killed_mid_way() {
             .all(|t| t.outcome == "green" && t.commit.is_some()),
         "{r:?}"
     );
+    let m = c.metrics().unwrap();
+    for line in [
+        "dough_runs{state=\"green\"} 1",
+        "dough_tasks{outcome=\"green\"} 6",
+        "dough_attempts{result=\"failed\"} 1",
+        "dough_attempts{result=\"green\"} 6",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} missing in\n{m}");
+    }
     let report = c.run_report(&run.id).unwrap();
     assert!(report.contains("# gobrr run serve-run"), "{report}");
     assert!(report.contains("## parser attempt 1: failed"), "{report}");

@@ -361,7 +361,10 @@ async fn metrics(State(app): State<Shared>) -> Result<Response, ApiError> {
             *by.entry(s.vm_state.unwrap_or_else(|| "gone".into()))
                 .or_default() += 1;
         }
-        Ok(app.metrics.render(&by.into_iter().collect::<Vec<_>>()))
+        let counts = app.store.counts()?;
+        Ok(app
+            .metrics
+            .render(&by.into_iter().collect::<Vec<_>>(), &counts))
     })
     .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

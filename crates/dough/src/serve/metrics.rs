@@ -103,8 +103,9 @@ impl Metrics {
     }
 
     /// Prometheus text; `live` is (VM state, count) of the daemon's live
-    /// sandboxes.
-    pub fn render(&self, live: &[(String, u64)]) -> String {
+    /// sandboxes; `counts` the store's (group, label, count) of runs by
+    /// state, tasks by outcome, attempts by result.
+    pub fn render(&self, live: &[(String, u64)], counts: &[(&str, String, u64)]) -> String {
         let mut o = String::new();
         let _ = writeln!(
             o,
@@ -147,6 +148,23 @@ impl Metrics {
             self.bytes_up.load(Ordering::Relaxed),
             self.bytes_down.load(Ordering::Relaxed)
         );
+        for (group, name, label, help) in [
+            ("runs", "dough_runs", "state", "Runs by state (running, green, finished, failed, cancelled)."),
+            ("tasks", "dough_tasks", "outcome", "Tasks of runs by outcome (pending: green, not yet stacked)."),
+            (
+                "attempts",
+                "dough_attempts",
+                "result",
+                "Task attempts by result: green passed its gate; failed did not (its gate, its diff, or its clone).",
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (g, l, n) in counts {
+                if *g == group {
+                    let _ = writeln!(o, "{name}{{{label}=\"{l}\"}} {n}");
+                }
+            }
+        }
         counter(
             &mut o,
             "dough_bakes_total",
@@ -190,9 +208,10 @@ mod tests {
         m.restore.observe(Duration::from_secs(3));
         m.exec_done("exited", Duration::from_millis(10));
         m.exec_done("timed_out", Duration::from_secs(700));
-        let t = m.render(&[("ready".into(), 2)]);
+        let t = m.render(&[("ready".into(), 2)], &[("runs", "green".into(), 3)]);
         for line in [
             "dough_sandboxes{state=\"ready\"} 2",
+            "dough_runs{state=\"green\"} 3",
             "dough_restore_seconds_bucket{le=\"0.1\"} 0",
             "dough_restore_seconds_bucket{le=\"0.25\"} 1",
             "dough_restore_seconds_bucket{le=\"5\"} 2",

@@ -159,6 +159,9 @@ pub trait Store: Send + Sync {
         after: i64,
         limit: u32,
     ) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Counts for the metrics: runs by state, tasks by outcome, attempts
+    /// by result (`green`/`failed`), as (group, label, count).
+    fn counts(&self) -> Result<Vec<(&'static str, String, u64)>, StoreError>;
     fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError>;
     fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError>;
     /// Every sandbox, newest first; live ones only with `live_only`.
@@ -463,6 +466,33 @@ impl Store for SqliteStore {
         })
     }
 
+    fn counts(&self) -> Result<Vec<(&'static str, String, u64)>, StoreError> {
+        self.with(|c| {
+            let mut out = Vec::new();
+            for (group, sql) in [
+                ("runs", "SELECT state, COUNT(*) FROM runs GROUP BY state"),
+                (
+                    "tasks",
+                    "SELECT outcome, COUNT(*) FROM tasks GROUP BY outcome",
+                ),
+                (
+                    "attempts",
+                    "SELECT CASE green WHEN 1 THEN 'green' ELSE 'failed' END, COUNT(*) \
+                     FROM attempts GROUP BY green",
+                ),
+            ] {
+                let mut st = c.prepare(sql)?;
+                let rows =
+                    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+                for r in rows {
+                    let (label, n) = r?;
+                    out.push((group, label, n));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn run_events(
         &self,
         id: &str,
@@ -682,6 +712,15 @@ mod tests {
             (RunState::Green, 1, Some(5))
         );
         assert_eq!(s.runs().unwrap().len(), 1);
+        let counts = s.counts().unwrap();
+        for want in [
+            ("runs", "green".to_string(), 1),
+            ("tasks", "green".to_string(), 2),
+            ("attempts", "green".to_string(), 2),
+            ("attempts", "failed".to_string(), 1),
+        ] {
+            assert!(counts.contains(&want), "{want:?} in {counts:?}");
+        }
     }
 
     #[test]
