@@ -907,3 +907,30 @@ fn vm_serve_the_cli_works_through_the_daemon() {
         text(&out.stderr)
     );
 }
+
+/// A cancelled run makes no more clones and ends `cancelled`, its
+/// unfinished tasks failed as cancelled; nothing of it is left running.
+#[test]
+fn vm_serve_a_cancelled_run_stops() {
+    let home = private_home();
+    let h = home.path();
+    let (_dir, plan) = calc_example();
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    let run = c
+        .create_run(&dough_client::CreateRun {
+            plan: plan.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+    let r = c.cancel_run(&run.id).unwrap();
+    assert_eq!(r.id, run.id);
+    let end = c.follow_run(&run.id, 0, &mut |_| {}).unwrap();
+    assert_eq!(end, dough_client::RunState::Cancelled, "{}", d.log_text());
+    let r = c.run(&run.id).unwrap();
+    assert_eq!(r.tasks.len(), 6, "{r:?}");
+    assert!(r.tasks.iter().any(|t| t.outcome != "green"), "{r:?}");
+    let report = c.run_report(&run.id).unwrap();
+    assert!(report.contains("the run was cancelled"), "{report}");
+    assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
+}
