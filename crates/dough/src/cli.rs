@@ -124,10 +124,11 @@ pub enum Command {
     /// Check that this host has what dough needs, and say what to install.
     Doctor(doctor::DoctorArgs),
     /// Run dough as a daemon with an HTTP API (docs/api.md): sandboxes,
-    /// commands in them (output streamed), files in and out. Listens on a
-    /// Unix socket (and optionally TCP); every request needs the bearer
-    /// token in the token file. Its sandboxes outlive it and are adopted
-    /// again when it restarts; state is kept in SQLite under the home.
+    /// commands in them (output streamed), files in and out, plans run and
+    /// followed. Listens on a Unix socket (and optionally TCP); every
+    /// request needs the bearer token in the token file. State is kept in
+    /// SQLite under the home: its sandboxes outlive it and are adopted
+    /// again when it restarts, and runs go on where they stopped.
     ///
     /// Example: dough serve --listen 127.0.0.1:7070
     Serve(crate::serve::ServeArgs),
