@@ -934,3 +934,51 @@ fn vm_serve_a_cancelled_run_stops() {
     assert!(report.contains("the run was cancelled"), "{report}");
     assert!(vm_dirs(h).is_empty(), "{:?}", vm_dirs(h));
 }
+
+/// A client that goes away kills its command, even one that prints
+/// nothing.
+#[test]
+fn vm_serve_a_client_that_leaves_kills_its_command() {
+    use std::io::{BufRead, Write};
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &[]);
+    let c = d.client(h);
+    let sb = c.create_sandbox(&none_net()).unwrap();
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let body = r#"{"argv": ["sh", "-c", "sleep 600; echo left-marker"]}"#;
+    {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        write!(
+            s,
+            "POST /v1/sandboxes/{}/exec HTTP/1.1\r\nHost: dough\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            sb.id,
+            token.trim(),
+            body.len()
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        while !line.starts_with("event: start") {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "the stream ended");
+        }
+        // The client goes away here, the command still sleeping.
+    }
+    let count = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '[l]eft-marker'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out, _) = exec(&c, &sb.id, &["sh", "-c", count]);
+        if out.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command outlived its client: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.delete_sandbox(&sb.id).unwrap();
+}

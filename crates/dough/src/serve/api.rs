@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -629,26 +630,75 @@ async fn exec(
     .await?;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let exec_id = format!("ex-{}", dough_fabric::new_vm_id().trim_start_matches("vm-"));
-    tokio::task::spawn_blocking(move || run_exec(&app, &id, &exec_id, &req, tx));
-    let events = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    let watch = Arc::new(Watch::default());
+    let w = watch.clone();
+    tokio::task::spawn_blocking(move || run_exec(&app, &id, &exec_id, &req, tx, &w));
+    // The stream owns the guard: dropped (the client went away) before
+    // the command ended, it kills the command — a silent one too.
+    let events = futures::stream::unfold((rx, Guard(watch)), |(mut rx, g)| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), (rx, g)))
     });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
 }
 
+/// An exec's command and whether its client is still there.
+#[derive(Default)]
+struct Watch {
+    signaller: std::sync::OnceLock<Arc<Signaller>>,
+    /// The client went away.
+    gone: AtomicBool,
+    /// The command ended (nothing to kill).
+    done: AtomicBool,
+}
+
+impl Watch {
+    /// SIGKILL the command, if it started (off this thread: a write to
+    /// the channel may wait).
+    fn kill(&self) {
+        if let Some(s) = self.signaller.get() {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let _ = s.signal(9);
+            });
+        }
+    }
+}
+
+/// Held by an exec's event stream; dropped early, it kills the command.
+struct Guard(Arc<Watch>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.0.done.load(Ordering::SeqCst) {
+            self.0.gone.store(true, Ordering::SeqCst);
+            self.0.kill();
+        }
+    }
+}
+
 /// The blocking half of [`exec`]: runs the command, sends its events.
-fn run_exec(app: &App, id: &str, exec_id: &str, req: &ExecRequest, tx: mpsc::Sender<Event>) {
+fn run_exec(
+    app: &App,
+    id: &str,
+    exec_id: &str,
+    req: &ExecRequest,
+    tx: mpsc::Sender<Event>,
+    watch: &Watch,
+) {
     let start = Instant::now();
-    let signaller: std::cell::OnceCell<Arc<Signaller>> = Default::default();
     let mut started = |s: Signaller| {
         let s = Arc::new(s);
         app.execs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(exec_id.to_string(), (id.to_string(), s.clone()));
-        let _ = signaller.set(s);
+        let _ = watch.signaller.set(s);
+        if watch.gone.load(Ordering::SeqCst) {
+            // Its client left while it waited for its turn.
+            watch.kill();
+        }
         let _ = tx.blocking_send(event(
             "start",
             &ExecStart {
@@ -671,9 +721,7 @@ fn run_exec(app: &App, id: &str, exec_id: &str, req: &ExecRequest, tx: mpsc::Sen
         if tx.blocking_send(ev).is_err() && !gone {
             // Nobody is reading: the command is killed, not left running.
             gone = true;
-            if let Some(s) = signaller.get() {
-                let _ = s.signal(9);
-            }
+            watch.kill();
         }
     };
     let r = dough_fabric::pool::exec_with(
@@ -691,6 +739,7 @@ fn run_exec(app: &App, id: &str, exec_id: &str, req: &ExecRequest, tx: mpsc::Sen
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(exec_id);
+    watch.done.store(true, Ordering::SeqCst);
     match r {
         Ok(status) => {
             let (exit, result) = exit_of(&status);
