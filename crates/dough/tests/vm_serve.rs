@@ -176,6 +176,26 @@ fn vm_serve_runs_a_sandbox_from_create_to_delete() {
     );
     // The same sandbox over TCP.
     assert_eq!(exec(&tcp, &sb.id, &["hostname"]).1.trim(), sb.id);
+    // A working directory, and a timeout that kills.
+    let mut out = Vec::new();
+    let exit = c
+        .exec(
+            &sb.id,
+            &ExecBody {
+                argv: vec!["sh".into(), "-c".into(), "pwd; sleep 30".into()],
+                cwd: Some("/tmp".into()),
+                timeout_secs: Some(1.0),
+                ..Default::default()
+            },
+            &mut |e| {
+                if let ExecEvent::Stdout(b) = e {
+                    out.extend(b)
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!((exit.timed_out, exit.exit_code), (true, 124));
+    assert_eq!(text(&out), "/tmp\n");
 
     // A signal reaches a running command, by the id its stream started with.
     let (tx, rx) = std::sync::mpsc::channel();
