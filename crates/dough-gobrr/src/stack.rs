@@ -488,6 +488,18 @@ impl Stack {
         Ok(commit)
     }
 
+    /// The commit `rev` names in the repo.
+    pub fn commit_of(&self, rev: &str) -> Result<String, StackError> {
+        let mut c = self.user_git();
+        c.args([
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{rev}^{{commit}}"),
+        ]);
+        run(c, None)
+    }
+
     /// The tasks of run `run_id` committed on the branch since `base`: task
     /// id → commit (read from dough's own commit messages).
     pub fn task_commits(
@@ -871,6 +883,18 @@ pub(crate) mod tests {
         let e = Stack::create(u.path(), &scratch.path().join("w2"), "main", "r2").unwrap_err();
         assert!(
             matches!(e, StackError::BranchExists(ref b) if b == "dough/r2"),
+            "{e}"
+        );
+        // Opened again (a resumed run): the same branch, the commit kept,
+        // its task found by its message.
+        let head = w.head().unwrap();
+        drop(w);
+        let again = Stack::open(u.path(), &scratch.path().join("w"), &before, "r2").unwrap();
+        assert_eq!(again.head().unwrap(), head);
+        assert_eq!(again.commit_of("main").unwrap(), before);
+        let e = Stack::open(u.path(), &scratch.path().join("w3"), "main", "nope").unwrap_err();
+        assert!(
+            matches!(e, StackError::NoBranch(ref b) if b == "dough/nope"),
             "{e}"
         );
     }

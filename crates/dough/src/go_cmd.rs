@@ -482,11 +482,26 @@ pub fn execute(
     // worktree is registered in the user's repo. Removed whatever happens
     // (the branch too while it is empty, unless a resumed run made it).
     let resumed_base = hooks.resume.as_ref().and_then(|p| p.base.clone());
+    let scratch = run_dir.join("scratch");
     let stack = match &resumed_base {
-        Some(b) => Stack::open(repo, &run_dir.join("scratch"), b, run_id)
+        Some(b) => Stack::open(repo, &scratch, b, run_id)
             .context("opening the interrupted run's branch")?,
-        None => Stack::create(repo, &run_dir.join("scratch"), &plan.plan.base, run_id)
-            .context("creating dough's branch")?,
+        None => match Stack::create(repo, &scratch, &plan.plan.base, run_id) {
+            // Resumed, but killed before it recorded its base: its branch
+            // can hold nothing but that base yet.
+            Err(dough_gobrr::stack::StackError::BranchExists(_)) if hooks.resume.is_some() => {
+                let s = Stack::open(repo, &scratch, &plan.plan.base, run_id)
+                    .context("opening the interrupted run's branch")?;
+                anyhow::ensure!(
+                    s.head()? == s.commit_of(&plan.plan.base)?,
+                    "branch {} exists and is not at the plan's base {}: it is not this run's to resume",
+                    s.branch,
+                    plan.plan.base
+                );
+                s
+            }
+            r => r.context("creating dough's branch")?,
+        },
     };
     let base = resumed_base.clone().map_or_else(|| stack.head(), Ok)?;
     let mut stack = RemoveOnDrop {

@@ -177,10 +177,13 @@ pub fn resume_all(app: &Shared) -> Result<(), ApiError> {
         if row.state != RunState::Running {
             continue;
         }
+        // None recorded yet: resumed from nothing (its branch, if made,
+        // is at the plan's base).
         let progress = row
             .progress
             .as_deref()
-            .and_then(|p| serde_json::from_str::<Progress>(p).ok());
+            .and_then(|p| serde_json::from_str::<Progress>(p).ok())
+            .unwrap_or_default();
         app.store.resumed(&row.id)?;
         let _ = app.store.run_event(
             &row.id,
@@ -193,7 +196,7 @@ pub fn resume_all(app: &Shared) -> Result<(), ApiError> {
             .unwrap_or_default(),
         );
         eprintln!("dough: resuming run {}", row.id);
-        start(app.clone(), row, progress);
+        start(app.clone(), row, Some(progress));
     }
     Ok(())
 }
