@@ -110,6 +110,11 @@ impl Client {
     /// bearer token.
     pub fn new(host: &str, token: &str) -> Result<Client, ClientError> {
         let host = host.parse().map_err(ClientError::Decode)?;
+        if token.trim().is_empty() || !token.trim().bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::Decode(
+                "the token is empty or has characters a header cannot carry".into(),
+            ));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()?;
@@ -178,7 +183,8 @@ impl Client {
         if json {
             b = b.header("content-type", "application/json");
         }
-        b.body(body).expect("a request from valid parts")
+        // Every part was encoded: a request from them is valid.
+        b.body(body).expect("a request from encoded parts")
     }
 
     /// Send, and fail with the API's error unless the status is a success.
@@ -275,10 +281,12 @@ impl Client {
     }
 
     pub fn sandbox(&self, id: &str) -> Result<Sandbox, ClientError> {
+        let id = &segment(id);
         self.json(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>)
     }
 
     pub fn delete_sandbox(&self, id: &str) -> Result<(), ClientError> {
+        let id = &segment(id);
         self.rt.block_on(async {
             self.call(self.request(
                 Method::DELETE,
@@ -299,6 +307,7 @@ impl Client {
         req: &ExecBody,
         on: &mut dyn FnMut(ExecEvent),
     ) -> Result<ExecExit, ClientError> {
+        let id = &segment(id);
         self.rt.block_on(async {
             let body = full(serde_json::to_vec(req).expect("serializable"));
             let resp = self
@@ -345,6 +354,8 @@ impl Client {
 
     /// Send a signal to a running exec.
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<Signalled, ClientError> {
+        let id = &segment(id);
+        let exec_id = &segment(exec_id);
         self.json(
             Method::POST,
             &format!("/v1/sandboxes/{id}/execs/{exec_id}/signal"),
@@ -361,6 +372,7 @@ impl Client {
         tar: bool,
         data: impl Read + Send + 'static,
     ) -> Result<Uploaded, ClientError> {
+        let id = &segment(id);
         let chunks = futures::stream::unfold(data, |mut r| async move {
             let mut buf = vec![0u8; 64 << 10];
             match r.read(&mut buf) {
@@ -392,6 +404,7 @@ impl Client {
         tar: bool,
         out: &mut dyn Write,
     ) -> Result<u64, ClientError> {
+        let id = &segment(id);
         let uri = files_uri(id, path, tar);
         self.rt.block_on(async {
             let resp = self
@@ -410,6 +423,7 @@ impl Client {
 
     /// What `path` is in the sandbox (and a directory's entries).
     pub fn stat(&self, id: &str, path: &str) -> Result<FileStat, ClientError> {
+        let id = &segment(id);
         self.json(
             Method::GET,
             &format!("/v1/sandboxes/{id}/stat?path={}", encode_query(path)),
@@ -429,15 +443,18 @@ impl Client {
     }
 
     pub fn run(&self, id: &str) -> Result<Run, ClientError> {
+        let id = &segment(id);
         self.json(Method::GET, &format!("/v1/runs/{id}"), None::<&()>)
     }
 
     pub fn cancel_run(&self, id: &str) -> Result<Run, ClientError> {
+        let id = &segment(id);
         self.json(Method::POST, &format!("/v1/runs/{id}/cancel"), None::<&()>)
     }
 
     /// A finished run's report (markdown).
     pub fn run_report(&self, id: &str) -> Result<String, ClientError> {
+        let id = &segment(id);
         self.rt.block_on(async {
             let resp = self
                 .call(self.request(
@@ -461,6 +478,7 @@ impl Client {
         after: i64,
         on: &mut dyn FnMut(RunEvent),
     ) -> Result<RunState, ClientError> {
+        let id = &segment(id);
         self.rt.block_on(async {
             let resp = self
                 .call(self.request(
@@ -518,6 +536,12 @@ fn files_uri(id: &str, path: &str, tar: bool) -> String {
         encode_query(path),
         if tar { "&format=tar" } else { "" }
     )
+}
+
+/// Percent-encode one path segment (an id): `/`, `?` and the like cannot
+/// reach another route.
+pub fn segment(s: &str) -> String {
+    encode_query(s).replace('/', "%2F")
 }
 
 /// Percent-encode a query value (everything but unreserved characters).
@@ -631,6 +655,14 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn ids_cannot_reach_other_routes_and_bad_tokens_are_refused() {
+        assert_eq!(segment("../x?y"), "..%2Fx%3Fy");
+        Client::new("unix:///x", "a\nb").unwrap_err();
+        Client::new("unix:///x", " ").unwrap_err();
+        Client::new("unix:///x", "ok-token\n").unwrap();
     }
 
     #[test]

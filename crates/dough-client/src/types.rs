@@ -130,7 +130,8 @@ pub struct SignalBody {
     pub signal: i32,
 }
 
-/// Whether a signal reached a running command.
+/// A signal was sent to the command (or queued to follow it, if it had
+/// not started yet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Signalled {

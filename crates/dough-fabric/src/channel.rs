@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -158,18 +158,20 @@ pub struct Signaller {
     stream: UnixStream,
     write_lock: Arc<Mutex<()>>,
     current: Arc<AtomicU64>,
+    pending: Arc<AtomicI32>,
     signalled: Arc<AtomicU64>,
     send_limit: Duration,
 }
 
 impl Signaller {
-    /// Send `signal` to the running command's process group. Returns
-    /// whether a command was running to receive it.
-    pub fn signal(&self, signal: i32) -> Result<bool, ChannelError> {
+    /// Send `signal` to the command's process group; asked for before
+    /// the command went out, it follows it.
+    pub fn signal(&self, signal: i32) -> Result<(), ChannelError> {
         let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let id = self.current.load(Ordering::SeqCst);
         if id == 0 {
-            return Ok(false);
+            self.pending.store(signal, Ordering::SeqCst);
+            return Ok(());
         }
         let frame = dough_proto::encode(&HostMsg::Signal { id, signal })?;
         self.signalled.store(id, Ordering::SeqCst);
@@ -179,7 +181,7 @@ impl Signaller {
         };
         io.write_all(&frame)
             .map_err(|e| ChannelError::from_write(e, self.send_limit))?;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -189,8 +191,11 @@ pub struct HostChannel {
     /// Held while a frame is written, by this channel and its
     /// [`Signaller`]s (which write on a clone of the stream).
     write_lock: Arc<Mutex<()>>,
-    /// The request [`HostChannel::exec`] is running (0: none).
+    /// The request [`HostChannel::exec`] is running (0: none), set once
+    /// its Exec frame is out.
     current: Arc<AtomicU64>,
+    /// A signal asked for before that: sent right after the Exec frame.
+    pending: Arc<AtomicI32>,
     /// The last request a [`Signaller`] signalled: an older agent answers
     /// a signal that raced the command's start with an Error, which is
     /// then no reason to fail the request.
@@ -214,6 +219,7 @@ impl HostChannel {
                         stream,
                         write_lock: Arc::default(),
                         current: Arc::default(),
+                        pending: Arc::default(),
                         signalled: Arc::default(),
                         next_id: 1,
                         ignored: 0,
@@ -239,6 +245,7 @@ impl HostChannel {
             stream,
             write_lock: Arc::default(),
             current: Arc::default(),
+            pending: Arc::default(),
             signalled: Arc::default(),
             next_id: 1,
             ignored: 0,
@@ -333,6 +340,7 @@ impl HostChannel {
             stream: self.stream.try_clone()?,
             write_lock: self.write_lock.clone(),
             current: self.current.clone(),
+            pending: self.pending.clone(),
             signalled: self.signalled.clone(),
             send_limit: self.send_limit,
         })
@@ -400,9 +408,9 @@ impl HostChannel {
     ) -> Result<ExitStatus, ChannelError> {
         let id = self.next_id;
         self.next_id += 1;
-        self.current.store(id, Ordering::SeqCst);
         let r = self.exec_id(id, req, stdin, sink);
         self.current.store(0, Ordering::SeqCst);
+        self.pending.store(0, Ordering::SeqCst);
         r
     }
 
@@ -437,6 +445,17 @@ impl HostChannel {
             }),
             deadline,
         )?;
+        // From now on a signal goes straight out; one asked for before
+        // follows the Exec frame (the lock orders it against `signal`).
+        let queued = {
+            let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.current.store(id, Ordering::SeqCst);
+            self.pending.swap(0, Ordering::SeqCst)
+        };
+        if queued != 0 {
+            self.signalled.store(id, Ordering::SeqCst);
+            self.send(&HostMsg::Signal { id, signal: queued }, deadline)?;
+        }
         if let Some(reader) = reader {
             let mut buf = vec![0u8; INLINE_STDIN];
             loop {

@@ -21,7 +21,10 @@ struct Daemon {
 impl Daemon {
     fn start(home: &Path, extra: &[&str]) -> Daemon {
         let socket = home.join("serve.sock");
-        let log = home.join(format!("serve-{}.log", Instant::now().elapsed().as_nanos()));
+        // A log per start: a restarted daemon's does not overwrite the first's.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = home.join(format!("serve-{n}.log"));
         let child = dough(home)
             .arg("serve")
             .args(extra)
@@ -32,7 +35,12 @@ impl Daemon {
             .unwrap();
         let mut d = Daemon { child, socket, log };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+        // This daemon's own word that it serves: after a kill -9 the old
+        // socket path has been seen to accept a connection for a moment
+        // (and reset it) while the new daemon was still sweeping.
+        while !d.log_text().contains("dough: serving on")
+            || std::os::unix::net::UnixStream::connect(&d.socket).is_err()
+        {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("dough serve exited {st}: {}", d.log_text());
             }
@@ -51,8 +59,12 @@ impl Daemon {
         Client::new(&format!("unix://{}", self.socket.display()), &token).unwrap()
     }
 
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    fn log_text(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(st)) => format!("(dough serve exited: {st})\n"),
+            _ => String::new(),
+        };
+        status + &std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn kill9(&mut self) {
@@ -130,6 +142,7 @@ fn vm_serve_runs_a_sandbox_from_create_to_delete() {
 
     let sb = c.create_sandbox(&none_net()).unwrap();
     assert_eq!(sb.state, dough_client::SandboxState::Live);
+    assert_eq!(sb.vm_state.as_deref(), Some("ready"));
     assert_eq!(sb.net, "none");
     assert!(ps(h).iter().any(|v| v["id"] == sb.id.as_str()));
     assert_eq!(
@@ -298,6 +311,32 @@ fn vm_serve_runs_a_sandbox_from_create_to_delete() {
     assert!(
         got.contains(&("./sub/b.txt".into(), "beta\n".into())),
         "{got:?}"
+    );
+    // A symlink is downloaded as what it points to; a FIFO (whose reading
+    // might never end) is refused.
+    exec(
+        &c,
+        &sb.id,
+        &[
+            "sh",
+            "-c",
+            "echo pointed > /root/target; ln -s /root/target /root/link; mkfifo /root/fifo",
+        ],
+    );
+    let mut linked = Vec::new();
+    c.download(&sb.id, "/root/link", false, &mut linked)
+        .unwrap();
+    assert_eq!(text(&linked), "pointed\n");
+    assert_eq!(
+        c.stat(&sb.id, "/root/link").unwrap().kind,
+        FileKind::Symlink
+    );
+    assert_eq!(
+        api_code(
+            c.download(&sb.id, "/root/fifo", false, &mut Vec::new())
+                .unwrap_err()
+        ),
+        (400, "bad_request".into())
     );
     // Missing paths and directories without tar are refused plainly.
     assert_eq!(
@@ -509,6 +548,14 @@ fn vm_serve_refuses_an_upload_over_the_limit_without_growing() {
     let d = Daemon::start(h, &["--max-file", "8000000"]);
     let c = d.client(h);
     let sb = c.create_sandbox(&none_net()).unwrap();
+    // A file there before the failed upload is kept as it was.
+    c.upload(
+        &sb.id,
+        "/root/big",
+        false,
+        std::io::Cursor::new(b"old\n".to_vec()),
+    )
+    .unwrap();
     let before = d.rss_kib();
     // 256 MiB streamed (chunked: no length to refuse it by up front).
     let big = std::io::repeat(b'x').take(256 << 20);
@@ -521,10 +568,20 @@ fn vm_serve_refuses_an_upload_over_the_limit_without_growing() {
     }
     let grew = d.rss_kib().saturating_sub(before);
     assert!(grew < 64 << 10, "the daemon grew by {grew} KiB");
-    assert_eq!(
-        api_code(c.stat(&sb.id, "/root/big").unwrap_err()),
-        (404, "not_found".into()),
-        "the partial file was left"
+    let mut kept = Vec::new();
+    c.download(&sb.id, "/root/big", false, &mut kept).unwrap();
+    assert_eq!(text(&kept), "old\n", "the failed upload replaced the file");
+    let names: Vec<String> = c
+        .stat(&sb.id, "/root")
+        .unwrap()
+        .entries
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("dough-upload")),
+        "the partial upload was left: {names:?}"
     );
     // Declared too large: refused before a byte of it is sent.
     {
@@ -653,7 +710,7 @@ fn vm_serve_the_python_snippet_in_the_docs_works() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(h, &["--listen", &addr]);
+    let mut d = Daemon::start(h, &["--listen", &addr]);
     let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
     let out = std::process::Command::new("python3")
         .arg("-c")
@@ -811,10 +868,12 @@ fn vm_serve_a_run_survives_its_daemon_killed_mid_way() {
     };
     d.kill9();
 
-    let d = Daemon::start(h, &[]);
+    let mut d = Daemon::start(h, &[]);
     let c = d.client(h);
     let mut events = Vec::new();
-    let end = c.follow_run(&run.id, 0, &mut |e| events.push(e)).unwrap();
+    let end = c
+        .follow_run(&run.id, 0, &mut |e| events.push(e))
+        .unwrap_or_else(|e| panic!("following the run: {e:?}\n{}", d.log_text()));
     assert_eq!(end, dough_client::RunState::Green, "{}", d.log_text());
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
@@ -935,7 +994,7 @@ fn vm_serve_a_cancelled_run_stops() {
     let home = private_home();
     let h = home.path();
     let (_dir, plan) = calc_example();
-    let d = Daemon::start(h, &[]);
+    let mut d = Daemon::start(h, &[]);
     let c = d.client(h);
     let run = c
         .create_run(&dough_client::CreateRun {

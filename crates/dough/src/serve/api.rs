@@ -49,6 +49,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Runs going on in this daemon.
     pub runs: super::runs::Active,
+    /// Sandboxes being torn down (the reconcile loop leaves them alone).
+    pub deleting: Mutex<std::collections::HashSet<String>>,
     /// Running execs by id: their sandbox and how to signal them.
     execs: Mutex<HashMap<String, (String, Arc<Signaller>)>>,
 }
@@ -78,6 +80,7 @@ impl App {
             defaults,
             metrics: Metrics::default(),
             runs: Default::default(),
+            deleting: Mutex::default(),
             execs: Mutex::default(),
         }
     }
@@ -120,6 +123,9 @@ impl ApiError {
             code,
             dough_fabric::serial::printable(&format!("{e:#}")),
         )
+    }
+    pub fn message(&self) -> &str {
+        &self.message
     }
     fn info(&self) -> ErrorInfo {
         ErrorInfo {
@@ -448,8 +454,12 @@ async fn create_sandbox(
     State(app): State<Shared>,
     JsonBody(req): JsonBody<CreateSandbox>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    let row = blocking(move || super::sandboxes::create(&app, &req)).await?;
-    Ok((StatusCode::CREATED, Json(to_api(row, &HashMap::new()))))
+    let sb = blocking(move || {
+        let row = super::sandboxes::create(&app, &req)?;
+        Ok(to_api(row, &records(&app)))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(sb)))
 }
 
 /// Every sandbox the daemon made, newest first (ended ones too, with why).
@@ -787,13 +797,14 @@ async fn signal_exec(
             }
         }
     };
-    let delivered = blocking(move || {
+    blocking(move || {
         s.signal(body.signal).map_err(|e| {
             ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, "unavailable", &e.into())
         })
     })
     .await?;
-    Ok(Json(Signalled { delivered }))
+    // Sent, or queued to follow the command if it has not gone out yet.
+    Ok(Json(Signalled { delivered: true }))
 }
 
 #[cfg(test)]

@@ -41,6 +41,12 @@ pub struct StatQuery {
     path: String,
 }
 
+/// How long an upload may go without a byte before it is broken off.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a `stat` may take in the guest.
+const STAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn check_path(p: &str) -> Result<(), ApiError> {
     if !p.starts_with('/') || p.contains('\0') || p.len() > 4096 {
         return Err(ApiError::new(
@@ -188,7 +194,17 @@ pub async fn upload(
     let (over2, total2, broken2) = (over.clone(), total.clone(), broken.clone());
     let mut data = body.into_data_stream();
     tokio::spawn(async move {
-        while let Some(chunk) = data.next().await {
+        loop {
+            // A client that stops sending (but keeps its connection) must
+            // not hold the sandbox: a minute without a byte breaks it off.
+            let chunk = match tokio::time::timeout(BODY_IDLE, data.next()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(_) => {
+                    broken2.store(true, Ordering::SeqCst);
+                    return;
+                }
+            };
             let item = match chunk {
                 Ok(b) => {
                     let n = total2.fetch_add(b.len() as u64, Ordering::SeqCst) + b.len() as u64;
@@ -213,6 +229,13 @@ pub async fn upload(
         }
     });
     let path = q.path.clone();
+    // A file is written under a name of its own and moved over `path` only
+    // when all of it came: a failed upload leaves what was there.
+    let temp = format!(
+        "{}.dough-upload-{}",
+        q.path,
+        dough_fabric::new_vm_id().trim_start_matches("vm-")
+    );
     blocking(move || {
         let req = if tar {
             sh(
@@ -221,8 +244,8 @@ pub async fn upload(
             )
         } else {
             sh(
-                "mkdir -p -- \"$(dirname -- \"$1\")\" && exec cat > \"$1\"",
-                &[&path],
+                "mkdir -p -- \"$(dirname -- \"$1\")\" && exec cat > \"$2\"",
+                &[&path, &temp],
             )
         };
         let mut reader = BodyReader {
@@ -249,7 +272,7 @@ pub async fn upload(
         let (over, broken) = (over.load(Ordering::SeqCst), broken.load(Ordering::SeqCst));
         if over || broken {
             if !tar {
-                let _ = collect(&app, &row.id, &sh("rm -f -- \"$1\"", &[&path]), 0);
+                let _ = collect(&app, &row.id, &sh("rm -f -- \"$1\"", &[&temp]), 0);
             }
             return Err(if over {
                 too_large()
@@ -262,7 +285,23 @@ pub async fn upload(
             });
         }
         let status = r.map_err(unavailable)?;
-        if status != ExitStatus::Exited(0) {
+        let mut failed = status != ExitStatus::Exited(0);
+        if !failed && !tar {
+            let (st, _, e) = collect(
+                &app,
+                &row.id,
+                &sh("exec mv -f -- \"$2\" \"$1\"", &[&path, &temp]),
+                4096,
+            )?;
+            if st != ExitStatus::Exited(0) {
+                failed = true;
+                err = e;
+            }
+        }
+        if failed {
+            if !tar {
+                let _ = collect(&app, &row.id, &sh("rm -f -- \"$1\"", &[&temp]), 0);
+            }
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -337,22 +376,21 @@ fn parse_stat(path: &str, out: &[u8], max_entries: usize) -> Option<FileStat> {
     Some(st)
 }
 
-/// Prints `KIND|SIZE|MODE|MTIME\n` for "$1", then for a directory up to
-/// "$2" entries as `Y|SIZE|MODE|MTIME|NAME\0`; exits 3 when there is no
-/// such path.
-const STAT_SCRIPT: &str = "stat -c '%F|%s|%a|%Y' -- \"$1\" || exit 3
-if [ -d \"$1\" ] && [ ! -L \"$1\" ]; then
+/// Prints `KIND|SIZE|MODE|MTIME\n` for "$1" (what a symlink points to
+/// when "$3" is `-L`), then for a directory up to "$2" entries as
+/// `Y|SIZE|MODE|MTIME|NAME\0`; exits 3 when there is no such path.
+const STAT_SCRIPT: &str = "stat $3 -c '%F|%s|%a|%Y' -- \"$1\" || exit 3
+if [ -d \"$1\" ] && { [ -n \"$3\" ] || [ ! -L \"$1\" ]; }; then
   find \"$1\" -mindepth 1 -maxdepth 1 -printf '%y|%s|%m|%T@|%f\\0' | head -z -n \"$2\"
 fi";
 
-fn stat_in(app: &App, id: &str, path: &str) -> Result<FileStat, ApiError> {
+/// What `path` is (with `follow`, what a symlink there points to).
+fn stat_in(app: &App, id: &str, path: &str, follow: bool) -> Result<FileStat, ApiError> {
     let max = app.limits.max_entries;
-    let (status, out, err) = collect(
-        app,
-        id,
-        &sh(STAT_SCRIPT, &[path, &max.to_string()]),
-        (max + 1) * 4200,
-    )?;
+    let flag = if follow { "-L" } else { "" };
+    let mut req = sh(STAT_SCRIPT, &[path, &max.to_string(), flag]);
+    req.timeout = Some(STAT_TIMEOUT);
+    let (status, out, err) = collect(app, id, &req, (max + 1) * 4200)?;
     match status {
         ExitStatus::Exited(0) => {}
         ExitStatus::Exited(3) => {
@@ -395,7 +433,7 @@ pub async fn stat(
     check_path(&q.path)?;
     blocking(move || {
         let row = live_row(&app, &id)?;
-        stat_in(&app, &row.id, &q.path).map(Json)
+        stat_in(&app, &row.id, &q.path, false).map(Json)
     })
     .await
 }
@@ -425,7 +463,7 @@ pub async fn download(
     let path = q.path.clone();
     let (row, st) = blocking(move || {
         let row = live_row(&a, &id)?;
-        let st = stat_in(&a, &row.id, &path)?;
+        let st = stat_in(&a, &row.id, &path, true)?;
         Ok((row, st))
     })
     .await?;
@@ -439,6 +477,14 @@ pub async fn download(
             ))
         }
         (FileKind::Dir, true) => {}
+        // Not a FIFO, a device, a socket: reading one may never end.
+        (FileKind::Other | FileKind::Symlink, false) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{} is not a regular file", q.path),
+            ))
+        }
         (_, true) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -537,12 +583,9 @@ pub async fn download(
     } else {
         "application/octet-stream"
     };
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, ctype)], body).into_response();
-    if !tar {
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, st.size.into());
-    }
-    Ok(resp)
+    // No Content-Length: the size the guest reported may be out of date
+    // (a growing file, /proc); the body is what it reads, up to the limit.
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, ctype)], body).into_response())
 }
 
 #[cfg(test)]

@@ -69,14 +69,25 @@ fn absolute(what: &str, p: &str) -> Result<PathBuf, ApiError> {
     Ok(path)
 }
 
+/// sha256 of a plan file (a run resumes only the plan it started with).
+fn plan_sha256(plan: &FsPath) -> Result<String, ApiError> {
+    use sha2::Digest;
+    let bytes =
+        std::fs::read(plan).map_err(|e| bad(format!("plan: reading {}: {e}", plan.display())))?;
+    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
 /// Run (or, with `resume`, go on with) run `id` on a thread of its own.
 pub fn start(app: Shared, row: RunRow, resume: Option<Progress>) {
-    let cancel = Arc::new(AtomicBool::new(false));
-    app.runs
-        .0
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(row.id.clone(), cancel.clone());
+    let cancel = Arc::new(AtomicBool::new(row.cancel_requested));
+    {
+        let mut active = app.runs.0.lock().unwrap_or_else(|p| p.into_inner());
+        if active.contains_key(&row.id) {
+            eprintln!("dough: run {} is running already", row.id);
+            return;
+        }
+        active.insert(row.id.clone(), cancel.clone());
+    }
     let spawned = std::thread::Builder::new()
         .name(format!("run-{}", row.id))
         .spawn(move || {
@@ -105,6 +116,20 @@ fn run(app: &App, row: &RunRow, resume: Option<Progress>, cancel: &AtomicBool) -
         report: None,
         error: Some(dough_fabric::serial::printable(&e)),
     };
+    // Resumed only on the plan it started with: its progress counts the
+    // plan's rounds and tasks.
+    if let Some(want) = &row.plan_sha256 {
+        match plan_sha256(FsPath::new(&row.plan)) {
+            Ok(got) if &got == want => {}
+            Ok(_) => {
+                return failed(format!(
+                    "the plan {} changed since the run started; start a new run",
+                    row.plan
+                ))
+            }
+            Err(e) => return failed(e.message().to_string()),
+        }
+    }
     let loaded = match go_cmd::load(FsPath::new(&row.plan), row.repo.as_deref().map(FsPath::new)) {
         Ok(l) => l,
         Err(LoadError::Problems(p)) => {
@@ -284,13 +309,6 @@ pub async fn create(
             }
             Err(LoadError::Other(e)) => return Err(bad(format!("{e:#}"))),
         }
-        if app.store.run(&id)?.is_some() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("a run {id} exists already"),
-            ));
-        }
         let row = RunRow {
             id: id.clone(),
             state: RunState::Running,
@@ -301,10 +319,19 @@ pub async fn create(
             report: None,
             error: None,
             resumed: 0,
+            plan_sha256: Some(plan_sha256(&plan)?),
+            cancel_requested: false,
             created_at: now_unix(),
             ended_at: None,
         };
-        app.store.put_run(&row)?;
+        // One run per id, also for two requests at once.
+        if !app.store.insert_run(&row)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("a run {id} exists already"),
+            ));
+        }
         start(app.clone(), row.clone(), None);
         Ok((StatusCode::CREATED, Json(to_api(&app, row)?)))
     })
@@ -396,7 +423,12 @@ pub async fn cancel(
             .get(&id)
             .cloned();
         match flag {
-            Some(f) => f.store(true, Ordering::SeqCst),
+            Some(f) => {
+                // Kept: a daemon restarted before the run wound down goes
+                // on cancelling it.
+                app.store.request_cancel(&id)?;
+                f.store(true, Ordering::SeqCst)
+            }
             None => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -419,8 +451,10 @@ pub struct EventsQuery {
 }
 
 /// A run's events as server-sent events: `event` (RunEvent) for each,
-/// from the start (or `?after=SEQ`), live while it runs, and last `end`
-/// (RunEnd). Survives a daemon restart: ask again with the last `seq`.
+/// from the start (or after `?after=SEQ`, or the `Last-Event-ID` header
+/// an EventSource sends when it reconnects), live while it runs, and last
+/// `end` (RunEnd). Survives a daemon restart: ask again with the last
+/// `seq`.
 #[utoipa::path(
     get,
     path = "/v1/runs/{id}/events",
@@ -435,7 +469,13 @@ pub async fn events(
     State(app): State<Shared>,
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<EventsQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
+    // An EventSource that reconnects says where it was.
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
     let a = app.clone();
     let i = id.clone();
     blocking(move || get_row(&a, &i)).await?;
@@ -449,7 +489,7 @@ pub async fn events(
     let start = Follow {
         app,
         id,
-        after: q.after.unwrap_or(0),
+        after: q.after.or(last).unwrap_or(0),
         queue: Default::default(),
         ended: false,
     };

@@ -74,6 +74,13 @@ pub fn create(app: &App, req: &CreateSandbox) -> Result<SandboxRow, ApiError> {
         )
     };
     let (snap, opts) = match &req.snapshot {
+        Some(key) if key.is_empty() || key.contains('/') || key.starts_with('.') => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("snapshot: {key:?} is not a snapshot key (`dough snapshots`)"),
+            ))
+        }
         Some(key) => {
             let snap = crate::live_cmd::find_snapshot(ctx, key).map_err(bad)?;
             let opts = boot_options(&ctx.home, &snap.meta.image, &vm).map_err(bad)?;
@@ -133,6 +140,20 @@ pub fn create(app: &App, req: &CreateSandbox) -> Result<SandboxRow, ApiError> {
 
 /// Stop a sandbox's VM, remove it, and mark it deleted.
 pub fn destroy(app: &App, id: &str, why: &str) -> Result<(), ApiError> {
+    let lock = || app.deleting.lock().unwrap_or_else(|p| p.into_inner());
+    if !lock().insert(id.to_string()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("sandbox {id} is being deleted"),
+        ));
+    }
+    let r = teardown(app, id, why);
+    lock().remove(id);
+    r
+}
+
+fn teardown(app: &App, id: &str, why: &str) -> Result<(), ApiError> {
     match dough_fabric::pool::down(&app.ctx.vms, id, &crate::vm_args::host_net()) {
         Ok(_) => {}
         // Already gone: nothing left to stop.
@@ -169,15 +190,45 @@ pub fn reconcile(app: &App) -> Result<(), ApiError> {
             .map(|r| (r.id.clone(), r))
             .collect();
     for row in app.store.sandboxes(true)? {
+        if app
+            .deleting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&row.id)
+        {
+            continue;
+        }
+        // One sandbox that fails here must not stop the others' TTLs.
+        if let Err(e) = reconcile_one(app, &row, &records, now) {
+            eprintln!("dough: sandbox {}: {}", row.id, e.message());
+        }
+    }
+    Ok(())
+}
+
+fn reconcile_one(
+    app: &App,
+    row: &SandboxRow,
+    records: &std::collections::HashMap<String, dough_fabric::VmRecord>,
+    now: i64,
+) -> Result<(), ApiError> {
+    {
         if row.expires_at.is_some_and(|t| t <= now) {
             destroy(app, &row.id, "its TTL ran out")?;
             app.metrics
                 .sandboxes_expired
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            continue;
+            return Ok(());
         }
         let why = match records.get(&row.id) {
-            None => "its VM is gone (removed outside the daemon)",
+            // Not listed is not proof (a directory that could not be read,
+            // no file descriptors left): gone only if its directory is.
+            None => match std::fs::symlink_metadata(app.ctx.vms.join(&row.id)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    "its VM is gone (removed outside the daemon)"
+                }
+                _ => return Ok(()),
+            },
             Some(r)
                 if r.state == dough_fabric::VmState::Dead
                     || r.vmm.is_some_and(|v| !v.is_alive()) =>
@@ -186,7 +237,7 @@ pub fn reconcile(app: &App) -> Result<(), ApiError> {
                     dough_fabric::pool::down(&app.ctx.vms, &row.id, &crate::vm_args::host_net());
                 "its VM stopped"
             }
-            Some(_) => continue,
+            Some(_) => return Ok(()),
         };
         app.store
             .end_sandbox(&row.id, SandboxState::Dead, now, why)?;

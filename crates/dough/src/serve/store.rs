@@ -37,8 +37,8 @@ fn parse_run_state(s: &str) -> RunState {
     }
 }
 
-const RUN_COLUMNS: &str =
-    "id, state, plan, repo, progress, result, report, error, resumed, created_at, ended_at";
+const RUN_COLUMNS: &str = "id, state, plan, repo, progress, result, report, error, resumed, \
+                           plan_sha256, cancel_requested, created_at, ended_at";
 
 fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     Ok(RunRow {
@@ -51,8 +51,10 @@ fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         report: r.get(6)?,
         error: r.get(7)?,
         resumed: r.get(8)?,
-        created_at: r.get(9)?,
-        ended_at: r.get(10)?,
+        plan_sha256: r.get(9)?,
+        cancel_requested: r.get(10)?,
+        created_at: r.get(11)?,
+        ended_at: r.get(12)?,
     })
 }
 use rusqlite::{params, Connection, OptionalExtension};
@@ -121,6 +123,10 @@ pub struct RunRow {
     pub report: Option<String>,
     pub error: Option<String>,
     pub resumed: u32,
+    /// sha256 of the plan file when the run started.
+    pub plan_sha256: Option<String>,
+    /// Cancel was asked for (kept across a restart).
+    pub cancel_requested: bool,
     pub created_at: i64,
     pub ended_at: Option<i64>,
 }
@@ -139,7 +145,10 @@ pub struct TaskRow {
 
 /// The daemon's state. Every method is one transaction.
 pub trait Store: Send + Sync {
-    fn put_run(&self, row: &RunRow) -> Result<(), StoreError>;
+    /// Record a new run; false if one with its id exists.
+    fn insert_run(&self, row: &RunRow) -> Result<bool, StoreError>;
+    /// Remember that cancelling run `id` was asked for.
+    fn request_cancel(&self, id: &str) -> Result<(), StoreError>;
     fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError>;
     /// Every run, newest first.
     fn runs(&self) -> Result<Vec<RunRow>, StoreError>;
@@ -215,6 +224,8 @@ const MIGRATIONS: &[&str] = &[
         report TEXT,
         error TEXT,
         resumed INTEGER NOT NULL DEFAULT 0,
+        plan_sha256 TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
         created_at INTEGER NOT NULL,
         ended_at INTEGER
     );
@@ -316,12 +327,19 @@ const SANDBOX_COLUMNS: &str = "id, state, snapshot, image, net, memory_mib, vcpu
                                expires_at, ended_at, ended_why";
 
 impl Store for SqliteStore {
-    fn put_run(&self, s: &RunRow) -> Result<(), StoreError> {
+    fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?1", [id])
+                .map(drop)
+        })
+    }
+
+    fn insert_run(&self, s: &RunRow) -> Result<bool, StoreError> {
         self.with(|c| {
             c.execute(
                 &format!(
-                    "INSERT OR REPLACE INTO runs ({RUN_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                    "INSERT OR IGNORE INTO runs ({RUN_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ),
                 params![
                     s.id,
@@ -333,11 +351,13 @@ impl Store for SqliteStore {
                     s.report,
                     s.error,
                     s.resumed,
+                    s.plan_sha256,
+                    s.cancel_requested,
                     s.created_at,
                     s.ended_at
                 ],
             )
-            .map(drop)
+            .map(|n| n == 1)
         })
     }
 
@@ -668,10 +688,15 @@ mod tests {
             report: None,
             error: None,
             resumed: 0,
+            plan_sha256: None,
+            cancel_requested: false,
             created_at: 1,
             ended_at: None,
         };
-        s.put_run(&run).unwrap();
+        assert!(s.insert_run(&run).unwrap());
+        assert!(!s.insert_run(&run).unwrap(), "one run per id");
+        s.request_cancel("r1").unwrap();
+        assert!(s.run("r1").unwrap().unwrap().cancel_requested);
         let task = |id: &str, n: u32| TaskRow {
             id: id.into(),
             outcome: "green".into(),
