@@ -55,15 +55,17 @@ fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<()
     Ok(())
 }
 
-/// Remove everything `plan` describes: the netns, then every host rule
-/// carrying the clone's tag. Missing pieces are not errors.
+/// Remove everything `plan` describes: the netns, every host rule
+/// carrying the clone's tag, and the host end of its veth pair. Missing
+/// pieces are not errors.
 ///
-/// The netns takes its TAP and the veth pair with it: the kernel destroys
-/// them in its own cleanup work a few ms to tens of ms later, so the
-/// caller does not wait for the RCU grace period a synchronous veth delete
-/// costs (~20 ms). A host veth that outlives its netns for longer (its
-/// namespace still held by a process that escaped its kill) is what the
-/// leftover sweep removes; [`gone`] tells when the kernel has finished.
+/// The veth is deleted here rather than left to go with the netns: the
+/// kernel destroys a deleted netns (and the veth pair in it) only once
+/// nothing holds it any more, and in its own cleanup work after that. On
+/// fresh CI machines a deleted netns's host veth was seen still there
+/// after 90 s, holding the clone's addresses and name. Deleting one end
+/// removes both at once, whoever still holds the namespace; it costs the
+/// caller an RCU grace period (~20 ms).
 pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
     let mut first_err = None;
     if let Err(e) = ops.delete_netns(&plan.netns) {
@@ -71,6 +73,11 @@ pub fn teardown(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
     }
     if let Err(e) = ops.flush_tag(&plan.tag) {
         first_err.get_or_insert(e);
+    }
+    if let Some(t) = &plan.transfer {
+        if let Err(e) = ops.delete_link(&t.host_veth) {
+            first_err.get_or_insert(e);
+        }
     }
     match first_err {
         Some(e) => Err(e),
@@ -88,24 +95,6 @@ pub fn gone(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<bool, NetError> {
         None => true,
         Some(t) => !ops.list_links()?.iter().any(|l| l.name == t.host_veth),
     })
-}
-
-/// Wait (at most `deadline`) until [`gone`] says so.
-pub fn wait_gone(
-    ops: &mut dyn NetOps,
-    plan: &NetPlan,
-    deadline: std::time::Duration,
-) -> Result<bool, NetError> {
-    let end = std::time::Instant::now() + deadline;
-    loop {
-        if gone(ops, plan)? {
-            return Ok(true);
-        }
-        if std::time::Instant::now() >= end {
-            return Ok(false);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 /// What a sweep of leftovers found and removed.

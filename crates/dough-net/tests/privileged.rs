@@ -64,10 +64,6 @@ fn clone(egress: Egress, pool: Ipv4Net, used: &mut InUse) -> Clone {
     Clone { plan }
 }
 
-/// How long the kernel may take to destroy a deleted netns (and the veth
-/// in it) while many others are being destroyed.
-const KERNEL_CLEANUP: Duration = Duration::from_secs(90);
-
 #[test]
 fn priv_setup_builds_the_plan_and_teardown_leaves_nothing() {
     let pool = test_pool(0);
@@ -99,15 +95,13 @@ fn priv_setup_builds_the_plan_and_teardown_leaves_nothing() {
     let (p1, p2) = (nat.plan.clone(), none.plan.clone());
     drop(nat);
     drop(none);
-    // The netns and the rules go at once; the veth pair goes with the
-    // netns, in the kernel's own time: its netns cleanup work runs behind
-    // every other netns being destroyed (with the VM tests' clones going
-    // too, 10 s was seen not to be enough on this 2-core host).
+    // Everything goes at once, the veth pair too: teardown deletes it
+    // rather than waiting for the kernel to destroy the netns.
     let netns = n.list_netns().unwrap();
     assert!(!netns.contains(&p1.netns) && !netns.contains(&p2.netns));
     assert!(!n.list_tags().unwrap().contains(&p1.tag));
     for p in [&p1, &p2] {
-        assert!(dough_net::wait_gone(&mut n, p, KERNEL_CLEANUP).unwrap());
+        assert!(dough_net::gone(&mut n, p).unwrap(), "{p:?}");
     }
     assert!(!host_links(&mut n).contains(&veth));
 }
@@ -122,10 +116,9 @@ fn priv_a_failed_setup_rolls_back() {
     assert!(e.to_string().contains("creating netns"), "{e}");
     let mut n = LinuxNet::default();
     // The rollback of the duplicate tore down the same names: that is the
-    // contract (names are the clone's), so setup again works once the
-    // kernel has let the veth go with the netns (dough itself never reuses
-    // a name: they are its clones' ids).
-    assert!(dough_net::wait_gone(&mut n, &first.plan, KERNEL_CLEANUP).unwrap());
+    // contract (names are the clone's), so setup again works at once
+    // (dough itself never reuses a name: they are its clones' ids).
+    assert!(dough_net::gone(&mut n, &first.plan).unwrap());
     dough_net::setup(&mut n, &first.plan, pool).unwrap();
     assert!(links_in(&first.plan.netns).contains(&"tap0".to_string()));
 }

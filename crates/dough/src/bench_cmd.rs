@@ -488,16 +488,13 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
     let down = Instant::now();
     drop(handed);
     let down_secs = down.elapsed().as_secs_f64();
-    // Veth pairs go with their netns in the kernel's own time: wait for
-    // that (10 s at most) before counting what is left.
+    // Teardown is exact (the veth pair is deleted, not left to the
+    // kernel's netns cleanup): whatever of the clones' plans is still on
+    // the host now is left over.
     let mut ops = LinuxNet::default();
-    let settle_end = Instant::now() + Duration::from_secs(10);
     let lingering = plans
         .iter()
-        .filter(|p| {
-            let left = settle_end.saturating_duration_since(Instant::now());
-            !dough_net::wait_gone(&mut ops, p, left).unwrap_or(false)
-        })
+        .filter(|p| !dough_net::gone(&mut ops, p).unwrap_or(false))
         .count();
     let dirs_left = dough_fabric::state::list(&ctx.vms).len();
     let net_left = dough_net::find_leftovers(

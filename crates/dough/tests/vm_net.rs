@@ -188,19 +188,6 @@ fn net_objects(home: &Path, plans: &[serde_json::Value]) -> Vec<String> {
     left
 }
 
-/// `net_objects` once the kernel has finished: a torn-down clone's veth
-/// pair goes with its netns a little later (deadline 10 s).
-fn net_objects_settled(home: &Path, plans: &[serde_json::Value]) -> Vec<String> {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let left = net_objects(home, plans);
-        if left.is_empty() || std::time::Instant::now() >= end {
-            return left;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn vm_net_sixteen_clones_leave_nothing_behind() {
     let home = private_home();
@@ -221,7 +208,7 @@ fn vm_net_sixteen_clones_leave_nothing_behind() {
     assert_eq!(gateways.len(), 16);
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(net_objects_settled(h, &plans), Vec::<String>::new());
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
     assert!(
         gateways.iter().all(|p| process_gone(*p)),
         "a gateway outlived its clone"
@@ -255,7 +242,7 @@ fn vm_net_sigkill_mid_up_is_reclaimed() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(net_objects_settled(h, &plans), Vec::<String>::new());
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
     assert!(
         gateways.iter().all(|p| process_gone(*p)),
         "a reclaimed clone's gateway is still running"
@@ -303,6 +290,6 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(net_objects_settled(h, &plans), Vec::<String>::new());
+    assert_eq!(net_objects(h, &plans), Vec::<String>::new());
     assert!(vm_dirs(h).is_empty());
 }
