@@ -34,6 +34,11 @@ pub struct GatewayArgs {
     /// Size of the download per mode, in MiB.
     #[arg(long, default_value_t = 100)]
     pub megabytes: usize,
+    /// Downloads per mode: the modes take turns, in a different order each
+    /// round, and each mode's median counts (one download each was seen to
+    /// move by ±20 % from run to run on this 2-core host).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
 }
 
 const PASS_NAME: &str = "pass.bench";
@@ -123,24 +128,42 @@ fn serve(
     Ok(())
 }
 
-fn reply(
-    req: &hyper::Request<hyper::body::Incoming>,
-    real: &str,
-) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+type ReplyBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// 64 KiB of `x`, shared by every chunk of a big reply.
+static CHUNK: [u8; 64 << 10] = [b'x'; 64 << 10];
+
+fn reply(req: &hyper::Request<hyper::body::Incoming>, real: &str) -> hyper::Response<ReplyBody> {
+    use http_body_util::BodyExt;
     let path = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let body: Vec<u8> = if let Some(n) = path.strip_prefix("/big?") {
-        vec![b'x'; n.parse().unwrap_or(0)]
+    let small = |b: Vec<u8>| http_body_util::Full::new(bytes::Bytes::from(b)).boxed_unsync();
+    let body = if let Some(n) = path.strip_prefix("/big?") {
+        // Streamed from one static buffer: the upstream's own cost is the
+        // same small constant in every mode (a 100 MiB body built per
+        // request cost more than the network path being measured).
+        let n: usize = n.parse().unwrap_or(0);
+        let chunks = (0..n.div_ceil(CHUNK.len())).map(move |i| {
+            let len = (n - i * CHUNK.len()).min(CHUNK.len());
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                &CHUNK[..len],
+            )))
+        });
+        let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+        let mut r = hyper::Response::new(body.boxed_unsync());
+        r.headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, n.into());
+        return r;
     } else if path == "/key" {
         let ok = req.headers().get("x-api-key").is_some_and(|v| v == real);
-        format!("{} {:?}", if ok { "real" } else { "other" }, req.version()).into_bytes()
+        small(format!("{} {:?}", if ok { "real" } else { "other" }, req.version()).into_bytes())
     } else {
-        b"ok".to_vec()
+        small(b"ok".to_vec())
     };
-    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)))
+    hyper::Response::new(body)
 }
 
 /// `n` requests for `/key` over one HTTP/2 connection (ALPN h2 only) to
@@ -205,18 +228,46 @@ fn get(
         "GET {path} HTTP/1.1\r\nHost: {name}\r\nx-api-key: {PLACEHOLDER}\r\nConnection: close\r\n\r\n"
     )?;
     tls.flush()?;
-    let mut body = Vec::new();
-    match tls.read_to_end(&mut body) {
-        Ok(_) => {}
-        // Some servers close without close_notify; the length still counts.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-        Err(e) => return Err(e.into()),
+    // The body is counted, not kept: the client's own cost stays the same
+    // small constant in every mode.
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut body = None::<usize>;
+    loop {
+        let n = match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // Some servers close without close_notify; the length still counts.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        };
+        match &mut body {
+            Some(len) => *len += n,
+            None => {
+                head.extend_from_slice(&buf[..n]);
+                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    body = Some(head.len() - end - 4);
+                    head = Vec::new();
+                } else {
+                    anyhow::ensure!(head.len() <= 64 << 10, "a response head over 64 KiB");
+                }
+            }
+        }
     }
-    let head_end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no response head")?;
-    Ok(body.len() - head_end - 4)
+    body.context("no response head")
+}
+
+/// CPU time of all of `pid`'s threads so far, in ns (the scheduler's
+/// count, /proc/PID/schedstat; clock ticks are too coarse for one download).
+fn cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -233,6 +284,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         (1..=4096).contains(&a.megabytes),
         "--megabytes must be 1 to 4096"
     );
+    anyhow::ensure!((1..=100).contains(&a.rounds), "--rounds must be 1 to 100");
     let tag = format!("{}", std::process::id() % 100_000);
     let world = World::new(&format!("bw{tag}"), "10.191.0.0/30".parse()?)?;
     // The upstream's CA (the gateway is told to trust it) and dough's.
@@ -366,16 +418,13 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
     let mut results = serde_json::Map::new();
     let mut p50 = std::collections::BTreeMap::new();
     let mut mbps = std::collections::BTreeMap::new();
-    for (mode, ns, name) in modes {
-        eprintln!(
-            "dough: bench gateway: {mode}: {} requests, {} MiB",
-            a.requests, a.megabytes
-        );
+    for &(mode, ns, name) in &modes {
+        eprintln!("dough: bench gateway: {mode}: {} requests", a.requests);
         let client = client.clone();
         let addr = world.addr;
         let requests = a.requests;
-        let (mut lat, secs) = in_netns(ns, move || {
-            let run = || -> anyhow::Result<(Vec<f64>, f64)> {
+        let mut lat = in_netns(ns, move || {
+            let run = || -> anyhow::Result<Vec<f64>> {
                 // Warm up (name resolution, leaf issuance, caches).
                 for _ in 0..3 {
                     get(&client, addr, name, "/small")?;
@@ -387,21 +436,60 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
                     anyhow::ensure!(n == 2, "a short reply ({n} bytes)");
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
-                let t = Instant::now();
-                let n = get(&client, addr, name, &format!("/big?{big}"))?;
-                anyhow::ensure!(n == big, "the download was cut short ({n} of {big} bytes)");
-                Ok((lat, t.elapsed().as_secs_f64()))
+                Ok(lat)
             };
             run().map_err(|e| NetError::op("bench client", e))
         })?;
         let (m50, m90) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.9));
-        let rate = a.megabytes as f64 / secs;
         p50.insert(mode, m50);
-        mbps.insert(mode, rate);
         results.insert(
             mode.into(),
-            json!({"request_ms_p50": m50, "request_ms_p90": m90, "download_mib_per_s": rate}),
+            json!({"request_ms_p50": m50, "request_ms_p90": m90}),
         );
+    }
+    // Downloads: the modes take turns, round after round, each round
+    // starting with the next mode, so drift on the host and the order of
+    // modes weigh on all of them alike.
+    let mut rates: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    // What the gateway itself spent on each mode's downloads (its threads'
+    // time on a CPU): the cost per MiB, whatever the rest of the host does.
+    let mut gw_cpu: std::collections::BTreeMap<&str, f64> = Default::default();
+    for round in 0..a.rounds {
+        eprintln!(
+            "dough: bench gateway: download round {}/{}: {} MiB per mode",
+            round + 1,
+            a.rounds,
+            a.megabytes
+        );
+        for k in 0..modes.len() {
+            let (mode, ns, name) = modes[(round + k) % modes.len()];
+            let client = client.clone();
+            let addr = world.addr;
+            let cpu_before = cpu_ns(gw_pid);
+            let secs = in_netns(ns, move || {
+                let run = || -> anyhow::Result<f64> {
+                    let t = Instant::now();
+                    let n = get(&client, addr, name, &format!("/big?{big}"))?;
+                    anyhow::ensure!(n == big, "the download was cut short ({n} of {big} bytes)");
+                    Ok(t.elapsed().as_secs_f64())
+                };
+                run().map_err(|e| NetError::op("bench client", e))
+            })?;
+            rates
+                .entry(mode)
+                .or_default()
+                .push(a.megabytes as f64 / secs);
+            *gw_cpu.entry(mode).or_default() += (cpu_ns(gw_pid) - cpu_before) as f64 / 1e6;
+        }
+    }
+    for (mode, mut v) in rates {
+        let median = percentile(&mut v, 0.5);
+        mbps.insert(mode, median);
+        let r = results[mode].as_object_mut().expect("a mode's results");
+        r.insert("download_mib_per_s".into(), json!(median));
+        r.insert("download_mib_per_s_each".into(), json!(v));
+        let per_mib = gw_cpu[mode] / (a.megabytes * a.rounds) as f64;
+        r.insert("gateway_cpu_ms_per_mib".into(), json!(per_mib));
     }
     // HTTP/2 from the guest's side, brokered: the key must arrive (and the
     // upstream be spoken to over HTTP/2 too, since it offers it).
@@ -421,6 +509,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<ExitCode> {
         "bench": "gateway",
         "requests": a.requests,
         "megabytes": a.megabytes,
+        "rounds": a.rounds,
         "modes": results,
         "added_ms_p50": {"passthrough": added("passthrough"), "brokered": added("brokered")},
         "throughput_vs_direct": {"passthrough": share("passthrough"), "brokered": share("brokered")},

@@ -15,7 +15,16 @@ fn gateway_passes_through_brokers_over_http2_and_counts_every_byte() {
     let home = tempfile::tempdir().unwrap();
     let out = run(
         home.path(),
-        &["bench", "gateway", "--requests", "5", "--megabytes", "2"],
+        &[
+            "bench",
+            "gateway",
+            "--requests",
+            "5",
+            "--megabytes",
+            "2",
+            "--rounds",
+            "2",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -24,7 +33,17 @@ fn gateway_passes_through_brokers_over_http2_and_counts_every_byte() {
             j["modes"][mode]["request_ms_p50"].as_f64().unwrap() > 0.0,
             "{mode}: {j}"
         );
+        // One download per round, each in full (the run fails otherwise).
+        let each = j["modes"][mode]["download_mib_per_s_each"]
+            .as_array()
+            .unwrap();
+        assert_eq!(each.len(), 2, "{mode}: {j}");
     }
+    // The gateway spends CPU on the bytes it relays, (next to) none on
+    // direct ones.
+    let cpu = |mode: &str| j["modes"][mode]["gateway_cpu_ms_per_mib"].as_f64().unwrap();
+    assert!(cpu("direct") < cpu("passthrough"), "{j}");
+    assert!(cpu("direct") < cpu("brokered"), "{j}");
     // Ten requests over one HTTP/2 connection from the guest's side: each
     // reached the upstream with the real key put in, over HTTP/2.
     assert_eq!(
