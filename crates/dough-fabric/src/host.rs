@@ -214,16 +214,25 @@ impl HostNet {
         plan: &dough_net::NetPlan,
         pool: dough_net::Ipv4Net,
     ) -> Result<(), NetError> {
+        self.building(|ops| dough_net::setup(ops, plan, pool))
+    }
+
+    /// `steps` of building a network, on these operations (observed, when
+    /// an observer is set: see [`HostNet::observed`]).
+    pub fn building<T>(
+        &self,
+        steps: impl FnOnce(&mut dyn NetOps) -> Result<T, NetError>,
+    ) -> Result<T, NetError> {
         let mut ops = self.ops();
         match &self.observer {
-            None => dough_net::setup(&mut **ops, plan, pool),
+            None => steps(&mut **ops),
             Some(o) => {
                 let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
                 let mut observed = dough_net::ops::Observed {
                     inner: &mut **ops,
                     hook: &mut **o,
                 };
-                dough_net::setup(&mut observed, plan, pool)
+                steps(&mut observed)
             }
         }
     }

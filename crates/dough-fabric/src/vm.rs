@@ -156,6 +156,10 @@ pub struct Vm {
     pub hello: Hello,
     /// Time from spawning QEMU to the finished handshake.
     pub boot_time: Duration,
+    /// What building its network cost the launch on its own path: the
+    /// netns and TAP before the VMM starts, then any wait for the rest
+    /// (built while the VMM and gateway start).
+    pub net_on_path: Duration,
     pub(crate) dir: VmDir,
     /// Kept here as well as in the record: teardown must not depend on
     /// the directory still being readable.
@@ -250,7 +254,15 @@ impl Vm {
             _ => opts.egress.clone(),
         };
         let mut undo = Unwind::new(&opts.net);
-        let (dir, plan) = claim_network(backend, vms_dir, &mut rec, opts, egress, &mut undo)?;
+        let (dir, plan, rest) = claim_network(
+            backend,
+            vms_dir,
+            &mut rec,
+            opts,
+            egress,
+            &mut undo,
+            Build::StartOnly,
+        )?;
         let paths = dir.paths.clone();
         let start_info = Start {
             opts,
@@ -260,8 +272,45 @@ impl Vm {
             paths: &paths,
         };
         let start = Instant::now();
-        let endpoint = spawn_vmm(backend, &start_info, &dir, &mut undo)?;
-        start_gateway(&start_info, &dir, &mut undo)?;
+        // The rest of the network is built while the VMM and the gateway
+        // start (they need only the netns and the TAP), and is done before
+        // the guest runs (`bring_up`): off the restore path.
+        let net_err = |source: dough_net::NetError| FabricError::Net {
+            vm: id.clone(),
+            source: source.into(),
+        };
+        let net_started_in = rest.as_ref().map_or(Duration::ZERO, |r| r.started_in);
+        let (endpoint, net_waited) = std::thread::scope(|sc| {
+            let finishing = rest.map(|rest| {
+                sc.spawn(|| {
+                    let _lock = rest.lock;
+                    opts.net
+                        .building(|ops| dough_net::setup_finish(ops, &plan, opts.net_pool))
+                })
+            });
+            let spawned = spawn_vmm(backend, &start_info, &dir, &mut undo).and_then(|e| {
+                start_gateway(&start_info, &dir, &mut undo)?;
+                Ok(e)
+            });
+            let waiting = Instant::now();
+            let finished = finishing.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(dough_net::NetError::op(
+                        "building the network",
+                        "its thread panicked",
+                    ))
+                })
+            });
+            let waited = waiting.elapsed();
+            let endpoint = spawned?;
+            if let Some(r) = finished {
+                r.map_err(net_err)?;
+            }
+            Ok::<_, FabricError>((endpoint, waited))
+        })?;
+        // What the network cost this launch on its own path: its first part
+        // and any wait for the rest.
+        let net_on_path = net_started_in + net_waited;
         let process = undo.process.as_mut().expect("spawn_vmm recorded the VMM");
         let (mut channel, hello) = bring_up(backend, &start_info, &id, endpoint, process, start)?;
         // What the clone trusts besides its image: dough's CA when a secret
@@ -297,6 +346,7 @@ impl Vm {
             accel: opts.accel,
             hello,
             boot_time,
+            net_on_path,
             dir,
             net: plan,
             host_net: opts.net.clone(),
@@ -521,12 +571,13 @@ fn claim_network(
     opts: &BootOptions,
     egress: Egress,
     undo: &mut Unwind<'_>,
-) -> Result<(VmDir, NetPlan), FabricError> {
+    build: Build,
+) -> Result<(VmDir, NetPlan, Option<NetRest>), FabricError> {
     let net_err = |source: NetSetupError| FabricError::Net {
         vm: rec.id.clone(),
         source,
     };
-    let _lock = opts.net.lock()?;
+    let lock = opts.net.lock()?;
     let mut used =
         dough_net::in_use_on_host(&mut **opts.net.ops()).map_err(|e| net_err(e.into()))?;
     for r in crate::state::list(vms_dir) {
@@ -561,11 +612,43 @@ fn claim_network(
     // Now that the directory exists, its canonical path is known.
     opts.net.register_scope(vms_dir);
     // A failed setup rolls itself back; a finished one is undone by `undo`.
-    opts.net
-        .setup(&plan, opts.net_pool)
-        .map_err(|e| net_err(e.into()))?;
+    let rest = match build {
+        Build::All => {
+            opts.net
+                .setup(&plan, opts.net_pool)
+                .map_err(|e| net_err(e.into()))?;
+            None
+        }
+        Build::StartOnly => {
+            let t = Instant::now();
+            opts.net
+                .building(|ops| dough_net::setup_start(ops, &plan))
+                .map_err(|e| net_err(e.into()))?;
+            Some(NetRest {
+                lock,
+                started_in: t.elapsed(),
+            })
+        }
+    };
     undo.plan = Some(plan.clone());
-    Ok((dir, plan))
+    Ok((dir, plan, rest))
+}
+
+/// How much of a clone's network [`claim_network`] builds.
+#[derive(Debug, Clone, Copy)]
+enum Build {
+    All,
+    /// What its processes need to start (`dough_net::setup_start`); the
+    /// caller finishes it (`dough_net::setup_finish`) before the guest runs.
+    StartOnly,
+}
+
+/// A network [`claim_network`] only started: the host-wide network lock
+/// stays held until it is finished (a sweep must not see it half-built).
+struct NetRest {
+    lock: nix::fcntl::Flock<std::fs::File>,
+    /// How long its first part took.
+    started_in: Duration,
 }
 
 /// Step 2: the endpoint (before the guest can run), the VMM's command, and
@@ -861,16 +944,17 @@ pub fn claim(
     egress: Egress,
 ) -> Result<(VmDir, NetPlan), FabricError> {
     let mut undo = Unwind::new(&opts.net);
-    let claimed = claim_network(
+    let (dir, plan, _) = claim_network(
         crate::backend::vmm(rec.backend),
         vms_dir,
         rec,
         opts,
         egress,
         &mut undo,
+        Build::All,
     )?;
     undo.keep_claim();
-    Ok(claimed)
+    Ok((dir, plan))
 }
 
 /// The reason a VMM's log gives for a guest that died, in words, when it

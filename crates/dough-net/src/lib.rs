@@ -21,7 +21,40 @@ use plan::{Chain, GUEST_GW, GUEST_PREFIX, NS_VETH};
 /// Build everything `plan` describes. On failure, whatever was created is
 /// removed again before the error is returned.
 pub fn setup(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
-    let r = setup_steps(ops, plan, pool);
+    setup_start(ops, plan)?;
+    setup_finish(ops, plan, pool)
+}
+
+/// The part of [`setup`] a clone's processes need before they start: the
+/// netns (with `lo` up) and the TAP its VMM opens by name, with the
+/// guest's gateway address its egress gateway listens on. On failure
+/// nothing is left. Nothing can leave the netns yet: it has no other link.
+pub fn setup_start(ops: &mut dyn NetOps, plan: &NetPlan) -> Result<(), NetError> {
+    rolled_back(ops, plan, |ops| {
+        let ns = Some(plan.netns.as_str());
+        ops.create_netns(&plan.netns)?;
+        ops.link_up(ns, "lo")?;
+        ops.create_tap(&plan.netns, &plan.tap, plan.tap_owner)?;
+        ops.add_addr(ns, &plan.tap, GUEST_GW, GUEST_PREFIX)?;
+        ops.link_up(ns, &plan.tap)
+    })
+}
+
+/// The rest of [`setup`], after [`setup_start`]: addresses, the veth
+/// pair, routes, rules and, last, forwarding — so no packet is forwarded
+/// before every rule is in place. It may run while the VMM starts, as long
+/// as it is done before the guest runs. On failure, everything of the
+/// plan is removed (what `setup_start` made too).
+pub fn setup_finish(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
+    rolled_back(ops, plan, |ops| finish_steps(ops, plan, pool))
+}
+
+fn rolled_back(
+    ops: &mut dyn NetOps,
+    plan: &NetPlan,
+    steps: impl FnOnce(&mut dyn NetOps) -> Result<(), NetError>,
+) -> Result<(), NetError> {
+    let r = steps(ops);
     if let Err(e) = r {
         if let Err(undo) = teardown(ops, plan) {
             tracing::error!(netns = %plan.netns, "rolling back a failed network setup: {undo}");
@@ -31,13 +64,8 @@ pub fn setup(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), 
     Ok(())
 }
 
-fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
+fn finish_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<(), NetError> {
     let ns = Some(plan.netns.as_str());
-    ops.create_netns(&plan.netns)?;
-    ops.link_up(ns, "lo")?;
-    ops.create_tap(&plan.netns, &plan.tap, plan.tap_owner)?;
-    ops.add_addr(ns, &plan.tap, GUEST_GW, GUEST_PREFIX)?;
-    ops.link_up(ns, &plan.tap)?;
     let Some(t) = &plan.transfer else {
         // Nothing forwarded: at most the gateway's redirects.
         return ops.add_rules(ns, &plan.ns_rules());
@@ -48,10 +76,10 @@ fn setup_steps(ops: &mut dyn NetOps, plan: &NetPlan, pool: Ipv4Net) -> Result<()
     ops.add_addr(ns, NS_VETH, t.ns_addr, 30)?;
     ops.link_up(ns, NS_VETH)?;
     ops.add_default_route(&plan.netns, t.host_addr)?;
-    ops.enable_forwarding(ns)?;
-    ops.enable_forwarding(None)?;
     ops.add_rules(ns, &plan.ns_rules())?;
     ops.add_rules(None, &plan.host_rules(pool))?;
+    ops.enable_forwarding(ns)?;
+    ops.enable_forwarding(None)?;
     Ok(())
 }
 

@@ -486,6 +486,60 @@ mod tests {
         }
     }
 
+    /// Built in two parts (the second while the VMM starts), a network is
+    /// the same as built at once; the first part leaves no way out of the
+    /// netns, and the second turns forwarding on only after every rule.
+    #[test]
+    fn setup_in_two_parts_is_setup_and_forwards_only_after_the_rules() {
+        let p = NetPlan::new("s1", "vm-4", Egress::Nat, pool(), 0, &InUse::default()).unwrap();
+        let mut whole = FakeNet::default();
+        crate::setup(&mut whole, &p, pool()).unwrap();
+        let mut parts = FakeNet::default();
+        crate::setup_start(&mut parts, &p).unwrap();
+        assert_eq!(
+            parts
+                .links
+                .iter()
+                .map(|(_, l)| l.as_str())
+                .collect::<Vec<_>>(),
+            vec!["tap0"],
+            "{parts:?}"
+        );
+        assert!(
+            parts.rules.is_empty() && parts.peers.is_empty(),
+            "{parts:?}"
+        );
+        assert!(!parts.calls.iter().any(|c| c.contains("forwarding")));
+        crate::setup_finish(&mut parts, &p, pool()).unwrap();
+        assert_eq!(parts.calls, whole.calls);
+        let last_rule = parts
+            .calls
+            .iter()
+            .rposition(|c| c.starts_with("add_rules"))
+            .unwrap();
+        let first_fwd = parts
+            .calls
+            .iter()
+            .position(|c| c.contains("forwarding"))
+            .unwrap();
+        assert!(last_rule < first_fwd, "{:?}", parts.calls);
+        // A failed second part removes the first's too.
+        let start_steps = {
+            let mut f = FakeNet::default();
+            crate::setup_start(&mut f, &p).unwrap();
+            f.calls.len()
+        };
+        for k in start_steps..whole.calls.len() {
+            let mut f = FakeNet {
+                fail_at: Some(k),
+                ..FakeNet::default()
+            };
+            crate::setup_start(&mut f, &p).unwrap();
+            assert!(crate::setup_finish(&mut f, &p, pool()).is_err());
+            assert!(f.is_clean(), "failing step {k} left {f:?}");
+        }
+    }
+
     #[test]
     fn leftovers_of_dead_clones_are_found_and_removed() {
         let mut f = FakeNet::default();
