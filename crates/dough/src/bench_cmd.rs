@@ -332,10 +332,13 @@ pub(crate) struct Handed<'a> {
 
 impl Drop for Handed<'_> {
     fn drop(&mut self) {
-        let net = dough_fabric::host::HostNet::linux();
-        for id in self.ids.drain(..) {
-            let _ = dough_fabric::pool::down(self.vms, &id, &net);
-        }
+        let ids: Vec<String> = self.ids.drain(..).collect();
+        dough_fabric::pool::down_many(
+            self.vms,
+            &ids,
+            &dough_fabric::host::HostNet::linux,
+            &|_, _| {},
+        );
     }
 }
 

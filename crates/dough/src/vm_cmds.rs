@@ -398,18 +398,21 @@ pub fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<ExitCode> {
     if ids.is_empty() {
         eprintln!("dough: no VMs");
     }
-    let mut failed = false;
-    for id in ids {
-        match pool::down(&ctx.vms, &id, &dough_fabric::host::HostNet::linux()) {
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    pool::down_many(
+        &ctx.vms,
+        &ids,
+        &dough_fabric::host::HostNet::linux,
+        &|id, r| match r {
             Ok((id, Some(pid))) => eprintln!("dough: {id} stopped (VMM pid {pid}) and removed"),
             Ok((id, None)) => eprintln!("dough: {id} removed (its VMM had already exited)"),
             Err(e) => {
-                failed = true;
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 eprintln!("dough: error: {id}: {e}");
             }
-        }
-    }
-    Ok(if failed {
+        },
+    );
+    Ok(if failed.into_inner() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
