@@ -273,9 +273,23 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
         ("DOUGH_TEST_HOLD_IN_NET_SETUP", "8"),
         "holding network setup",
     );
-    let recs = records(h);
+    // The rest of the network is built while the VMM and the gateway
+    // start: wait (deadline 60 s) until both are recorded, so the crash is
+    // one with a VMM running and its network half-built.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let recs = loop {
+        let recs = records(h);
+        let started =
+            |r: &serde_json::Value| r["vmm"]["pid"].is_i64() && r["gateway"]["pid"].is_i64();
+        if recs.len() == 1 && started(&recs[0]) || std::time::Instant::now() >= end {
+            break recs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(recs.len(), 1, "{seen}");
-    assert_eq!(recs[0]["state"], "creating");
+    assert_eq!(recs[0]["state"], "starting", "{:?}", recs[0]);
+    let vmm = recs[0]["vmm"]["pid"].as_i64().unwrap();
+    let gateway = recs[0]["gateway"]["pid"].as_i64().unwrap();
     let plans = vec![recs[0]["net"].clone()];
     let present = net_objects(h, &plans);
     assert_eq!(
@@ -292,4 +306,12 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
     );
     assert_eq!(net_objects(h, &plans), Vec::<String>::new());
     assert!(vm_dirs(h).is_empty());
+    assert!(
+        process_gone(vmm),
+        "the reclaimed clone's VMM is still running"
+    );
+    assert!(
+        process_gone(gateway),
+        "the reclaimed clone's gateway is still running"
+    );
 }
