@@ -197,12 +197,15 @@ fn net(a: NetArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Latency figures in milliseconds (nearest-rank percentiles).
+/// The `p`-th percentile (nearest rank) of `sorted`, which is not empty.
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    let i = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[i.clamp(1, sorted.len()) - 1]
+}
+
 fn summary(mut ms: Vec<f64>, wall: Duration) -> Value {
     ms.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        let i = ((p / 100.0) * ms.len() as f64).ceil() as usize;
-        ms[i.clamp(1, ms.len()) - 1]
-    };
+    let pct = |p: f64| nearest_rank(&ms, p);
     json!({
         "p50_ms": round(pct(50.0)),
         "p90_ms": round(pct(90.0)),
@@ -619,10 +622,7 @@ fn dough_round(
         vm.destroy()?;
     }
     net_ms.sort_by(f64::total_cmp);
-    let net_pct = |p: f64| {
-        let i = ((p / 100.0) * net_ms.len() as f64).ceil() as usize;
-        (net_ms[i.clamp(1, net_ms.len()) - 1] * 100.0).round() / 100.0
-    };
+    let net_pct = |p: f64| (nearest_rank(&net_ms, p) * 100.0).round() / 100.0;
     let v = json!({
         "restore_to_ready": summary(ready_ms, ready_wall),
         "restore_to_first_exec": summary(exec_ms, wall),
