@@ -276,8 +276,50 @@ impl Client {
         self.json(Method::POST, "/v1/sandboxes", Some(req))
     }
 
+    /// Every sandbox the daemon made, newest first (ended ones too), all
+    /// pages of them.
     pub fn sandboxes(&self) -> Result<Vec<Sandbox>, ClientError> {
-        self.json(Method::GET, "/v1/sandboxes", None::<&()>)
+        self.all_pages("/v1/sandboxes?", |s: &Sandbox| &s.id)
+    }
+
+    /// The live sandboxes, newest first.
+    pub fn live_sandboxes(&self) -> Result<Vec<Sandbox>, ClientError> {
+        self.all_pages("/v1/sandboxes?live=true&", |s: &Sandbox| &s.id)
+    }
+
+    /// One page of a list (`path` ends in `?` or `&`): at most `limit` rows
+    /// after the row `before`, newest first. A page shorter than `limit`
+    /// is the last.
+    pub fn page<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut q = format!("{path}limit={limit}");
+        if let Some(b) = before {
+            q.push_str("&before=");
+            q.push_str(&encode_query(b));
+        }
+        self.json(Method::GET, &q, None::<&()>)
+    }
+
+    /// Every page of a list.
+    fn all_pages<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        id: fn(&T) -> &str,
+    ) -> Result<Vec<T>, ClientError> {
+        const LIMIT: u32 = 1000;
+        let mut all: Vec<T> = Vec::new();
+        loop {
+            let page: Vec<T> = self.page(path, all.last().map(id), LIMIT)?;
+            let last = page.len() < LIMIT as usize;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
     }
 
     pub fn sandbox(&self, id: &str) -> Result<Sandbox, ClientError> {
@@ -438,8 +480,9 @@ impl Client {
         self.json(Method::POST, "/v1/runs", Some(req))
     }
 
+    /// Every run, newest first, all pages of them.
     pub fn runs(&self) -> Result<Vec<Run>, ClientError> {
-        self.json(Method::GET, "/v1/runs", None::<&()>)
+        self.all_pages("/v1/runs?", |r: &Run| &r.id)
     }
 
     pub fn run(&self, id: &str) -> Result<Run, ClientError> {

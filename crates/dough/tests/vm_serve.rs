@@ -511,6 +511,54 @@ fn vm_serve_refuses_unauthenticated_and_malformed_requests() {
         ),
         ("GET", "/v1/nope", Some(token), vec![], 404, "not_found"),
         (
+            "GET",
+            "/v1/runs?limit=0",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/runs?limit=1001",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/runs?limit=-1",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/runs?before=run-nothere",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes?before=vm-nothere&live=true",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes?live=maybe",
+            Some(token),
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
             "PATCH",
             "/v1/sandboxes",
             Some(token),
@@ -686,9 +734,38 @@ fn vm_serve_runs_100_concurrent_execs_across_8_sandboxes() {
         let (i, id, code, out) = t.join().unwrap();
         assert_eq!((code, out), (0, format!("{id} {i}\n")));
     }
+    // The list, a page of 3 at a time, newest first: each once.
+    let mut paged: Vec<String> = Vec::new();
+    loop {
+        let page: Vec<dough_client::Sandbox> = c
+            .page(
+                "/v1/sandboxes?live=true&",
+                paged.last().map(String::as_str),
+                3,
+            )
+            .unwrap();
+        let last = page.len() < 3;
+        paged.extend(page.into_iter().map(|s| s.id));
+        if last {
+            break;
+        }
+    }
+    let listed: Vec<String> = c
+        .live_sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(paged, listed);
+    let (mut a, mut b) = (paged.clone(), ids.clone());
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "every sandbox once");
     for id in &ids {
         c.delete_sandbox(id).unwrap();
     }
+    assert!(c.live_sandboxes().unwrap().is_empty());
+    assert_eq!(c.sandboxes().unwrap().len(), 8, "ended ones are listed too");
 }
 
 /// The Python snippet in docs/api.md (standard library only) works as
@@ -1060,4 +1137,134 @@ fn vm_serve_a_client_that_leaves_kills_its_command() {
         std::thread::sleep(Duration::from_millis(200));
     }
     c.delete_sandbox(&sb.id).unwrap();
+}
+
+/// What a raw connection to the daemon gets within `wait`: `Some(bytes)`
+/// once the daemon closes it (with whatever it sent first), `None` if it
+/// is still open then.
+fn read_until_closed(s: &mut std::os::unix::net::UnixStream, wait: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("reading from the daemon: {e}"),
+        }
+    }
+}
+
+/// A client that connects and sends no request, or half a head, or goes
+/// quiet after a reply, is cut off after --header-timeout (slowloris); one
+/// that asks in time is served.
+#[test]
+fn vm_serve_cuts_off_clients_that_send_no_request() {
+    use std::io::Write;
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &["--header-timeout", "1"]);
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let connect = || std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    // Nothing at all.
+    let mut silent = connect();
+    // Half a head.
+    let mut half = connect();
+    half.write_all(b"GET /v1/health HTTP/1.1\r\nHost: dough\r\n")
+        .unwrap();
+    // A whole request, answered, then nothing more on the kept-alive
+    // connection.
+    let mut quiet = connect();
+    write!(
+        quiet,
+        "GET /v1/health HTTP/1.1\r\nHost: dough\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    for (name, s) in [
+        ("silent", &mut silent),
+        ("half", &mut half),
+        ("quiet", &mut quiet),
+    ] {
+        let got = read_until_closed(s, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("{name}: still open after 60 s"));
+        let got = text(&got);
+        if name == "quiet" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{name}: {got}");
+            assert_eq!(got.matches("HTTP/1.1").count(), 1, "{name}: {got}");
+        } else {
+            assert!(!got.contains("200 OK"), "{name}: {got}");
+        }
+    }
+    assert_eq!(d.client(h).health().unwrap().status, "ok");
+}
+
+/// At most --max-connections are served at once: one more waits (it is
+/// not refused, and nothing is dropped) until one of them ends. The
+/// daemon raised its open-file limit to the hard limit.
+#[test]
+fn vm_serve_caps_its_connections() {
+    let home = private_home();
+    let h = home.path();
+    let d = Daemon::start(h, &["--max-connections", "2", "--header-timeout", "600"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        files[0], files[1],
+        "soft limit raised to the hard one: {limits}"
+    );
+    // Two idle connections take both slots (the daemon has accepted them:
+    // it has seen a whole request on each, keep-alive).
+    let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
+    let mut held: Vec<_> = (0..2)
+        .map(|_| {
+            use std::io::{BufRead, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+            write!(
+                s,
+                "GET /v1/health HTTP/1.1\r\nHost: dough\r\nAuthorization: Bearer {}\r\n\r\n",
+                token.trim()
+            )
+            .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+            s
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = d.client(h);
+    std::thread::spawn(move || {
+        let _ = tx.send(c.health().map(|h| h.status));
+    });
+    // With both slots held it is not served (had it been, it would have
+    // answered in milliseconds).
+    assert!(
+        rx.recv_timeout(Duration::from_secs(3)).is_err(),
+        "a third connection was served while two were held"
+    );
+    held.pop();
+    let served = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("not served after a slot was freed");
+    assert_eq!(served.unwrap(), "ok");
+    drop(held);
 }

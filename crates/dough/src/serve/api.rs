@@ -184,6 +184,50 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
+/// The most rows one list request returns, and the number when it does
+/// not say.
+pub const LIST_MAX: u32 = 1000;
+pub const LIST_DEFAULT: u32 = 100;
+
+/// `?limit=N&before=ID`: one page of a list, newest first. A page shorter
+/// than `limit` is the last; otherwise ask again with `before` = the last
+/// id of this page.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// At most this many (1 to 1000; default 100).
+    pub limit: Option<u32>,
+    /// Only those listed after this id (the last of the previous page).
+    pub before: Option<String>,
+    /// Sandboxes only: `true` lists live ones only.
+    pub live: Option<bool>,
+}
+
+impl ListQuery {
+    pub fn page(&self) -> Result<super::store::Page, ApiError> {
+        let limit = self.limit.unwrap_or(LIST_DEFAULT);
+        if !(1..=LIST_MAX).contains(&limit) {
+            return Err(ApiError::bad(format!(
+                "limit must be 1 to {LIST_MAX} (got {limit}): page with `before`"
+            )));
+        }
+        Ok(super::store::Page {
+            before: self.before.clone(),
+            limit: Some(limit),
+        })
+    }
+}
+
+/// A page's rows, or why there is none: `before` named nothing.
+pub fn page_of<T>(rows: Option<Vec<T>>, q: &ListQuery, what: &str) -> Result<Vec<T>, ApiError> {
+    rows.ok_or_else(|| {
+        ApiError::bad(format!(
+            "before={:?} is not a {what} (page with an id from the previous page)",
+            q.before.as_deref().unwrap_or_default()
+        ))
+    })
+}
+
 /// Refuse requests without the daemon's token (compared in constant time).
 async fn auth(State(app): State<Shared>, req: Request, next: Next) -> Response {
     let given = req
@@ -342,7 +386,13 @@ pub async fn blocking<T: Send + 'static>(
 /// Liveness, and how many sandboxes are live.
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
 async fn health(State(app): State<Shared>) -> Result<Json<Health>, ApiError> {
-    let n = blocking(move || Ok(app.store.sandboxes(true)?.len() as u64)).await?;
+    let n = blocking(move || {
+        Ok(app
+            .store
+            .sandboxes(true, &super::store::Page::all())?
+            .map_or(0, |v| v.len() as u64))
+    })
+    .await?;
     Ok(Json(Health {
         status: "ok".into(),
         sandboxes: n,
@@ -364,7 +414,12 @@ async fn version() -> Json<Version> {
 async fn metrics(State(app): State<Shared>) -> Result<Response, ApiError> {
     let text = blocking(move || {
         let mut by: std::collections::BTreeMap<String, u64> = Default::default();
-        for s in sandboxes_now(&app, true)? {
+        let live = app
+            .store
+            .sandboxes(true, &super::store::Page::all())?
+            .unwrap_or_default();
+        let recs = records(&app);
+        for s in live.into_iter().map(|r| to_api(r, &recs)) {
             *by.entry(s.vm_state.unwrap_or_else(|| "gone".into()))
                 .or_default() += 1;
         }
@@ -407,14 +462,12 @@ fn records(app: &App) -> HashMap<String, dough_fabric::VmRecord> {
         .collect()
 }
 
-fn sandboxes_now(app: &App, live_only: bool) -> Result<Vec<Sandbox>, ApiError> {
+fn sandboxes_now(app: &App, q: &ListQuery) -> Result<Vec<Sandbox>, ApiError> {
+    let page = q.page()?;
+    let rows = app.store.sandboxes(q.live == Some(true), &page)?;
+    let rows = page_of(rows, q, "sandbox")?;
     let recs = records(app);
-    Ok(app
-        .store
-        .sandboxes(live_only)?
-        .into_iter()
-        .map(|r| to_api(r, &recs))
-        .collect())
+    Ok(rows.into_iter().map(|r| to_api(r, &recs)).collect())
 }
 
 /// The live sandbox `id` (exactly: never a prefix, never a VM the daemon
@@ -462,10 +515,19 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(sb)))
 }
 
-/// Every sandbox the daemon made, newest first (ended ones too, with why).
-#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = [Sandbox])))]
-async fn list_sandboxes(State(app): State<Shared>) -> Result<Json<Vec<Sandbox>>, ApiError> {
-    Ok(Json(blocking(move || sandboxes_now(&app, false)).await?))
+/// The sandboxes the daemon made, newest first (ended ones too, with why,
+/// unless `live=true`), a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes",
+    params(ListQuery),
+    responses((status = 200, body = [Sandbox]), (status = 400, body = ErrorBody))
+)]
+async fn list_sandboxes(
+    State(app): State<Shared>,
+    QueryArgs(q): QueryArgs<ListQuery>,
+) -> Result<Json<Vec<Sandbox>>, ApiError> {
+    Ok(Json(blocking(move || sandboxes_now(&app, &q)).await?))
 }
 
 /// One sandbox.

@@ -6,13 +6,13 @@
 //! are its own).
 
 mod api;
+mod conn;
 mod files;
 mod metrics;
 mod runs;
 mod sandboxes;
 mod store;
 
-use std::future::IntoFuture;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -54,6 +54,18 @@ pub struct ServeArgs {
     /// Most entries a directory listing (`stat`) returns.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_entries: usize,
+    /// Most connections served at once (Unix socket and TCP together);
+    /// more wait until one ends. A followed exec or run holds one while
+    /// it streams.
+    #[arg(long, default_value_t = 512, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// A request's head (line and headers) must arrive within this many
+    /// seconds of the connection opening or of the previous reply; a
+    /// client that sends nothing, or a byte at a time, is cut off.
+    #[arg(long, default_value_t = 30, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
     /// On SIGTERM or SIGINT, wait this long for requests in flight (a
     /// long exec, a download) before exiting anyway. Sandboxes stay up
     /// either way.
@@ -188,6 +200,20 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.vm,
     ));
     let socket = args.socket.unwrap_or_else(|| ctx.home.join("serve.sock"));
+    // Each connection takes a descriptor; so do VMs' channels and logs.
+    let nofile = conn::raise_nofile();
+    let conn_limits = conn::ConnLimits {
+        max: args.max_connections as usize,
+        header_timeout: Duration::from_secs(args.header_timeout),
+    };
+    if (conn_limits.max as u64).saturating_add(256) > nofile {
+        eprintln!(
+            "dough: warning: --max-connections {} is near the open-file limit ({nofile}): \
+             raise `ulimit -n` (LimitNOFILE= under systemd) or lower it",
+            conn_limits.max
+        );
+    }
+    let permits = Arc::new(tokio::sync::Semaphore::new(conn_limits.max));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -210,23 +236,24 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let router = api::router(app.clone());
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
         let mut servers = tokio::task::JoinSet::new();
-        servers.spawn(
-            axum::serve(unix, router.clone())
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        );
+        servers.spawn(conn::serve(
+            unix,
+            router.clone(),
+            conn_limits,
+            permits.clone(),
+            stop_rx.clone(),
+        ));
         eprintln!("dough: serving on unix://{}", socket.display());
         if let Some(tcp) = tcp {
             eprintln!("dough: serving on http://{}", tcp.local_addr()?);
-            servers.spawn(
-                axum::serve(tcp, router)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .into_future(),
-            );
+            servers.spawn(conn::serve(
+                tcp,
+                router,
+                conn_limits,
+                permits,
+                stop_rx.clone(),
+            ));
         }
         // TTLs, and VMs that died.
         let a = app.clone();

@@ -19,8 +19,8 @@ use dough_client::types::{CreateRun, ErrorBody, Run, RunEnd, RunEvent, RunState,
 use dough_gobrr::run::{Event, Outcome, Progress};
 use serde::Deserialize;
 
-use super::api::{blocking, now_unix, ApiError, App, JsonBody, QueryArgs};
-use super::store::{RunEnding, RunRow, TaskRow};
+use super::api::{blocking, now_unix, page_of, ApiError, App, JsonBody, ListQuery, QueryArgs};
+use super::store::{Page, RunEnding, RunRow, TaskRow};
 use crate::go_cmd::{self, Hooks, Keep, LoadError};
 
 type Shared = Arc<App>;
@@ -198,7 +198,7 @@ fn run(app: &App, row: &RunRow, resume: Option<Progress>, cancel: &AtomicBool) -
 
 /// Go on with the runs a stopped daemon left running.
 pub fn resume_all(app: &Shared) -> Result<(), ApiError> {
-    for row in app.store.runs()? {
+    for row in app.store.runs(&Page::all())?.unwrap_or_default() {
         if row.state != RunState::Running {
             continue;
         }
@@ -338,11 +338,19 @@ pub async fn create(
     .await
 }
 
-/// Every run, newest first.
-#[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = [Run])))]
-pub async fn list(State(app): State<Shared>) -> Result<Json<Vec<Run>>, ApiError> {
+/// The runs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    params(ListQuery),
+    responses((status = 200, body = [Run]), (status = 400, body = ErrorBody))
+)]
+pub async fn list(
+    State(app): State<Shared>,
+    QueryArgs(q): QueryArgs<ListQuery>,
+) -> Result<Json<Vec<Run>>, ApiError> {
     blocking(move || {
-        let rows = app.store.runs()?;
+        let rows = page_of(app.store.runs(&q.page()?)?, &q, "run")?;
         rows.into_iter()
             .map(|r| to_api(&app, r))
             .collect::<Result<Vec<_>, _>>()

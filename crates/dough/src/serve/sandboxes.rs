@@ -189,7 +189,11 @@ pub fn reconcile(app: &App) -> Result<(), ApiError> {
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect();
-    for row in app.store.sandboxes(true)? {
+    for row in app
+        .store
+        .sandboxes(true, &super::store::Page::all())?
+        .unwrap_or_default()
+    {
         if app
             .deleting
             .lock()

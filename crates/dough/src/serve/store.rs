@@ -144,14 +144,31 @@ pub struct TaskRow {
 }
 
 /// The daemon's state. Every method is one transaction.
+/// Which part of a list to return. Lists are newest first; a page is the
+/// rows after the row `before` (by its id: keyset paging, so rows added
+/// meanwhile shift nothing), at most `limit` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub before: Option<String>,
+    pub limit: Option<u32>,
+}
+
+impl Page {
+    /// Every row.
+    pub fn all() -> Page {
+        Page::default()
+    }
+}
+
 pub trait Store: Send + Sync {
     /// Record a new run; false if one with its id exists.
     fn insert_run(&self, row: &RunRow) -> Result<bool, StoreError>;
     /// Remember that cancelling run `id` was asked for.
     fn request_cancel(&self, id: &str) -> Result<(), StoreError>;
     fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError>;
-    /// Every run, newest first.
-    fn runs(&self) -> Result<Vec<RunRow>, StoreError>;
+    /// Runs, newest first (a page of them; `Ok(None)`: `page.before`
+    /// names no run).
+    fn runs(&self, page: &Page) -> Result<Option<Vec<RunRow>>, StoreError>;
     /// Keep a run's progress and its tasks (replacing the ones before).
     fn save_progress(&self, id: &str, progress: &str, tasks: &[TaskRow]) -> Result<(), StoreError>;
     fn tasks(&self, run_id: &str) -> Result<Vec<TaskRow>, StoreError>;
@@ -173,8 +190,13 @@ pub trait Store: Send + Sync {
     fn counts(&self) -> Result<Vec<(&'static str, String, u64)>, StoreError>;
     fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError>;
     fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError>;
-    /// Every sandbox, newest first; live ones only with `live_only`.
-    fn sandboxes(&self, live_only: bool) -> Result<Vec<SandboxRow>, StoreError>;
+    /// Sandboxes, newest first; live ones only with `live_only` (a page of
+    /// them; `Ok(None)`: `page.before` names no sandbox).
+    fn sandboxes(
+        &self,
+        live_only: bool,
+        page: &Page,
+    ) -> Result<Option<Vec<SandboxRow>>, StoreError>;
     /// Mark a live sandbox ended (`Deleted` or `Dead`), saying why. Returns
     /// false when it was not live.
     fn end_sandbox(
@@ -186,6 +208,53 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Append an event (what happened, to what, JSON details).
     fn event(&self, at: i64, kind: &str, subject: &str, body: &str) -> Result<(), StoreError>;
+}
+
+/// A page of `table` (which has `id` and `created_at`), newest first (ties
+/// by id), filtered by `filter` (an SQL condition or ""); `None` when
+/// `page.before` is not a row of it.
+fn paged<T>(
+    c: &rusqlite::Connection,
+    table: &str,
+    columns: &str,
+    filter: &str,
+    page: &Page,
+    row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<Vec<T>>> {
+    let mut conds: Vec<&str> = Vec::new();
+    if !filter.is_empty() {
+        conds.push(filter);
+    }
+    let after_cursor = format!(
+        "(created_at < (SELECT created_at FROM {table} WHERE id = ?1) \
+         OR (created_at = (SELECT created_at FROM {table} WHERE id = ?1) AND id > ?1))"
+    );
+    if let Some(before) = &page.before {
+        let known: Option<i64> = c
+            .query_row(
+                &format!("SELECT 1 FROM {table} WHERE id = ?1"),
+                [before],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if known.is_none() {
+            return Ok(None);
+        }
+        conds.push(&after_cursor);
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    // SQLite: a negative LIMIT is no limit.
+    let limit = page.limit.map_or(-1, i64::from);
+    let mut st = c.prepare(&format!(
+        "SELECT {columns} FROM {table} {filter} ORDER BY created_at DESC, id LIMIT ?2"
+    ))?;
+    let before = page.before.as_deref().unwrap_or("");
+    let rows = st.query_map(params![before, limit], row)?;
+    rows.collect::<rusqlite::Result<Vec<T>>>().map(Some)
 }
 
 /// Schema migrations, in order: the database's `user_version` says how
@@ -372,14 +441,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn runs(&self) -> Result<Vec<RunRow>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, id"
-            ))?;
-            let rows = st.query_map([], row_to_run)?;
-            rows.collect()
-        })
+    fn runs(&self, page: &Page) -> Result<Option<Vec<RunRow>>, StoreError> {
+        self.with(|c| paged(c, "runs", RUN_COLUMNS, "", page, row_to_run))
     }
 
     fn save_progress(&self, id: &str, progress: &str, tasks: &[TaskRow]) -> Result<(), StoreError> {
@@ -565,18 +628,21 @@ impl Store for SqliteStore {
         })
     }
 
-    fn sandboxes(&self, live_only: bool) -> Result<Vec<SandboxRow>, StoreError> {
+    fn sandboxes(
+        &self,
+        live_only: bool,
+        page: &Page,
+    ) -> Result<Option<Vec<SandboxRow>>, StoreError> {
+        let filter = if live_only { "state = 'live'" } else { "" };
         self.with(|c| {
-            let filter = if live_only {
-                "WHERE state = 'live'"
-            } else {
-                ""
-            };
-            let mut st = c.prepare(&format!(
-                "SELECT {SANDBOX_COLUMNS} FROM sandboxes {filter} ORDER BY created_at DESC, id"
-            ))?;
-            let rows = st.query_map([], row_to_sandbox)?;
-            rows.collect()
+            paged(
+                c,
+                "sandboxes",
+                SANDBOX_COLUMNS,
+                filter,
+                page,
+                row_to_sandbox,
+            )
         })
     }
 
@@ -628,6 +694,61 @@ mod tests {
         }
     }
 
+    /// Pages walk the list newest first, ties by id, without gaps or
+    /// repeats, whatever the page size; a row added meanwhile (newer than
+    /// the cursor) shifts nothing; an unknown cursor is said.
+    #[test]
+    fn pages_walk_the_list_once() {
+        let s = SqliteStore::in_memory().unwrap();
+        // Created at 1, 2, 2, 2, 3, ..., with ties.
+        let ids: Vec<String> = (0..9).map(|i| format!("vm-{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            s.put_sandbox(&row(id, (i as i64 + 2) / 3)).unwrap();
+        }
+        for limit in 1..=10 {
+            let all: Vec<String> = s
+                .sandboxes(false, &Page::all())
+                .unwrap()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            assert_eq!(all.len(), if limit <= 3 { 9 } else { 10 });
+            let mut seen = Vec::new();
+            let mut before = None;
+            loop {
+                let page = s
+                    .sandboxes(
+                        false,
+                        &Page {
+                            before: before.clone(),
+                            limit: Some(limit),
+                        },
+                    )
+                    .unwrap()
+                    .unwrap();
+                assert!(page.len() <= limit as usize);
+                let done = page.len() < limit as usize;
+                seen.extend(page.into_iter().map(|r| r.id));
+                if seen.len() == 3 && limit == 3 {
+                    // Newer than every cursor: not in a later page.
+                    s.put_sandbox(&row("vm-new", 99)).unwrap();
+                }
+                before = seen.last().cloned();
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(seen, all, "limit {limit}");
+        }
+        let unknown = Page {
+            before: Some("vm-nope".into()),
+            limit: None,
+        };
+        assert_eq!(s.sandboxes(false, &unknown).unwrap(), None);
+        assert_eq!(s.runs(&unknown).unwrap(), None);
+    }
+
     #[test]
     fn sandboxes_round_trip_and_end_once() {
         let s = SqliteStore::in_memory().unwrap();
@@ -636,7 +757,8 @@ mod tests {
         assert_eq!(s.sandbox("vm-a").unwrap(), Some(row("vm-a", 1)));
         assert_eq!(s.sandbox("vm-x").unwrap(), None);
         let ids = |live| -> Vec<String> {
-            s.sandboxes(live)
+            s.sandboxes(live, &Page::all())
+                .unwrap()
                 .unwrap()
                 .into_iter()
                 .map(|r| r.id)
@@ -736,7 +858,7 @@ mod tests {
             (r.state, r.resumed, r.ended_at),
             (RunState::Green, 1, Some(5))
         );
-        assert_eq!(s.runs().unwrap().len(), 1);
+        assert_eq!(s.runs(&Page::all()).unwrap().unwrap().len(), 1);
         let counts = s.counts().unwrap();
         for want in [
             ("runs", "green".to_string(), 1),
