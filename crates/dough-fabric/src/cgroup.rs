@@ -327,26 +327,70 @@ pub fn join_before_exec(cmd: &mut std::process::Command, fds: Vec<OwnedFd>) {
     }
 }
 
-/// Cgroup directories in `scope` of no VM in `live`, removed (a VM's
-/// tasks are gone by the time the sweep looks: it kills VMMs first).
-pub fn sweep(layout: &Layout, scope: &str, live: &[String]) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+/// What [`sweep`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweptCgroups {
+    /// Directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Processes found in them and killed: (pid, the cgroup directory).
+    pub killed: Vec<(i32, PathBuf)>,
+}
+
+/// Cgroup directories in `scope` of no VM that `live` knows, removed. The
+/// sweep kills recorded VMMs first, so a process still in one is a VMM no
+/// record names: its dough was killed between spawning it (the VMM joins
+/// its cgroup before it runs) and recording it. It is killed — by identity,
+/// after checking it is still in that cgroup and that its VM still has no
+/// directory (a VM's directory is made before its cgroup: one being made
+/// now is seen) — and then the cgroup directory goes.
+pub fn sweep(layout: &Layout, scope: &str, live: &dyn Fn(&str) -> bool) -> SweptCgroups {
+    let mut out = SweptCgroups::default();
     for s in scope_dirs(layout, scope) {
         let Ok(rd) = std::fs::read_dir(&s) else {
             continue;
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("vm-") || live.contains(&name) || !e.path().is_dir() {
+            if !name.starts_with("vm-") || live(&name) || !e.path().is_dir() {
                 continue;
             }
-            match remove_dir(&e.path(), Duration::from_millis(200)) {
-                Ok(()) => removed.push(e.path()),
+            for pid in kill_members(&e.path(), &|| !live(&name)) {
+                out.killed.push((pid, e.path()));
+            }
+            match remove_dir(&e.path(), Duration::from_secs(2)) {
+                Ok(()) => out.removed.push(e.path()),
                 Err(e) => tracing::warn!("leftover cgroup: {e}"),
             }
         }
     }
-    removed
+    out
+}
+
+/// The pids in cgroup directory `dir` (its `cgroup.procs`).
+fn members(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// SIGKILL every process in `dir`: each by its identity (pid + start
+/// time) taken while it was listed there, only if it still is, and only
+/// while `still_leftover()`.
+fn kill_members(dir: &Path, still_leftover: &dyn Fn() -> bool) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for pid in members(dir) {
+        let Some(id) = dough_vmm::ProcessId::of(pid) else {
+            continue;
+        };
+        // Listed again after its identity was taken: the identity is of a
+        // member, not of a process that reused a pid that has left.
+        if members(dir).contains(&pid) && still_leftover() && id.kill().is_ok() {
+            killed.push(pid);
+        }
+    }
+    killed
 }
 
 #[cfg(test)]

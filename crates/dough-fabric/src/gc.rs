@@ -34,6 +34,9 @@ pub enum Swept {
     Network(dough_net::Leftovers),
     /// VMM cgroups that belonged to no VM were removed.
     Cgroups(Vec<PathBuf>),
+    /// A VMM no record named (its dough was killed between spawning and
+    /// recording it) was found in its VM's cgroup and killed.
+    UnrecordedVmm { pid: i32, cgroup: PathBuf },
 }
 
 impl std::fmt::Display for Swept {
@@ -49,6 +52,11 @@ impl std::fmt::Display for Swept {
             } => write!(f, "reclaimed orphaned VM {id} (its VMM had already exited)"),
             Swept::StaleDir(p) => write!(f, "removed stale VM directory {}", p.display()),
             Swept::Cgroups(dirs) => write!(f, "removed {} leftover VMM cgroup(s): {dirs:?}", dirs.len()),
+            Swept::UnrecordedVmm { pid, cgroup } => write!(
+                f,
+                "killed pid {pid}, a VMM no record named, found in the leftover cgroup {}",
+                cgroup.display()
+            ),
             Swept::Network(l) => write!(
                 f,
                 "removed leftover network objects: netns {:?}, veths {:?}, rules tagged {:?}",
@@ -158,10 +166,14 @@ pub fn sweep(vms: &Path, net: &HostNet) -> Vec<Swept> {
         out.push(Swept::Network(l));
     }
     if let Some(layout) = crate::cgroup::layout() {
-        let live = crate::state::list_ids(vms);
-        let removed = crate::cgroup::sweep(layout, &crate::host::net_scope(vms), &live);
-        if !removed.is_empty() {
-            out.push(Swept::Cgroups(removed));
+        // Looked at when each cgroup is (a VM made meanwhile is live).
+        let live = |id: &str| vms.join(id).exists();
+        let swept = crate::cgroup::sweep(layout, &crate::host::net_scope(vms), &live);
+        for (pid, cgroup) in swept.killed {
+            out.push(Swept::UnrecordedVmm { pid, cgroup });
+        }
+        if !swept.removed.is_empty() {
+            out.push(Swept::Cgroups(swept.removed));
         }
     }
     out

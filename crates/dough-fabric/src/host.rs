@@ -157,6 +157,12 @@ impl HostNet {
         self
     }
 
+    /// Spawn VMMs with `spawn` (a test build stops after the real one).
+    pub fn with_spawn(mut self, spawn: SpawnIn) -> Self {
+        self.spawn = spawn;
+        self
+    }
+
     /// Start gateways with `launch` (tests stand one in).
     pub fn with_gateway_launch(mut self, launch: GatewayLaunch) -> Self {
         self.gateway = Some(launch);
@@ -292,7 +298,7 @@ impl HostNet {
 
 /// The real spawn: from a thread inside the namespace, so the VMM lives
 /// there and opens the clone's TAP there.
-fn spawn_in_netns(
+pub fn spawn_in_netns(
     netns: Option<&str>,
     cmd: &mut Command,
 ) -> Result<std::io::Result<Child>, NetError> {

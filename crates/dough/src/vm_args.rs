@@ -232,6 +232,13 @@ pub fn host_net() -> dough_fabric::host::HostNet {
         Some(v) => net.with_gateway_roots(std::env::split_paths(&v).collect()),
         None => net,
     };
+    // ... and stop for good once a VMM is spawned, before it is recorded
+    // (`DOUGH_TEST_HOLD_AFTER_VMM_SPAWN`): the crash no record can tell.
+    #[cfg(feature = "test-hooks")]
+    let net = match std::env::var_os("DOUGH_TEST_HOLD_AFTER_VMM_SPAWN") {
+        Some(_) => net.with_spawn(spawn_then_hold),
+        None => net,
+    };
     #[cfg(feature = "test-hooks")]
     if let Some(hold_at) = std::env::var("DOUGH_TEST_HOLD_IN_NET_SETUP")
         .ok()
@@ -251,6 +258,26 @@ pub fn host_net() -> dough_fabric::host::HostNet {
         });
     }
     net
+}
+
+/// The real spawn, then a stop for good (test builds only: see
+/// [`host_net`]).
+#[cfg(feature = "test-hooks")]
+fn spawn_then_hold(
+    netns: Option<&str>,
+    cmd: &mut std::process::Command,
+) -> Result<std::io::Result<std::process::Child>, dough_net::NetError> {
+    let spawned = dough_fabric::host::spawn_in_netns(netns, cmd);
+    if let Ok(Ok(child)) = &spawned {
+        eprintln!(
+            "dough: test hook: holding after spawning the VMM (pid {}), before recording it",
+            child.id()
+        );
+        loop {
+            std::thread::park();
+        }
+    }
+    spawned
 }
 
 /// Where Debian keeps the host's CA bundle.

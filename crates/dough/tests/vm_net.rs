@@ -315,3 +315,47 @@ fn vm_net_sigkill_mid_network_setup_is_reclaimed() {
         "the reclaimed clone's gateway is still running"
     );
 }
+
+/// dough SIGKILLed after spawning a VMM and before recording it: no record
+/// names that VMM, but it runs in its VM's cgroup (joined before it ran),
+/// and the next sweep finds it there and kills it.
+#[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "stops dough with a test hook: needs --features dough/test-hooks (scripts/test has it)"
+)]
+fn vm_sigkill_between_spawning_a_vmm_and_recording_it_is_reclaimed() {
+    if dough_fabric::cgroup::layout().is_none() {
+        panic!("this host has no cgroup hierarchy dough can use (cpu, memory, pids)");
+    }
+    let home = private_home();
+    let h = home.path();
+    let (mut child, seen) = spawn_until(
+        h,
+        &["up", "1", "--net", "none"],
+        ("DOUGH_TEST_HOLD_AFTER_VMM_SPAWN", "1"),
+        "holding after spawning the VMM",
+    );
+    let pid: i64 = seen
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {seen}"));
+    let recs = records(h);
+    assert_eq!(recs.len(), 1, "{seen}");
+    assert!(recs[0]["vmm"].is_null(), "not recorded: {:?}", recs[0]);
+    assert!(!process_gone(pid), "the VMM runs");
+    kill_dough_and_its_watchdog(&mut child);
+    let out = run(h, &["ps"]);
+    assert!(vm_dirs(h).is_empty(), "{}", text(&out.stderr));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !process_gone(pid) && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        process_gone(pid),
+        "the unrecorded VMM (pid {pid}) is still running: {}",
+        text(&out.stderr)
+    );
+}
