@@ -1,18 +1,23 @@
 //! Snapshots of live clones (`dough snapshot`, `dough fork`).
 //!
 //! A handed-over clone is paused with no host attached (its channel lock
-//! held, so no command is running in it), and saved whole: the device
-//! state and its RAM in one stream (a clone's RAM is a private mapping of
-//! its snapshot's memory file, which a device-state-only save cannot
-//! describe), plus a copy of its scratch disk as the pause left it; then it
-//! runs on. That is made into a snapshot like a bake's ("rebake"): a VM of
-//! dough's own is restored from it with its RAM in a new shared file,
-//! greets the host as a baked guest does, is paused, and only its device
-//! state is saved. Clones of the result ("forks") map the memory file
-//! privately and share its pages, as clones of a bake do, and get their own
-//! id, entropy, clock, hostname, machine-id, network and channel. The
-//! snapshot is recorded with its parent (the snapshot and the clone it came
-//! from), keyed by what was saved of the clone, read-only.
+//! held, so no command is running in it), and saved whole, plus a copy of
+//! its scratch disk as the pause left it; then it runs on.
+//!
+//! - QEMU saves the device state and its RAM in one stream (a clone's RAM
+//!   is a private mapping of its snapshot's memory file, which a
+//!   device-state-only save cannot describe). That is made into a snapshot
+//!   like a bake's ("rebake"): a VM of dough's own is restored from it with
+//!   its RAM in a new shared file, greets the host as a baked guest does,
+//!   is paused, and only its device state is saved.
+//! - Firecracker writes a Full snapshot (device state + a memory file of
+//!   what the guest sees): already a snapshot like a bake's.
+//!
+//! Clones of the result ("forks") map the memory file privately and share
+//! its pages, as clones of a bake do, and get their own id, entropy, clock,
+//! hostname, machine-id, network and channel. The snapshot is recorded with
+//! its parent (the snapshot and the clone it came from), keyed by what was
+//! saved of the clone, read-only.
 //!
 //! Secrets: a VM that received one is never snapshotted. dough cannot see
 //! which values are secret, so it counts as received whatever came from
@@ -27,7 +32,7 @@ use std::time::Instant;
 
 use dough_image::cache::KeyBuilder;
 
-use crate::backend::{Launch, RestoreFrom};
+use crate::backend::{Launch, LiveFiles, LiveSaved, RestoreFrom};
 use crate::options::BootOptions;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotMeta, SnapshotParent, SnapshotStore};
 use crate::state::{now_unix, VmDir, VmKind, VmState};
@@ -154,7 +159,7 @@ pub fn snapshot(
         backend.pause(&dir.paths).map_err(save_err)?;
         dir.update(|r| r.transition(VmState::Paused))?;
     }
-    let saved = save_whole(&tmp, &dir.paths, &id, &parent, backend);
+    let saved = save_whole(&tmp, &dir.paths, rec.vmm, &id, &parent, backend);
     // The clone is done with: it carries on as it was asked to, whatever
     // happened to the save.
     if after == After::Resume && !was_paused {
@@ -167,13 +172,14 @@ pub fn snapshot(
             return Err(e);
         }
     }
-    let r = saved.and_then(|key| match store.get(&key) {
+    let r = saved.and_then(|(key, how)| match store.get(&key) {
         // The same content, saved before: that one stands.
         Some(existing) => Ok(existing),
-        None => {
+        None if how == LiveSaved::Whole => {
             say(&format!("making {id}'s memory into a snapshot file"));
             rebake(vms, store, &tmp, &key, &id, &parent, opts, started)
         }
+        None => install(store, &tmp, &key, &id, &parent, started),
     });
     let _ = std::fs::remove_dir_all(&tmp);
     r
@@ -205,11 +211,14 @@ pub fn save_vm(
             source,
         })
         .and_then(|()| Ok(vm.set_state(VmState::Paused)?))
-        .and_then(|()| save_whole(&tmp, &vm.paths, &id, &parent, backend));
+        .and_then(|()| save_whole(&tmp, &vm.paths, rec.vmm, &id, &parent, backend));
     vm.destroy()?;
-    let r = saved.and_then(|key| match store.get(&key) {
+    let r = saved.and_then(|(key, how)| match store.get(&key) {
         Some(existing) => Ok(existing),
-        None => rebake(vms, store, &tmp, &key, &id, &parent, opts, started),
+        None if how == LiveSaved::Whole => {
+            rebake(vms, store, &tmp, &key, &id, &parent, opts, started)
+        }
+        None => install(store, &tmp, &key, &id, &parent, started),
     });
     let _ = std::fs::remove_dir_all(&tmp);
     r
@@ -252,22 +261,44 @@ fn temp_dir(store: &SnapshotStore, id: &str) -> Result<std::path::PathBuf, LiveE
     Ok(tmp)
 }
 
-/// Save the paused clone whole into `tmp` (`whole`: the stream with its
-/// RAM; `clone-scratch.img`; `boot-serial.log`); its content key.
+/// Save the paused clone whole into `tmp` (`whole`, the stream with its
+/// RAM, or `state` + `mem`, as the backend saves; `clone-scratch.img`;
+/// `boot-serial.log`); its content key and what was written.
 fn save_whole(
     tmp: &Path,
     paths: &dough_vmm::VmPaths,
+    vmm: Option<dough_vmm::ProcessId>,
     id: &str,
     parent: &Snapshot,
     backend: &dyn crate::backend::Vmm,
-) -> Result<String, LiveError> {
+) -> Result<(String, LiveSaved), LiveError> {
     let io = |source| LiveError::Io {
         id: id.to_string(),
         source,
     };
     let whole = tmp.join(WHOLE);
-    backend
-        .save_live(paths, &whole)
+    let (state, mem) = (tmp.join(STATE), tmp.join(MEM));
+    // The VMM (or the `cat` it runs) writes the guest's memory: far more
+    // than the cap on what a clone's VMM may write, lifted while it is
+    // paused and put back after.
+    let _lifted = match vmm {
+        Some(v) => Some(
+            dough_vmm::process::lift_file_cap(&v).map_err(|e| LiveError::Io {
+                id: id.to_string(),
+                source: std::io::Error::other(e),
+            })?,
+        ),
+        None => None,
+    };
+    let how = backend
+        .save_live(
+            paths,
+            &LiveFiles {
+                whole: &whole,
+                state: &state,
+                mem: &mem,
+            },
+        )
         .map_err(|source| LiveError::Save {
             id: id.to_string(),
             source,
@@ -281,20 +312,25 @@ fn save_whole(
     std::fs::copy(&paths.serial, tmp.join("boot-serial.log")).map_err(io)?;
     let mut k = KeyBuilder::new("live-snapshot-v1");
     k.str("parent", &parent.key);
-    k.str(
-        "whole",
-        &dough_image::cache::sha256_file(&whole).map_err(io)?,
-    );
+    let written: &[(&str, &Path)] = match how {
+        LiveSaved::Whole => &[("whole", &whole)],
+        LiveSaved::StateAndMem => &[("state", &state), ("mem", &mem)],
+    };
+    for (name, f) in written {
+        k.str(name, &dough_image::cache::sha256_file(f).map_err(io)?);
+    }
     if scratch.exists() {
         k.str(
             "scratch",
             &crate::disk::sparse_sha256(&scratch).map_err(io)?,
         );
     }
-    Ok(k.finish())
+    Ok((k.finish(), how))
 }
 
 const WHOLE: &str = "whole";
+const STATE: &str = "state";
+const MEM: &str = "mem";
 const CLONE_SCRATCH: &str = "clone-scratch.img";
 
 /// Turn the saved clone in `tmp` into a snapshot like a bake's, under
@@ -319,8 +355,8 @@ fn rebake(
         source,
     };
     let meta = &parent.meta;
-    let mem = tmp.join("mem");
-    let state = tmp.join("state");
+    let mem = tmp.join(MEM);
+    let state = tmp.join(STATE);
     let scratch = tmp.join("scratch.img");
     let helper_opts = BootOptions {
         backend: meta.backend,
@@ -369,6 +405,29 @@ fn rebake(
     for f in [WHOLE, CLONE_SCRATCH] {
         let _ = std::fs::remove_file(tmp.join(f));
     }
+    install(store, tmp, key, id, parent, started)
+}
+
+/// Record the snapshot in `tmp` (`state`, `mem`, `scratch.img` when the
+/// parent has a scratch disk, `boot-serial.log`) in the store under `key`,
+/// with its parent, read-only.
+fn install(
+    store: &SnapshotStore,
+    tmp: &Path,
+    key: &str,
+    id: &str,
+    parent: &Snapshot,
+    started: Instant,
+) -> Result<Snapshot, LiveError> {
+    let io = |source| LiveError::Io {
+        id: id.to_string(),
+        source,
+    };
+    let scratch = tmp.join("scratch.img");
+    if parent.meta.scratch_mib.is_some() && !scratch.exists() {
+        std::fs::rename(tmp.join(CLONE_SCRATCH), &scratch).map_err(io)?;
+    }
+    let state = tmp.join(STATE);
     let meta = SnapshotMeta {
         key: key.to_string(),
         created_unix: now_unix(),
@@ -379,7 +438,7 @@ fn rebake(
             vm: id.to_string(),
         }),
         ram_in_state: false,
-        ..meta.clone()
+        ..parent.meta.clone()
     };
     crate::snapshot::write_meta_and_seal(tmp, &meta)?;
     std::fs::write(tmp.join(dough_image::cache::DONE), b"").map_err(io)?;

@@ -1039,7 +1039,11 @@ mod tests {
             }
             Ok(())
         }
-        fn save_live(&self, _paths: &VmPaths, _state: &Path) -> Result<(), BackendError> {
+        fn save_live(
+            &self,
+            _paths: &VmPaths,
+            _to: &crate::backend::LiveFiles<'_>,
+        ) -> Result<crate::backend::LiveSaved, BackendError> {
             Err(BackendError::Unsupported("a test double"))
         }
         fn pause(&self, _paths: &VmPaths) -> Result<(), BackendError> {

@@ -19,6 +19,12 @@ pub enum ProcessError {
     },
     #[error("process {0} did not exit within {1:?}")]
     Stuck(i32, Duration),
+    #[error("changing the file-size limit of process {pid}")]
+    Limit {
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// A process's identity: pid plus its start time in clock ticks since boot
@@ -200,21 +206,29 @@ mod tests {
     }
 }
 
-/// Cap every file `cmd`'s process writes at `bytes` (`RLIMIT_FSIZE`), and
-/// ignore `SIGXFSZ` so a write past the cap fails (EFBIG) instead of
-/// killing the process. For a VMM whose guest controls how much it writes
-/// to its console file.
+/// Cap every file `cmd`'s process writes at `bytes` (`RLIMIT_FSIZE`'s soft
+/// limit), and ignore `SIGXFSZ` so a write past the cap fails (EFBIG)
+/// instead of killing the process. For a VMM whose guest controls how much
+/// it writes to its console file. The hard limit stays as it was, so that
+/// dough can lift the cap of a running VMM while it writes a snapshot
+/// ([`lift_file_cap`]) without CAP_SYS_RESOURCE; the cap is against a guest
+/// filling the disk through its console, and a VMM a guest took over is
+/// past any file cap anyway.
 pub fn cap_file_size(cmd: &mut std::process::Command, bytes: u64) {
     use std::os::unix::process::CommandExt;
-    let lim = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: bytes,
-    };
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes two async-signal-safe system calls on values it owns; it
+    // makes three async-signal-safe system calls on values it owns; it
     // allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = bytes.min(lim.rlim_max);
             if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -226,9 +240,120 @@ pub fn cap_file_size(cmd: &mut std::process::Command, bytes: u64) {
     }
 }
 
+/// A running process's file-size cap, lifted (see [`lift_file_cap`]); put
+/// back when dropped.
+#[derive(Debug)]
+pub struct FileCapLifted {
+    id: ProcessId,
+    old: libc::rlimit,
+}
+
+/// Lift the file-size cap of the running process `id` (set by
+/// [`cap_file_size`]: its soft limit, raised to its hard one) until the
+/// guard is dropped: a VMM writing a snapshot of its guest writes far more
+/// than its console's cap (Firecracker's memory file; the `cat` QEMU's
+/// migration runs inherits QEMU's cap). The guest is paused meanwhile, so
+/// its console cannot use the room.
+pub fn lift_file_cap(id: &ProcessId) -> Result<FileCapLifted, ProcessError> {
+    if !id.is_alive() {
+        return Err(ProcessError::NotOurs(id.pid));
+    }
+    let err = || ProcessError::Limit {
+        pid: id.pid,
+        source: nix::errno::Errno::last(),
+    };
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit writes `old`, ours, and reads nothing.
+    if unsafe { libc::prlimit(id.pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut old) } != 0 {
+        return Err(err());
+    }
+    let lifted = libc::rlimit {
+        rlim_cur: old.rlim_max,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit reads `lifted`, ours, and writes nothing.
+    if unsafe { libc::prlimit(id.pid, libc::RLIMIT_FSIZE, &lifted, std::ptr::null_mut()) } != 0 {
+        return Err(err());
+    }
+    Ok(FileCapLifted { id: *id, old })
+}
+
+impl Drop for FileCapLifted {
+    fn drop(&mut self) {
+        if self.id.is_alive() {
+            // SAFETY: prlimit reads `old`, ours; writes nothing.
+            unsafe {
+                libc::prlimit(
+                    self.id.pid,
+                    libc::RLIMIT_FSIZE,
+                    &self.old,
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod cap_tests {
-    use super::cap_file_size;
+    use super::{cap_file_size, lift_file_cap, ProcessId};
+
+    /// `Max file size` soft limit of `pid` (bytes, or "unlimited").
+    fn fsize(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Max file size"))
+            .unwrap()
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .to_string()
+    }
+
+    /// A capped process, its cap lifted, writes past it; dropping the
+    /// guard puts the cap back.
+    #[test]
+    fn a_lifted_cap_lets_a_running_process_write_more_and_comes_back() {
+        use std::io::{BufRead, Write};
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("mem");
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg("while read x; do head -c 3000000 /dev/zero > \"$1\"; echo wrote=$?; done")
+            .arg("sh")
+            .arg(&f)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        cap_file_size(&mut cmd, 1 << 20);
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut write_once = || {
+            writeln!(stdin, "go").unwrap();
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            (line, std::fs::metadata(&f).unwrap().len())
+        };
+        assert_eq!(fsize(child.id()), (1u64 << 20).to_string());
+        let (said, len) = write_once();
+        assert!(!said.starts_with("wrote=0"), "{said}");
+        assert_eq!(len, 1 << 20, "capped");
+        let id = ProcessId::of(child.id() as i32).unwrap();
+        let lifted = lift_file_cap(&id).unwrap();
+        assert_eq!(fsize(child.id()), "unlimited");
+        let (said, len) = write_once();
+        assert_eq!((said.as_str(), len), ("wrote=0\n", 3_000_000), "lifted");
+        drop(lifted);
+        assert_eq!(fsize(child.id()), (1u64 << 20).to_string(), "put back");
+        let (_, len) = write_once();
+        assert_eq!(len, 1 << 20, "capped again");
+        drop(stdin);
+        child.wait().unwrap();
+    }
 
     /// A process that writes far past the cap keeps running; its file
     /// stops at the cap.

@@ -6,7 +6,8 @@
 //!
 //! Needs no booted guest: configuration, InstanceStart, Pause, a Full
 //! snapshot, kill; then a new process restored with `network_overrides` and
-//! `vsock_override`, Resume/Pause/Resume; then the refusals and the exits.
+//! `vsock_override`, Resume/Pause/Resume, its own Full snapshot (a live
+//! snapshot) and a fork loaded from it; then the refusals and the exits.
 //! Run as root (Firecracker creates the TAPs) on a host with /dev/kvm:
 //!
 //! ```sh
@@ -302,7 +303,33 @@ fn real_firecracker_answers_as_the_fake_does() {
         clone.resume().unwrap();
     }
     rec.expect("pause/resume twice", &[NO_CONTENT; 4]);
+    // A live snapshot of the clone (`dough snapshot`): pause, Full
+    // snapshot, resume.
+    let live = root.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    let (live_state, live_mem) = (live.join("state"), live.join("mem"));
+    clone.snapshot(&live_state, &live_mem).unwrap();
+    clone.resume().unwrap();
+    rec.expect("live snapshot of a clone", &[NO_CONTENT; 3]);
+    assert!(live_state.is_file() && live_mem.is_file());
     clone.kill();
+
+    // 2b. A fork: a new process loads the clone's snapshot with its own
+    //     TAP and vsock socket.
+    let mut rec = Recorded::new(root.path(), "fork");
+    let fork = FcProcess::restore(
+        &cfg,
+        &rec.dir,
+        &live_state,
+        &live_mem,
+        Some(&format!("dfc{tag}d")),
+    )
+    .unwrap();
+    rec.expect("snapshot/load of a clone's snapshot", &[NO_CONTENT]);
+    fork.pause().unwrap();
+    fork.resume().unwrap();
+    rec.expect("the fork pauses and resumes", &[NO_CONTENT; 2]);
+    fork.kill();
 
     // 3. A fresh process refuses what needs a started VM.
     let mut rec = Recorded::new(root.path(), "fresh");

@@ -447,3 +447,108 @@ fn config_file_selects_the_backend_and_flags_beat_it() {
         "{err}"
     );
 }
+
+/// `dough snapshot` and `dough fork` of a Firecracker clone: pause, a Full
+/// snapshot of the clone (state + memory, recorded from the real binary:
+/// scenarios I and J of the fixtures), resume; the snapshot is recorded
+/// with its parent; forks are restored from it (never booted), each with
+/// its own netns, TAP and vsock socket, and answer; the parent runs on.
+#[test]
+fn firecracker_clones_are_snapshotted_and_forked() {
+    let home = common::private_home_own_snapshots();
+    let h = home.path();
+    ok(fc(h).arg("bake").output().unwrap());
+    let bake_key = snapshot_metas(h)[0]["key"].as_str().unwrap().to_string();
+    let out = ok(fc(h).args(["up", "1"]).output().unwrap());
+    let parent = text(&out.stdout).trim().to_string();
+    let out = ok(fc(h)
+        .args(["exec", &parent, "--", "echo", "before"])
+        .output()
+        .unwrap());
+    assert_eq!(text(&out.stdout), "before\n");
+
+    let out = ok(fc(h).args(["snapshot", &parent]).output().unwrap());
+    let key = text(&out.stdout).trim().to_string();
+    assert_ne!(key, bake_key);
+    let calls = api_calls(&h.join("vms").join(&parent));
+    let tail: Vec<(String, serde_json::Value)> = calls
+        .iter()
+        .skip(1)
+        .map(|c| (c["path"].as_str().unwrap().to_string(), c["body"].clone()))
+        .collect();
+    assert_eq!(tail.len(), 3, "{calls:?}");
+    assert_eq!(
+        tail[0],
+        ("/vm".into(), serde_json::json!({"state": "Paused"}))
+    );
+    assert_eq!(tail[1].0, "/snapshot/create");
+    assert_eq!(tail[1].1["snapshot_type"], "Full");
+    assert_eq!(
+        tail[2],
+        ("/vm".into(), serde_json::json!({"state": "Resumed"}))
+    );
+    // Recorded with its parent, the snapshot's files read-only.
+    let metas = snapshot_metas(h);
+    let meta = metas.iter().find(|m| m["key"] == key.as_str()).unwrap();
+    assert_eq!(meta["parent"]["snapshot"], bake_key.as_str());
+    assert_eq!(meta["parent"]["vm"], parent.as_str());
+    assert_eq!(meta["backend"], "firecracker");
+    let dir = h.join("snapshots").join(&key);
+    for f in ["state", "mem"] {
+        let m = std::fs::metadata(dir.join(f)).unwrap();
+        assert!(m.permissions().readonly(), "{f} is read-only");
+    }
+    let listed = text(&ok(fc(h).args(["snapshots", "--json"]).output().unwrap()).stdout);
+    assert!(listed.contains(&key), "{listed}");
+
+    // Two forks: each a fresh Firecracker that loads the clone's snapshot
+    // with its own TAP and vsock socket.
+    let out = ok(fc(h).args(["fork", &parent, "2"]).output().unwrap());
+    let forks: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 2, "{}", text(&out.stdout));
+    let mut netns = vec![netns_of(
+        ps(h).iter().find(|v| v["id"] == parent.as_str()).unwrap()["vmm"]["pid"]
+            .as_i64()
+            .unwrap(),
+    )];
+    for f in &forks {
+        let vm = h.join("vms").join(f);
+        let calls = api_calls(&vm);
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0]["path"], "/snapshot/load");
+        let load = &calls[0]["body"];
+        assert_eq!(
+            load["snapshot_path"],
+            dir.join("state").display().to_string()
+        );
+        assert_eq!(
+            load["mem_backend"]["backend_path"],
+            dir.join("mem").display().to_string()
+        );
+        assert_eq!(
+            load["vsock_override"]["uds_path"],
+            vm.join("vsock.sock").display().to_string()
+        );
+        let out = ok(fc(h)
+            .args(["exec", f, "--", "sh", "-c", "echo fork"])
+            .output()
+            .unwrap());
+        assert_eq!(text(&out.stdout), "fork\n");
+        let rec = ps(h).into_iter().find(|v| v["id"] == f.as_str()).unwrap();
+        assert_eq!(rec["backend"], "firecracker");
+        assert_eq!(rec["snapshot"], key.as_str(), "{rec}");
+        netns.push(netns_of(rec["vmm"]["pid"].as_i64().unwrap()));
+    }
+    netns.sort();
+    netns.dedup();
+    assert_eq!(netns.len(), 3, "one netns each: {netns:?}");
+    // The parent runs on.
+    let out = ok(fc(h)
+        .args(["exec", &parent, "--", "echo", "after"])
+        .output()
+        .unwrap());
+    assert_eq!(text(&out.stdout), "after\n");
+    ok(fc(h).args(["down", "--all"]).output().unwrap());
+    assert!(vm_dirs(h).is_empty());
+    assert!(netns_left(h).is_empty(), "{:?}", netns_left(h));
+}

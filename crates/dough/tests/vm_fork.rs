@@ -185,3 +185,47 @@ fn vm_a_clone_given_secrets_is_never_snapshotted() {
     assert_eq!(records(h).len(), 1, "no fork was made");
     ok(h, &["down", "--all"]);
 }
+
+/// A clone without a scratch disk (its writable layer is tmpfs, in its
+/// RAM) is forked with what it wrote there: the save writes far more than
+/// its VMM's file cap (8 MiB, the console's), which is lifted for the save
+/// and put back after.
+#[test]
+fn vm_a_clone_without_a_scratch_disk_is_forked_with_its_ram() {
+    let home = private_home_own_snapshots();
+    let h = home.path();
+    let parent = ok(h, &["up", "--net", "none", "--scratch", "none"])
+        .trim()
+        .to_string();
+    let limits = || {
+        let pid = common::ps(h)
+            .into_iter()
+            .find(|v| v["id"] == parent.as_str())
+            .unwrap()["vmm"]["pid"]
+            .as_i64()
+            .unwrap();
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Max file size"))
+            .unwrap()
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .to_string()
+    };
+    let capped = limits();
+    assert_eq!(capped, (8u64 << 20).to_string(), "the console's cap");
+    // 32 MiB of incompressible data in RAM.
+    sh(
+        h,
+        &parent,
+        "head -c 33554432 /dev/urandom > /tmp/big && sha256sum /tmp/big > /tmp/big.sum && echo ok",
+    );
+    let out = run(h, &["fork", &parent, "1", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let fork = text(&out.stdout).trim().to_string();
+    assert_eq!(sh(h, &fork, "sha256sum -c /tmp/big.sum"), "/tmp/big: OK\n");
+    assert_eq!(limits(), capped, "the cap is back on the parent");
+    assert_eq!(sh(h, &parent, "echo still"), "still\n");
+}

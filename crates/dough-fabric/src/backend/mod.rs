@@ -137,6 +137,28 @@ impl Endpoint {
 }
 
 /// What differs between VMMs.
+/// Where a live save may write.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LiveFiles<'a> {
+    /// One stream: the device state with the RAM in it.
+    pub whole: &'a Path,
+    /// Device state, as a bake saves it.
+    pub state: &'a Path,
+    /// Guest memory, as a bake saves it.
+    pub mem: &'a Path,
+}
+
+/// What a live save wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LiveSaved {
+    /// `whole` (QEMU's migration stream): it is made into a snapshot by
+    /// restoring it into a VM whose RAM is a shared file ("rebake").
+    Whole,
+    /// `state` + `mem`, a snapshot as a bake's is (Firecracker's Full
+    /// snapshot writes all guest memory to its own file).
+    StateAndMem,
+}
+
 pub(crate) trait Vmm: Sync {
     /// The binary `opts` runs, and what to tell a user who lacks it.
     fn binary<'a>(&self, opts: &'a BootOptions) -> (&'a Path, &'static str);
@@ -163,10 +185,11 @@ pub(crate) trait Vmm: Sync {
     /// unless the RAM already is that file.
     fn save(&self, paths: &VmPaths, state: &Path, mem: &Path) -> Result<(), BackendError>;
 
-    /// Save a paused live VM whole (device state and RAM) to `state`; it
+    /// Save a paused live VM whole (device state and RAM) into `to`; it
     /// stays paused. A clone's RAM is a private mapping of its snapshot's
-    /// file, which a device-state-only save cannot describe.
-    fn save_live(&self, paths: &VmPaths, state: &Path) -> Result<(), BackendError>;
+    /// file, which a device-state-only save cannot describe. Says which
+    /// of `to`'s files it wrote.
+    fn save_live(&self, paths: &VmPaths, to: &LiveFiles<'_>) -> Result<LiveSaved, BackendError>;
 
     /// Ask a running VMM to exit by itself (before it is killed).
     fn ask_to_quit(&self, paths: &VmPaths, gone: &mut dyn FnMut() -> bool);

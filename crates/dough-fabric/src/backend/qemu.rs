@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use dough_vmm::{Incoming, Memory, QemuArgs, Qmp, QmpError, Resolved, VmPaths, VmmProcess};
 
-use super::{guest_cmdline, BackendError, Endpoint, Launch, Start, Vmm};
+use super::{guest_cmdline, BackendError, Endpoint, Launch, LiveFiles, LiveSaved, Start, Vmm};
 use crate::options::BootOptions;
 use crate::serial::tail;
 
@@ -160,7 +160,8 @@ impl Vmm for QemuVmm {
 
     /// The whole machine, RAM included (no `x-ignore-shared`: a clone's RAM
     /// is a private mapping, so it is not "shared" to QEMU).
-    fn save_live(&self, paths: &VmPaths, state: &Path) -> Result<(), BackendError> {
+    fn save_live(&self, paths: &VmPaths, to: &LiveFiles<'_>) -> Result<LiveSaved, BackendError> {
+        let state = to.whole;
         let qmp_err = |what, source| BackendError::Qmp { what, source };
         let mut q = Qmp::connect(&paths.qmp, Duration::from_secs(10))
             .map_err(|e| qmp_err("connecting", e))?;
@@ -175,7 +176,7 @@ impl Vmm for QemuVmm {
             .map_err(|e| qmp_err("saving the VM", e))?;
         q.wait_migration(SAVE_LIMIT)
             .map_err(|e| qmp_err("saving the VM", e))?;
-        Ok(())
+        Ok(LiveSaved::Whole)
     }
 
     fn ask_to_quit(&self, paths: &VmPaths, gone: &mut dyn FnMut() -> bool) {
