@@ -304,17 +304,30 @@ impl Client {
         self.json(Method::GET, &q, None::<&()>)
     }
 
-    /// Every page of a list.
+    /// Every page of a list. A daemon that does not page (older than
+    /// paging) answers the whole list every time: a page longer than asked
+    /// for is all of it, and a page that starts where the last one did
+    /// adds nothing.
     fn all_pages<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         id: fn(&T) -> &str,
     ) -> Result<Vec<T>, ClientError> {
-        const LIMIT: u32 = 1000;
+        const LIMIT: usize = 1000;
         let mut all: Vec<T> = Vec::new();
         loop {
-            let page: Vec<T> = self.page(path, all.last().map(id), LIMIT)?;
-            let last = page.len() < LIMIT as usize;
+            let page: Vec<T> = self.page(path, all.last().map(id), LIMIT as u32)?;
+            if page.len() > LIMIT {
+                return Ok(page);
+            }
+            let first_again = match (all.first(), page.first()) {
+                (Some(a), Some(p)) => id(a) == id(p),
+                _ => false,
+            };
+            if first_again {
+                return Ok(all);
+            }
+            let last = page.len() < LIMIT;
             all.extend(page);
             if last {
                 return Ok(all);

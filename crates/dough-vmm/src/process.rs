@@ -303,15 +303,19 @@ mod cap_tests {
 
     /// `Max file size` soft limit of `pid` (bytes, or "unlimited").
     fn fsize(pid: u32) -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/limits"))
-            .unwrap()
+        fsize_limits(pid).0
+    }
+
+    /// `Max file size` (soft, hard) of `pid`.
+    fn fsize_limits(pid: u32) -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let mut f = limits
             .lines()
             .find(|l| l.starts_with("Max file size"))
             .unwrap()
             .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .to_string()
+            .skip(3);
+        (f.next().unwrap().into(), f.next().unwrap().into())
     }
 
     /// A capped process, its cap lifted, writes past it; dropping the
@@ -344,7 +348,8 @@ mod cap_tests {
         assert_eq!(len, 1 << 20, "capped");
         let id = ProcessId::of(child.id() as i32).unwrap();
         let lifted = lift_file_cap(&id).unwrap();
-        assert_eq!(fsize(child.id()), "unlimited");
+        let (soft, hard) = fsize_limits(child.id());
+        assert_eq!(soft, hard, "the soft limit raised to the hard one");
         let (said, len) = write_once();
         assert_eq!((said.as_str(), len), ("wrote=0\n", 3_000_000), "lifted");
         drop(lifted);

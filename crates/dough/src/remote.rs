@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use base64::Engine;
-use dough_client::{Client, CreateSandbox, ExecBody, ExecEvent};
+use dough_client::{Client, CreateSandbox, ExecBody, ExecEvent, SandboxState};
 
 use crate::cli::{Command, Ctx};
 
@@ -64,7 +64,12 @@ pub fn dispatch(ctx: &Ctx, host: &str, command: Command) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         Command::Ps(a) => {
-            let all: Vec<_> = c.live_sandboxes()?;
+            // (Filtered again: a daemon older than `live=true` lists all.)
+            let all: Vec<_> = c
+                .live_sandboxes()?
+                .into_iter()
+                .filter(|s| s.state == SandboxState::Live)
+                .collect();
             let mut out = std::io::stdout().lock();
             if a.json {
                 serde_json::to_writer_pretty(&mut out, &all)?;
@@ -124,7 +129,11 @@ pub fn dispatch(ctx: &Ctx, host: &str, command: Command) -> anyhow::Result<ExitC
         }
         Command::Down(a) => {
             let ids = if a.all {
-                c.live_sandboxes()?.into_iter().map(|s| s.id).collect()
+                c.live_sandboxes()?
+                    .into_iter()
+                    .filter(|s| s.state == SandboxState::Live)
+                    .map(|s| s.id)
+                    .collect()
             } else {
                 a.ids
             };

@@ -20,19 +20,28 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with(home, extra, |_| {})
+    }
+
+    /// The same, with `tweak` applied to its command first.
+    fn start_with(
+        home: &Path,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut std::process::Command),
+    ) -> Daemon {
         let socket = home.join("serve.sock");
         // A log per start: a restarted daemon's does not overwrite the first's.
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = home.join(format!("serve-{n}.log"));
-        let child = dough(home)
-            .arg("serve")
+        let mut cmd = dough(home);
+        cmd.arg("serve")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        tweak(&mut cmd);
+        let child = cmd.spawn().unwrap();
         let mut d = Daemon { child, socket, log };
         let deadline = Instant::now() + Duration::from_secs(60);
         // This daemon's own word that it serves: after a kill -9 the old
@@ -1215,7 +1224,39 @@ fn vm_serve_cuts_off_clients_that_send_no_request() {
 fn vm_serve_caps_its_connections() {
     let home = private_home();
     let h = home.path();
-    let d = Daemon::start(h, &["--max-connections", "2", "--header-timeout", "600"]);
+    // Started with a low soft limit on open files (the hard one as it is).
+    let d = Daemon::start_with(
+        h,
+        &[
+            "--max-connections",
+            "2",
+            "--header-timeout",
+            "600",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec: two async-signal-safe calls on
+            // a value of its own, no allocation.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = lim.rlim_max.min(256);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
     let files = limits
         .lines()
@@ -1229,6 +1270,7 @@ fn vm_serve_caps_its_connections() {
         files[0], files[1],
         "soft limit raised to the hard one: {limits}"
     );
+    assert_ne!(files[0], "256", "{limits}");
     // Two idle connections take both slots (the daemon has accepted them:
     // it has seen a whole request on each, keep-alive).
     let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
@@ -1261,6 +1303,35 @@ fn vm_serve_caps_its_connections() {
         rx.recv_timeout(Duration::from_secs(3)).is_err(),
         "a third connection was served while two were held"
     );
+    // TCP has slots of its own: served while the Unix socket's are full.
+    let mut d = d;
+    let log = d.log_text();
+    let addr = log
+        .split("serving on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no TCP address in {log}"))
+        .to_string();
+    let tcp = Client::new(&format!("http://{addr}"), token.trim()).unwrap();
+    assert_eq!(tcp.health().unwrap().status, "ok");
+    // A request without the token is answered 401 and its connection
+    // closed (it keeps no slot), though the head timeout is 600 s.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: dough\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .expect("the connection was closed after the 401");
+        let got = text(&got);
+        assert!(got.starts_with("HTTP/1.1 401"), "{got}");
+        assert!(
+            got.to_ascii_lowercase().contains("connection: close"),
+            "{got}"
+        );
+    }
     held.pop();
     let served = rx
         .recv_timeout(Duration::from_secs(60))

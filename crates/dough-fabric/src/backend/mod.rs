@@ -136,7 +136,6 @@ impl Endpoint {
     }
 }
 
-/// What differs between VMMs.
 /// Where a live save may write.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LiveFiles<'a> {
@@ -159,6 +158,7 @@ pub(crate) enum LiveSaved {
     StateAndMem,
 }
 
+/// What differs between VMMs.
 pub(crate) trait Vmm: Sync {
     /// The binary `opts` runs, and what to tell a user who lacks it.
     fn binary<'a>(&self, opts: &'a BootOptions) -> (&'a Path, &'static str);

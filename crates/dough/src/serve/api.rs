@@ -199,7 +199,17 @@ pub struct ListQuery {
     pub limit: Option<u32>,
     /// Only those listed after this id (the last of the previous page).
     pub before: Option<String>,
-    /// Sandboxes only: `true` lists live ones only.
+}
+
+/// `?limit=N&before=ID&live=true`: a page of the sandboxes.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SandboxListQuery {
+    /// At most this many (1 to 1000; default 100).
+    pub limit: Option<u32>,
+    /// Only those listed after this id (the last of the previous page).
+    pub before: Option<String>,
+    /// `true`: live ones only (default: ended ones too).
     pub live: Option<bool>,
 }
 
@@ -239,13 +249,19 @@ async fn auth(State(app): State<Shared>, req: Request, next: Next) -> Response {
         app.metrics
             .requests_refused_auth
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return ApiError::new(
+        let refused = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this request needs the daemon's token: `Authorization: Bearer <token>` \
              (the token is in the daemon's token file, $DOUGH_HOME/serve.token by default)",
         )
         .into_response();
+        // Nor may it keep the connection (a slot of --max-connections).
+        let mut refused = refused;
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return refused;
     }
     next.run(req).await
 }
@@ -462,10 +478,13 @@ fn records(app: &App) -> HashMap<String, dough_fabric::VmRecord> {
         .collect()
 }
 
-fn sandboxes_now(app: &App, q: &ListQuery) -> Result<Vec<Sandbox>, ApiError> {
-    let page = q.page()?;
-    let rows = app.store.sandboxes(q.live == Some(true), &page)?;
-    let rows = page_of(rows, q, "sandbox")?;
+fn sandboxes_now(app: &App, q: &SandboxListQuery) -> Result<Vec<Sandbox>, ApiError> {
+    let list = ListQuery {
+        limit: q.limit,
+        before: q.before.clone(),
+    };
+    let rows = app.store.sandboxes(q.live == Some(true), &list.page()?)?;
+    let rows = page_of(rows, &list, "sandbox")?;
     let recs = records(app);
     Ok(rows.into_iter().map(|r| to_api(r, &recs)).collect())
 }
@@ -520,12 +539,12 @@ async fn create_sandbox(
 #[utoipa::path(
     get,
     path = "/v1/sandboxes",
-    params(ListQuery),
+    params(SandboxListQuery),
     responses((status = 200, body = [Sandbox]), (status = 400, body = ErrorBody))
 )]
 async fn list_sandboxes(
     State(app): State<Shared>,
-    QueryArgs(q): QueryArgs<ListQuery>,
+    QueryArgs(q): QueryArgs<SandboxListQuery>,
 ) -> Result<Json<Vec<Sandbox>>, ApiError> {
     Ok(Json(blocking(move || sandboxes_now(&app, &q)).await?))
 }

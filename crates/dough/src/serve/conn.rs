@@ -1,6 +1,8 @@
-//! Accepting the API's connections: at most `max` at once (more wait in
-//! the listen backlog until one ends, rather than taking file descriptors
-//! the daemon needs for its VMs), a request's head within
+//! Accepting the API's connections: at most `max` at once on each listener
+//! (more wait in the listen backlog until one ends, rather than taking file
+//! descriptors the daemon needs for its VMs; each listener has its own
+//! slots, so clients on TCP cannot crowd out the Unix socket), a request's
+//! head within
 //! `header_timeout` (a client that connects and says nothing, or sends its
 //! head a byte at a time, is cut off — also between requests on a kept-alive
 //! connection), and a graceful stop: each connection finishes the request
@@ -22,18 +24,17 @@ pub struct ConnLimits {
     pub header_timeout: Duration,
 }
 
-/// Serve `router` on `listener` until `stop` turns true; then wait for the
-/// connections to finish their requests. `permits` caps connections across
-/// every listener that shares it.
+/// Serve `router` on `listener` until `stop` turns true; then close the
+/// listener and wait for the connections to finish their requests.
 pub async fn serve<L: Listener>(
     mut listener: L,
     router: Router,
     limits: ConnLimits,
-    permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) where
     L::Io: Unpin,
 {
+    let permits = Arc::new(Semaphore::new(limits.max));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         // A slot first: without one, the next client waits in the
@@ -66,6 +67,8 @@ pub async fn serve<L: Listener>(
         });
         while conns.try_join_next().is_some() {}
     }
+    // No one new waits in the backlog while the others finish.
+    drop(listener);
     while conns.join_next().await.is_some() {}
 }
 

@@ -54,9 +54,9 @@ pub struct ServeArgs {
     /// Most entries a directory listing (`stat`) returns.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_entries: usize,
-    /// Most connections served at once (Unix socket and TCP together);
-    /// more wait until one ends. A followed exec or run holds one while
-    /// it streams.
+    /// Most connections served at once on each listener (the Unix socket,
+    /// and TCP with --listen); more wait until one ends. A followed exec
+    /// or run holds one while it streams.
     #[arg(long, default_value_t = 512, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
@@ -206,14 +206,14 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         max: args.max_connections as usize,
         header_timeout: Duration::from_secs(args.header_timeout),
     };
-    if (conn_limits.max as u64).saturating_add(256) > nofile {
+    let listeners = if args.listen.is_some() { 2 } else { 1 };
+    if (conn_limits.max as u64 * listeners).saturating_add(256) > nofile {
         eprintln!(
-            "dough: warning: --max-connections {} is near the open-file limit ({nofile}): \
-             raise `ulimit -n` (LimitNOFILE= under systemd) or lower it",
+            "dough: warning: --max-connections {} (per listener) is near the open-file limit \
+             ({nofile}): raise `ulimit -n` (LimitNOFILE= under systemd) or lower it",
             conn_limits.max
         );
     }
-    let permits = Arc::new(tokio::sync::Semaphore::new(conn_limits.max));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -241,19 +241,12 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
             unix,
             router.clone(),
             conn_limits,
-            permits.clone(),
             stop_rx.clone(),
         ));
         eprintln!("dough: serving on unix://{}", socket.display());
         if let Some(tcp) = tcp {
             eprintln!("dough: serving on http://{}", tcp.local_addr()?);
-            servers.spawn(conn::serve(
-                tcp,
-                router,
-                conn_limits,
-                permits,
-                stop_rx.clone(),
-            ));
+            servers.spawn(conn::serve(tcp, router, conn_limits, stop_rx.clone()));
         }
         // TTLs, and VMs that died.
         let a = app.clone();

@@ -143,7 +143,6 @@ pub struct TaskRow {
     pub result: String,
 }
 
-/// The daemon's state. Every method is one transaction.
 /// Which part of a list to return. Lists are newest first; a page is the
 /// rows after the row `before` (by its id: keyset paging, so rows added
 /// meanwhile shift nothing), at most `limit` of them.
@@ -160,6 +159,7 @@ impl Page {
     }
 }
 
+/// The daemon's state. Every method is one transaction.
 pub trait Store: Send + Sync {
     /// Record a new run; false if one with its id exists.
     fn insert_run(&self, row: &RunRow) -> Result<bool, StoreError>;
