@@ -46,6 +46,12 @@ pub enum ChannelError {
     Stdin(#[source] std::io::Error),
 }
 
+/// How long [`HostChannel::attach`] waits for the first Hello before it
+/// connects again: a restored or idle guest answers in well under a
+/// second; a guest that has not in 3 s under load is most likely one whose
+/// driver did not hear the host arrive.
+pub const FIRST_ATTACH_TRY: Duration = Duration::from_secs(3);
+
 impl ChannelError {
     fn from_write(e: std::io::Error, limit: Duration) -> Self {
         match e.kind() {
@@ -387,6 +393,41 @@ impl HostChannel {
         Ok(hello)
     }
 
+    /// Open a channel with `open` and handshake, all within `limit` (see
+    /// [`FIRST_ATTACH_TRY`]). A guest
+    /// that has not answered the `Attach` after `first_try` is asked again
+    /// on a fresh connection (then after twice that, and so on; the last
+    /// try gets what is left): the agent sleeps until its driver says a host
+    /// arrived, and under load that word has been seen not to come (about
+    /// one connect in a few hundred waited the whole 30 s), while a host
+    /// that leaves and comes back always wakes it. A slow guest loses
+    /// nothing by it: its session starts again.
+    pub fn attach(
+        open: &mut dyn FnMut(Duration) -> Result<HostChannel, ChannelError>,
+        vm_id: &str,
+        limit: Duration,
+        first_try: Duration,
+    ) -> Result<(HostChannel, Hello), ChannelError> {
+        let end = Instant::now() + limit;
+        let mut try_for = first_try;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let mut ch = open(left)?;
+            let left = end.saturating_duration_since(Instant::now());
+            // Another try only if there will be time for a longer one.
+            let this = if left > try_for * 3 { try_for } else { left };
+            match ch.handshake(vm_id, this) {
+                Ok(hello) => return Ok((ch, hello)),
+                Err(ChannelError::Timeout(_)) if this < left => {
+                    tracing::debug!(vm = vm_id, "no Hello within {this:?}; connecting again");
+                    ch.shutdown();
+                    try_for *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Run a command; `sink` receives its output as it arrives.
     pub fn exec(
         &mut self,
@@ -658,6 +699,75 @@ mod tests {
                 m => return m,
             }
         }
+    }
+
+    /// A guest that never answers the first connection's `Attach` (its
+    /// driver never told it the host came) answers on the next one, within
+    /// the same deadline.
+    #[test]
+    fn attach_asks_again_on_a_fresh_connection() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ch.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let guest = std::thread::spawn(move || {
+            // First host: its Attach is read and never answered.
+            let (mut first, _) = l.accept().unwrap();
+            assert_eq!(
+                decode_host(&read_frame(&mut first).unwrap().unwrap()).unwrap(),
+                HostMsg::Attach
+            );
+            // Second host: greeted.
+            let (mut s, _) = l.accept().unwrap();
+            assert_eq!(
+                decode_host(&read_frame(&mut s).unwrap().unwrap()).unwrap(),
+                HostMsg::Attach
+            );
+            write_frame(&mut s, &hello(PROTO_VERSION)).unwrap();
+            assert!(matches!(next_host(&mut s), HostMsg::Welcome(_)));
+            // The first connection was closed by the host.
+            assert!(read_frame(&mut first).unwrap().is_none());
+        });
+        let mut opened = 0;
+        let (_ch, hello) = HostChannel::attach(
+            &mut |left| {
+                opened += 1;
+                HostChannel::connect(&path, left)
+            },
+            "vm",
+            Duration::from_secs(20),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        assert_eq!((hello.boot_id.as_str(), opened), ("b", 2));
+        guest.join().unwrap();
+    }
+
+    /// A guest that answers nothing at all: the whole limit, then the
+    /// timeout (no endless reconnecting).
+    #[test]
+    fn attach_gives_up_at_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ch.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming() {
+                held.push(s);
+            }
+        });
+        let mut opened = 0;
+        let r = HostChannel::attach(
+            &mut |left| {
+                opened += 1;
+                HostChannel::connect(&path, left)
+            },
+            "vm",
+            Duration::from_secs(2),
+            Duration::from_millis(100),
+        );
+        assert!(matches!(r, Err(ChannelError::Timeout(_))), "{r:?}");
+        // 0.1 + 0.2 + 0.4 s, then the rest (3 x 0.8 s is not left).
+        assert!((2..=4).contains(&opened), "{opened} connections");
     }
 
     #[test]

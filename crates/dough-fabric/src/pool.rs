@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dough_proto::{ExitStatus, Stream};
 
-use crate::channel::ExecRequest;
+use crate::channel::{ExecRequest, HostChannel};
 use crate::serial::tail;
 use crate::state::{VmDir, VmRecord, VmState};
 use crate::vm::FabricError;
@@ -161,11 +161,17 @@ pub fn exec_with(
         serial_tail: tail(&dir.paths.serial, 25),
     };
     let vmm = rec.vmm;
-    let mut ch = crate::backend::open_channel(&dir.paths, rec.backend, limit, &mut || {
-        !vmm.is_some_and(|v| v.is_alive())
-    })
+    let (mut ch, _) = HostChannel::attach(
+        &mut |left| {
+            crate::backend::open_channel(&dir.paths, rec.backend, left, &mut || {
+                !vmm.is_some_and(|v| v.is_alive())
+            })
+        },
+        &rec.id,
+        limit,
+        crate::channel::FIRST_ATTACH_TRY,
+    )
     .map_err(chan_err)?;
-    ch.handshake(&rec.id, limit).map_err(chan_err)?;
     let req = req.with_base_env(&rec.exec_env);
     if let Some(started) = with.started {
         started(ch.signaller().map_err(|e| chan_err(e.into()))?);

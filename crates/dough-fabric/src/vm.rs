@@ -388,13 +388,17 @@ impl Vm {
     pub fn reconnect(&mut self, limit: Duration) -> Result<Hello, FabricError> {
         self.channel.shutdown();
         let process = &mut self.process;
-        let r = crate::backend::open_channel(&self.paths, self.backend, limit, &mut || {
-            process.try_wait().is_some()
-        })
-        .and_then(|mut ch| {
-            let hello = ch.handshake(&self.id, limit)?;
-            Ok((ch, hello))
-        });
+        let (paths, backend) = (&self.paths, self.backend);
+        let r = HostChannel::attach(
+            &mut |left| {
+                crate::backend::open_channel(paths, backend, left, &mut || {
+                    process.try_wait().is_some()
+                })
+            },
+            &self.id,
+            limit,
+            crate::channel::FIRST_ATTACH_TRY,
+        );
         match r {
             Ok((ch, hello)) => {
                 self.channel = ch;
@@ -918,11 +922,22 @@ fn bring_up(
         .deadline
         .saturating_sub(start.elapsed())
         .max(Duration::from_secs(5));
-    let connected = endpoint.open(limit, &mut || process.try_wait().is_some());
-    let handshake = connected.and_then(|mut ch| {
-        let hello = ch.handshake(id, limit)?;
-        Ok((ch, hello))
-    });
+    let handshake = match endpoint {
+        // QEMU's socket can be connected again: a guest that did not hear
+        // the host arrive is asked again on a fresh connection.
+        crate::backend::Endpoint::Connect(path) => HostChannel::attach(
+            &mut |left| HostChannel::connect(&path, left),
+            id,
+            limit,
+            crate::channel::FIRST_ATTACH_TRY,
+        ),
+        accept => accept
+            .open(limit, &mut || process.try_wait().is_some())
+            .and_then(|mut ch| {
+                let hello = ch.handshake(id, limit)?;
+                Ok((ch, hello))
+            }),
+    };
     handshake.map_err(|source| match process.try_wait() {
         Some(st) => exited(st),
         None => FabricError::Handshake {
