@@ -156,6 +156,9 @@ pub fn boot() -> BootArgs {
             log(&e);
         }
     }
+    if !args.root_rw {
+        identity_in_ram();
+    }
     let _ = nix::unistd::sethostname("dough");
     if let Err(e) = sys::link_up("lo") {
         log(&format!("bringing up lo: {e}"));
@@ -165,7 +168,53 @@ pub fn boot() -> BootArgs {
             log(&format!("eth0: {e}"));
         }
     }
+    // What booting wrote (the scratch disk's mount, the overlay's
+    // directories) goes to disk now: a snapshot of this guest then has no
+    // write-back pending, which every clone of it would otherwise do again
+    // when it resumes (measured: raw restores of 16 clones at once ran at
+    // half the rate from a snapshot that had some).
+    nix::unistd::sync();
     args
+}
+
+/// The files a guest's identity is written to, `/etc/hostname` and
+/// `/etc/machine-id`, are files in RAM bound over those in `/etc`: a clone
+/// taking its identity at restore writes nothing to its disk, and the bake
+/// (which takes one too) leaves nothing to write back. An image builder
+/// (root read-write) keeps the image's own files.
+fn identity_in_ram() {
+    let dir = Path::new("/run/dough-identity");
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return log(&format!("{}: {e}", dir.display()));
+    }
+    for name in ["hostname", "machine-id"] {
+        let etc = Path::new("/etc").join(name);
+        let ram = dir.join(name);
+        let current = std::fs::read(&etc).unwrap_or_default();
+        if let Err(e) = std::fs::write(&ram, current) {
+            log(&format!("{}: {e}", ram.display()));
+            continue;
+        }
+        if !etc.exists() {
+            if let Err(e) = std::fs::write(&etc, b"") {
+                log(&format!("{}: {e}", etc.display()));
+                continue;
+            }
+        }
+        if let Err(e) = mount(
+            Some(&ram),
+            &etc,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            log(&format!(
+                "binding {} over {}: {e}",
+                ram.display(),
+                etc.display()
+            ));
+        }
+    }
 }
 
 /// Load the modules listed in `dir/load-order`, in that order.

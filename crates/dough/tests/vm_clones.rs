@@ -425,6 +425,28 @@ fn vm_clones_get_their_own_hostname_and_machine_id() {
         a[2],
         "the machine-id changed between commands"
     );
+    // Both live in RAM (bound over /etc's): taking an identity writes
+    // nothing to the clone's disk, and the bake left nothing to write back.
+    let out = run(
+        h,
+        &[
+            "exec",
+            &ids[0],
+            "--",
+            "sh",
+            "-c",
+            "grep -E ' /etc/(hostname|machine-id) ' /proc/mounts",
+        ],
+    );
+    let mounts = text(&out.stdout);
+    for f in ["/etc/hostname", "/etc/machine-id"] {
+        assert!(
+            mounts
+                .lines()
+                .any(|l| l.starts_with(&format!("tmpfs {f} tmpfs"))),
+            "{f} is not in RAM: {mounts}"
+        );
+    }
     let out = run(h, &["down", "--all"]);
     assert!(out.status.success());
 }
