@@ -208,6 +208,9 @@ fn make_netns_dir_shared() -> nix::Result<()> {
     }
 }
 
+/// Passes of delete-then-look [`LinuxNet::flush_tag`] makes.
+const FLUSH_PASSES: usize = 5;
+
 impl NetOps for LinuxNet {
     fn create_netns(&mut self, name: &str) -> Result<(), NetError> {
         let op = format!("creating netns {name}");
@@ -371,15 +374,29 @@ impl NetOps for LinuxNet {
         }
     }
 
+    /// Delete every rule tagged `tag`, and look again until none is
+    /// listed: other doughs change the ruleset at the same time (`dough
+    /// down --all` tears 8 clones down at once), and a rule one listing
+    /// missed would be left behind (seen once: 1 of 16 clones' rules).
     fn flush_tag(&mut self, tag: &str) -> Result<usize, NetError> {
         let nft = self.host_nft()?;
-        let doomed: Vec<Listed> = nft
-            .list(TABLE)?
-            .into_iter()
-            .filter(|r| r.comment == tag)
-            .collect();
-        nft.delete(TABLE, &doomed)?;
-        Ok(doomed.len())
+        let mut deleted = 0;
+        for _ in 0..FLUSH_PASSES {
+            let doomed: Vec<Listed> = nft
+                .list(TABLE)?
+                .into_iter()
+                .filter(|r| r.comment == tag)
+                .collect();
+            if doomed.is_empty() {
+                return Ok(deleted);
+            }
+            nft.delete(TABLE, &doomed)?;
+            deleted += doomed.len();
+        }
+        Err(NetError::op(
+            "deleting nftables rules",
+            format!("rules tagged {tag} were still listed after {FLUSH_PASSES} passes"),
+        ))
     }
 
     fn list_netns(&mut self) -> Result<Vec<String>, NetError> {

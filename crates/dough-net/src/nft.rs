@@ -24,6 +24,11 @@ use crate::NetError;
 // linux/netlink.h
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_MULTI: u16 = 0x2;
+/// A dump the ruleset changed under (another dough adding or deleting
+/// rules between two of its parts): what it listed may lack rules.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+/// Dumps [`Nft::list`] takes before it gives up on a changing ruleset.
+const DUMP_TRIES: usize = 20;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
@@ -639,8 +644,23 @@ impl Nft {
         self.send_batch("deleting nftables rules", &msgs)
     }
 
-    /// Every rule of `table` (none when it does not exist).
+    /// Every rule of `table` (none when it does not exist). A dump the
+    /// ruleset changed under is taken again (a few times, then an error):
+    /// a rule missing from it would be a rule a teardown leaves behind.
     pub fn list(&mut self, table: &str) -> Result<Vec<Listed>, NetError> {
+        for _ in 0..DUMP_TRIES {
+            if let Some(rules) = self.list_once(table)? {
+                return Ok(rules);
+            }
+        }
+        Err(NetError::op(
+            "listing nftables rules",
+            format!("the ruleset kept changing during {DUMP_TRIES} dumps in a row"),
+        ))
+    }
+
+    /// One dump of `table`'s rules; `None` when it was interrupted.
+    fn list_once(&mut self, table: &str) -> Result<Option<Vec<Listed>>, NetError> {
         let what = "listing nftables rules";
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
@@ -659,6 +679,7 @@ impl Nft {
         );
         self.sock.send(&req, 0).map_err(|e| NetError::io(what, e))?;
         let mut out = Vec::new();
+        let mut interrupted = false;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = self.recv(what, &mut buf)?;
@@ -666,16 +687,18 @@ impl Nft {
                 if s != seq {
                     continue;
                 }
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
+                let done = |out| if interrupted { None } else { Some(out) };
                 match kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(done(out)),
                     NLMSG_ERROR => {
                         let code = body
                             .get(0..4)
                             .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
                             .unwrap_or(0);
                         return match code {
-                            0 => Ok(out),
-                            c if -c == libc::ENOENT => Ok(Vec::new()),
+                            0 => Ok(done(out)),
+                            c if -c == libc::ENOENT => Ok(Some(Vec::new())),
                             c => Err(NetError::op(
                                 what,
                                 std::io::Error::from_raw_os_error(-c).to_string(),
@@ -687,7 +710,7 @@ impl Nft {
                             out.push(r);
                         }
                         if flags & NLM_F_MULTI == 0 {
-                            return Ok(out);
+                            return Ok(done(out));
                         }
                     }
                     _ => {}
