@@ -510,8 +510,22 @@ fn vm_pause_stops_a_busy_clone_and_resume_carries_on() {
         let out = run(h, &["exec", &id, "--", "cat", "/tmp/spin"]);
         text(&out.stdout).trim().parse::<u64>().unwrap()
     };
-    let (a, b) = (count(h), count(h));
-    assert!(b > a, "the guest's process did not carry on: {a} then {b}");
+    // It counts on: a later read sees a larger count. Under load (two cores,
+    // other guests) the spinner may get no guest time between two quick
+    // reads, so the later read is retried until an absolute deadline.
+    let a = count(h);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let b = loop {
+        let b = count(h);
+        if b > a || std::time::Instant::now() > deadline {
+            break b;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        b > a,
+        "the guest's process did not carry on: {a} then {b} a minute later"
+    );
     let out = run(h, &["down", &id]);
     assert!(out.status.success());
 }
