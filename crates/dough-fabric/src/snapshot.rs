@@ -55,6 +55,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot store")]
     Io(#[from] std::io::Error),
+    #[error("the bake's warm-up command failed in the guest: {0}")]
+    WarmUp(String),
 }
 
 /// The baked guest's scratch disk, in a snapshot's directory.
@@ -123,6 +125,7 @@ impl SnapshotSpec {
                     .map_or_else(|| "none (RAM)".to_string(), |m| m.to_string()),
             ),
             ("backend", self.backend.to_string()),
+            ("warm-up command", WARM_UP.to_string()),
             // Labelled by backend so QEMU snapshots keep their keys.
             (version_label, self.vmm_version.clone()),
         ]
@@ -511,7 +514,7 @@ impl SnapshotStore {
             let mem = tmp.join("mem");
             let state = tmp.join("state");
             let mut attempt = 0;
-            let vm = loop {
+            let mut vm = loop {
                 let launch = Launch::Bake {
                     mem: mem.clone(),
                     tsc_khz,
@@ -529,6 +532,7 @@ impl SnapshotStore {
                     Err(e) => return Err(e.into()),
                 }
             };
+            warm_up(&mut vm)?;
             // The host has seen the agent alive; now leave it idle and freeze it.
             vm.close_channel();
             let backend = crate::backend::vmm(spec.backend);
@@ -708,5 +712,34 @@ mod tests {
             "accel":"Tcg","mem_mib":256,"cpus":1,"extra_cmdline":[],"tsc_khz":null,"state_bytes":1}"#;
         let meta: SnapshotMeta = serde_json::from_str(old).unwrap();
         assert_eq!(meta.backend, Backend::Qemu);
+    }
+}
+
+/// What the bake runs in its guest before freezing it: a shell that runs a
+/// program, as nearly every command a clone is given does (`dough exec`, a
+/// plan's agent and gate). Their files (the shell, the dynamic loader, the
+/// C library) are then in the guest's page cache in every clone, so a
+/// clone's first command does not read them from its disk; the `sync`
+/// leaves no write-back pending in the snapshot.
+const WARM_UP: &str = "/bin/true && sync";
+
+fn warm_up(vm: &mut Vm) -> Result<(), SnapshotError> {
+    let req = crate::channel::ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), WARM_UP.into()],
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let mut err = Vec::new();
+    let status = vm.exec(&req, &mut |s, d| {
+        if s == dough_proto::Stream::Stderr && err.len() < 4096 {
+            err.extend_from_slice(d);
+        }
+    })?;
+    match status {
+        dough_proto::ExitStatus::Exited(0) => Ok(()),
+        other => Err(SnapshotError::WarmUp(format!(
+            "{other:?}: {}",
+            String::from_utf8_lossy(&err).trim()
+        ))),
     }
 }

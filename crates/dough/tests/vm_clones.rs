@@ -459,6 +459,49 @@ fn cpu_ticks(pid: i64) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// The bake runs a shell and a program in its guest before freezing it, so
+/// every clone starts with their files in its page cache and its first
+/// command reads nothing from disk; a program nothing ran is not cached.
+#[test]
+fn vm_clones_start_with_the_shell_and_a_program_cached() {
+    let home = private_home();
+    let h = home.path();
+    let out = run(h, &["up", "1", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    // fincore (util-linux) runs first: what it loads is cached by then;
+    // the files it asks about are the point.
+    let out = run(
+        h,
+        &[
+            "exec",
+            &id,
+            "--",
+            "fincore",
+            "--noheadings",
+            "--bytes",
+            "--output",
+            "RES,FILE",
+            "/bin/dash",
+            "/usr/bin/true",
+            "/usr/bin/cat",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let resident: std::collections::HashMap<String, u64> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (res, file) = l.trim().split_once(char::is_whitespace)?;
+            Some((file.trim().to_string(), res.parse().ok()?))
+        })
+        .collect();
+    assert!(resident["/bin/dash"] > 0, "{resident:?}");
+    assert!(resident["/usr/bin/true"] > 0, "{resident:?}");
+    assert_eq!(resident["/usr/bin/cat"], 0, "{resident:?}");
+    let out = run(h, &["down", &id]);
+    assert!(out.status.success());
+}
+
 /// A paused clone uses no CPU, refuses commands until it is resumed, and
 /// then carries on where it was (its processes included).
 #[test]
