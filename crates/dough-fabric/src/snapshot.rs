@@ -632,6 +632,35 @@ impl Vm {
     }
 }
 
+/// What the bake runs in its guest before freezing it: a shell that runs a
+/// program, as nearly every command a clone is given does (`dough exec`, a
+/// plan's agent and gate). Their files (the shell, the dynamic loader, the
+/// C library) are then in the guest's page cache in every clone, so a
+/// clone's first command does not read them from its disk; the `sync`
+/// leaves no write-back pending in the snapshot.
+const WARM_UP: &str = "/bin/true && sync";
+
+fn warm_up(vm: &mut Vm) -> Result<(), SnapshotError> {
+    let req = crate::channel::ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), WARM_UP.into()],
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let mut err = Vec::new();
+    let status = vm.exec(&req, &mut |s, d| {
+        if s == dough_proto::Stream::Stderr && err.len() < 4096 {
+            err.extend_from_slice(d);
+        }
+    })?;
+    match status {
+        dough_proto::ExitStatus::Exited(0) => Ok(()),
+        other => Err(SnapshotError::WarmUp(format!(
+            "{other:?}: {}",
+            String::from_utf8_lossy(&err).trim()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,34 +741,5 @@ mod tests {
             "accel":"Tcg","mem_mib":256,"cpus":1,"extra_cmdline":[],"tsc_khz":null,"state_bytes":1}"#;
         let meta: SnapshotMeta = serde_json::from_str(old).unwrap();
         assert_eq!(meta.backend, Backend::Qemu);
-    }
-}
-
-/// What the bake runs in its guest before freezing it: a shell that runs a
-/// program, as nearly every command a clone is given does (`dough exec`, a
-/// plan's agent and gate). Their files (the shell, the dynamic loader, the
-/// C library) are then in the guest's page cache in every clone, so a
-/// clone's first command does not read them from its disk; the `sync`
-/// leaves no write-back pending in the snapshot.
-const WARM_UP: &str = "/bin/true && sync";
-
-fn warm_up(vm: &mut Vm) -> Result<(), SnapshotError> {
-    let req = crate::channel::ExecRequest {
-        argv: vec!["/bin/sh".into(), "-c".into(), WARM_UP.into()],
-        timeout: Some(std::time::Duration::from_secs(60)),
-        ..Default::default()
-    };
-    let mut err = Vec::new();
-    let status = vm.exec(&req, &mut |s, d| {
-        if s == dough_proto::Stream::Stderr && err.len() < 4096 {
-            err.extend_from_slice(d);
-        }
-    })?;
-    match status {
-        dough_proto::ExitStatus::Exited(0) => Ok(()),
-        other => Err(SnapshotError::WarmUp(format!(
-            "{other:?}: {}",
-            String::from_utf8_lossy(&err).trim()
-        ))),
     }
 }
