@@ -17,6 +17,7 @@ pub mod live;
 pub mod notice;
 pub mod options;
 pub mod pool;
+pub mod reaper;
 pub mod serial;
 pub mod snapshot;
 pub mod state;

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use clap::Args;
+use dough_fabric::reaper::{Reaper, ReaperHandle};
 use dough_fabric::{BootOptions, ExecRequest, Snapshot, Vm, VmKind};
 use dough_gobrr::plan::Plan;
 use dough_gobrr::run::{
@@ -69,12 +70,41 @@ pub fn new_run_id() -> String {
     )
 }
 
-/// One clone as a gobrr sandbox; destroyed when dropped.
-struct VmSandbox(Vm);
+/// One clone as a gobrr sandbox. When dropped it goes to the run's reaper,
+/// which tears it down while the task goes on.
+struct VmSandbox {
+    vm: Option<Vm>,
+    reaper: ReaperHandle,
+}
+
+impl VmSandbox {
+    fn new(vm: Vm, reaper: &ReaperHandle) -> VmSandbox {
+        VmSandbox {
+            vm: Some(vm),
+            reaper: reaper.clone(),
+        }
+    }
+
+    fn vm(&mut self) -> &mut Vm {
+        self.vm.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            self.reaper.reap(vm);
+        }
+    }
+}
 
 impl Sandbox for VmSandbox {
     fn egress_log(&mut self) -> Vec<String> {
-        let path = self.0.paths.dir.join(dough_fabric::vm::GATEWAY_AUDIT_LOG);
+        let path = self
+            .vm()
+            .paths
+            .dir
+            .join(dough_fabric::vm::GATEWAY_AUDIT_LOG);
         dough_gateway::audit::read(&path)
             .unwrap_or_default()
             .iter()
@@ -93,7 +123,7 @@ impl Sandbox for VmSandbox {
             timeout: Some(cmd.timeout),
         };
         let status = self
-            .0
+            .vm()
             .exec(&req, &mut |s, d| match s {
                 Stream::Stdout if out.stdout.len() + d.len() > max_stdout => too_big = true,
                 Stream::Stdout => out.stdout.extend_from_slice(d),
@@ -134,6 +164,8 @@ struct ClonePool<'a> {
     gate: Source<'a>,
     /// Once set, no more clones: the run winds down.
     cancel: Option<&'a AtomicBool>,
+    /// Tears down the clones the run is done with.
+    reaper: ReaperHandle,
 }
 
 impl ClonePool<'_> {
@@ -147,9 +179,11 @@ impl ClonePool<'_> {
 
 /// A run clone of `snap` with `egress` whose gateway brokers `brokers`
 /// (the clone then trusts dough's CA).
+#[allow(clippy::too_many_arguments)]
 fn restore_run(
     home: &Path,
     vms: &Path,
+    reaper: &ReaperHandle,
     snap: &Snapshot,
     base: &BootOptions,
     egress: &str,
@@ -171,7 +205,7 @@ fn restore_run(
         ..base.clone()
     };
     Vm::restore(vms, snap, VmKind::Run, &opts)
-        .map(|vm| Box::new(VmSandbox(vm)) as Box<dyn Sandbox>)
+        .map(|vm| Box::new(VmSandbox::new(vm, reaper)) as Box<dyn Sandbox>)
         .map_err(|e| SandboxError::NoClone(Box::new(e)))
 }
 
@@ -183,13 +217,29 @@ impl Pool for ClonePool<'_> {
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.cancelled()?;
         let a = &self.agent;
-        restore_run(self.home, self.vms, a.snap, a.opts, egress, brokers)
+        restore_run(
+            self.home,
+            self.vms,
+            &self.reaper,
+            a.snap,
+            a.opts,
+            egress,
+            brokers,
+        )
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.cancelled()?;
         let g = &self.gate;
-        restore_run(self.home, self.vms, g.snap, g.opts, "none", &[])
+        restore_run(
+            self.home,
+            self.vms,
+            &self.reaper,
+            g.snap,
+            g.opts,
+            "none",
+            &[],
+        )
     }
 
     /// A clone of the agents' snapshot, prepared, then saved as a live
@@ -212,15 +262,16 @@ impl Pool for ClonePool<'_> {
         };
         let vm = Vm::restore(self.vms, self.agent.snap, VmKind::Run, &opts)
             .map_err(|e| no_clone(Box::new(e)))?;
-        let mut sandbox = VmSandbox(vm);
+        let mut sandbox = VmSandbox::new(vm, &self.reaper);
         prepare(&mut sandbox).map_err(WorkspaceError::Prepare)?;
         let store = dough_fabric::SnapshotStore::new(self.home);
-        let snap =
-            dough_fabric::live::save_vm(sandbox.0, self.vms, &store, self.agent.opts, &mut |_| {})
-                .map_err(|e| no_clone(Box::new(e)))?;
+        let vm = sandbox.vm.take().expect("present until dropped");
+        let snap = dough_fabric::live::save_vm(vm, self.vms, &store, self.agent.opts, &mut |_| {})
+            .map_err(|e| no_clone(Box::new(e)))?;
         Ok(Box::new(RoundWorkspace {
             home: self.home.to_path_buf(),
             vms: self.vms.to_path_buf(),
+            reaper: self.reaper.clone(),
             agent_opts: self.agent.opts.clone(),
             // Gates fork from it only when they run the agents' image.
             gate_opts: (self.gate.snap.key == self.agent.snap.key).then(|| self.gate.opts.clone()),
@@ -234,6 +285,7 @@ impl Pool for ClonePool<'_> {
 struct RoundWorkspace {
     home: PathBuf,
     vms: PathBuf,
+    reaper: ReaperHandle,
     agent_opts: BootOptions,
     gate_opts: Option<BootOptions>,
     snap: Snapshot,
@@ -246,7 +298,15 @@ impl Workspace for RoundWorkspace {
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
         let (home, vms, snap) = (&self.home, &self.vms, &self.snap);
-        restore_run(home, vms, snap, &self.agent_opts, egress, brokers)
+        restore_run(
+            home,
+            vms,
+            &self.reaper,
+            snap,
+            &self.agent_opts,
+            egress,
+            brokers,
+        )
     }
 
     fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>> {
@@ -254,6 +314,7 @@ impl Workspace for RoundWorkspace {
         Some(restore_run(
             &self.home,
             &self.vms,
+            &self.reaper,
             &self.snap,
             opts,
             "none",
@@ -526,7 +587,12 @@ pub fn execute(
         true => None,
         false => Some(ensure_snapshot(ctx, &gate_image, &gate_opts, false)?),
     };
+    // Clones a task is done with are torn down while it goes on (to its
+    // gate, its next attempt, the next round); all are gone before the run
+    // reports.
+    let reaper = new_reaper();
     let pool = ClonePool {
+        reaper: reaper.handle(),
         home: &ctx.home,
         vms: &ctx.vms,
         agent: Source {
@@ -584,6 +650,15 @@ pub fn execute(
         on_progress: &on_progress,
     };
     let result = runner.run();
+    drop(runner);
+    drop(pool);
+    let reaped = reaper.finish();
+    tracing::debug!(
+        "the reaper tore down {} clone(s) off the tasks' path in {:.2}s ({} failed)",
+        reaped.vms,
+        reaped.busy.as_secs_f64(),
+        reaped.failed
+    );
     let redactor = Redactor::new(&secrets);
     std::fs::write(
         run_dir.join("run.json"),
@@ -624,6 +699,22 @@ pub fn execute(
         done.result.seconds
     );
     Ok(done)
+}
+
+/// The run's reaper. Test builds (`--features test-hooks`) can make it
+/// hold every clone it is given for good (`DOUGH_TEST_HOLD_REAPER`): the
+/// crash test's clones are then still queued when dough is killed.
+fn new_reaper() -> Reaper {
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("DOUGH_TEST_HOLD_REAPER").is_some() {
+        return Reaper::observed(Box::new(|vm| {
+            eprintln!("dough: test hook: the reaper holds {}", vm.id);
+            loop {
+                std::thread::park();
+            }
+        }));
+    }
+    Reaper::new()
 }
 
 /// dough's stack for a run, whose scratch directory goes away on every

@@ -309,6 +309,65 @@ fn vm_go_ctrl_c_tears_clones_down_and_keeps_what_was_green() {
     );
 }
 
+/// A task does not wait for its clones' teardown: they go to the run's
+/// reaper while the run goes on. Held there (a test hook) when dough is
+/// killed, they are still recorded as dough's, and the next command's
+/// sweep reclaims them: VMMs and gateways stopped, directories gone.
+#[test]
+fn vm_go_tears_clones_down_off_the_tasks_path_and_a_crash_loses_none() {
+    let home = private_home();
+    let h = home.path();
+    let (_dir, plan) = calc_example();
+    let plan = plan.to_str().unwrap();
+    // Round 2 starts while the first clone round 1 was done with is still
+    // held by the reaper, VMM and all.
+    let (mut child, seen) = spawn_until(
+        h,
+        &["go", plan],
+        ("DOUGH_TEST_HOLD_REAPER", "1"),
+        "parser #1: starting",
+    );
+    let held = seen
+        .lines()
+        .find_map(|l| l.split("the reaper holds ").nth(1))
+        .unwrap_or_else(|| panic!("no clone went to the reaper before round 2: {seen}"))
+        .trim()
+        .to_string();
+    let recs = records(h);
+    let rec = recs
+        .iter()
+        .find(|r| r["id"] == held.as_str())
+        .unwrap_or_else(|| panic!("{held} is not recorded any more: {recs:?}"));
+    let vmm = rec["vmm"]["pid"].as_i64().unwrap() as i32;
+    assert!(alive(vmm), "the held clone's VMM is already gone");
+    let pids: Vec<i32> = recs
+        .iter()
+        .flat_map(|r| [&r["vmm"]["pid"], &r["gateway"]["pid"]])
+        .filter_map(|p| p.as_i64())
+        .map(|p| p as i32)
+        .collect();
+    // A crash with clones still queued.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(h, &["ps"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(vm_dirs(h).is_empty(), "left: {:?}", vm_dirs(h));
+    for p in pids {
+        assert!(!alive(p), "process {p} of a reclaimed clone still runs");
+    }
+}
+
+/// Whether process `pid` exists (a zombie counts as gone).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 /// `dough agent` on `repo` with `args` before `--` and the agent `script`.
 fn agent(home: &Path, repo: &Path, args: &[&str], script: &str) -> std::process::Output {
     dough(home)
