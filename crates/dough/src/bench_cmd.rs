@@ -256,15 +256,19 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
     // One unmeasured round of each first, so neither side pays for cold
     // caches (QEMU's binary and libraries, the memory file's pages).
     eprintln!("dough: bench: warming up");
-    dough_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
+    dough_round(ctx, &snap, &opts, 1, Duration::ZERO, Round::FirstExec)?;
     raw_round(ctx, &snap, &opts, 1, Duration::ZERO)?;
     let mut rows = Vec::new();
     let mut last_pss = None;
     for &n in &a.sizes {
         eprintln!("dough: bench: {n} dough clone(s)");
-        let (dough, dough_pss) = dough_round(ctx, &snap, &opts, n, settle)?;
+        let (mut dough, _) = dough_round(ctx, &snap, &opts, n, settle, Round::Ready)?;
         eprintln!("dough: bench: {n} raw QEMU restore(s)");
         let (raw, raw_pss) = raw_round(ctx, &snap, &opts, n, settle)?;
+        eprintln!("dough: bench: {n} dough clone(s), each running `true` once ready");
+        let (exec, exec_pss) = dough_round(ctx, &snap, &opts, n, settle, Round::FirstExec)?;
+        dough["restore_to_first_exec"] = exec["restore_to_first_exec"].clone();
+        dough["pss_kib_after_first_exec"] = exec["pss_kib_per_idle_clone"].clone();
         let ratio = |k: &str| {
             let d = dough["restore_to_ready"][k].as_f64().unwrap_or(0.0);
             let r = raw[k].as_f64().unwrap_or(0.0);
@@ -274,7 +278,7 @@ fn clones(ctx: &Ctx, a: ClonesArgs) -> anyhow::Result<ExitCode> {
                 Value::Null
             }
         };
-        last_pss = dough_pss;
+        last_pss = exec_pss;
         rows.push(json!({
             "n": n,
             "dough": dough,
@@ -573,12 +577,23 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// N clones through dough's own path: restore, Welcome, exec `true`.
+/// What a round of dough clones measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Round {
+    /// Restore → ready alone, as the raw round does (no clone's command
+    /// loads the host while others are still restoring).
+    Ready,
+    /// Restore → ready → `true` run and exited, each clone on its own.
+    FirstExec,
+}
+
 fn dough_round(
     ctx: &Ctx,
     snap: &Snapshot,
     opts: &dough_fabric::BootOptions,
     n: usize,
     settle: Duration,
+    round: Round,
 ) -> anyhow::Result<(Value, Option<u64>)> {
     let req = ExecRequest {
         argv: vec!["true".into()],
@@ -594,7 +609,9 @@ fn dough_round(
                     let mut vm = Vm::restore(&ctx.vms, snap, VmKind::Run, opts)?;
                     let ready = t.elapsed().as_secs_f64() * 1e3;
                     let ready_at = start.elapsed();
-                    vm.exec(&req, &mut |_, _| {})?;
+                    if round == Round::FirstExec {
+                        vm.exec(&req, &mut |_, _| {})?;
+                    }
                     Ok((vm, ready, t.elapsed().as_secs_f64() * 1e3, ready_at))
                 })
             })
@@ -623,9 +640,13 @@ fn dough_round(
     }
     net_ms.sort_by(f64::total_cmp);
     let net_pct = |p: f64| (nearest_rank(&net_ms, p) * 100.0).round() / 100.0;
+    let first_exec = match round {
+        Round::FirstExec => summary(exec_ms, wall),
+        Round::Ready => Value::Null,
+    };
     let v = json!({
         "restore_to_ready": summary(ready_ms, ready_wall),
-        "restore_to_first_exec": summary(exec_ms, wall),
+        "restore_to_first_exec": first_exec,
         // Building the clone's network, on the restore's own path (the
         // netns and TAP, then any wait for the rest, which is built while
         // the VMM starts).
