@@ -323,6 +323,7 @@ fn launch_gateway(exe: &Path, args: &[String], s: &GatewayStart<'_>) -> Result<C
         .stdout(Stdio::null())
         .stderr(stderr);
     dough_vmm::process::cap_file_size(&mut cmd, GATEWAY_FILE_MAX);
+    dough_vmm::process::inherited_nofile(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| NetError::io(format!("starting the gateway {}", exe.display()), e))?;

@@ -704,6 +704,8 @@ fn spawn_vmm(
         }
         dough_vmm::process::cap_file_size(&mut cmd, cap);
     }
+    // Not the open-file limit a daemon raised for itself.
+    dough_vmm::process::inherited_nofile(&mut cmd);
     // The VM's own writable disk: a sparse copy of an empty filesystem (a
     // boot, a bake) or of its snapshot's (a restore). In the VM directory,
     // it goes with it.

@@ -206,6 +206,73 @@ mod tests {
     }
 }
 
+/// The soft limit on open files this process had before [`raise_nofile`]
+/// raised it; 0 while it has not.
+static INHERITED_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raise this process's soft limit on open files to its hard limit (a
+/// daemon holding many VMs, their channels and its clients' connections
+/// needs descriptors) and remember the old one, which the VMMs and
+/// gateways it starts get back ([`inherited_nofile`]): a guest that took
+/// its VMM over finds no more room than before. Returns the soft limit now
+/// in force.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            // Only the first raise knows the inherited limit.
+            let _ = INHERITED_NOFILE.compare_exchange(
+                0,
+                lim.rlim_cur,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Give `cmd`'s process the soft limit on open files this process had
+/// before [`raise_nofile`] (nothing to do if it never raised it).
+pub fn inherited_nofile(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let soft = INHERITED_NOFILE.load(std::sync::atomic::Ordering::SeqCst);
+    if soft == 0 {
+        return;
+    }
+    // SAFETY: between fork and exec: two async-signal-safe system calls on
+    // a struct of its own; no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = soft.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Cap every file `cmd`'s process writes at `bytes` (`RLIMIT_FSIZE`'s soft
 /// limit), and ignore `SIGXFSZ` so a write past the cap fails (EFBIG)
 /// instead of killing the process. For a VMM whose guest controls how much

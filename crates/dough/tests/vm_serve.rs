@@ -1338,4 +1338,30 @@ fn vm_serve_caps_its_connections() {
         .expect("not served after a slot was freed");
     assert_eq!(served.unwrap(), "ok");
     drop(held);
+    // What it raised is its own: a sandbox's VMM and gateway get the limit
+    // the daemon was started with.
+    let sb = tcp
+        .create_sandbox(&CreateSandbox {
+            net: Some("nat".into()),
+            ..none_net()
+        })
+        .unwrap();
+    let rec = records(h)
+        .into_iter()
+        .find(|r| r["id"] == sb.id.as_str())
+        .unwrap();
+    for who in ["vmm", "gateway"] {
+        let pid = rec[who]["pid"].as_i64().unwrap();
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let soft = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .to_string();
+        assert_eq!(soft, "256", "the {who}'s: {limits}");
+    }
+    tcp.delete_sandbox(&sb.id).unwrap();
 }

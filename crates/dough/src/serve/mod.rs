@@ -201,7 +201,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     ));
     let socket = args.socket.unwrap_or_else(|| ctx.home.join("serve.sock"));
     // Each connection takes a descriptor; so do VMs' channels and logs.
-    let nofile = conn::raise_nofile();
+    let nofile = dough_vmm::process::raise_nofile();
     let conn_limits = conn::ConnLimits {
         max: args.max_connections as usize,
         header_timeout: Duration::from_secs(args.header_timeout),
