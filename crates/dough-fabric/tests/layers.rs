@@ -8,7 +8,7 @@ use std::path::Path;
 /// Bottom first. A module may use only modules listed before it.
 const ORDER: &[&str] = &[
     "host", "disk", "cgroup", "notice", "serial", "options", "channel", "state", "backend", "vm",
-    "snapshot", "live", "builder", "accel", "gc", "pool",
+    "reaper", "snapshot", "live", "builder", "accel", "gc", "pool",
 ];
 
 /// `crate::<module>` names a source file uses (the root's re-exports of
