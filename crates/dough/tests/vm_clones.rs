@@ -459,6 +459,24 @@ fn cpu_ticks(pid: i64) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// One handed-over clone without a network in `h`: its id.
+fn up_one(h: &Path) -> String {
+    let out = run(h, &["up", "1", "--net", "none"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// `dough exec ID -- argv` in `h`, which must succeed: its stdout.
+fn exec_ok(h: &Path, id: &str, argv: &[&str]) -> String {
+    let args: Vec<&str> = ["exec", id, "--"]
+        .into_iter()
+        .chain(argv.iter().copied())
+        .collect();
+    let out = run(h, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 /// The bake runs a shell and a program in its guest before freezing it, so
 /// every clone starts with their files in its page cache and its first
 /// command reads nothing from disk; a program nothing ran is not cached.
@@ -466,17 +484,13 @@ fn cpu_ticks(pid: i64) -> u64 {
 fn vm_clones_start_with_the_shell_and_a_program_cached() {
     let home = private_home();
     let h = home.path();
-    let out = run(h, &["up", "1", "--net", "none"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_string();
+    let id = up_one(h);
     // fincore (util-linux) runs first: what it loads is cached by then;
     // the files it asks about are the point.
-    let out = run(
+    let listed = exec_ok(
         h,
+        &id,
         &[
-            "exec",
-            &id,
-            "--",
             "fincore",
             "--noheadings",
             "--bytes",
@@ -487,8 +501,7 @@ fn vm_clones_start_with_the_shell_and_a_program_cached() {
             "/usr/bin/cat",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let resident: std::collections::HashMap<String, u64> = text(&out.stdout)
+    let resident: std::collections::HashMap<String, u64> = listed
         .lines()
         .filter_map(|l| {
             let (res, file) = l.trim().split_once(char::is_whitespace)?;
@@ -508,23 +521,18 @@ fn vm_clones_start_with_the_shell_and_a_program_cached() {
 fn vm_pause_stops_a_busy_clone_and_resume_carries_on() {
     let home = private_home();
     let h = home.path();
-    let out = run(h, &["up", "1", "--net", "none"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_string();
+    let id = up_one(h);
     // A guest process that spins, and a counter it leaves behind.
-    let out = run(
+    exec_ok(
         h,
+        &id,
         &[
-            "exec",
-            &id,
-            "--",
             "sh",
             "-c",
             // Each count replaces the file whole: a reader never sees it half-written.
             "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/spin.new; mv /tmp/spin.new /tmp/spin; done' >/dev/null 2>&1 &",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
     let vmm = records(h)[0]["vmm"]["pid"].as_i64().unwrap();
     let over = |secs: u64| {
         let t0 = cpu_ticks(vmm);
