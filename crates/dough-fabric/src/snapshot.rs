@@ -634,11 +634,19 @@ impl Vm {
 
 /// What the bake runs in its guest before freezing it: a shell that runs a
 /// program, as nearly every command a clone is given does (`dough exec`, a
-/// plan's agent and gate). Their files (the shell, the dynamic loader, the
-/// C library) are then in the guest's page cache in every clone, so a
-/// clone's first command does not read them from its disk; the `sync`
+/// plan's agent and gate), then what gobrr runs in each of its clones (tar
+/// to unpack a tree, git to commit it and take a diff; git only where the
+/// image has it), in a scratch directory under /tmp (RAM) that it removes.
+/// Their files (the shell, the dynamic loader, the C library, tar, git and
+/// its libraries) are then in the guest's page cache in every clone, so a
+/// clone's first commands do not read them from its disk; the `sync`
 /// leaves no write-back pending in the snapshot.
-const WARM_UP: &str = "/bin/true && sync";
+const WARM_UP: &str = "/bin/true && w=$(mktemp -d) && cd \"$w\" && echo dough > f \
+&& tar -cf t f && tar -xf t && rm -f t \
+&& { ! command -v git >/dev/null || { git init -q && git add -A \
+&& git -c user.name=dough -c user.email=dough@localhost commit -qm warm-up \
+&& git diff --binary --cached HEAD >/dev/null; }; } \
+&& cd / && rm -rf \"$w\" && sync";
 
 fn warm_up(vm: &mut Vm) -> Result<(), SnapshotError> {
     let req = crate::channel::ExecRequest {

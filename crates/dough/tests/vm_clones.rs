@@ -477,9 +477,10 @@ fn exec_ok(h: &Path, id: &str, argv: &[&str]) -> String {
     text(&out.stdout)
 }
 
-/// The bake runs a shell and a program in its guest before freezing it, so
-/// every clone starts with their files in its page cache and its first
-/// command reads nothing from disk; a program nothing ran is not cached.
+/// The bake runs a shell and a program in its guest before freezing it,
+/// and what gobrr runs in every clone (tar, git), so every clone starts
+/// with their files in its page cache and its first commands read nothing
+/// from disk; a program nothing ran is not cached.
 #[test]
 fn vm_clones_start_with_the_shell_and_a_program_cached() {
     let home = private_home();
@@ -498,6 +499,8 @@ fn vm_clones_start_with_the_shell_and_a_program_cached() {
             "RES,FILE",
             "/bin/dash",
             "/usr/bin/true",
+            "/usr/bin/tar",
+            "/usr/bin/git",
             "/usr/bin/cat",
         ],
     );
@@ -509,7 +512,9 @@ fn vm_clones_start_with_the_shell_and_a_program_cached() {
         })
         .collect();
     assert!(resident["/bin/dash"] > 0, "{resident:?}");
-    assert!(resident["/usr/bin/true"] > 0, "{resident:?}");
+    for f in ["/usr/bin/true", "/usr/bin/tar", "/usr/bin/git"] {
+        assert!(resident[f] > 0, "{f}: {resident:?}");
+    }
     assert_eq!(resident["/usr/bin/cat"], 0, "{resident:?}");
     let out = run(h, &["down", &id]);
     assert!(out.status.success());
