@@ -576,7 +576,6 @@ fn density(ctx: &Ctx, a: DensityArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// N clones through dough's own path: restore, Welcome, exec `true`.
 /// What a round of dough clones measures.
 #[derive(Clone, Copy, PartialEq)]
 enum Round {
@@ -587,6 +586,8 @@ enum Round {
     FirstExec,
 }
 
+/// N clones through dough's own path: restore, Welcome, and for
+/// [`Round::FirstExec`] `true` run in each.
 fn dough_round(
     ctx: &Ctx,
     snap: &Snapshot,
