@@ -155,17 +155,56 @@ struct Source<'a> {
     opts: &'a BootOptions,
 }
 
+/// Where a run's clones live and who tears them down: what every clone
+/// of the run is made with (the pool's and each round workspace's).
+#[derive(Clone)]
+struct Clones {
+    home: PathBuf,
+    vms: PathBuf,
+    /// Tears down the clones the run is done with.
+    reaper: ReaperHandle,
+}
+
+impl Clones {
+    /// A run clone of `snap` with `egress` whose gateway brokers `brokers`
+    /// (the clone then trusts dough's CA).
+    fn restore(
+        &self,
+        snap: &Snapshot,
+        base: &BootOptions,
+        egress: &str,
+        brokers: &[dough_gateway::broker::Broker],
+    ) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let egress = egress
+            .parse()
+            .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
+        let ca = match brokers.is_empty() {
+            true => None,
+            false => Some(
+                crate::broker_args::dough_ca(&self.home)
+                    .map_err(|e| SandboxError::NoClone(e.into()))?,
+            ),
+        };
+        let opts = BootOptions {
+            egress,
+            brokers: brokers.to_vec(),
+            ca,
+            ..base.clone()
+        };
+        Vm::restore(&self.vms, snap, VmKind::Run, &opts)
+            .map(|vm| Box::new(VmSandbox::new(vm, &self.reaper)) as Box<dyn Sandbox>)
+            .map_err(|e| SandboxError::NoClone(Box::new(e)))
+    }
+}
+
 struct ClonePool<'a> {
-    home: &'a Path,
-    vms: &'a Path,
+    clones: Clones,
     /// Agents' clones come from the plan's `image`, gates' from its
     /// `gate_image`.
     agent: Source<'a>,
     gate: Source<'a>,
     /// Once set, no more clones: the run winds down.
     cancel: Option<&'a AtomicBool>,
-    /// Tears down the clones the run is done with.
-    reaper: ReaperHandle,
 }
 
 impl ClonePool<'_> {
@@ -177,38 +216,6 @@ impl ClonePool<'_> {
     }
 }
 
-/// A run clone of `snap` with `egress` whose gateway brokers `brokers`
-/// (the clone then trusts dough's CA).
-#[allow(clippy::too_many_arguments)]
-fn restore_run(
-    home: &Path,
-    vms: &Path,
-    reaper: &ReaperHandle,
-    snap: &Snapshot,
-    base: &BootOptions,
-    egress: &str,
-    brokers: &[dough_gateway::broker::Broker],
-) -> Result<Box<dyn Sandbox>, SandboxError> {
-    let egress = egress
-        .parse()
-        .map_err(|e: dough_net::PlanError| SandboxError::NoClone(Box::new(e)))?;
-    let ca = match brokers.is_empty() {
-        true => None,
-        false => {
-            Some(crate::broker_args::dough_ca(home).map_err(|e| SandboxError::NoClone(e.into()))?)
-        }
-    };
-    let opts = BootOptions {
-        egress,
-        brokers: brokers.to_vec(),
-        ca,
-        ..base.clone()
-    };
-    Vm::restore(vms, snap, VmKind::Run, &opts)
-        .map(|vm| Box::new(VmSandbox::new(vm, reaper)) as Box<dyn Sandbox>)
-        .map_err(|e| SandboxError::NoClone(Box::new(e)))
-}
-
 impl Pool for ClonePool<'_> {
     fn agent(
         &self,
@@ -217,29 +224,13 @@ impl Pool for ClonePool<'_> {
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.cancelled()?;
         let a = &self.agent;
-        restore_run(
-            self.home,
-            self.vms,
-            &self.reaper,
-            a.snap,
-            a.opts,
-            egress,
-            brokers,
-        )
+        self.clones.restore(a.snap, a.opts, egress, brokers)
     }
 
     fn gate(&self) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.cancelled()?;
         let g = &self.gate;
-        restore_run(
-            self.home,
-            self.vms,
-            &self.reaper,
-            g.snap,
-            g.opts,
-            "none",
-            &[],
-        )
+        self.clones.restore(g.snap, g.opts, "none", &[])
     }
 
     /// A clone of the agents' snapshot, prepared, then saved as a live
@@ -260,18 +251,17 @@ impl Pool for ClonePool<'_> {
             egress,
             ..self.agent.opts.clone()
         };
-        let vm = Vm::restore(self.vms, self.agent.snap, VmKind::Run, &opts)
+        let c = &self.clones;
+        let vm = Vm::restore(&c.vms, self.agent.snap, VmKind::Run, &opts)
             .map_err(|e| no_clone(Box::new(e)))?;
-        let mut sandbox = VmSandbox::new(vm, &self.reaper);
+        let mut sandbox = VmSandbox::new(vm, &c.reaper);
         prepare(&mut sandbox).map_err(WorkspaceError::Prepare)?;
-        let store = dough_fabric::SnapshotStore::new(self.home);
+        let store = dough_fabric::SnapshotStore::new(&c.home);
         let vm = sandbox.vm.take().expect("present until dropped");
-        let snap = dough_fabric::live::save_vm(vm, self.vms, &store, self.agent.opts, &mut |_| {})
+        let snap = dough_fabric::live::save_vm(vm, &c.vms, &store, self.agent.opts, &mut |_| {})
             .map_err(|e| no_clone(Box::new(e)))?;
         Ok(Box::new(RoundWorkspace {
-            home: self.home.to_path_buf(),
-            vms: self.vms.to_path_buf(),
-            reaper: self.reaper.clone(),
+            clones: c.clone(),
             agent_opts: self.agent.opts.clone(),
             // Gates fork from it only when they run the agents' image.
             gate_opts: (self.gate.snap.key == self.agent.snap.key).then(|| self.gate.opts.clone()),
@@ -283,9 +273,7 @@ impl Pool for ClonePool<'_> {
 /// A round's workspace: a snapshot of the run's own that its agents (and
 /// gates, on the agents' image) are restored from; removed when dropped.
 struct RoundWorkspace {
-    home: PathBuf,
-    vms: PathBuf,
-    reaper: ReaperHandle,
+    clones: Clones,
     agent_opts: BootOptions,
     gate_opts: Option<BootOptions>,
     snap: Snapshot,
@@ -297,29 +285,13 @@ impl Workspace for RoundWorkspace {
         egress: &str,
         brokers: &[dough_gateway::broker::Broker],
     ) -> Result<Box<dyn Sandbox>, SandboxError> {
-        let (home, vms, snap) = (&self.home, &self.vms, &self.snap);
-        restore_run(
-            home,
-            vms,
-            &self.reaper,
-            snap,
-            &self.agent_opts,
-            egress,
-            brokers,
-        )
+        self.clones
+            .restore(&self.snap, &self.agent_opts, egress, brokers)
     }
 
     fn gate(&self) -> Option<Result<Box<dyn Sandbox>, SandboxError>> {
         let opts = self.gate_opts.as_ref()?;
-        Some(restore_run(
-            &self.home,
-            &self.vms,
-            &self.reaper,
-            &self.snap,
-            opts,
-            "none",
-            &[],
-        ))
+        Some(self.clones.restore(&self.snap, opts, "none", &[]))
     }
 }
 
@@ -592,9 +564,11 @@ pub fn execute(
     // reports.
     let reaper = new_reaper();
     let pool = ClonePool {
-        reaper: reaper.handle(),
-        home: &ctx.home,
-        vms: &ctx.vms,
+        clones: Clones {
+            home: ctx.home.clone(),
+            vms: ctx.vms.clone(),
+            reaper: reaper.handle(),
+        },
         agent: Source {
             snap: agent_snap.snapshot(),
             opts: &agent_opts,
