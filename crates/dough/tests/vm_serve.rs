@@ -1257,20 +1257,9 @@ fn vm_serve_caps_its_connections() {
             }
         },
     );
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
-    let files = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap()
-        .split_whitespace()
-        .skip(3)
-        .take(2)
-        .collect::<Vec<_>>();
-    assert_eq!(
-        files[0], files[1],
-        "soft limit raised to the hard one: {limits}"
-    );
-    assert_ne!(files[0], "256", "{limits}");
+    let (soft, hard) = open_files_limit(d.child.id() as i64);
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+    assert_ne!(soft, "256");
     // Two idle connections take both slots (the daemon has accepted them:
     // it has seen a whole request on each, keep-alive).
     let token = std::fs::read_to_string(h.join("serve.token")).unwrap();
@@ -1351,17 +1340,20 @@ fn vm_serve_caps_its_connections() {
         .find(|r| r["id"] == sb.id.as_str())
         .unwrap();
     for who in ["vmm", "gateway"] {
-        let pid = rec[who]["pid"].as_i64().unwrap();
-        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-        let soft = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .unwrap()
-            .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .to_string();
-        assert_eq!(soft, "256", "the {who}'s: {limits}");
+        let (soft, _) = open_files_limit(rec[who]["pid"].as_i64().unwrap());
+        assert_eq!(soft, "256", "the {who}'s");
     }
     tcp.delete_sandbox(&sb.id).unwrap();
+}
+
+/// Process `pid`'s soft and hard limits on open files, as
+/// `/proc/PID/limits` writes them.
+fn open_files_limit(pid: i64) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"));
+    let v: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    (v[0].to_string(), v[1].to_string())
 }
