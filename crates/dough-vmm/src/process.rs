@@ -253,24 +253,31 @@ pub fn inherited_nofile(cmd: &mut std::process::Command) {
     if soft == 0 {
         return;
     }
-    // SAFETY: between fork and exec: two async-signal-safe system calls on
-    // a struct of its own; no allocation, no lock.
+    // SAFETY: between fork and exec, only `set_soft_limit` (two
+    // async-signal-safe system calls); no allocation, no lock.
     unsafe {
-        cmd.pre_exec(move || {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            lim.rlim_cur = soft.min(lim.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || set_soft_limit(libc::RLIMIT_NOFILE, soft));
     }
+}
+
+/// Set this process's soft limit on `resource` to `to` (at most its hard
+/// limit, which stays as it is). Async-signal-safe: two system calls on a
+/// struct of its own, no allocation — callable between fork and exec.
+fn set_soft_limit(resource: libc::__rlimit_resource_t, to: u64) -> std::io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct given.
+    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    lim.rlim_cur = to.min(lim.rlim_max);
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Cap every file `cmd`'s process writes at `bytes` (`RLIMIT_FSIZE`'s soft
@@ -288,17 +295,7 @@ pub fn cap_file_size(cmd: &mut std::process::Command, bytes: u64) {
     // allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            lim.rlim_cur = bytes.min(lim.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            set_soft_limit(libc::RLIMIT_FSIZE, bytes)?;
             if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
