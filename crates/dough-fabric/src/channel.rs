@@ -727,19 +727,31 @@ mod tests {
             // The first connection was closed by the host.
             assert!(read_frame(&mut first).unwrap().is_none());
         });
-        let mut opened = 0;
-        let (_ch, hello) = HostChannel::attach(
-            &mut |left| {
-                opened += 1;
-                HostChannel::connect(&path, left)
-            },
-            "vm",
-            Duration::from_secs(20),
-            Duration::from_millis(300),
-        )
-        .unwrap();
+        let (r, opened) =
+            attach_counting(&path, Duration::from_secs(20), Duration::from_millis(300));
+        let (_ch, hello) = r.unwrap();
         assert_eq!((hello.boot_id.as_str(), opened), ("b", 2));
         guest.join().unwrap();
+    }
+
+    /// [`HostChannel::attach`] to the socket at `path`, counting the
+    /// connections it opens.
+    fn attach_counting(
+        path: &Path,
+        limit: Duration,
+        first_try: Duration,
+    ) -> (Result<(HostChannel, Hello), ChannelError>, usize) {
+        let mut opened = 0;
+        let r = HostChannel::attach(
+            &mut |left| {
+                opened += 1;
+                HostChannel::connect(path, left)
+            },
+            "vm",
+            limit,
+            first_try,
+        );
+        (r, opened)
     }
 
     /// A guest that answers nothing at all: the whole limit, then the
@@ -755,16 +767,8 @@ mod tests {
                 held.push(s);
             }
         });
-        let mut opened = 0;
-        let r = HostChannel::attach(
-            &mut |left| {
-                opened += 1;
-                HostChannel::connect(&path, left)
-            },
-            "vm",
-            Duration::from_secs(2),
-            Duration::from_millis(100),
-        );
+        let (r, opened) =
+            attach_counting(&path, Duration::from_secs(2), Duration::from_millis(100));
         assert!(matches!(r, Err(ChannelError::Timeout(_))), "{r:?}");
         // 0.1 + 0.2 + 0.4 s, then the rest (3 x 0.8 s is not left).
         assert!((2..=4).contains(&opened), "{opened} connections");
